@@ -1,0 +1,73 @@
+"""Command line: `python -m report_builder {run,validate,render} ...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m report_builder",
+        description="Explain what image classifiers learn: saliency maps, LIME, agreement, and a report.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a spec end to end and write its run directory and report",
+                         description="Run a spec: load models and images, explain, measure agreement, render "
+                                     "report.html and report.pdf into the run directory.")
+    run.add_argument("spec", type=Path, help="the YAML spec file")
+    run.add_argument("--out", type=Path, help="run directory to write (default: output/<run_name>)")
+    run.add_argument("--no-cache", action="store_true", help="recompute everything instead of reusing cached results")
+    run.add_argument("--cache-dir", type=Path, help="where cached results live (default: $REPORT_BUILDER_CACHE "
+                                                    "or ~/.cache/report_builder)")
+
+    val = sub.add_parser("validate", help="check a spec without running it",
+                         description="Validate a spec file: every problem is listed with its key path.")
+    val.add_argument("spec", type=Path, help="the YAML spec file")
+
+    ren = sub.add_parser("render", help="re-render report.html and report.pdf from a run directory",
+                         description="Re-render a run directory's report from its results.json; no model is loaded.")
+    ren.add_argument("run_dir", type=Path, help="a run directory, e.g. output/demo")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            from .spec import load_spec
+
+            loaded = load_spec(args.spec)
+            s = loaded.spec
+            print(f"{args.spec}: ok — {len(s.models)} model(s), images from {s.images.source}, "
+                  f"methods {', '.join(s.explain.methods)}; output/{loaded.run_name}")
+            return 0
+        if args.command == "run":
+            from .cache import DEFAULT_ROOT, Cache
+            from .runner import run
+            from .spec import load_spec
+
+            loaded = load_spec(args.spec)
+            out = args.out or Path("output") / loaded.run_name
+            run(loaded, out, cache=Cache(args.cache_dir or DEFAULT_ROOT, enabled=not args.no_cache))
+            return 0
+        if args.command == "render":
+            from .render import render_run
+
+            render_run(args.run_dir)
+            print(f"wrote {args.run_dir}/report.html and {args.run_dir}/report.pdf")
+            return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Results -> summaries and findings: the numbers, and the sentences that state them.
+
+Every sentence is built from numbers in `results`; each finding carries those numbers too, so a
+reader (or a test) can check the sentence against the tables.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+from .spec import METHOD_TITLES
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and v == v]
+    return sum(values) / len(values) if values else None
+
+
+def _display(results: dict) -> dict[str, str]:
+    return {m["id"]: m["display"] for m in results["models"]}
+
+
+def agreement_summary(results: dict) -> list[dict]:
+    """Per model and CAM method: mean IoU with LIME (top-n and at each threshold), best and worst image."""
+    thresholds = results["agreement"]["thresholds"]
+    lime_seconds = defaultdict(list)
+    for e in results["explanations"]:
+        if "lime" in e["methods"]:
+            lime_seconds[e["model"]].append(e["methods"]["lime"]["seconds"])
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in results["agreement"]["rows"]:
+        groups[(row["model"], row["method_b"])].append(row)
+    out = []
+    for (model, method), rows in groups.items():
+        defined = [r for r in rows if r["iou"] is not None and r["iou"] == r["iou"]]
+        best = max(defined, key=lambda r: r["iou"], default=None)
+        worst = min(defined, key=lambda r: r["iou"], default=None)
+        out.append({
+            "model": model,
+            "method_a": "lime",
+            "method_b": method,
+            "images": len(rows),
+            "images_defined": len(defined),
+            "mean_iou": _mean([r["iou"] for r in rows]),
+            "mean_iou_at": {f"{t:g}": _mean([r[f"iou@{t:g}"] for r in rows]) for t in thresholds},
+            "best_image": best["image"] if best else None,
+            "best_iou": best["iou"] if best else None,
+            "worst_image": worst["image"] if worst else None,
+            "worst_iou": worst["iou"] if worst else None,
+            "mean_lime_seconds": _mean(lime_seconds[model]),
+        })
+    return out
+
+
+def timing_summary(results: dict) -> list[dict]:
+    """Per model and method: mean, median, min and max wall time per image."""
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    cached: dict[tuple[str, str], int] = defaultdict(int)
+    for e in results["explanations"]:
+        for method, entry in e["methods"].items():
+            groups[(e["model"], method)].append(entry["seconds"])
+            cached[(e["model"], method)] += bool(entry.get("cached"))
+    return [
+        {
+            "model": model,
+            "method": method,
+            "images": len(secs),
+            "mean_seconds": statistics.fmean(secs),
+            "median_seconds": statistics.median(secs),
+            "min_seconds": min(secs),
+            "max_seconds": max(secs),
+            "cached": cached[(model, method)],
+        }
+        for (model, method), secs in groups.items()
+    ]
+
+
+def findings(results: dict) -> list[dict]:
+    out: list[dict] = []
+    for fn in (_agreement_findings, _cam_ranking_findings, _speed_findings, _prediction_findings,
+               _confidence_findings, _lime_fit_findings):
+        out.extend(fn(results))
+    return out
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _agreement_findings(results: dict) -> list[dict]:
+    names = _display(results)
+    out = []
+    for s in results["agreement"]["summary"]:
+        if s["method_b"] != "gradcam" or s["mean_iou"] is None:
+            continue
+        text = (
+            f"On {names[s['model']]}, LIME and Grad-CAM agree most on {s['best_image']} (IoU {_f(s['best_iou'])}) "
+            f"and least on {s['worst_image']} (IoU {_f(s['worst_iou'])}); the mean IoU over "
+            f"{s['images_defined']} images is {_f(s['mean_iou'])}, and LIME took {_f(s['mean_lime_seconds'], 1)} s "
+            "per image on average."
+        )
+        out.append({"id": f"agreement-{s['model']}", "section": "agreement", "text": text,
+                    "numbers": {k: s[k] for k in ("best_iou", "worst_iou", "mean_iou", "mean_lime_seconds")}})
+    return out
+
+
+def _cam_ranking_findings(results: dict) -> list[dict]:
+    names = _display(results)
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for s in results["agreement"]["summary"]:
+        if s["mean_iou"] is not None:
+            by_model[s["model"]].append(s)
+    out = []
+    for model, rows in by_model.items():
+        if len(rows) < 2:
+            continue
+        rows = sorted(rows, key=lambda r: -r["mean_iou"])
+        text = (
+            f"Among the CAM methods on {names[model]}, {METHOD_TITLES[rows[0]['method_b']]} agrees best with LIME "
+            f"(mean IoU {_f(rows[0]['mean_iou'])}) and {METHOD_TITLES[rows[-1]['method_b']]} least "
+            f"({_f(rows[-1]['mean_iou'])})."
+        )
+        out.append({"id": f"cam-ranking-{model}", "section": "agreement", "text": text,
+                    "numbers": {r["method_b"]: r["mean_iou"] for r in rows}})
+    return out
+
+
+def _speed_findings(results: dict) -> list[dict]:
+    per_method: dict[str, list[float]] = defaultdict(list)
+    for t in results["timings"]:
+        per_method[t["method"]].extend([t["mean_seconds"]] * t["images"])
+    if len(per_method) < 2:
+        return []
+    means = {m: statistics.fmean(v) for m, v in per_method.items()}
+    fastest = min(means, key=means.get)
+    slowest = max(means, key=means.get)
+    ratio = means[slowest] / means[fastest] if means[fastest] > 0 else None
+    text = (
+        f"{METHOD_TITLES[fastest]} is the fastest method ({_f(means[fastest])} s per image, averaged over models) "
+        f"and {METHOD_TITLES[slowest]} the slowest ({_f(means[slowest])} s)"
+        + (f", {ratio:.0f} times slower." if ratio else ".")
+    )
+    return [{"id": "speed", "section": "timings", "text": text, "numbers": {"mean_seconds": means, "ratio": ratio}}]
+
+
+def _prediction_findings(results: dict) -> list[dict]:
+    names = _display(results)
+    models = [m["id"] for m in results["models"]]
+    if len(models) < 2:
+        return []
+    top1: dict[str, dict[str, str]] = defaultdict(dict)
+    for e in results["explanations"]:
+        top1[e["image"]][e["model"]] = e["target_name"]
+    images = [i for i, by in top1.items() if len(by) == len(models)]
+    same = [i for i in images if len(set(top1[i].values())) == 1]
+    differ = [i for i in images if i not in same]
+    text = f"The {len(models)} models give the same top-1 class on {len(same)} of {len(images)} images"
+    if differ:
+        example = differ[0]
+        detail = ", ".join(f"{names[m]}: {top1[example][m]}" for m in models)
+        text += f"; on {example} they differ ({detail})."
+    else:
+        text += "."
+    return [{"id": "top1-agreement", "section": "predictions", "text": text,
+             "numbers": {"same": len(same), "images": len(images), "differ": differ}}]
+
+
+def _confidence_findings(results: dict) -> list[dict]:
+    names = _display(results)
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for e in results["explanations"]:
+        by_model[e["model"]].append(e)
+    out = []
+    for model, rows in by_model.items():
+        hi = max(rows, key=lambda e: e["predictions"][0]["probability"])
+        lo = min(rows, key=lambda e: e["predictions"][0]["probability"])
+        p_hi, p_lo = hi["predictions"][0]["probability"], lo["predictions"][0]["probability"]
+        text = (
+            f"{names[model]} is most confident on {hi['image']} ({hi['target_name']}, p = {_f(p_hi)}) and least on "
+            f"{lo['image']} ({lo['target_name']}, p = {_f(p_lo)})."
+        )
+        out.append({"id": f"confidence-{model}", "section": "predictions", "text": text,
+                    "numbers": {"max_p": p_hi, "min_p": p_lo}})
+    return out
+
+
+def _lime_fit_findings(results: dict) -> list[dict]:
+    names = _display(results)
+    by_model: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for e in results["explanations"]:
+        if "lime" in e["methods"]:
+            by_model[e["model"]].append((e["image"], e["methods"]["lime"]["score"]))
+    out = []
+    for model, rows in by_model.items():
+        best = max(rows, key=lambda r: r[1])
+        worst = min(rows, key=lambda r: r[1])
+        mean = statistics.fmean(r[1] for r in rows)
+        text = (
+            f"LIME's linear surrogate on {names[model]} fits best on {best[0]} (R² {_f(best[1])}) and worst on "
+            f"{worst[0]} (R² {_f(worst[1])}); mean R² {_f(mean)}. A low R² means the superpixel explanation "
+            "captures little of the model's local behaviour."
+        )
+        out.append({"id": f"lime-fit-{model}", "section": "agreement", "text": text,
+                    "numbers": {"best_r2": best[1], "worst_r2": worst[1], "mean_r2": mean}})
+    return out

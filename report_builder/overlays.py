@@ -1,0 +1,38 @@
+"""Overlay PNGs of explanations on the model's input crop (written into the run directory)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image
+from skimage.segmentation import find_boundaries
+
+
+def save_input(crop: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(crop).save(path, optimize=True)
+
+
+def cam_overlay(crop: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The saliency map in the 'jet' colours blended over the image, as Grad-CAM figures show it."""
+    heat = colormaps["jet"](np.clip(saliency, 0, 1))[..., :3]
+    out = (1 - alpha) * crop.astype(np.float32) / 255.0 + alpha * heat
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def lime_overlay(crop: np.ndarray, mask: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """The image dimmed outside LIME's positive superpixels, with their outline in yellow."""
+    out = crop.astype(np.float32)
+    out[~mask] *= 0.35
+    edges = find_boundaries(np.where(mask, segments + 1, 0), mode="inner") & mask
+    out[edges] = (255, 220, 0)
+    return out.astype(np.uint8)
+
+
+def save_cam(crop: np.ndarray, saliency: np.ndarray, path: Path) -> None:
+    Image.fromarray(cam_overlay(crop, saliency)).save(path, optimize=True)
+
+
+def save_lime(crop: np.ndarray, mask: np.ndarray, segments: np.ndarray, path: Path) -> None:
+    Image.fromarray(lime_overlay(crop, mask, segments)).save(path, optimize=True)

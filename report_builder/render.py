@@ -1,0 +1,228 @@
+"""Renderer: a run directory -> figures (matplotlib PNG) -> report.html (Jinja2, self-contained) -> report.pdf.
+
+It reads only the run directory, so re-rendering after a template change never touches a model.
+Templates hold layout; this module holds the numbers they show.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape  # noqa: E402
+
+from .errors import UserError  # noqa: E402
+from .spec import METHOD_TITLES  # noqa: E402
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+PALETTE = ["#3b6ea5", "#d1495b", "#edae49", "#00798c", "#66a182", "#8d6a9f"]
+
+
+def load_results(run_dir: Path) -> dict:
+    path = Path(run_dir) / "results.json"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no results.json)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def render_run(run_dir: Path, results: dict | None = None) -> None:
+    """Write figures/, report.html and report.pdf into `run_dir`."""
+    run_dir = Path(run_dir)
+    results = results if results is not None else load_results(run_dir)
+    figures = make_figures(run_dir, results)
+    html = render_html(run_dir, results, figures)
+    _atomic_write(run_dir / "report.html", html.encode("utf-8"))
+    write_pdf(html, run_dir / "report.pdf", run_dir)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_pdf(html: str, path: Path, base: Path) -> None:
+    from weasyprint import HTML
+
+    tmp = path.with_name(path.name + ".tmp")
+    HTML(string=html, base_url=str(base)).write_pdf(str(tmp))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def make_figures(run_dir: Path, results: dict) -> dict[str, list[dict]]:
+    """Every figure as {path, caption}, grouped by the section that shows it."""
+    out_dir = run_dir / "figures"
+    out_dir.mkdir(exist_ok=True)
+    figs: dict[str, list[dict]] = defaultdict(list)
+    names = {m["id"]: m["display"] for m in results["models"]}
+    methods = [m["id"] for m in results["methods"]]
+    by_image: dict[str, list[dict]] = defaultdict(list)
+    for e in results["explanations"]:
+        by_image[e["image"]].append(e)
+    for image in [im["id"] for im in results["images"]]:
+        rows = by_image[image]
+        path = out_dir / f"grid_{image}.png"
+        _comparison_grid(run_dir, rows, methods, names, path)
+        preds = "; ".join(f"{names[e['model']]}: {e['target_name']} ({e['predictions'][0]['probability']:.2f})" for e in rows)
+        figs["comparison"].append({
+            "path": path,
+            "caption": f"{image}: the model's input, then each method's explanation of its top-1 class ({preds}).",
+        })
+    if results["timings"]:
+        path = out_dir / "timings.png"
+        _timing_chart(results, names, path)
+        figs["timings"].append({"path": path, "caption": "Mean wall time per image of each method, per model "
+                                                        "(log scale; whiskers span the fastest and slowest image)."})
+    gradcam_rows = [r for r in results["agreement"]["rows"] if r["method_b"] == "gradcam"]
+    if gradcam_rows:
+        path = out_dir / "agreement.png"
+        _agreement_chart(results, gradcam_rows, names, path)
+        figs["agreement"].append({"path": path, "caption": "IoU between the LIME mask and the top-n Grad-CAM mask, per "
+                                                          "image and model; dashed lines mark each model's mean."})
+    return figs
+
+
+def _comparison_grid(run_dir: Path, rows: list[dict], methods: list[str], names: dict, path: Path) -> None:
+    cols = 1 + len(methods)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.1 * cols, 2.25 * len(rows)), squeeze=False)
+    for r, e in enumerate(rows):
+        panels = [("Input", e["original"])] + [(METHOD_TITLES[m], e["methods"][m]["overlay"]) for m in methods]
+        for c, (title, rel) in enumerate(panels):
+            ax = axes[r][c]
+            ax.imshow(plt.imread(run_dir / rel))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=10)
+            if c == 0:
+                ax.set_ylabel(names[e["model"]], fontsize=9)
+            if m_entry := (e["methods"].get(methods[c - 1]) if c else None):
+                ax.set_xlabel(f"{m_entry['seconds']:.2f} s", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _timing_chart(results: dict, names: dict, path: Path) -> None:
+    models = [m["id"] for m in results["models"]]
+    methods = [m["id"] for m in results["methods"]]
+    lookup = {(t["model"], t["method"]): t for t in results["timings"]}
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for i, model in enumerate(models):
+        xs, ys, lo, hi = [], [], [], []
+        for j, method in enumerate(methods):
+            t = lookup.get((model, method))
+            if t:
+                xs.append(j + (i - (len(models) - 1) / 2) * width)
+                ys.append(t["mean_seconds"])
+                lo.append(t["mean_seconds"] - t["min_seconds"])
+                hi.append(t["max_seconds"] - t["mean_seconds"])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=names[model], color=PALETTE[i % len(PALETTE)])
+    ax.set_xticks(range(len(methods)), [METHOD_TITLES[m] for m in methods])
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds per image")
+    ax.legend(frameon=False, fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _agreement_chart(results: dict, rows: list[dict], names: dict, path: Path) -> None:
+    models = [m["id"] for m in results["models"]]
+    images = [im["id"] for im in results["images"]]
+    lookup = {(r["model"], r["image"]): r["iou"] for r in rows}
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for i, model in enumerate(models):
+        vals = [lookup.get((model, im)) for im in images]
+        xs = [k + (i - (len(models) - 1) / 2) * width for k in range(len(images))]
+        color = PALETTE[i % len(PALETTE)]
+        ax.bar(xs, [v if v is not None else 0 for v in vals], width, label=names[model], color=color)
+        defined = [v for v in vals if v is not None]
+        if defined:
+            ax.axhline(sum(defined) / len(defined), color=color, linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(images)), images, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("IoU (LIME, Grad-CAM)")
+    ax.legend(frameon=False, fontsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
+
+
+def _data_uri(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f"data:image/png;base64,{data}"
+
+
+def environment() -> Environment:
+    if not TEMPLATES.is_dir():
+        raise UserError(f"templates folder {TEMPLATES} is missing; reinstall report_builder from its repository")
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATES)),
+        autoescape=select_autoescape(["html"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fmt"] = _fmt
+    env.filters["seconds"] = _seconds
+    env.filters["short"] = lambda h, n=12: (h or "")[:n]
+    return env
+
+
+def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]]) -> str:
+    env = environment()
+    names = {m["id"]: m["display"] for m in results["models"]}
+    inlined = {
+        section: [{"src": _data_uri(f["path"]), "caption": f["caption"]} for f in items]
+        for section, items in figures.items()
+    }
+    findings_by_section: dict[str, list[dict]] = defaultdict(list)
+    for f in results["findings"]:
+        findings_by_section[f["section"]].append(f)
+    css = (TEMPLATES / "report.css").read_text()
+    return env.get_template("report.html").render(
+        r=results,
+        names=names,
+        figures=inlined,
+        findings_by_section=findings_by_section,
+        method_titles=METHOD_TITLES,
+        css=css,
+        thresholds=[f"{t:g}" for t in results["agreement"]["thresholds"]],
+    )

