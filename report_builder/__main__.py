@@ -46,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"methods {', '.join(s.explain.methods)}; output/{loaded.run_name}")
             return 0
         if args.command == "run":
-            from .cache import DEFAULT_ROOT, Cache
+            from .cache import Cache
             from .runner import run
             from .spec import load_spec
 
             loaded = load_spec(args.spec)
             out = args.out or Path("output") / loaded.run_name
-            run(loaded, out, cache=Cache(args.cache_dir or DEFAULT_ROOT, enabled=not args.no_cache))
+            run(loaded, out, cache=Cache(args.cache_dir, enabled=not args.no_cache))
             return 0
         if args.command == "render":
             from .render import render_run

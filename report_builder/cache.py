@@ -16,7 +16,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-DEFAULT_ROOT = Path(os.environ.get("REPORT_BUILDER_CACHE", Path.home() / ".cache" / "report_builder"))
+
+
+def default_root() -> Path:
+    """$REPORT_BUILDER_CACHE, else ~/.cache/report_builder (read at call time, so tests can redirect it)."""
+    return Path(os.environ.get("REPORT_BUILDER_CACHE") or Path.home() / ".cache" / "report_builder")
 
 
 def key_of(parts: dict[str, Any]) -> str:
@@ -45,8 +49,8 @@ def _from_storable(value: Any) -> Any:
 
 
 class Cache:
-    def __init__(self, root: Path | None = DEFAULT_ROOT, enabled: bool = True):
-        self.root = Path(root) if root else DEFAULT_ROOT
+    def __init__(self, root: Path | None = None, enabled: bool = True):
+        self.root = Path(root) if root else default_root()
         self.enabled = enabled
         self.hits = 0
         self.misses = 0

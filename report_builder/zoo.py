@@ -47,7 +47,7 @@ class Preprocess:
         left = (new[0] - self.input_size) // 2
         top = (new[1] - self.input_size) // 2
         image = image.crop((left, top, left + self.input_size, top + self.input_size))
-        return np.asarray(image, dtype=np.uint8)
+        return np.array(image, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
 
     def normalize(self, batch: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """uint8 or 0-255 float batch, NxHxWx3 -> normalised float tensor Nx3xHxW on `device`."""

@@ -1,0 +1,38 @@
+# report_builder: `make report` runs the offline demo end to end, `make test` runs the test suite.
+# Both build the virtual environment first if it is missing or out of date.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SPEC   ?= specs/demo.yaml
+RUN    ?= output/demo
+# The PyTorch build to install; this pair installs from the local wheel store on our machines.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup report render validate test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+report: setup
+	$(PY) -m report_builder run $(SPEC)
+
+render: setup
+	$(PY) -m report_builder render $(RUN)
+
+validate: setup
+	$(PY) -m report_builder validate $(SPEC)
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf output/*/ output/.*.partial-* .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,66 @@
+"""Shared fixtures: small models built here, a private cache, and no network."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from report_builder.spec import ModelSpec
+from report_builder.zoo import LoadedModel, Preprocess, weights_hash
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory, monkeypatch):
+    """Each test gets its own cache and torch hub folder, and any network use fails loudly."""
+    monkeypatch.setenv("REPORT_BUILDER_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    torch.hub.set_dir(str(Path(tmp_path_factory.mktemp("hub"))))
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+
+
+class TinyNet(nn.Module):
+    """A few conv layers and a linear head: fast enough to explain in milliseconds."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU()
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def wrap(module: nn.Module, size: int = 32, classes: int = 3, layer: str = "features") -> LoadedModel:
+    module = module.eval()
+    spec = ModelSpec(id="tiny", source="checkpoint", name="tiny", path="tiny.pt")
+    pre = Preprocess(size, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    m = LoadedModel(spec, module, pre, [f"class{i}" for i in range(classes)], "built in the test")
+    m.target_layer = layer
+    m.weights_hash = weights_hash(module)
+    m.layer_names = [n for n, _ in module.named_modules() if n]
+    return m
+
+
+@pytest.fixture
+def tiny_model() -> LoadedModel:
+    torch.manual_seed(0)
+    return wrap(TinyNet())
+
+
+@pytest.fixture
+def tiny_crop() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)

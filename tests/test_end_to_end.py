@@ -1,0 +1,142 @@
+"""A reduced spec run end to end: run directory, HTML and PDF checked against results.json."""
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from pypdf import PdfReader
+
+from report_builder.__main__ import main
+
+SPEC = """
+title: "End-to-end check"
+authors: ["Test Author"]
+models:
+  - {id: lite0, label: EfficientNet-Lite0, source: packaged, name: efficientnet_lite0}
+images: {source: samples, names: [chelsea, coffee]}
+explain:
+  cam: {batch_size: 64}
+  lime: {num_samples: 40, batch_size: 40}
+"""
+
+SECTIONS = ["Contents", "Summary", "Setup", "Explanations side by side", "Predictions", "Timings",
+            "LIME vs Grad-CAM agreement", "Findings", "Provenance"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    spec = root / "e2e.yaml"
+    spec.write_text(SPEC)
+    out = root / "output" / "e2e"
+    assert main(["run", str(spec), "--out", str(out)]) == 0
+    return out
+
+
+def pdf_text(path: Path) -> str:
+    return "\n".join(page.extract_text() for page in PdfReader(path).pages)
+
+
+def test_run_directory_contract(run_dir):
+    for name in ["results.json", "report.html", "report.pdf", "agreement.csv", "figures/timings.png",
+                 "figures/agreement.png", "figures/grid_chelsea.png", "explanations/lite0/chelsea_gradcam.png",
+                 "explanations/lite0/coffee_lime.png", "explanations/lite0/coffee.npz"]:
+        assert (run_dir / name).is_file(), name
+    r = json.loads((run_dir / "results.json").read_text())
+    assert r["schema_version"] == 1
+    prov = r["provenance"]
+    assert prov["device_type"] == "cpu" and prov["seed"] == 0
+    assert prov["weights_sha256"]["lite0"] == r["models"][0]["weights_sha256"]
+    assert {"torch", "grad-cam", "lime", "weasyprint"} <= set(prov["packages"])
+    assert {"load images", "load models", "explain", "render report"} <= set(prov["stage_seconds"])
+    assert len(r["explanations"]) == 2
+    e = r["explanations"][0]
+    assert e["predictions"][0]["class_name"] in {"tabby", "tiger cat", "Egyptian cat"}
+    assert set(e["methods"]) == {"gradcam", "ablationcam", "scorecam", "lime"}
+    assert not list(run_dir.parent.glob(".e2e.partial-*"))
+
+
+def test_agreement_csv_matches_results(run_dir):
+    r = json.loads((run_dir / "results.json").read_text())
+    rows = list(csv.DictReader(open(run_dir / "agreement.csv")))
+    assert len(rows) == len(r["agreement"]["rows"]) == 2 * 3
+    for row, rec in zip(rows, r["agreement"]["rows"]):
+        assert (row["image"], row["model"], row["method_b"]) == (rec["image"], rec["model"], rec["method_b"])
+        assert float(row["iou"]) == pytest.approx(rec["iou"])
+    grad = [x for x in r["agreement"]["rows"] if x["method_b"] == "gradcam"]
+    summary = next(s for s in r["agreement"]["summary"] if s["method_b"] == "gradcam")
+    assert summary["mean_iou"] == pytest.approx(sum(x["iou"] for x in grad) / len(grad))
+
+
+def test_pdf_has_sections_and_numbers_from_results(run_dir):
+    r = json.loads((run_dir / "results.json").read_text())
+    text = pdf_text(run_dir / "report.pdf")
+    flat = re.sub(r"\s+", " ", text)
+    for title in SECTIONS:
+        assert title in flat, title
+    assert "End-to-end check" in flat and "Test Author" in flat
+    summary = next(s for s in r["agreement"]["summary"] if s["method_b"] == "gradcam")
+    assert f"{summary['mean_iou']:.2f}" in flat
+    top = r["explanations"][1]["predictions"][0]
+    assert f"{top['class_name']} {top['probability']:.2f}" in flat
+    for f in r["findings"]:
+        assert f["text"][:40] in flat.replace("\u00ad", "")
+    assert re.search(r"\b1 / \d+\b", flat) is None  # the title page carries no page number
+    assert re.search(r"\b2 / \d+\b", flat)  # later pages do
+
+
+def test_html_is_self_contained_and_escaped(run_dir):
+    html = (run_dir / "report.html").read_text()
+    srcs = re.findall(r'<img[^>]+src="([^"]+)"', html)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for title in SECTIONS:
+        assert title in html
+
+
+def test_render_reuses_the_run_directory_only(run_dir, capsys):
+    before = (run_dir / "results.json").read_bytes()
+    (run_dir / "report.pdf").unlink()
+    assert main(["render", str(run_dir)]) == 0
+    assert (run_dir / "report.pdf").is_file()
+    assert (run_dir / "results.json").read_bytes() == before
+
+
+def test_render_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["render", str(tmp_path / "nope")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+
+
+def test_failed_run_leaves_no_output(tmp_path):
+    spec = tmp_path / "broken.yaml"
+    spec.write_text(SPEC.replace("images: {source: samples, names: [chelsea, coffee]}", "images: [missing.jpg]"))
+    out = tmp_path / "output" / "broken"
+    assert main(["run", str(spec), "--out", str(out)]) == 2
+    assert not out.exists()
+    assert list((tmp_path / "output").iterdir()) == []
+
+
+def test_two_runs_give_the_same_results_except_timings(tmp_path):
+    spec = tmp_path / "det.yaml"
+    spec.write_text(SPEC.replace("images: {source: samples, names: [chelsea, coffee]}",
+                                 "images: {source: samples, names: [coffee]}")
+                    + "  methods: [gradcam, lime]\n")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", str(spec), "--out", str(a), "--no-cache"]) == 0
+    assert main(["run", str(spec), "--out", str(b), "--no-cache"]) == 0
+
+    def strip(path):
+        r = json.loads((path / "results.json").read_text())
+        for key in ("started", "finished", "stage_seconds", "cache"):
+            r["provenance"].pop(key)
+        for e in r["explanations"]:
+            for m in e["methods"].values():
+                m.pop("seconds")
+        r.pop("timings")
+        r["findings"] = [f for f in r["findings"] if f["section"] != "timings" and "took" not in f["text"]]
+        for s in r["agreement"]["summary"]:
+            s.pop("mean_lime_seconds")
+        r["findings"] = [{k: v for k, v in f.items() if k == "id"} for f in r["findings"]]
+        return r
+
+    assert strip(a) == strip(b)

@@ -1,0 +1,131 @@
+"""Spec validation: good specs load; bad ones name the file, the key path, what was found and expected."""
+from pathlib import Path
+
+import pytest
+
+from report_builder.__main__ import main
+from report_builder.errors import SpecError
+from report_builder.spec import load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+
+MINIMAL = """
+models:
+  - {id: m, source: packaged, name: efficientnet_lite0}
+images: samples
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def problems(tmp_path: Path, text: str) -> str:
+    with pytest.raises(SpecError) as exc:
+        load_spec(write(tmp_path, text))
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("spec", sorted((REPO / "specs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_specs_validate(spec):
+    loaded = load_spec(spec)
+    assert loaded.spec.models
+
+
+def test_minimal_spec_gets_defaults(tmp_path):
+    loaded = load_spec(write(tmp_path, MINIMAL))
+    s = loaded.spec
+    assert s.images.source == "samples"
+    assert s.explain.methods == ("gradcam", "ablationcam", "scorecam", "lime")
+    assert s.explain.lime.num_samples == 1000 and s.explain.lime.segmentation.algorithm == "quickshift"
+    assert s.agreement.thresholds == (0.3, 0.5, 0.7)
+    assert loaded.run_name == "spec"
+
+
+@pytest.mark.parametrize(
+    "images, source, field, value",
+    [
+        ("photos/", "folder", "path", "photos/"),
+        ('"photos/*.jpg"', "glob", "pattern", "photos/*.jpg"),
+        ("[a.jpg, b.png]", "files", "files", ("a.jpg", "b.png")),
+    ],
+)
+def test_images_shorthands(tmp_path, images, source, field, value):
+    text = MINIMAL.replace("images: samples", f"images: {images}")
+    s = load_spec(write(tmp_path, text)).spec
+    assert s.images.source == source and getattr(s.images, field) == value
+
+
+BAD = [
+    # (what is wrong, spec text, text the message must contain)
+    ("missing models", "images: samples\n", "models: missing"),
+    ("unknown top-level key", MINIMAL + "titel: x\n", "titel: unknown key (did you mean 'title'?)"),
+    ("wrong type", MINIMAL + "seed: lots\n", "seed: found 'lots', expected a valid integer"),
+    ("unknown source", MINIMAL.replace("source: packaged", "source: hub"),
+     "models[0].source: found 'hub', expected 'packaged', 'torchvision', 'places365', 'timm' or 'checkpoint'"),
+    ("checkpoint without path", MINIMAL.replace("source: packaged, name: efficientnet_lite0",
+                                                "source: checkpoint, name: resnet18"),
+     "models[0]: source 'checkpoint' needs 'path'"),
+    ("unknown packaged model", MINIMAL.replace("efficientnet_lite0", "efficientnet_lite9"),
+     "models[0]: found name 'efficientnet_lite9', expected one of efficientnet_lite0"),
+    ("duplicate ids", MINIMAL.replace("models:\n", "models:\n  - {id: m, source: packaged, name: efficientnet_lite1}\n"),
+     "models: found id 'm' twice"),
+    ("bad id characters", MINIMAL.replace("id: m", "id: 'my model'"), "models[0].id: found 'my model'"),
+    ("unknown method", MINIMAL + "explain: {methods: [gradcam, shap]}\n",
+     "explain.methods[1]: found 'shap', expected 'gradcam', 'ablationcam', 'scorecam' or 'lime'"),
+    ("repeated method", MINIMAL + "explain: {methods: [lime, lime]}\n", "explain.methods: found ['lime', 'lime']"),
+    ("too few LIME samples", MINIMAL + "explain: {lime: {num_samples: 5}}\n",
+     "explain.lime.num_samples: found 5, expected greater than or equal to 10"),
+    ("hide colour out of range", MINIMAL + "explain: {lime: {hide_color: 300}}\n",
+     "explain.lime.hide_color: found 300, expected values from 0 to 255"),
+    ("segmentation parameter of another algorithm", MINIMAL + "explain: {lime: {segmentation: {algorithm: slic, kernel_size: 4}}}\n",
+     "explain.lime.segmentation: unknown parameter 'kernel_size' for slic; expected one of n_segments"),
+    ("threshold out of range", MINIMAL + "agreement: {thresholds: [0.5, 1.5]}\n",
+     "agreement.thresholds: found [1.5], expected thresholds strictly between 0 and 1"),
+    ("images folder key missing", MINIMAL.replace("images: samples", "images: {source: folder}"),
+     "images: source 'folder' needs 'path'"),
+    ("negative limit", MINIMAL.replace("images: samples", "images: {source: samples, limit: 0}"),
+     "images.limit: found 0, expected greater than or equal to 1"),
+    ("bad device", MINIMAL + "device: tpu\n", "device: found 'tpu', expected 'auto', 'cpu' or 'cuda'"),
+    ("YAML syntax error", "models: [\n", "line 2, column 1: not valid YAML"),
+    ("duplicate key", MINIMAL + "seed: 1\nseed: 2\n", "duplicate key 'seed'"),
+    ("empty file", "", "the file is empty"),
+    ("top level is a list", "- a\n- b\n", "found a list at the top level"),
+    ("models is not a list", "models: lite0\nimages: samples\n", "models: found 'lite0', expected a valid tuple"),
+]
+
+
+@pytest.mark.parametrize("what, text, expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_specs_name_the_key(tmp_path, what, text, expected):
+    message = problems(tmp_path, text)
+    assert str(tmp_path / "spec.yaml") in message
+    assert expected in message
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    message = problems(tmp_path, MINIMAL + "seed: x\ndevice: tpu\n")
+    assert "seed:" in message and "device:" in message
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_cli_validate_exit_codes(tmp_path, capsys):
+    good = write(tmp_path, MINIMAL, "good.yaml")
+    assert main(["validate", str(good)]) == 0
+    assert "ok" in capsys.readouterr().out
+    bad = write(tmp_path, MINIMAL.replace("source: packaged", "source: hub"), "bad.yaml")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "models[0].source" in err and "Traceback" not in err
+
+
+def test_cli_run_with_bad_spec_writes_nothing(tmp_path, capsys):
+    bad = write(tmp_path, MINIMAL + "seed: x\n", "bad.yaml")
+    out = tmp_path / "out" / "run"
+    assert main(["run", str(bad), "--out", str(out)]) == 2
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
