@@ -217,6 +217,7 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]]) ->
     for f in results["findings"]:
         findings_by_section[f["section"]].append(f)
     css = (TEMPLATES / "report.css").read_text()
+    cams = [m["id"] for m in results["methods"] if m["id"] != "lime"]
     return env.get_template("report.html").render(
         r=results,
         names=names,
@@ -225,4 +226,21 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]]) ->
         method_titles=METHOD_TITLES,
         css=css,
         thresholds=[f"{t:g}" for t in results["agreement"]["thresholds"]],
+        cams=cams,
+        agreement_table=agreement_table(results),
     )
+
+
+def agreement_table(results: dict) -> list[dict]:
+    """One row per image and model: IoU of LIME with each CAM, the Grad-CAM thresholds, LIME's R²."""
+    rows: dict[tuple[str, str], dict] = {}
+    for a in results["agreement"]["rows"]:
+        row = rows.setdefault((a["image"], a["model"]), {"image": a["image"], "model": a["model"],
+                                                         "lime_pixels": a["lime_pixels"], "iou": {}, "at": {}})
+        row["iou"][a["method_b"]] = a["iou"]
+        if a["method_b"] == "gradcam":
+            row["at"] = {k.split("@")[1]: v for k, v in a.items() if k.startswith("iou@")}
+    for e in results["explanations"]:
+        if (e["image"], e["model"]) in rows:
+            rows[(e["image"], e["model"])]["r2"] = e["methods"]["lime"]["score"]
+    return list(rows.values())

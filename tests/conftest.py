@@ -15,17 +15,32 @@ from report_builder.zoo import LoadedModel, Preprocess, weights_hash
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _offline_and_private(tmp_path_factory):
+    """For the whole session: a private cache and torch hub folder, and any network use fails loudly.
+
+    Session scope, so that module-scoped fixtures (which run before function-scoped ones) are covered too.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REPORT_BUILDER_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+
+        def no_network(*args, **kwargs):
+            raise OSError("network disabled in tests")
+
+        mp.setattr(socket.socket, "connect", no_network)
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path_factory, monkeypatch):
-    """Each test gets its own cache and torch hub folder, and any network use fails loudly."""
+def _fresh_dirs(tmp_path_factory, monkeypatch):
+    """Each test function starts with an empty cache and an empty torch hub folder."""
     monkeypatch.setenv("REPORT_BUILDER_CACHE", str(tmp_path_factory.mktemp("cache")))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
-    torch.hub.set_dir(str(Path(tmp_path_factory.mktemp("hub"))))
-
-    def no_network(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
+    hub = str(tmp_path_factory.mktemp("hub"))
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(hub)
+    yield
+    torch.hub.set_dir(previous)
 
 
 class TinyNet(nn.Module):
