@@ -6,7 +6,7 @@ reader (or a test) can check the sentence against the tables.
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from .spec import METHOD_TITLES
 
@@ -77,9 +77,11 @@ def timing_summary(results: dict) -> list[dict]:
 
 def findings(results: dict) -> list[dict]:
     out: list[dict] = []
-    for fn in (_agreement_findings, _cam_ranking_findings, _speed_findings, _prediction_findings,
-               _confidence_findings, _lime_fit_findings):
+    for fn in (dissection_findings, _agreement_findings, _cam_ranking_findings, _speed_findings,
+               _prediction_findings, _confidence_findings, _lime_fit_findings):
         out.extend(fn(results))
+    for f in out:
+        f.setdefault("question", None)
     return out
 
 
@@ -99,7 +101,7 @@ def _agreement_findings(results: dict) -> list[dict]:
             f"{s['images_defined']} images is {_f(s['mean_iou'])}, and LIME took {_f(s['mean_lime_seconds'], 1)} s "
             "per image on average."
         )
-        out.append({"id": f"agreement-{s['model']}", "section": "agreement", "text": text,
+        out.append({"id": f"agreement-{s['model']}", "section": "agreement", "question": "q6", "text": text,
                     "numbers": {k: s[k] for k in ("best_iou", "worst_iou", "mean_iou", "mean_lime_seconds")}})
     return out
 
@@ -120,7 +122,7 @@ def _cam_ranking_findings(results: dict) -> list[dict]:
             f"(mean IoU {_f(rows[0]['mean_iou'])}) and {METHOD_TITLES[rows[-1]['method_b']]} least "
             f"({_f(rows[-1]['mean_iou'])})."
         )
-        out.append({"id": f"cam-ranking-{model}", "section": "agreement", "text": text,
+        out.append({"id": f"cam-ranking-{model}", "section": "agreement", "question": "q5", "text": text,
                     "numbers": {r["method_b"]: r["mean_iou"] for r in rows}})
     return out
 
@@ -140,7 +142,7 @@ def _speed_findings(results: dict) -> list[dict]:
         f"and {METHOD_TITLES[slowest]} the slowest ({_f(means[slowest])} s)"
         + (f", {ratio:.0f} times slower." if ratio else ".")
     )
-    return [{"id": "speed", "section": "timings", "text": text, "numbers": {"mean_seconds": means, "ratio": ratio}}]
+    return [{"id": "speed", "section": "timings", "question": "q5", "text": text, "numbers": {"mean_seconds": means, "ratio": ratio}}]
 
 
 def _prediction_findings(results: dict) -> list[dict]:
@@ -202,4 +204,157 @@ def _lime_fit_findings(results: dict) -> list[dict]:
         )
         out.append({"id": f"lime-fit-{model}", "section": "agreement", "text": text,
                     "numbers": {"best_r2": best[1], "worst_r2": worst[1], "mean_r2": mean}})
+    return out
+
+
+# ---------------------------------------------------------------- dissection (the assignment's four questions)
+
+
+def dissection_summary(results: dict) -> dict:
+    """Counts behind Q1-Q4: concepts per model and layer, overlaps between models, confident units."""
+    d = results["dissection"]
+    models = []
+    for entry in d["models"]:
+        all_labels = [u for layer in entry["layers"] for u in layer["labels"]]
+        layers = []
+        for layer in entry["layers"]:
+            counts = Counter(u["label"] for u in layer["labels"])
+            best = max(layer["labels"], key=lambda u: u["similarity"])
+            sims = [u["similarity"] for u in layer["labels"]]
+            layers.append({
+                "layer": layer["layer"],
+                "units": layer["units"],
+                "unique": len(counts),
+                "top": [{"concept": c, "units": n} for c, n in counts.most_common(10)],
+                "over3": [{"concept": c, "units": n} for c, n in counts.most_common() if n > 3],
+                "best": {"unit": best["unit"], "concept": best["label"], "similarity": best["similarity"]},
+                "mean_similarity": statistics.fmean(sims),
+                "median_similarity": statistics.median(sims),
+                "scorers": dict(Counter(u["scorer"] for u in layer["labels"])),
+            })
+        counts = Counter(u["label"] for u in all_labels)
+        confident = sorted(
+            ({"layer": layer["layer"], **u} for layer in entry["layers"] for u in layer["labels"]),
+            key=lambda u: -u["similarity"],
+        )[:50]
+        models.append({
+            "model": entry["model"],
+            "units": len(all_labels),
+            "unique": len(counts),
+            "top": [{"concept": c, "units": n} for c, n in counts.most_common(10)],
+            "layers": layers,
+            "confident": [{"layer": u["layer"], "unit": u["unit"], "concept": u["label"],
+                           "similarity": u["similarity"]} for u in confident],
+            "confident_concepts": [{"concept": c, "units": n}
+                                   for c, n in Counter(u["label"] for u in confident).most_common(10)],
+            "scorers": dict(Counter(u["scorer"] for u in all_labels)),
+        })
+    return {"models": models, "comparisons": _comparisons(d)}
+
+
+def _label_sets(entry: dict) -> tuple[Counter, dict[str, Counter]]:
+    overall = Counter(u["label"] for layer in entry["layers"] for u in layer["labels"])
+    per_layer = {layer["layer"]: Counter(u["label"] for u in layer["labels"]) for layer in entry["layers"]}
+    return overall, per_layer
+
+
+def _overlap(a: Counter, b: Counter) -> dict:
+    shared = set(a) & set(b)
+    union = set(a) | set(b)
+    return {
+        "shared": len(shared),
+        "only_a": len(set(a) - set(b)),
+        "only_b": len(set(b) - set(a)),
+        "jaccard": len(shared) / len(union) if union else None,
+        "top_shared": [c for c, _ in sorted(((c, a[c] + b[c]) for c in shared), key=lambda x: (-x[1], x[0]))[:8]],
+        "top_only_a": [c for c, _ in sorted(((c, a[c]) for c in set(a) - set(b)), key=lambda x: (-x[1], x[0]))[:8]],
+        "top_only_b": [c for c, _ in sorted(((c, b[c]) for c in set(b) - set(a)), key=lambda x: (-x[1], x[0]))[:8]],
+    }
+
+
+def _comparisons(d: dict) -> list[dict]:
+    """Q2 for every pair of dissected models: overall, and per layer for the layers both have."""
+    out = []
+    entries = d["models"]
+    for i in range(len(entries)):
+        for j in range(i + 1, len(entries)):
+            a, b = entries[i], entries[j]
+            oa, la = _label_sets(a)
+            ob, lb = _label_sets(b)
+            layers = [{"layer": name, **_overlap(la[name], lb[name])} for name in la if name in lb]
+            out.append({"a": a["model"], "b": b["model"], "overall": _overlap(oa, ob), "layers": layers})
+    return out
+
+
+def dissection_findings(results: dict) -> list[dict]:
+    if "dissection" not in results:
+        return []
+    names = _display(results)
+    summary = results["dissection"]["summary"]
+    out: list[dict] = []
+    for m in summary["models"]:
+        name = names[m["model"]]
+        top = m["top"]
+        rest = ", ".join(f"'{t['concept']}' ({t['units']})" for t in top[1:3])
+        text = (f"In {name}, the concept learned by the most units is '{top[0]['concept']}' ({top[0]['units']} of "
+                f"{m['units']} units, {100 * top[0]['units'] / m['units']:.1f}%)"
+                + (f", followed by {rest}." if rest else "."))
+        out.append({"id": f"q1-{m['model']}", "section": "dissection", "question": "q1", "text": text,
+                    "numbers": {"top": top[:3], "units": m["units"]}})
+    for c in summary["comparisons"]:
+        o = c["overall"]
+        a, b = names[c["a"]], names[c["b"]]
+        text = (f"{a} and {b} share {o['shared']} concepts (Jaccard {_f(o['jaccard'])}); {o['only_a']} concepts "
+                f"appear only in {a}" + (f" (most frequent: {', '.join(o['top_only_a'][:3])})" if o["top_only_a"] else "")
+                + f" and {o['only_b']} only in {b}"
+                + (f" (most frequent: {', '.join(o['top_only_b'][:3])})." if o["top_only_b"] else "."))
+        out.append({"id": f"q2-{c['a']}-{c['b']}", "section": "dissection", "question": "q2", "text": text,
+                    "numbers": {k: o[k] for k in ("shared", "only_a", "only_b", "jaccard")}})
+        if len(c["layers"]) > 1:
+            hi = max(c["layers"], key=lambda x: x["jaccard"] or 0)
+            lo = min(c["layers"], key=lambda x: x["jaccard"] or 0)
+            text = (f"Layer by layer, {a} and {b} overlap most in {hi['layer']} (Jaccard {_f(hi['jaccard'])}, "
+                    f"{hi['shared']} shared concepts) and least in {lo['layer']} (Jaccard {_f(lo['jaccard'])}).")
+            out.append({"id": f"q2-layers-{c['a']}-{c['b']}", "section": "dissection", "question": "q2",
+                        "text": text, "numbers": {"max": hi["jaccard"], "min": lo["jaccard"]}})
+    for m in summary["models"]:
+        name = names[m["model"]]
+        per_layer = "; ".join(f"{x['layer']} {x['unique']} of {x['units']}" for x in m["layers"])
+        richest = max(m["layers"], key=lambda x: x["unique"] / x["units"])
+        text = (f"{name} learns {m['unique']} unique concepts over {m['units']} units ({per_layer}); relative to its "
+                f"size, {richest['layer']} is the most diverse ({100 * richest['unique'] / richest['units']:.0f}% of its "
+                "units have distinct concepts).")
+        out.append({"id": f"q3-{m['model']}", "section": "dissection", "question": "q3", "text": text,
+                    "numbers": {"unique": m["unique"], "units": m["units"],
+                                "per_layer": {x["layer"]: x["unique"] for x in m["layers"]}}})
+    if len(summary["models"]) >= 2:
+        a, b = summary["models"][0], summary["models"][1]
+        more = a if a["unique"] >= b["unique"] else b
+        text = (f"Overall, {names[more['model']]} has the more varied vocabulary: {a['unique']} unique concepts for "
+                f"{names[a['model']]} against {b['unique']} for {names[b['model']]}.")
+        out.append({"id": "q3-compare", "section": "dissection", "question": "q3", "text": text,
+                    "numbers": {a["model"]: a["unique"], b["model"]: b["unique"]}})
+    for m in summary["models"]:
+        name = names[m["model"]]
+        layers = m["layers"]
+        if len(layers) >= 2:
+            first, last = layers[0], layers[-1]
+            text = (f"Along the hierarchy of {name}, {first['layer']} is dominated by "
+                    f"'{first['top'][0]['concept']}' ({first['top'][0]['units']} units) and {last['layer']} by "
+                    f"'{last['top'][0]['concept']}' ({last['top'][0]['units']} units); the mean similarity goes from "
+                    f"{_f(first['mean_similarity'])} to {_f(last['mean_similarity'])}.")
+            out.append({"id": f"q4-hierarchy-{m['model']}", "section": "dissection", "question": "q4", "text": text,
+                        "numbers": {"first": first["mean_similarity"], "last": last["mean_similarity"]}})
+        by_layer = Counter(u["layer"] for u in m["confident"])
+        layer, n = by_layer.most_common(1)[0]
+        cc = m["confident_concepts"][0]
+        text = (f"Of the {len(m['confident'])} most confident units of {name}, {n} are in {layer}, and their most "
+                f"common concept is '{cc['concept']}' ({cc['units']} units).")
+        out.append({"id": f"q4-confident-{m['model']}", "section": "dissection", "question": "q4", "text": text,
+                    "numbers": {"layer": layer, "count": n, "concept": cc}})
+        if len(m["scorers"]) > 1:
+            shares = ", ".join(f"{k} {100 * v / m['units']:.0f}%" for k, v in sorted(m["scorers"].items(), key=lambda x: -x[1]))
+            out.append({"id": f"q4-scorers-{m['model']}", "section": "dissection", "question": "q4",
+                        "text": f"The labels of {name} come from these scorers: {shares}.",
+                        "numbers": m["scorers"]})
     return out

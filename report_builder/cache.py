@@ -65,12 +65,15 @@ class Cache:
         if not path.is_file():
             return None
         try:
-            return _from_storable(torch.load(path, map_location="cpu", weights_only=True))
+            value = _from_storable(torch.load(path, map_location="cpu", weights_only=True))
         except Exception:  # noqa: BLE001 - a damaged entry is recomputed
             path.unlink(missing_ok=True)
             return None
+        self.hits += 1
+        return value
 
     def save(self, stage: str, key: str, value: Any) -> None:
+        self.misses += 1  # saved = computed
         if not self.enabled:
             return
         path = self._path(stage, key)
@@ -89,9 +92,7 @@ class Cache:
         key = key_of({"stage": stage, **parts})
         value = self.load(stage, key)
         if value is not None:
-            self.hits += 1
             return value, True
-        self.misses += 1
         value = compute()
         self.save(stage, key, value)
         return value, False

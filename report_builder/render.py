@@ -88,12 +88,104 @@ def make_figures(run_dir: Path, results: dict) -> dict[str, list[dict]]:
         _timing_chart(results, names, path)
         figs["timings"].append({"path": path, "caption": "Mean wall time per image of each method, per model "
                                                         "(log scale; whiskers span the fastest and slowest image)."})
+    if "dissection" in results:
+        figs.update(dissection_figures(out_dir, results, names))
     gradcam_rows = [r for r in results["agreement"]["rows"] if r["method_b"] == "gradcam"]
     if gradcam_rows:
         path = out_dir / "agreement.png"
         _agreement_chart(results, gradcam_rows, names, path)
         figs["agreement"].append({"path": path, "caption": "IoU between the LIME mask and the top-n Grad-CAM mask, per "
                                                           "image and model; dashed lines mark each model's mean."})
+    return figs
+
+
+def dissection_figures(out_dir: Path, results: dict, names: dict) -> dict[str, list[dict]]:
+    summary = results["dissection"]["summary"]
+    models = summary["models"]
+    figs: dict[str, list[dict]] = defaultdict(list)
+
+    # Q1: the top-10 concepts of each model
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.4), squeeze=False)
+    for i, m in enumerate(models):
+        ax = axes[0][i]
+        top = m["top"][::-1]
+        ax.barh([t["concept"] for t in top], [t["units"] for t in top], color=PALETTE[i % len(PALETTE)])
+        for y, t in enumerate(top):
+            ax.text(t["units"], y, f" {t['units']}", va="center", fontsize=7)
+        ax.set_title(names[m["model"]], fontsize=9)
+        ax.set_xlabel("units")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    path = out_dir / "q1_top_concepts.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    figs["q1"].append({"path": path, "caption": "The ten concepts learned by the most units, per model, over all "
+                                               "dissected layers."})
+
+    # Q2: shared and model-specific concepts per layer
+    for c in summary["comparisons"]:
+        rows = [("all layers", c["overall"])] + [(x["layer"], x) for x in c["layers"]]
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+        labels = [r[0] for r in rows][::-1]
+        only_a = [r[1]["only_a"] for r in rows][::-1]
+        shared = [r[1]["shared"] for r in rows][::-1]
+        only_b = [r[1]["only_b"] for r in rows][::-1]
+        ax.barh(labels, only_a, color=PALETTE[0], label=f"only {names[c['a']]}")
+        ax.barh(labels, shared, left=only_a, color="#9aa5b1", label="shared")
+        ax.barh(labels, only_b, left=[x + y for x, y in zip(only_a, shared)], color=PALETTE[1],
+                label=f"only {names[c['b']]}")
+        ax.set_xlabel("unique concepts")
+        ax.legend(frameon=False, fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+        ax.spines[["top", "right"]].set_visible(False)
+        fig.tight_layout()
+        path = out_dir / f"q2_overlap_{c['a']}_{c['b']}.png"
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        figs["q2"].append({"path": path, "caption": f"Concepts found only in {names[c['a']]}, in both models, and only "
+                                                   f"in {names[c['b']]}, overall and per layer."})
+
+    # Q4: concepts learned by more than 3 units in each layer
+    for i, m in enumerate(models):
+        layers = m["layers"]
+        fig, axes = plt.subplots(1, len(layers), figsize=(2.5 * len(layers), 3.6), squeeze=False)
+        for j, layer in enumerate(layers):
+            ax = axes[0][j]
+            items = layer["over3"][:15][::-1]
+            ax.barh([t["concept"] for t in items], [t["units"] for t in items], color=PALETTE[i % len(PALETTE)])
+            ax.set_title(layer["layer"], fontsize=9)
+            ax.tick_params(axis="y", labelsize=6.5)
+            ax.tick_params(axis="x", labelsize=7)
+            ax.spines[["top", "right"]].set_visible(False)
+            if not items:
+                ax.text(0.5, 0.5, "no concept\nhas > 3 units", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        fig.suptitle(names[m["model"]], fontsize=10)
+        fig.tight_layout()
+        path = out_dir / f"q4_layers_{m['model']}.png"
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        figs["q4_layers"].append({"path": path, "caption": f"{names[m['model']]}: the concepts learned by more than 3 "
+                                                          "units in each layer (at most 15 shown per layer)."})
+
+    # Q4: distribution of similarity scores per layer
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 2.8), squeeze=False)
+    by_model = {e["model"]: e for e in results["dissection"]["models"]}
+    for i, m in enumerate(models):
+        ax = axes[0][i]
+        for j, layer in enumerate(by_model[m["model"]]["layers"]):
+            ax.hist([u["similarity"] for u in layer["labels"]], bins=30, histtype="step", linewidth=1.4,
+                    label=layer["layer"], color=PALETTE[j % len(PALETTE)])
+        ax.set_title(names[m["model"]], fontsize=9)
+        ax.set_xlabel(f"{results['dissection']['similarity']} similarity")
+        ax.set_ylabel("units")
+        ax.legend(frameon=False, fontsize=7)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    path = out_dir / "q4_similarity.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    figs["q4_similarity"].append({"path": path, "caption": "Distribution of the best concept's similarity score "
+                                                          "of every unit, per layer."})
     return figs
 
 
@@ -199,6 +291,7 @@ def environment() -> Environment:
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        extensions=["jinja2.ext.do"],
     )
     env.filters["fmt"] = _fmt
     env.filters["seconds"] = _seconds
@@ -218,8 +311,16 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]]) ->
         findings_by_section[f["section"]].append(f)
     css = (TEMPLATES / "report.css").read_text()
     cams = [m["id"] for m in results["methods"] if m["id"] != "lime"]
+    sections = [("questions", "Assignment questions")] if "dissection" in results else []
+    sections += [("summary", "Summary"), ("setup", "Setup")]
+    sections += [("dissection", "Network dissection")] if "dissection" in results else []
+    sections += [("explanations", "Explanations side by side"), ("predictions", "Predictions"), ("timings", "Timings"),
+                 ("agreement", "LIME vs Grad-CAM agreement"), ("findings", "Findings"), ("provenance", "Provenance")]
+    numbers = {sid: i + 1 for i, (sid, _) in enumerate(sections)}
     return env.get_template("report.html").render(
         r=results,
+        sections=sections,
+        numbers=numbers,
         names=names,
         figures=inlined,
         findings_by_section=findings_by_section,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import inspect
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from .data import SampleImage, load_images, manifest_hash
 from .errors import UserError
 from .explain import EXPLAINERS, Settings, cache_parts, predict, top_k
 from .spec import CAM_METHODS, METHOD_TITLES, LoadedSpec
-from .zoo import LoadedModel, load_model
+from .zoo import LoadedModel, get_layer, load_model
 
 SCHEMA_VERSION = 1
 PACKAGES = ("report_builder", "torch", "torchvision", "timm", "grad-cam", "lime", "numpy", "scikit-image",
@@ -157,8 +158,15 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
     with progress.stage("load models"):
         for i, mspec in enumerate(spec.models):
             m = load_model(mspec, loaded.base_dir, f"models[{i}]", device)
+            for j, layer in enumerate(mspec.layers):  # fail now, not after an hour of work
+                get_layer(m, layer, f"models[{i}].layers[{j}]")
             progress.say(f"  {m.id}: {m.origin}; target layer {m.target_layer}; weights {m.weights_hash[:12]}")
             models.append(m)
+
+    dissection = None
+    if spec.dissect is not None:
+        dissection = dissect_models(loaded, models, device, cache, progress)
+        _write_dissection_csvs(work / "dissection", dissection)
 
     settings = Settings(spec.explain, spec.seed, device)
     explanations, agreement_rows = [], []
@@ -196,6 +204,9 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
             "cache": {"hits": cache.hits, "computed": cache.misses, "root": str(cache.root)},
         },
     }
+    if dissection is not None:
+        results["dissection"] = dissection
+        results["dissection"]["summary"] = analysis.dissection_summary(results)
     results["agreement"]["summary"] = analysis.agreement_summary(results)
     results["timings"] = analysis.timing_summary(results)
     results["findings"] = analysis.findings(results)
@@ -260,6 +271,73 @@ def explain_model(m: LoadedModel, images: list[SampleImage], settings: Settings,
                 numbers = agree.compare(results["lime"]["mask"], results[method]["map"], thresholds)
                 rows.append({"image": im.id, "model": m.id, "method_a": "lime", "method_b": method, **numbers})
         yield {"record": record, "agreement": rows}
+
+
+def dissect_models(loaded: LoadedSpec, models: list[LoadedModel], device: torch.device, cache: Cache,
+                   progress: Progress) -> dict:
+    """CLIP-Dissect every listed layer of every model: one concept score matrix, one activation pass per model."""
+    from .activations import activations
+    from .dissect import SIMILARITY, label_units
+    from .probe import load_probe
+    from .scorers import score_concepts
+
+    spec = loaded.spec
+    ds = spec.dissect
+    fn = SIMILARITY[ds.similarity]
+    params = dict(ds.similarity_params)
+    accepted = set(inspect.signature(fn).parameters) - {"P", "A"}
+    if "seed" in accepted:
+        params.setdefault("seed", spec.seed)
+    for key in params:
+        if key not in accepted:
+            raise UserError(f"dissect.similarity_params.{key}: unknown parameter of {ds.similarity}; "
+                            f"expected one of {', '.join(sorted(accepted))}")
+    with progress.stage("load probe set"):
+        probe = load_probe(ds.probe, loaded.base_dir, spec.seed)
+        progress.say(f"  {len(probe)} probe images: {probe.description}")
+    with progress.stage("score concepts"):
+        scores = score_concepts(ds, probe, loaded.base_dir, device, cache, progress.say)
+    out_models = []
+    with progress.stage("dissect"):
+        for i, m in enumerate(models):
+            if not m.spec.layers:
+                continue
+            acts = activations(m, list(m.spec.layers), probe, ds.pooling, device, ds.batch_size, cache,
+                               f"models[{i}]", progress.say)
+            layers = []
+            for layer, A in acts.items():
+                S = fn(scores.matrix, A, **params)
+                labels = label_units(S, scores.concepts, scores.scorers)
+                layers.append({"layer": layer, "units": A.shape[1], "labels": [
+                    {"unit": u.unit, "label": u.label, "similarity": u.similarity, "scorer": u.scorer,
+                     "alternatives": [{"label": a, "similarity": v, "scorer": sc} for a, v, sc in u.alternatives]}
+                    for u in labels]})
+                progress.say(f"  {m.id} {layer}: {A.shape[1]} units, {len({u.label for u in labels})} unique concepts")
+            out_models.append({"model": m.id, "layers": layers})
+    return {
+        "similarity": ds.similarity,
+        "similarity_params": params,
+        "pooling": ds.pooling,
+        "probe": {"description": probe.description, "images": len(probe), "sha256": probe.manifest},
+        "scorers": scores.descriptions,
+        "concepts": len(scores.concepts),
+        "models": out_models,
+    }
+
+
+def _write_dissection_csvs(folder: Path, dissection: dict) -> None:
+    """dissection/<model>.csv: CLIP-Dissect's first columns (layer, unit, description, similarity), then more."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in dissection["models"]:
+        with open(folder / f"{entry['model']}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["layer", "unit", "description", "similarity", "alt_1", "alt_1_similarity", "alt_2",
+                        "alt_2_similarity", "alt_3", "alt_3_similarity", "scorer"])
+            for layer in entry["layers"]:
+                for u in layer["labels"]:
+                    alts = [x for a in u["alternatives"] for x in (a["label"], f"{a['similarity']:.6g}")]
+                    alts += [""] * (6 - len(alts))
+                    w.writerow([layer["layer"], u["unit"], u["label"], f"{u['similarity']:.6g}", *alts, u["scorer"]])
 
 
 def _model_record(m: LoadedModel) -> dict:

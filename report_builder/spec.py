@@ -43,6 +43,7 @@ class ModelSpec(Strict):
     path: str | None = Field(None, description="local checkpoint file")
     classes: str | None = Field(None, description="imagenet, places365, or a text file of class names")
     target_layer: str | None = Field(None, description="layer for the CAM methods; default: last conv block")
+    layers: tuple[str, ...] = Field((), description="layers to dissect (module paths), in the order to report them")
     label: str | None = Field(None, description="display name in the report")
 
     @model_validator(mode="after")
@@ -167,6 +168,78 @@ class AgreementSpec(Strict):
         return v
 
 
+
+CONCEPT_SETS = ("words-20k", "imagenet", "places365", "broden-colors", "dtd-textures")
+SIMILARITIES = ("soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed", "rank_reorder")
+
+
+class ProbeSpec(Strict):
+    """The probe images every unit is dissected on."""
+
+    source: Literal["folder", "broden", "list", "samples-augmented"]
+    path: str | None = Field(None, description="folder, Broden dataset folder, or text file listing images")
+    limit: int | None = Field(None, ge=1, description="keep a seeded random subset of this many images")
+    per_image: int = Field(20, ge=1, le=500, description="samples-augmented: variants made of each photo")
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> ProbeSpec:
+        if self.source != "samples-augmented" and not self.path:
+            raise ValueError(f"probe source {self.source!r} needs 'path'")
+        return self
+
+
+class ScorerSpec(Strict):
+    """One concept scorer: images x concepts similarities."""
+
+    kind: Literal["clip", "classifier", "colors"]
+    # clip
+    model: str = Field("ViT-B-16", description="clip: open_clip architecture name")
+    pretrained: str | None = Field("openai", description="clip: open_clip pretrained tag")
+    path: str | None = Field(None, description="clip: a local checkpoint instead of the pretrained tag")
+    config: str | None = Field(None, description="clip: a JSON open_clip model config for a custom architecture")
+    prompt: str = Field("{}", description="clip: text template; '{}' is the concept (CLIP-Dissect uses the bare word)")
+    # classifier
+    classifier: ModelSpec | None = Field(None, description="classifier: the model whose class probabilities score images")
+
+    @model_validator(mode="after")
+    def _complete(self) -> ScorerSpec:
+        if self.kind == "classifier" and self.classifier is None:
+            raise ValueError("scorer 'classifier' needs 'classifier' (a model entry)")
+        if "{}" not in self.prompt:
+            raise ValueError(f"prompt: found {self.prompt!r}, expected a template containing '{{}}'")
+        return self
+
+
+def _scorer_shorthand(value: Any) -> Any:
+    """`scorers: [clip, colors]` as well as full mappings."""
+    if isinstance(value, str):
+        return {"kind": value}
+    return value
+
+
+class DissectSpec(Strict):
+    probe: ProbeSpec
+    concepts: tuple[str, ...] = Field(("words-20k",), description="concept sets for the clip scorer")
+    scorers: tuple[ScorerSpec, ...] = Field(min_length=1)
+    similarity: Literal["soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed", "rank_reorder"] = "soft_wpmi"
+    similarity_params: dict[str, Union[int, float]] = Field(default_factory=dict, description="override the function's defaults")
+    pooling: Literal["avg", "max"] = "avg"
+    batch_size: int = Field(32, ge=1)
+
+    @field_validator("scorers", mode="before")
+    @classmethod
+    def _scorers(cls, v: Any) -> Any:
+        return [_scorer_shorthand(x) for x in v] if isinstance(v, list) else v
+
+    @field_validator("concepts")
+    @classmethod
+    def _concept_sets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if name not in CONCEPT_SETS and not name.endswith(".txt"):
+                raise ValueError(f"found {name!r}, expected one of {', '.join(CONCEPT_SETS)} or a .txt file")
+        return v
+
+
 class Spec(Strict):
     title: str = "Explainability report"
     authors: tuple[str, ...] = ()
@@ -177,6 +250,7 @@ class Spec(Strict):
     images: ImagesSpec
     explain: ExplainSpec = ExplainSpec()
     agreement: AgreementSpec = AgreementSpec()
+    dissect: DissectSpec | None = None
 
     @field_validator("images", mode="before")
     @classmethod
@@ -192,6 +266,12 @@ class Spec(Strict):
                 raise ValueError(f"found id {m.id!r} twice, expected unique model ids")
             seen.add(m.id)
         return v
+
+    @model_validator(mode="after")
+    def _layers_need_dissect(self) -> Spec:
+        if self.dissect is not None and not any(m.layers for m in self.models):
+            raise ValueError("'dissect' is set but no model lists 'layers' to dissect")
+        return self
 
 
 class LoadedSpec(BaseModel):

@@ -1,0 +1,133 @@
+"""Probe sets for dissection: many images, loaded lazily, each with a stable id and a content hash."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from .data import IMAGE_SUFFIXES, SAMPLES, open_image, pixel_hash
+from .errors import UserError
+from .spec import ProbeSpec
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    id: str
+    sha256: str
+    load: Callable[[], Image.Image]
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    description: str
+    items: tuple[ProbeItem, ...]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def manifest(self) -> str:
+        """A hash of every image's id and content: the probe set's identity in cache keys."""
+        h = hashlib.sha256()
+        for item in self.items:
+            h.update(f"{item.id}:{item.sha256}\n".encode())
+        return h.hexdigest()
+
+    def batches(self, size: int):
+        for i in range(0, len(self.items), size):
+            yield [item.load() for item in self.items[i : i + size]]
+
+
+def _file_item(path: Path, root: Path, where: str) -> ProbeItem:
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise UserError(f"{where}: cannot read probe image {path}: {exc}") from None
+    return ProbeItem(str(path.relative_to(root)) if path.is_relative_to(root) else str(path), digest,
+                     lambda: open_image(path, where))
+
+
+def _folder(path: Path, where: str) -> list[Path]:
+    if not path.is_dir():
+        raise UserError(f"{where}.path: probe folder {path} does not exist")
+    return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _broden(path: Path, where: str) -> list[Path]:
+    """A Broden-style dataset: `index.csv` whose `image` column names files under `images/`."""
+    index = path / "index.csv"
+    if not index.is_file():
+        raise UserError(f"{where}.path: {path} is not a Broden-style folder (no index.csv)")
+    with open(index, newline="") as f:
+        reader = csv.DictReader(f)
+        if "image" not in (reader.fieldnames or []):
+            raise UserError(f"{where}.path: {index} has no 'image' column")
+        names = [row["image"] for row in reader if row.get("image")]
+    files = [path / "images" / n for n in names]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{where}.path: {len(missing)} images listed in {index} are missing, e.g. {missing[0]}")
+    return files
+
+
+def _listing(path: Path, where: str) -> list[Path]:
+    if not path.is_file():
+        raise UserError(f"{where}.path: image list {path} does not exist")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    files = [(path.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines if ln and not ln.startswith("#")]
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{where}.path: {path} lists {f}, which does not exist")
+    return files
+
+
+def augment(image: Image.Image, rng: random.Random, out_size: int = 256) -> Image.Image:
+    """A random crop (10-100% of the area, aspect 3:4 to 4:3), a random flip, resized to out_size."""
+    w, h = image.size
+    for _ in range(20):
+        area = rng.uniform(0.1, 1.0) * w * h
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = int(round((area * aspect) ** 0.5)), int(round((area / aspect) ** 0.5))
+        if cw <= w and ch <= h:
+            break
+    else:
+        cw, ch = min(w, h), min(w, h)
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    out = image.crop((left, top, left + cw, top + ch)).resize((out_size, out_size), Image.BICUBIC)
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
+
+
+def _augmented(per_image: int, seed: int) -> list[ProbeItem]:
+    items = []
+    for name, (_, load) in SAMPLES.items():
+        base = Image.fromarray(np.asarray(load(), dtype=np.uint8)).convert("RGB")
+        for k in range(per_image):
+            img = augment(base, random.Random(f"{seed}:{name}:{k}"))
+            items.append(ProbeItem(f"{name}#{k}", pixel_hash(img), lambda img=img: img))
+    return items
+
+
+def load_probe(spec: ProbeSpec, base_dir: Path, seed: int, where: str = "dissect.probe") -> ProbeSet:
+    if spec.source == "samples-augmented":
+        items = _augmented(spec.per_image, seed)
+        description = f"{len(SAMPLES)} packaged photos x {spec.per_image} seeded crops and flips"
+    else:
+        path = Path(spec.path or "").expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        files = {"folder": _folder, "broden": _broden, "list": _listing}[spec.source](path, where)
+        if not files:
+            raise UserError(f"{where}.path: {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        root = path / "images" if spec.source == "broden" else (path if path.is_dir() else path.parent)
+        items = [_file_item(f, root, where) for f in files]
+        description = f"{spec.source} {path}"
+    if spec.limit and spec.limit < len(items):
+        keep = sorted(random.Random(seed).sample(range(len(items)), spec.limit))
+        items = [items[i] for i in keep]
+        description += f", seeded subset of {spec.limit}"
+    return ProbeSet(description, tuple(items))
