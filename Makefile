@@ -10,7 +10,7 @@ RUN    ?= output/demo
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup report render validate test clean
+.PHONY: setup report render validate diff test clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ render: setup
 
 validate: setup
 	$(PY) -m report_builder validate $(SPEC)
+
+# make diff A=output/run-a B=output/run-b [OUT=output/diff-run-a-vs-run-b]
+diff: setup
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make diff A=output/<run-a> B=output/<run-b> [OUT=dir]"; exit 2; }
+	$(PY) -m report_builder diff $(A) $(B) $(if $(OUT),--out $(OUT))
 
 test: setup
 	$(PY) -m pytest -q

@@ -31,6 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     ren = sub.add_parser("render", help="re-render report.html and report.pdf from a run directory",
                          description="Re-render a run directory's report from its results.json; no model is loaded.")
     ren.add_argument("run_dir", type=Path, help="a run directory, e.g. output/demo")
+
+    dif = sub.add_parser("diff", help="compare two run directories (e.g. two versions of a model)",
+                         description="Compare two runs: spec keys, weights, predictions, Grad-CAM maps, LIME agreement "
+                                     "and unit labels. Reads only the run directories; no model is loaded.")
+    dif.add_argument("run_a", type=Path, help="the first run directory (A)")
+    dif.add_argument("run_b", type=Path, help="the second run directory (B)")
+    dif.add_argument("--out", type=Path, help="where to write diff.json and the report (default: output/diff-A-vs-B)")
+    dif.add_argument("--pair", action="append", default=[], metavar="A_ID=B_ID",
+                     help="compare model A_ID of run A with model B_ID of run B (repeatable; default: models with the same id)")
     return p
 
 
@@ -53,6 +62,18 @@ def main(argv: list[str] | None = None) -> int:
             loaded = load_spec(args.spec)
             out = args.out or Path("output") / loaded.run_name
             run(loaded, out, cache=Cache(args.cache_dir, enabled=not args.no_cache))
+            return 0
+        if args.command == "diff":
+            from .diff import write_diff
+
+            pairs = []
+            for item in args.pair:
+                if item.count("=") != 1 or not all(item.split("=")):
+                    raise UserError(f"--pair: found {item!r}, expected A_ID=B_ID")
+                pairs.append(tuple(item.split("=")))
+            out = args.out or Path("output") / f"diff-{args.run_a.name}-vs-{args.run_b.name}"
+            write_diff(args.run_a, args.run_b, out, pairs or None)
+            print(f"wrote {out}/diff.json, {out}/report.html and {out}/report.pdf")
             return 0
         if args.command == "render":
             from .render import render_run

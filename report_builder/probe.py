@@ -113,6 +113,18 @@ def _augmented(per_image: int, seed: int) -> list[ProbeItem]:
     return items
 
 
+def check_probe(spec: ProbeSpec, base_dir: Path, where: str = "dissect.probe") -> None:
+    """Cheap existence check, so a missing probe set is reported before any model work."""
+    if spec.source == "samples-augmented":
+        return
+    path = Path(spec.path or "").expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    exists = path.is_file() if spec.source == "list" else path.is_dir()
+    if not exists:
+        kind = {"folder": "probe folder", "broden": "Broden dataset folder", "list": "image list"}[spec.source]
+        raise UserError(f"{where}.path: {kind} {path} does not exist; put the probe images there or change the path")
+
+
 def load_probe(spec: ProbeSpec, base_dir: Path, seed: int, where: str = "dissect.probe") -> ProbeSet:
     if spec.source == "samples-augmented":
         items = _augmented(spec.per_image, seed)

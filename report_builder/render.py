@@ -302,10 +302,9 @@ def environment() -> Environment:
 def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]]) -> str:
     env = environment()
     names = {m["id"]: m["display"] for m in results["models"]}
-    inlined = {
-        section: [{"src": _data_uri(f["path"]), "caption": f["caption"]} for f in items]
-        for section, items in figures.items()
-    }
+    inlined: dict[str, list[dict]] = defaultdict(list)
+    for section, items in figures.items():
+        inlined[section] = [{"src": _data_uri(f["path"]), "caption": f["caption"]} for f in items]
     findings_by_section: dict[str, list[dict]] = defaultdict(list)
     for f in results["findings"]:
         findings_by_section[f["section"]].append(f)
@@ -345,3 +344,32 @@ def agreement_table(results: dict) -> list[dict]:
         if (e["image"], e["model"]) in rows:
             rows[(e["image"], e["model"])]["r2"] = e["methods"]["lime"]["score"]
     return list(rows.values())
+
+
+# ---------------------------------------------------------------- diff report
+
+
+def render_diff(out_dir: Path, diff: dict) -> None:
+    """report.html and report.pdf of a diff (diff.json's content), with one chart of relabelled units."""
+    figures: dict[str, list[dict]] = defaultdict(list)
+    rows = [(f"{p['a']} {x['layer']}", x["share"]) for p in diff["pairs"] if p["dissection"] and p["dissection"]["compared"]
+            for x in p["dissection"]["layers"]]
+    if rows:
+        fig_dir = out_dir / "figures"
+        fig_dir.mkdir(exist_ok=True)
+        fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.0))
+        ax.barh([r[0] for r in rows][::-1], [100 * r[1] for r in rows][::-1], color=PALETTE[0])
+        ax.set_xlabel("units whose label changed (%)")
+        ax.set_xlim(0, 100)
+        ax.spines[["top", "right"]].set_visible(False)
+        fig.tight_layout()
+        path = fig_dir / "relabelled.png"
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        figures["dissection"].append({"src": _data_uri(path), "caption": "Share of units whose CLIP-Dissect label "
+                                                                         "differs between run A and run B, per layer."})
+    env = environment()
+    css = (TEMPLATES / "report.css").read_text()
+    html = env.get_template("diff.html").render(d=diff, css=css, figures=figures)
+    _atomic_write(out_dir / "report.html", html.encode("utf-8"))
+    write_pdf(html, out_dir / "report.pdf", out_dir)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import inspect
-import json
-import math
 import os
 import platform
 import shutil
@@ -28,6 +26,7 @@ from . import analysis, overlays
 from .cache import Cache
 from .data import SampleImage, load_images, manifest_hash
 from .errors import UserError
+from .jsonio import clean_nan, write_json
 from .explain import EXPLAINERS, Settings, cache_parts, predict, top_k
 from .spec import CAM_METHODS, METHOD_TITLES, LoadedSpec
 from .zoo import LoadedModel, get_layer, load_model
@@ -119,29 +118,6 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def clean_nan(value):
-    """NaN has no JSON form: undefined numbers become null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: clean_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [clean_nan(v) for v in value]
-    return value
-
-
 def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -> dict:
     spec = loaded.spec
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -154,14 +130,30 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
         images = load_images(spec.images, loaded.base_dir)
         progress.say(f"  {len(images)} images: {', '.join(im.id for im in images)}")
 
+    # Everything a run needs from disk is checked up front, and every problem is reported at once:
+    # offline, a user learns about all the files to fetch from one run, not one per run.
     models: list[LoadedModel] = []
+    problems: list[str] = []
     with progress.stage("load models"):
         for i, mspec in enumerate(spec.models):
-            m = load_model(mspec, loaded.base_dir, f"models[{i}]", device)
-            for j, layer in enumerate(mspec.layers):  # fail now, not after an hour of work
-                get_layer(m, layer, f"models[{i}].layers[{j}]")
+            try:
+                m = load_model(mspec, loaded.base_dir, f"models[{i}]", device)
+                for j, layer in enumerate(mspec.layers):
+                    get_layer(m, layer, f"models[{i}].layers[{j}]")
+            except UserError as exc:
+                problems.append(str(exc))
+                continue
             progress.say(f"  {m.id}: {m.origin}; target layer {m.target_layer}; weights {m.weights_hash[:12]}")
             models.append(m)
+    if spec.dissect is not None:
+        from .probe import check_probe
+
+        try:
+            check_probe(spec.dissect.probe, loaded.base_dir)
+        except UserError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UserError("\n".join(problems))
 
     dissection = None
     if spec.dissect is not None:
@@ -263,6 +255,7 @@ def explain_model(m: LoadedModel, images: list[SampleImage], settings: Settings,
                 overlays.save_cam(crop, value["map"], work / rel)
             arrays[method] = value["map"]
             record["methods"][method] = entry
+        arrays["probabilities"] = p.astype(np.float32)  # the full softmax, for diffs between runs
         np.savez_compressed(work / record["maps"], **arrays)
 
         rows = []

@@ -13,14 +13,18 @@ SPEC = """
 title: "End-to-end check"
 authors: ["Test Author"]
 models:
-  - {id: lite0, label: EfficientNet-Lite0, source: packaged, name: efficientnet_lite0}
+  - {id: lite0, label: EfficientNet-Lite0, source: packaged, name: efficientnet_lite0, layers: [blocks.5, blocks.6]}
 images: {source: samples, names: [chelsea, coffee]}
 explain:
   cam: {batch_size: 64}
   lime: {num_samples: 40, batch_size: 40}
+dissect:
+  probe: {source: samples-augmented, per_image: 3}
+  scorers: [colors]
+  similarity_params: {top_k: 5}
 """
 
-SECTIONS = ["Contents", "Summary", "Setup", "Explanations side by side", "Predictions", "Timings",
+SECTIONS = ["Contents", "Assignment questions", "Summary", "Network dissection", "Setup", "Explanations side by side", "Predictions", "Timings",
             "LIME vs Grad-CAM agreement", "Findings", "Provenance"]
 
 
@@ -57,6 +61,21 @@ def test_run_directory_contract(run_dir):
     assert not list(run_dir.parent.glob(".e2e.partial-*"))
 
 
+def test_dissection_csv_matches_results(run_dir):
+    r = json.loads((run_dir / "results.json").read_text())
+    rows = list(csv.DictReader(open(run_dir / "dissection" / "lite0.csv")))
+    assert list(rows[0])[:4] == ["layer", "unit", "description", "similarity"]
+    layers = r["dissection"]["models"][0]["layers"]
+    assert [x["layer"] for x in layers] == ["blocks.5", "blocks.6"]
+    assert len(rows) == sum(x["units"] for x in layers) == 192 + 320
+    first = layers[0]["labels"][0]
+    assert (rows[0]["layer"], rows[0]["description"], rows[0]["scorer"]) == ("blocks.5", first["label"], "pixel colours")
+    assert float(rows[0]["similarity"]) == pytest.approx(first["similarity"], rel=1e-5)
+    summary = r["dissection"]["summary"]["models"][0]
+    assert summary["unique"] == len({row["description"] for row in rows})
+    assert summary["top"][0]["units"] == max(sum(1 for x in rows if x["description"] == c) for c in {x["description"] for x in rows})
+
+
 def test_agreement_csv_matches_results(run_dir):
     r = json.loads((run_dir / "results.json").read_text())
     rows = list(csv.DictReader(open(run_dir / "agreement.csv")))
@@ -82,6 +101,8 @@ def test_pdf_has_sections_and_numbers_from_results(run_dir):
     assert f"{top['class_name']} {top['probability']:.2f}" in flat
     for f in r["findings"]:
         assert f["text"][:40] in flat.replace("\u00ad", "")
+    q3 = r["dissection"]["summary"]["models"][0]
+    assert f"{q3['unique']} / {q3['units']}" in flat
     assert re.search(r"\b1 / \d+\b", flat) is None  # the title page carries no page number
     assert re.search(r"\b2 / \d+\b", flat)  # later pages do
 
@@ -120,7 +141,7 @@ def test_two_runs_give_the_same_results_except_timings(tmp_path):
     spec = tmp_path / "det.yaml"
     spec.write_text(SPEC.replace("images: {source: samples, names: [chelsea, coffee]}",
                                  "images: {source: samples, names: [coffee]}")
-                    + "  methods: [gradcam, lime]\n")
+                    .replace("  cam: {batch_size: 64}", "  methods: [gradcam, lime]\n  cam: {batch_size: 64}"))
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["run", str(spec), "--out", str(a), "--no-cache"]) == 0
     assert main(["run", str(spec), "--out", str(b), "--no-cache"]) == 0

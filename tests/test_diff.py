@@ -1,0 +1,117 @@
+"""Diffs of run directories: a run against itself, a planted unit swap, runs that cannot be compared, bad input."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from report_builder.__main__ import main
+
+SPEC = """
+title: "{title}"
+models:
+  - {{id: net, source: checkpoint, name: resnet18, path: {ckpt}, layers: [conv1]}}
+images: {{source: samples, names: [coffee, chelsea]}}
+explain: {{methods: [gradcam, lime], lime: {{num_samples: 20, batch_size: 20}}}}
+dissect:
+  probe: {{source: samples-augmented, per_image: {per_image}}}
+  scorers: [colors]
+  similarity_params: {{top_k: 5}}
+"""
+
+SWAPS = [(0, 1), (2, 3), (4, 5), (10, 20)]
+
+
+def _run(root: Path, name: str, ckpt: str, per_image: int = 2) -> Path:
+    spec = root / f"{name}.yaml"
+    spec.write_text(SPEC.format(title=name, ckpt=ckpt, per_image=per_image))
+    out = root / "output" / name
+    assert main(["run", str(spec), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diff")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    torch.save(net.state_dict(), root / "a.pt")
+    state = net.state_dict()
+    w = state["conv1.weight"].clone()
+    for i, j in SWAPS:  # swap whole filters: the units' activations trade places, nothing else changes
+        w[[i, j]] = w[[j, i]]
+    state["conv1.weight"] = w
+    torch.save(state, root / "b.pt")
+    return {"root": root, "a": _run(root, "a", "a.pt"), "b": _run(root, "b", "b.pt"),
+            "other_probe": _run(root, "c", "a.pt", per_image=3)}
+
+
+def _diff(a: Path, b: Path, out: Path, *extra: str) -> dict:
+    assert main(["diff", str(a), str(b), "--out", str(out), *extra]) == 0
+    return json.loads((out / "diff.json").read_text())
+
+
+def test_a_run_against_itself_shows_no_change(runs):
+    d = _diff(runs["a"], runs["a"], runs["root"] / "self")
+    assert d["spec_changes"] == [] and d["notices"] == []
+    (pair,) = d["pairs"]
+    assert not pair["weights_changed"]
+    assert pair["predictions"]["top1_changed"] == 0
+    assert all(r["delta"] == 0 for r in pair["predictions"]["rows"])
+    assert all(r["gradcam_iou"] == 1.0 and r["lime_gradcam_delta"] == 0 for r in pair["maps"]["rows"])
+    (layer,) = pair["dissection"]["layers"]
+    assert layer["changed"] == 0 and layer["gained"] == [] and layer["lost"] == [] and layer["unique_delta"] == 0
+    assert (runs["root"] / "self" / "report.pdf").is_file()
+
+
+def test_planted_unit_swap_shows_exactly_the_swapped_labels(runs):
+    ra = json.loads((runs["a"] / "results.json").read_text())
+    labels = [u["label"] for u in ra["dissection"]["models"][0]["layers"][0]["labels"]]
+    expected = sorted(k for i, j in SWAPS for k in (i, j) if labels[i] != labels[j])
+    assert expected, "the planted swaps must exchange different labels to be a test"
+    d = _diff(runs["a"], runs["b"], runs["root"] / "swap")
+    (pair,) = d["pairs"]
+    assert pair["weights_changed"]
+    assert [c["key"] for c in d["spec_changes"]] == ["models[0].path", "title"]
+    (layer,) = pair["dissection"]["layers"]
+    assert sorted(c["unit"] for c in layer["changed_units"]) == expected
+    for c in layer["changed_units"]:
+        partner = next(j if c["unit"] == i else i for i, j in SWAPS if c["unit"] in (i, j))
+        assert c["a"] == labels[c["unit"]] and c["b"] == labels[partner]
+    assert layer["changed"] == len(expected) and layer["share"] == pytest.approx(len(expected) / 64)
+    assert layer["gained"] == [] and layer["lost"] == []  # a permutation keeps the set of labels
+    assert any(f"{len(expected)} of 64 units" in f for f in d["findings"])
+
+
+def test_runs_that_cannot_be_compared_say_so(runs):
+    d = _diff(runs["a"], runs["other_probe"], runs["root"] / "probe")
+    (pair,) = d["pairs"]
+    assert pair["dissection"]["compared"] is False
+    assert any("another probe set" in n for n in d["notices"])
+    html = (runs["root"] / "probe" / "report.html").read_text()
+    assert "Not compared" in html and "another probe set" in html
+
+
+def test_missing_images_and_unmatched_models_are_named(runs, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(runs["a"], b)
+    r = json.loads((b / "results.json").read_text())
+    r["explanations"] = [e for e in r["explanations"] if e["image"] != "chelsea"]
+    (b / "results.json").write_text(json.dumps(r))
+    d = _diff(runs["a"], b, tmp_path / "d")
+    assert any("images only in run A" in n and "chelsea" in n for n in d["notices"])
+    assert main(["diff", str(runs["a"]), str(runs["b"]), "--out", str(tmp_path / "e"), "--pair", "net=nope"]) == 2
+
+
+def test_missing_or_corrupt_run_directory_is_a_clear_error(runs, tmp_path, capsys):
+    assert main(["diff", str(tmp_path / "nope"), str(runs["a"]), "--out", str(tmp_path / "x")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text("{not json")
+    assert main(["diff", str(bad), str(runs["a"]), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "results.json: not valid JSON" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
