@@ -77,7 +77,7 @@ def timing_summary(results: dict) -> list[dict]:
 
 def findings(results: dict) -> list[dict]:
     out: list[dict] = []
-    for fn in (dissection_findings, _agreement_findings, _cam_ranking_findings, _speed_findings,
+    for fn in (dissection_findings, versions_findings, _agreement_findings, _cam_ranking_findings, _speed_findings,
                _prediction_findings, _confidence_findings, _lime_fit_findings):
         out.extend(fn(results))
     for f in out:
@@ -357,4 +357,67 @@ def dissection_findings(results: dict) -> list[dict]:
             out.append({"id": f"q4-scorers-{m['model']}", "section": "dissection", "question": "q4",
                         "text": f"The labels of {name} come from these scorers: {shares}.",
                         "numbers": m["scorers"]})
+    return out
+
+
+# ---------------------------------------------------------------- versions of one model
+
+
+def versions_summary(results: dict) -> list[dict]:
+    """Per spec entry with several versions: unique concepts and relabelled units per layer, top-1 changes,
+    each version against the previous one."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for m in results["models"]:
+        if m.get("group"):
+            groups[m["group"]].append(m)
+    dissected = {e["model"]: e for e in results.get("dissection", {}).get("models", [])}
+    top1 = {(e["model"], e["image"]): e["target_name"] for e in results["explanations"]}
+    images = [im["id"] for im in results["images"]]
+    out = []
+    for group, members in groups.items():
+        ids = [m["id"] for m in members]
+        layers = []
+        if all(i in dissected for i in ids):
+            for k, first in enumerate(dissected[ids[0]]["layers"]):
+                per_version = [dissected[i]["layers"][k] for i in ids]
+                labels = [[u["label"] for u in x["labels"]] for x in per_version]
+                layers.append({
+                    "layer": first["layer"],
+                    "units": first["units"],
+                    "unique": [len(set(lab)) for lab in labels],
+                    "relabelled": [None] + [sum(a != b for a, b in zip(labels[v - 1], labels[v])) / len(labels[v])
+                                            for v in range(1, len(labels))],
+                })
+        out.append({
+            "group": group,
+            "display": members[0]["display"].rsplit(" (", 1)[0],
+            "versions": [m["version"] for m in members],
+            "models": ids,
+            "layers": layers,
+            "images": len(images),
+            "top1_changes": [None] + [sum(top1.get((ids[v], i)) != top1.get((ids[v - 1], i)) for i in images)
+                                      for v in range(1, len(ids))],
+        })
+    return out
+
+
+def versions_findings(results: dict) -> list[dict]:
+    out = []
+    for g in results.get("versions", []):
+        first, last = g["versions"][0], g["versions"][-1]
+        for x in g["layers"]:
+            a, b = x["unique"][0], x["unique"][-1]
+            trend = "rise" if b > a else "fall" if b < a else "stay"
+            text = (f"Across the {len(g['versions'])} versions of {g['display']}, the unique concepts of {x['layer']} "
+                    f"{trend} from {a} ({first}) to {b} ({last}) of {x['units']} units"
+                    + (f"; {100 * x['relabelled'][-1]:.0f}% of its units change label between the last two versions."
+                       if len(g["versions"]) > 1 else "."))
+            out.append({"id": f"versions-{g['group']}-{x['layer']}", "section": "versions", "text": text,
+                        "numbers": {"unique": x["unique"], "relabelled": x["relabelled"]}})
+        changes = [c for c in g["top1_changes"] if c is not None]
+        if changes:
+            out.append({"id": f"versions-{g['group']}-top1", "section": "versions",
+                        "text": f"From one version of {g['display']} to the next, the top-1 class changes on "
+                                f"{', '.join(str(c) for c in changes)} of {g['images']} images.",
+                        "numbers": {"top1_changes": changes}})
     return out

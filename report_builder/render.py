@@ -90,6 +90,21 @@ def make_figures(run_dir: Path, results: dict) -> dict[str, list[dict]]:
                                                         "(log scale; whiskers span the fastest and slowest image)."})
     if "dissection" in results:
         figs.update(dissection_figures(out_dir, results, names))
+    for g in results.get("versions", []):
+        if g["layers"]:
+            path = out_dir / f"versions_{g['group']}.png"
+            fig, ax = plt.subplots(figsize=(6, 3))
+            for j, x in enumerate(g["layers"]):
+                ax.plot(g["versions"], x["unique"], marker="o", label=x["layer"], color=PALETTE[j % len(PALETTE)])
+            ax.set_ylabel("unique concepts")
+            ax.set_xlabel("version")
+            ax.legend(frameon=False, fontsize=8)
+            ax.spines[["top", "right"]].set_visible(False)
+            fig.tight_layout()
+            fig.savefig(path, dpi=130)
+            plt.close(fig)
+            figs["versions"].append({"path": path, "caption": f"{g['display']}: unique concepts per layer across its "
+                                                              "versions, in the order the spec lists them."})
     gradcam_rows = [r for r in results["agreement"]["rows"] if r["method_b"] == "gradcam"]
     if gradcam_rows:
         path = out_dir / "agreement.png"
@@ -313,6 +328,7 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]]) ->
     sections = [("questions", "Assignment questions")] if "dissection" in results else []
     sections += [("summary", "Summary"), ("setup", "Setup")]
     sections += [("dissection", "Network dissection")] if "dissection" in results else []
+    sections += [("versions", "Model versions")] if results.get("versions") else []
     sections += [("explanations", "Explanations side by side"), ("predictions", "Predictions"), ("timings", "Timings"),
                  ("agreement", "LIME vs Grad-CAM agreement"), ("findings", "Findings"), ("provenance", "Provenance")]
     numbers = {sid: i + 1 for i, (sid, _) in enumerate(sections)}

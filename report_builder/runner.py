@@ -135,11 +135,13 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
     models: list[LoadedModel] = []
     problems: list[str] = []
     with progress.stage("load models"):
-        for i, mspec in enumerate(spec.models):
+        for entry in spec.expanded_models():
+            mspec, where = entry.spec, entry.where
             try:
-                m = load_model(mspec, loaded.base_dir, f"models[{i}]", device)
+                m = load_model(mspec, loaded.base_dir, where, device)
+                m.group, m.version = entry.group, entry.version
                 for j, layer in enumerate(mspec.layers):
-                    get_layer(m, layer, f"models[{i}].layers[{j}]")
+                    get_layer(m, layer, f"{where.split('.versions')[0]}.layers[{j}]")
             except UserError as exc:
                 problems.append(str(exc))
                 continue
@@ -199,6 +201,7 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
     if dissection is not None:
         results["dissection"] = dissection
         results["dissection"]["summary"] = analysis.dissection_summary(results)
+    results["versions"] = analysis.versions_summary(results)
     results["agreement"]["summary"] = analysis.agreement_summary(results)
     results["timings"] = analysis.timing_summary(results)
     results["findings"] = analysis.findings(results)
@@ -292,11 +295,11 @@ def dissect_models(loaded: LoadedSpec, models: list[LoadedModel], device: torch.
         scores = score_concepts(ds, probe, loaded.base_dir, device, cache, progress.say)
     out_models = []
     with progress.stage("dissect"):
-        for i, m in enumerate(models):
+        for m in models:
             if not m.spec.layers:
                 continue
             acts = activations(m, list(m.spec.layers), probe, ds.pooling, device, ds.batch_size, cache,
-                               f"models[{i}]", progress.say)
+                               f"model {m.id}", progress.say)
             layers = []
             for layer, A in acts.items():
                 S = fn(scores.matrix, A, **params)
@@ -345,6 +348,8 @@ def _model_record(m: LoadedModel) -> dict:
         "preprocess": m.preprocess.as_dict(),
         "weights_sha256": m.weights_hash,
         "parameters": int(sum(p.numel() for p in m.module.parameters())),
+        "group": m.group,
+        "version": m.version,
     }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,8 +33,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class VersionSpec(Strict):
+    """One checkpoint among several of the same architecture (e.g. training epochs)."""
+
+    label: str = Field(pattern=_ID, description="short name of the version, e.g. epoch10")
+    path: str = Field(description="the checkpoint file")
+
+
 class ModelSpec(Strict):
-    """One model to explain (and later to dissect)."""
+    """One model to explain and dissect."""
 
     id: str = Field(pattern=_ID, description="short name used in tables and file names")
     source: Literal["packaged", "torchvision", "places365", "timm", "checkpoint"]
@@ -44,11 +51,20 @@ class ModelSpec(Strict):
     classes: str | None = Field(None, description="imagenet, places365, or a text file of class names")
     target_layer: str | None = Field(None, description="layer for the CAM methods; default: last conv block")
     layers: tuple[str, ...] = Field((), description="layers to dissect (module paths), in the order to report them")
+    versions: tuple[VersionSpec, ...] = Field((), description="several checkpoints of this architecture, in order")
     label: str | None = Field(None, description="display name in the report")
 
     @model_validator(mode="after")
     def _source_needs(self) -> ModelSpec:
-        if self.source == "checkpoint" and not self.path:
+        if self.versions:
+            if self.path:
+                raise ValueError("give either 'path' or 'versions', not both")
+            if self.source == "packaged":
+                raise ValueError("source 'packaged' has one set of weights; 'versions' needs checkpoint files")
+            labels = [v.label for v in self.versions]
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"versions: found labels {labels}, expected each label once")
+        elif self.source == "checkpoint" and not self.path:
             raise ValueError("source 'checkpoint' needs 'path' (a local checkpoint file)")
         if self.source == "packaged" and self.name not in PACKAGED_NAMES:
             raise ValueError(f"found name {self.name!r}, expected one of {', '.join(PACKAGED_NAMES)} for source 'packaged'")
@@ -262,16 +278,38 @@ class Spec(Strict):
     def _unique_ids(cls, v: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
         seen: set[str] = set()
         for m in v:
-            if m.id in seen:
-                raise ValueError(f"found id {m.id!r} twice, expected unique model ids")
-            seen.add(m.id)
+            ids = [m.id] + [f"{m.id}-{x.label}" for x in m.versions]
+            for i in ids:
+                if i in seen:
+                    raise ValueError(f"found id {i!r} twice, expected unique model ids")
+                seen.add(i)
         return v
+
+    def expanded_models(self) -> list[ModelEntry]:
+        """The models to run: an entry with `versions` becomes one model per version, in order."""
+        out = []
+        for i, m in enumerate(self.models):
+            if not m.versions:
+                out.append(ModelEntry(m, f"models[{i}]", None, None))
+                continue
+            for j, v in enumerate(m.versions):
+                one = m.model_copy(update={"id": f"{m.id}-{v.label}", "label": f"{m.display} ({v.label})",
+                                           "path": v.path, "versions": ()})
+                out.append(ModelEntry(one, f"models[{i}].versions[{j}]", m.id, v.label))
+        return out
 
     @model_validator(mode="after")
     def _layers_need_dissect(self) -> Spec:
         if self.dissect is not None and not any(m.layers for m in self.models):
             raise ValueError("'dissect' is set but no model lists 'layers' to dissect")
         return self
+
+
+class ModelEntry(NamedTuple):
+    spec: ModelSpec
+    where: str  # key path for messages
+    group: str | None  # the entry's id when it is one of several versions
+    version: str | None
 
 
 class LoadedSpec(BaseModel):

@@ -77,6 +77,8 @@ class LoadedModel:
     target_layer: str = ""
     weights_hash: str = ""
     layer_names: list[str] = field(default_factory=list)
+    group: str | None = None  # set when this model is one of several versions of a spec entry
+    version: str | None = None
 
     @property
     def id(self) -> str:

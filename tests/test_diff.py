@@ -115,3 +115,41 @@ def test_missing_or_corrupt_run_directory_is_a_clear_error(runs, tmp_path, capsy
     err = capsys.readouterr().err
     assert "results.json: not valid JSON" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_versions_in_one_spec_are_followed_in_the_report(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    for k, scale in enumerate([1.0, 0.5, -1.0]):  # three "checkpoints": the last flips every conv1 unit
+        state = net.state_dict()
+        state["conv1.weight"] = state["conv1.weight"] * scale
+        torch.save(state, tmp_path / f"v{k}.pt")
+    spec = tmp_path / "versions.yaml"
+    spec.write_text("""
+models:
+  - id: net
+    source: checkpoint
+    name: resnet18
+    layers: [conv1]
+    versions: [{label: v0, path: v0.pt}, {label: v1, path: v1.pt}, {label: v2, path: v2.pt}]
+images: {source: samples, names: [coffee]}
+explain: {methods: [gradcam]}
+dissect:
+  probe: {source: samples-augmented, per_image: 2}
+  scorers: [colors]
+  similarity_params: {top_k: 5}
+""")
+    out = tmp_path / "out"
+    assert main(["run", str(spec), "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert [m["id"] for m in r["models"]] == ["net-v0", "net-v1", "net-v2"]
+    (g,) = r["versions"]
+    assert g["versions"] == ["v0", "v1", "v2"]
+    (layer,) = g["layers"]
+    labels = {e["model"]: [u["label"] for u in e["layers"][0]["labels"]] for e in r["dissection"]["models"]}
+    # scaling by 0.5 keeps every unit's ranking of images, so no label changes; negating changes some
+    assert layer["relabelled"][1] == 0.0
+    assert layer["relabelled"][2] == sum(a != b for a, b in zip(labels["net-v1"], labels["net-v2"])) / 64 > 0
+    assert layer["unique"] == [len(set(labels[m])) for m in ("net-v0", "net-v1", "net-v2")]
+    html = (out / "report.html").read_text()
+    assert "Model versions" in html and "versions_net" not in html  # figure inlined, not linked

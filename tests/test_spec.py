@@ -89,6 +89,23 @@ BAD = [
     ("negative limit", MINIMAL.replace("images: samples", "images: {source: samples, limit: 0}"),
      "images.limit: found 0, expected greater than or equal to 1"),
     ("bad device", MINIMAL + "device: tpu\n", "device: found 'tpu', expected 'auto', 'cpu' or 'cuda'"),
+    ("versions and path together", MINIMAL.replace("source: packaged, name: efficientnet_lite0",
+                                                   "source: checkpoint, name: resnet18, path: a.pt, versions: [{label: v1, path: b.pt}]"),
+     "models[0]: give either 'path' or 'versions', not both"),
+    ("repeated version label", MINIMAL.replace("source: packaged, name: efficientnet_lite0",
+                                               "source: checkpoint, name: resnet18, versions: [{label: v1, path: a.pt}, {label: v1, path: b.pt}]"),
+     "models[0]: versions: found labels ['v1', 'v1'], expected each label once"),
+    ("dissect without layers", MINIMAL + "dissect: {probe: {source: samples-augmented}, scorers: [colors]}\n",
+     "(top level): 'dissect' is set but no model lists 'layers' to dissect"),
+    ("unknown scorer", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
+     + "dissect: {probe: {source: samples-augmented}, scorers: [sift]}\n",
+     "dissect.scorers[0].kind: found 'sift', expected 'clip', 'classifier' or 'colors'"),
+    ("unknown concept set", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
+     + "dissect: {probe: {source: samples-augmented}, scorers: [clip], concepts: [words-50k]}\n",
+     "dissect.concepts: found 'words-50k', expected one of words-20k"),
+    ("probe folder without path", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
+     + "dissect: {probe: {source: folder}, scorers: [colors]}\n",
+     "dissect.probe: probe source 'folder' needs 'path'"),
     ("YAML syntax error", "models: [\n", "line 2, column 1: not valid YAML"),
     ("duplicate key", MINIMAL + "seed: 1\nseed: 2\n", "duplicate key 'seed'"),
     ("empty file", "", "the file is empty"),
