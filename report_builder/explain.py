@@ -17,7 +17,7 @@ from .spec import ExplainSpec
 from .zoo import LoadedModel, get_layer
 
 # Bump when a change alters what an explainer computes, so cached maps are recomputed.
-CODE_VERSION = 1
+CODE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -72,45 +72,89 @@ def _cam(cam_class_name: str) -> Callable[..., dict]:
 
 
 def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
-    """LIME on the model's input crop, fully seeded.
+    """LIME on the model's input crop, fully seeded, with the `lime` package's math.
 
-    `random_seed` of explain_instance seeds only the segmentation; the explainer's own
-    `random_state` draws the perturbations, so it is seeded too. Two runs give identical masks.
+    The same steps as `LimeImageExplainer.explain_instance`: the segmentation, the fill image (each
+    superpixel's mean colour, or `hide_color`), one draw of `num_samples x superpixels` on/off bits
+    from the explainer's seeded `random_state` (first row all on), cosine distances to the first row,
+    and lime's own weighted ridge regression (`explainer.base`). What differs is only the speed: the
+    perturbed images are built as whole batches with array indexing instead of a Python loop per
+    sample and per superpixel, so the cost is the model's forward passes. `random_seed` of lime seeds
+    only the segmentation; the explainer's `random_state` draws the perturbations, so both are seeded
+    and two runs give identical masks.
     """
     from lime import lime_image
     from lime.wrappers.scikit_image import SegmentationAlgorithm
+    from sklearn.metrics import pairwise_distances
 
     cfg = settings.explain.lime
     seg = cfg.segmentation
     seg_params = dict(seg.params)
     if seg.algorithm == "quickshift":
         seg_params["random_seed"] = settings.seed
-    segmenter = SegmentationAlgorithm(seg.algorithm, **seg_params)
     explainer = lime_image.LimeImageExplainer(random_state=settings.seed)
-
-    def classifier_fn(images: np.ndarray) -> np.ndarray:
-        return predict(model, images, settings.device, batch_size=len(images))
-
-    hide = cfg.hide_color
-    hide = list(hide) if isinstance(hide, tuple) else hide
     start = time.perf_counter()
-    explanation = explainer.explain_instance(
-        crop,
-        classifier_fn,
-        labels=(target,),
-        top_labels=None,
-        hide_color=hide,
-        num_features=cfg.num_features,
-        num_samples=cfg.num_samples,
-        batch_size=cfg.batch_size,
-        segmentation_fn=segmenter,
-        random_seed=settings.seed,
-    )
+    segments = SegmentationAlgorithm(seg.algorithm, **seg_params)(crop)
+    fill = lime_fill_image(crop, segments, cfg.hide_color)
+    n_features = np.unique(segments).shape[0]
+    data = explainer.random_state.randint(0, 2, cfg.num_samples * n_features).reshape((cfg.num_samples, n_features))
+    data[0, :] = 1
+    # lime hides superpixel z when bit z is 0, matching bits to segment values; a segment value with
+    # no bit (segmentations that start at 1) is never hidden, as in lime.
+    column = np.minimum(segments, n_features - 1)
+    never_hidden = segments >= n_features
+    labels = []
+    for i in range(0, cfg.num_samples, cfg.batch_size):
+        keep = data[i : i + cfg.batch_size][:, column].astype(bool)
+        keep[:, never_hidden] = True
+        images = np.where(keep[..., None], crop[None], fill[None])
+        labels.append(predict(model, images, settings.device, batch_size=len(images)))
+    labels = np.concatenate(labels)
+    distances = pairwise_distances(data, data[0].reshape(1, -1), metric="cosine").ravel()
+    explanation = lime_image.ImageExplanation(crop, segments)
+    (explanation.intercept[target], explanation.local_exp[target], explanation.score,
+     explanation.local_pred) = explainer.base.explain_instance_with_data(
+        data, labels, distances, target, cfg.num_features, model_regressor=None,
+        feature_selection=explainer.feature_selection)
     _sync(settings.device)
     seconds = time.perf_counter() - start
-    _, mask = explanation.get_image_and_mask(
-        target, positive_only=True, num_features=cfg.num_features, hide_rest=False
-    )
+    return _lime_result(explanation, target, cfg.num_features, seconds)
+
+
+def lime_fill_image(crop: np.ndarray, segments: np.ndarray, hide_color) -> np.ndarray:
+    """What a hidden superpixel shows: its mean colour (truncated to uint8, as lime does) or `hide_color`."""
+    fill = crop.copy()
+    if hide_color is None:
+        for x in np.unique(segments):
+            fill[segments == x] = crop[segments == x].mean(axis=0)
+    else:
+        fill[:] = hide_color
+    return fill
+
+
+def lime_package_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings,
+                         batch_size: int | None = None) -> dict:
+    """The `lime` package's own `explain_instance`, for equivalence tests and benchmarks."""
+    from lime import lime_image
+    from lime.wrappers.scikit_image import SegmentationAlgorithm
+
+    cfg = settings.explain.lime
+    seg_params = dict(cfg.segmentation.params)
+    if cfg.segmentation.algorithm == "quickshift":
+        seg_params["random_seed"] = settings.seed
+    explainer = lime_image.LimeImageExplainer(random_state=settings.seed)
+    hide = list(cfg.hide_color) if isinstance(cfg.hide_color, tuple) else cfg.hide_color
+    start = time.perf_counter()
+    explanation = explainer.explain_instance(
+        crop, lambda images: predict(model, images, settings.device, batch_size=len(images)),
+        labels=(target,), top_labels=None, hide_color=hide, num_features=cfg.num_features,
+        num_samples=cfg.num_samples, batch_size=batch_size or cfg.batch_size,
+        segmentation_fn=SegmentationAlgorithm(cfg.segmentation.algorithm, **seg_params), random_seed=settings.seed)
+    return _lime_result(explanation, target, cfg.num_features, time.perf_counter() - start)
+
+
+def _lime_result(explanation, target: int, num_features: int, seconds: float) -> dict:
+    _, mask = explanation.get_image_and_mask(target, positive_only=True, num_features=num_features, hide_rest=False)
     segments = explanation.segments
     weights = dict(explanation.local_exp[target])
     weight_map = np.vectorize(lambda s: weights.get(s, 0.0), otypes=[np.float32])(segments)
@@ -125,10 +169,93 @@ def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     }
 
 
+def tail_after(model: LoadedModel, layer: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The part of the network after a top-level layer, as a function of that layer's output.
+
+    The top-level children after `layer`, in order, with a flatten before the first Linear: this is
+    the forward of ResNets, VGGs and timm EfficientNets. None when `layer` is not a top-level child;
+    callers check the tail against the full model before trusting it.
+    """
+    children = list(model.module.named_children())
+    names = [n for n, _ in children]
+    if layer not in names:
+        return None
+    rest = [m for _, m in children[names.index(layer) + 1 :]]
+
+    def tail(x: torch.Tensor) -> torch.Tensor:
+        for m in rest:
+            if isinstance(m, torch.nn.Linear) and x.dim() > 2:
+                x = torch.flatten(x, 1)
+            x = m(x)
+        return x
+
+    return tail
+
+
+def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
+    """AblationCAM with grad-cam's math, recomputing only the network after the target layer.
+
+    grad-cam re-runs the whole model for every ablated channel (its ablation layer replaces the target
+    layer's output, but the layers before it still run). Here the target layer's activations are
+    recorded once and each batch of ablated copies goes through the tail only. The ablation values are
+    grad-cam's: 0 when the activations' minimum is 0, else the running minimum minus 1e7 per row of a
+    batch (its AblationLayer lowers the minimum with every row), so the batch size matters and is the
+    spec's. Weights (s - s_c) / s, cam = ReLU(Σ_c w_c A_c), min-max scaled and resized as grad-cam does.
+    Falls back to grad-cam's AblationCAM when the tail does not reproduce the model's output.
+    """
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    tail = tail_after(model, model.target_layer)
+    if tail is None:
+        return _cam("AblationCAM")(model, crop, target, settings)
+    layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
+    x = model.preprocess.normalize(crop[None], settings.device)
+    start = time.perf_counter()
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.inference_mode():
+        try:
+            logits = model.module(x)
+        finally:
+            handle.remove()
+        acts = captured[0]
+        if not torch.allclose(tail(acts), logits, rtol=1e-4, atol=1e-4):
+            return _cam("AblationCAM")(model, crop, target, settings)
+        original = float(logits[0, target])
+        channels = acts.shape[1]
+        batch = settings.explain.cam.batch_size
+        minimum = acts.min()
+        scores = []
+        for first in range(0, channels, batch):
+            rows = min(batch, channels - first)
+            ablated = acts.repeat(rows, 1, 1, 1)
+            values = torch.zeros(rows, dtype=acts.dtype, device=acts.device)
+            if minimum != 0:  # grad-cam's running minimum, row by row, in the activations' dtype
+                running = minimum.clone()
+                for r in range(rows):
+                    running = running - 1e7
+                    values[r] = running
+            idx = torch.arange(rows, device=acts.device)
+            ablated[idx, first + idx] = values[:, None, None]
+            scores.append(tail(ablated)[:, target].float().cpu())
+        scores = torch.cat(scores).numpy()
+    weights = (np.float32(original) - scores.astype(np.float32)) / np.float32(original)
+    activations = acts[0].float().cpu().numpy()
+    cam = np.maximum((weights[:, None, None] * activations).sum(axis=0), 0)[None]
+    size = (x.shape[-1], x.shape[-2])
+    cam = scale_cam_image(cam, size)  # as grad-cam's compute_cam_per_layer
+    cam = scale_cam_image(np.maximum(cam, 0))  # and its aggregate_multi_layers
+    _sync(settings.device)
+    return {"map": cam[0].astype(np.float32), "seconds": time.perf_counter() - start}
+
+
+# The grad-cam package's own classes, for equivalence tests and benchmarks.
+PACKAGE_CAMS = {"gradcam": _cam("GradCAM"), "ablationcam": _cam("AblationCAM"), "scorecam": _cam("ScoreCAM")}
+
 EXPLAINERS: dict[str, Callable[[LoadedModel, np.ndarray, int, Settings], dict]] = {
-    "gradcam": _cam("GradCAM"),
-    "ablationcam": _cam("AblationCAM"),
-    "scorecam": _cam("ScoreCAM"),
+    "gradcam": PACKAGE_CAMS["gradcam"],
+    "ablationcam": ablation_cam,
+    "scorecam": PACKAGE_CAMS["scorecam"],
     "lime": lime_explain,
 }
 

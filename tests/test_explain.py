@@ -86,3 +86,62 @@ def test_top_k_orders_by_probability():
     out = top_k(probs, ["a", "b", "c"], 2)
     assert [p["class_name"] for p in out] == ["b", "c"] and out[0]["rank"] == 1
     assert out[0]["probability"] == pytest.approx(0.6)
+
+
+class SignedNet(nn.Module):
+    """Like TinyNet, but its last block ends in a conv: activations go negative, which makes grad-cam
+    ablate with its running-minimum values instead of zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, stride=2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+@pytest.mark.parametrize("net, batch", [("tiny", 32), ("tiny", 3), ("signed", 32), ("signed", 3)])
+def test_fast_ablation_cam_equals_grad_cam(net, batch, tiny_crop):
+    from report_builder.explain import PACKAGE_CAMS, ablation_cam
+    from report_builder.spec import CamSpec
+
+    torch.manual_seed(3)
+    model = wrap(__import__("conftest").TinyNet() if net == "tiny" else SignedNet())
+    s = Settings(ExplainSpec(cam=CamSpec(batch_size=batch)), seed=0, device=CPU)
+    ours = ablation_cam(model, tiny_crop, 2, s)["map"]
+    reference = PACKAGE_CAMS["ablationcam"](model, tiny_crop, 2, s)["map"]
+    assert ours.shape == reference.shape and np.abs(ours - reference).max() < 1e-4
+
+
+def test_fast_ablation_cam_falls_back_below_the_top_level(tiny_model, tiny_crop):
+    from report_builder.explain import PACKAGE_CAMS, ablation_cam, tail_after
+
+    tiny_model.target_layer = "features.2"
+    assert tail_after(tiny_model, "features.2") is None
+    s = settings()
+    assert np.abs(ablation_cam(tiny_model, tiny_crop, 0, s)["map"] - PACKAGE_CAMS["ablationcam"](tiny_model, tiny_crop, 0, s)["map"]).max() < 1e-6
+
+
+@pytest.mark.parametrize("segmentation", [{"algorithm": "quickshift", "kernel_size": 2},
+                                          {"algorithm": "slic", "n_segments": 12},
+                                          {"algorithm": "felzenszwalb", "scale": 20}])
+def test_fast_lime_equals_the_lime_package(segmentation, tiny_model, tiny_crop):
+    from report_builder.explain import lime_explain, lime_package_explain
+
+    s = settings(segmentation=segmentation)
+    ours = lime_explain(tiny_model, tiny_crop, 1, s)
+    reference = lime_package_explain(tiny_model, tiny_crop, 1, s, batch_size=7)  # batching changes nothing
+    assert np.array_equal(ours["segments"], reference["segments"])
+    assert np.array_equal(ours["mask"], reference["mask"])
+    assert ours["score"] == pytest.approx(reference["score"], abs=1e-5)  # forward passes of other batch sizes round differently
+    assert np.allclose(ours["map"], reference["map"], atol=1e-4)
+
+
+def test_fast_lime_with_a_hide_colour(tiny_model, tiny_crop):
+    from report_builder.explain import lime_explain, lime_package_explain
+
+    s = settings(hide_color=(0, 128, 255))
+    assert np.array_equal(lime_explain(tiny_model, tiny_crop, 0, s)["mask"],
+                          lime_package_explain(tiny_model, tiny_crop, 0, s)["mask"])
