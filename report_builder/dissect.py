@@ -15,8 +15,9 @@ from typing import Callable
 
 import torch
 
-# Elements of the largest temporary (chunk of units x top images x concepts) we allow at once.
-_CHUNK_ELEMENTS = 40_000_000
+# Elements of the largest temporary (chunk of units x top images x concepts) at once: small enough to
+# stay in cache, measured fastest on CPU (larger chunks were up to 6x slower on 2 cores).
+_CHUNK_ELEMENTS = 4_000_000
 
 
 def _chunks(units: int, per_unit: int) -> list[slice]:
@@ -52,8 +53,8 @@ def soft_wpmi(P: torch.Tensor, A: torch.Tensor, top_k: int = 100, a: float = 10.
     p_r = (p_start - torch.arange(k_eff, dtype=torch.float32) / top_k * (p_start - p_end)).view(-1, 1, 1)
     out = torch.empty(A.shape[1], P.shape[1])
     for sl in _chunks(A.shape[1], k_eff * P.shape[1]):
-        g = Pt[inds[:, sl]]  # top_k x units x concepts
-        out[sl] = torch.log(1 + p_r * (g - 1) + 1e-7).sum(dim=0)
+        g = Pt[inds[:, sl]]  # top_k x units x concepts, a fresh copy: safe to work in place
+        out[sl] = g.sub_(1).mul_(p_r).add_(1 + 1e-7).log_().sum(dim=0)
     return _pmi(out, lam)
 
 
@@ -67,7 +68,7 @@ def wpmi(P: torch.Tensor, A: torch.Tensor, top_k: int = 28, a: float = 2.0, lam:
     inds = _top_images(A, top_k)
     out = torch.empty(A.shape[1], P.shape[1])
     for sl in _chunks(A.shape[1], inds.shape[0] * P.shape[1]):
-        out[sl] = torch.log(Pt[inds[:, sl]] + 1e-7).sum(dim=0)
+        out[sl] = Pt[inds[:, sl]].add_(1e-7).log_().sum(dim=0)
     return _pmi(out, lam)
 
 

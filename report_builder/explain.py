@@ -13,11 +13,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .spec import ExplainSpec
+from .spec import ExplainSpec, resolve_batch
 from .zoo import LoadedModel, get_layer
 
 # Bump when a change alters what an explainer computes, so cached maps are recomputed.
-CODE_VERSION = 2
+CODE_VERSION = 3
+
+# grad-cam's AblationCAM default batch. Its ablation values depend on the row within a batch when the
+# activations can be negative (see ablation_cam), so the batch is fixed: the same maps on any device.
+ABLATION_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def predict(model: LoadedModel, crops: np.ndarray, device: torch.device, batch_size: int = 32) -> np.ndarray:
+def predict(model: LoadedModel, crops: np.ndarray, device: torch.device, batch_size: int = 8) -> np.ndarray:
     """Softmax probabilities, N x classes, for uint8 crops N x H x W x 3."""
     out = []
     with torch.inference_mode():
@@ -58,11 +62,11 @@ def _cam(cam_class_name: str) -> Callable[..., dict]:
         cam_class = getattr(pytorch_grad_cam, cam_class_name)
         layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
         x = model.preprocess.normalize(crop[None], settings.device)
-        kwargs = {"batch_size": settings.explain.cam.batch_size} if cam_class_name == "AblationCAM" else {}
+        kwargs = {"batch_size": ABLATION_BATCH} if cam_class_name == "AblationCAM" else {}
         start = time.perf_counter()
         with cam_class(model=model.module, target_layers=[layer], **kwargs) as cam:
             if cam_class_name == "ScoreCAM":
-                cam.batch_size = settings.explain.cam.batch_size
+                cam.batch_size = resolve_batch(settings.explain.cam.batch_size, settings.device.type)
             saliency = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
         _sync(settings.device)
         seconds = time.perf_counter() - start
@@ -104,8 +108,9 @@ def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     column = np.minimum(segments, n_features - 1)
     never_hidden = segments >= n_features
     labels = []
-    for i in range(0, cfg.num_samples, cfg.batch_size):
-        keep = data[i : i + cfg.batch_size][:, column].astype(bool)
+    batch = resolve_batch(cfg.batch_size, settings.device.type)
+    for i in range(0, cfg.num_samples, batch):
+        keep = data[i : i + batch][:, column].astype(bool)
         keep[:, never_hidden] = True
         images = np.where(keep[..., None], crop[None], fill[None])
         labels.append(predict(model, images, settings.device, batch_size=len(images)))
@@ -148,7 +153,7 @@ def lime_package_explain(model: LoadedModel, crop: np.ndarray, target: int, sett
     explanation = explainer.explain_instance(
         crop, lambda images: predict(model, images, settings.device, batch_size=len(images)),
         labels=(target,), top_labels=None, hide_color=hide, num_features=cfg.num_features,
-        num_samples=cfg.num_samples, batch_size=batch_size or cfg.batch_size,
+        num_samples=cfg.num_samples, batch_size=batch_size or resolve_batch(cfg.batch_size, settings.device.type),
         segmentation_fn=SegmentationAlgorithm(cfg.segmentation.algorithm, **seg_params), random_seed=settings.seed)
     return _lime_result(explanation, target, cfg.num_features, time.perf_counter() - start)
 
@@ -199,8 +204,7 @@ def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     layer's output, but the layers before it still run). Here the target layer's activations are
     recorded once and each batch of ablated copies goes through the tail only. The ablation values are
     grad-cam's: 0 when the activations' minimum is 0, else the running minimum minus 1e7 per row of a
-    batch (its AblationLayer lowers the minimum with every row), so the batch size matters and is the
-    spec's. Weights (s - s_c) / s, cam = ReLU(Σ_c w_c A_c), min-max scaled and resized as grad-cam does.
+    batch (its AblationLayer lowers the minimum with every row), so the batch is grad-cam's default. Weights (s - s_c) / s, cam = ReLU(Σ_c w_c A_c), min-max scaled and resized as grad-cam does.
     Falls back to grad-cam's AblationCAM when the tail does not reproduce the model's output.
     """
     from pytorch_grad_cam.utils.image import scale_cam_image
@@ -223,7 +227,7 @@ def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
             return _cam("AblationCAM")(model, crop, target, settings)
         original = float(logits[0, target])
         channels = acts.shape[1]
-        batch = settings.explain.cam.batch_size
+        batch = ABLATION_BATCH
         minimum = acts.min()
         scores = []
         for first in range(0, channels, batch):
@@ -265,8 +269,8 @@ def cache_parts(method: str, model: LoadedModel, image_sha: str, target: int, se
     params: dict = {"target_layer": model.target_layer}
     if method == "lime":
         params = {"lime": settings.explain.lime.model_dump(mode="json"), "seed": settings.seed}
-    elif method in ("ablationcam", "scorecam"):
-        params["batch_size"] = settings.explain.cam.batch_size
+    elif method == "ablationcam":
+        params["batch_size"] = ABLATION_BATCH
     return {
         "method": method,
         "code_version": CODE_VERSION,

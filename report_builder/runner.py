@@ -28,7 +28,7 @@ from .data import SampleImage, load_images, manifest_hash
 from .errors import UserError
 from .jsonio import clean_nan, write_json
 from .explain import EXPLAINERS, Settings, cache_parts, predict, top_k
-from .spec import CAM_METHODS, METHOD_TITLES, LoadedSpec
+from .spec import CAM_METHODS, METHOD_TITLES, LoadedSpec, resolve_batch
 from .zoo import LoadedModel, get_layer, load_model
 
 SCHEMA_VERSION = 1
@@ -162,7 +162,11 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
         dissection = dissect_models(loaded, models, device, cache, progress)
         _write_dissection_csvs(work / "dissection", dissection)
 
-    settings = Settings(spec.explain, spec.seed, device)
+    explain = spec.explain.model_copy(update={
+        "cam": spec.explain.cam.model_copy(update={"batch_size": resolve_batch(spec.explain.cam.batch_size, device.type)}),
+        "lime": spec.explain.lime.model_copy(update={"batch_size": resolve_batch(spec.explain.lime.batch_size, device.type)}),
+    })
+    settings = Settings(explain, spec.seed, device)
     explanations, agreement_rows = [], []
     with progress.stage("explain"):
         for m in models:
@@ -178,6 +182,7 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
         "spec": spec.model_dump(mode="json"),
         "spec_file": str(loaded.path),
         "methods": [{"id": k, "title": METHOD_TITLES[k]} for k in spec.explain.methods],
+        "explain_settings": explain.model_dump(mode="json"),  # with batch sizes resolved for the device
         "models": [_model_record(m) for m in models],
         "images": [_image_record(im) for im in images],
         "explanations": explanations,
@@ -278,7 +283,7 @@ def dissect_models(loaded: LoadedSpec, models: list[LoadedModel], device: torch.
     from .scorers import score_concepts
 
     spec = loaded.spec
-    ds = spec.dissect
+    ds = spec.dissect.model_copy(update={"batch_size": resolve_batch(spec.dissect.batch_size, device.type)})
     fn = SIMILARITY[ds.similarity]
     params = dict(ds.similarity_params)
     accepted = set(inspect.signature(fn).parameters) - {"P", "A"}

