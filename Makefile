@@ -10,7 +10,7 @@ RUN    ?= output/demo
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup report render validate diff test clean
+.PHONY: setup report render validate diff bench test clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ validate: setup
 diff: setup
 	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make diff A=output/<run-a> B=output/<run-b> [OUT=dir]"; exit 2; }
 	$(PY) -m report_builder diff $(A) $(B) $(if $(OUT),--out $(OUT))
+
+# Side-by-side timings of each optimised stage against its baseline; writes output/bench/bench.json.
+bench: setup
+	$(PY) -m report_builder.bench
 
 test: setup
 	$(PY) -m pytest -q

@@ -175,17 +175,24 @@ def _lime_result(explanation, target: int, num_features: int, seconds: float) ->
 
 
 def tail_after(model: LoadedModel, layer: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The part of the network after a top-level layer, as a function of that layer's output.
+    """The part of the network after `layer`, as a function of that layer's output.
 
-    The top-level children after `layer`, in order, with a flatten before the first Linear: this is
-    the forward of ResNets, VGGs and timm EfficientNets. None when `layer` is not a top-level child;
-    callers check the tail against the full model before trusting it.
+    `layer` is a top-level child (`layer4`) or a path through nn.Sequential containers (`blocks.6`):
+    the later siblings at each level run in order, innermost first, then the top-level children after
+    it, with a flatten before the first Linear. That is the forward of ResNets, VGGs and timm
+    EfficientNets; callers check the tail against the full model before trusting it. None when the
+    path leaves nn.Sequential containers.
     """
-    children = list(model.module.named_children())
-    names = [n for n, _ in children]
-    if layer not in names:
-        return None
-    rest = [m for _, m in children[names.index(layer) + 1 :]]
+    parent: torch.nn.Module = model.module
+    stages: list[list[torch.nn.Module]] = []
+    for depth, name in enumerate(layer.split(".")):
+        children = list(parent.named_children())
+        names = [n for n, _ in children]
+        if name not in names or (depth > 0 and not isinstance(parent, torch.nn.Sequential)):
+            return None
+        stages.append([m for _, m in children[names.index(name) + 1 :]])
+        parent = children[names.index(name)][1]
+    rest = [m for stage in reversed(stages) for m in stage]
 
     def tail(x: torch.Tensor) -> torch.Tensor:
         for m in rest:

@@ -115,13 +115,36 @@ def test_fast_ablation_cam_equals_grad_cam(net, batch, tiny_crop):
     assert ours.shape == reference.shape and np.abs(ours - reference).max() < 1e-4
 
 
-def test_fast_ablation_cam_falls_back_below_the_top_level(tiny_model, tiny_crop):
+def test_fast_ablation_cam_inside_a_sequential_block(tiny_model, tiny_crop):
     from report_builder.explain import PACKAGE_CAMS, ablation_cam, tail_after
 
-    tiny_model.target_layer = "features.2"
-    assert tail_after(tiny_model, "features.2") is None
+    tiny_model.target_layer = "features.2"  # the last conv, before the block's final ReLU
+    assert tail_after(tiny_model, "features.2") is not None
     s = settings()
-    assert np.abs(ablation_cam(tiny_model, tiny_crop, 0, s)["map"] - PACKAGE_CAMS["ablationcam"](tiny_model, tiny_crop, 0, s)["map"]).max() < 1e-6
+    assert np.abs(ablation_cam(tiny_model, tiny_crop, 0, s)["map"] - PACKAGE_CAMS["ablationcam"](tiny_model, tiny_crop, 0, s)["map"]).max() < 1e-4
+
+
+class Branchy(nn.Module):
+    """A block that is not nn.Sequential: there is no tail to run, so grad-cam's own AblationCAM is used."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.ModuleDict({"a": nn.Conv2d(3, 4, 3, padding=1), "b": nn.Conv2d(3, 4, 1)})
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.block["a"](x) + self.block["b"](x))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def test_fast_ablation_cam_falls_back_outside_sequential_containers(tiny_crop):
+    from report_builder.explain import PACKAGE_CAMS, ablation_cam, tail_after
+
+    torch.manual_seed(0)
+    model = wrap(Branchy(), classes=2, layer="block.a")
+    assert tail_after(model, "block.a") is None
+    s = settings()
+    assert np.abs(ablation_cam(model, tiny_crop, 1, s)["map"] - PACKAGE_CAMS["ablationcam"](model, tiny_crop, 1, s)["map"]).max() < 1e-6
 
 
 @pytest.mark.parametrize("segmentation", [{"algorithm": "quickshift", "kernel_size": 2},
