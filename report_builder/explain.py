@@ -36,8 +36,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def predict(model: LoadedModel, crops: np.ndarray, device: torch.device, batch_size: int = 8) -> np.ndarray:
-    """Softmax probabilities, N x classes, for uint8 crops N x H x W x 3."""
+def predict(model: LoadedModel, crops: np.ndarray | torch.Tensor, device: torch.device, batch_size: int = 8) -> np.ndarray:
+    """Softmax probabilities, N x classes, for uint8 crops N x H x W x 3 (a NumPy array or a tensor)."""
     out = []
     with torch.inference_mode():
         for i in range(0, len(crops), batch_size):
@@ -105,14 +105,15 @@ def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     data[0, :] = 1
     # lime hides superpixel z when bit z is 0, matching bits to segment values; a segment value with
     # no bit (segmentations that start at 1) is never hidden, as in lime.
-    column = np.minimum(segments, n_features - 1)
-    never_hidden = segments >= n_features
+    column = torch.from_numpy(np.minimum(segments, n_features - 1).astype(np.int64))
+    never_hidden = torch.from_numpy(segments >= n_features)
+    bits = torch.from_numpy(data.astype(bool))
+    crop_t, fill_t = torch.from_numpy(crop), torch.from_numpy(fill)
     labels = []
     batch = resolve_batch(cfg.batch_size, settings.device.type)
     for i in range(0, cfg.num_samples, batch):
-        keep = data[i : i + batch][:, column].astype(bool)
-        keep[:, never_hidden] = True
-        images = np.where(keep[..., None], crop[None], fill[None])
+        keep = bits[i : i + batch][:, column] | never_hidden  # batch x H x W: which pixels show the image
+        images = torch.where(keep[..., None], crop_t, fill_t)
         labels.append(predict(model, images, settings.device, batch_size=len(images)))
     labels = np.concatenate(labels)
     distances = pairwise_distances(data, data[0].reshape(1, -1), metric="cosine").ravel()
@@ -149,12 +150,17 @@ def lime_package_explain(model: LoadedModel, crop: np.ndarray, target: int, sett
         seg_params["random_seed"] = settings.seed
     explainer = lime_image.LimeImageExplainer(random_state=settings.seed)
     hide = list(cfg.hide_color) if isinstance(cfg.hide_color, tuple) else cfg.hide_color
+    quiet = lime_image.tqdm
+    lime_image.tqdm = lambda rows: rows  # lime draws a progress bar per call; keep the bench output readable
     start = time.perf_counter()
-    explanation = explainer.explain_instance(
-        crop, lambda images: predict(model, images, settings.device, batch_size=len(images)),
-        labels=(target,), top_labels=None, hide_color=hide, num_features=cfg.num_features,
-        num_samples=cfg.num_samples, batch_size=batch_size or resolve_batch(cfg.batch_size, settings.device.type),
-        segmentation_fn=SegmentationAlgorithm(cfg.segmentation.algorithm, **seg_params), random_seed=settings.seed)
+    try:
+        explanation = explainer.explain_instance(
+            crop, lambda images: predict(model, images, settings.device, batch_size=len(images)),
+            labels=(target,), top_labels=None, hide_color=hide, num_features=cfg.num_features,
+            num_samples=cfg.num_samples, batch_size=batch_size or resolve_batch(cfg.batch_size, settings.device.type),
+            segmentation_fn=SegmentationAlgorithm(cfg.segmentation.algorithm, **seg_params), random_seed=settings.seed)
+    finally:
+        lime_image.tqdm = quiet
     return _lime_result(explanation, target, cfg.num_features, time.perf_counter() - start)
 
 

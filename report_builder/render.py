@@ -99,10 +99,7 @@ def make_figures(run_dir: Path, results: dict) -> dict[str, list[dict]]:
             ax.set_ylabel("unique concepts")
             ax.set_xlabel("version")
             ax.legend(frameon=False, fontsize=8)
-            ax.spines[["top", "right"]].set_visible(False)
-            fig.tight_layout()
-            fig.savefig(path, dpi=130)
-            plt.close(fig)
+            _save(fig, path, [ax])
             figs["versions"].append({"path": path, "caption": f"{g['display']}: unique concepts per layer across its "
                                                               "versions, in the order the spec lists them."})
     gradcam_rows = [r for r in results["agreement"]["rows"] if r["method_b"] == "gradcam"]
@@ -112,6 +109,15 @@ def make_figures(run_dir: Path, results: dict) -> dict[str, list[dict]]:
         figs["agreement"].append({"path": path, "caption": "IoU between the LIME mask and the top-n Grad-CAM mask, per "
                                                           "image and model; dashed lines mark each model's mean."})
     return figs
+
+
+def _save(fig, path: Path, plain_axes: list | None = None, dpi: int = 130) -> None:
+    """Write a chart: top and right spines off on `plain_axes`, tight layout, PNG, figure closed."""
+    for ax in plain_axes or []:
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def dissection_figures(out_dir: Path, results: dict, names: dict) -> dict[str, list[dict]]:
@@ -131,10 +137,8 @@ def dissection_figures(out_dir: Path, results: dict, names: dict) -> dict[str, l
         ax.set_xlabel("units")
         ax.tick_params(axis="y", labelsize=7)
         ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
     path = out_dir / "q1_top_concepts.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path)
     figs["q1"].append({"path": path, "caption": "The ten concepts learned by the most units, per model, over all "
                                                "dissected layers."})
 
@@ -153,10 +157,8 @@ def dissection_figures(out_dir: Path, results: dict, names: dict) -> dict[str, l
         ax.set_xlabel("unique concepts")
         ax.legend(frameon=False, fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0))
         ax.spines[["top", "right"]].set_visible(False)
-        fig.tight_layout()
         path = out_dir / f"q2_overlap_{c['a']}_{c['b']}.png"
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
+        _save(fig, path)
         figs["q2"].append({"path": path, "caption": f"Concepts found only in {names[c['a']]}, in both models, and only "
                                                    f"in {names[c['b']]}, overall and per layer."})
 
@@ -175,10 +177,8 @@ def dissection_figures(out_dir: Path, results: dict, names: dict) -> dict[str, l
             if not items:
                 ax.text(0.5, 0.5, "no concept\nhas > 3 units", ha="center", va="center", transform=ax.transAxes, fontsize=8)
         fig.suptitle(names[m["model"]], fontsize=10)
-        fig.tight_layout()
         path = out_dir / f"q4_layers_{m['model']}.png"
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
+        _save(fig, path)
         figs["q4_layers"].append({"path": path, "caption": f"{names[m['model']]}: the concepts learned by more than 3 "
                                                           "units in each layer (at most 15 shown per layer)."})
 
@@ -195,10 +195,8 @@ def dissection_figures(out_dir: Path, results: dict, names: dict) -> dict[str, l
         ax.set_ylabel("units")
         ax.legend(frameon=False, fontsize=7)
         ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
     path = out_dir / "q4_similarity.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path)
     figs["q4_similarity"].append({"path": path, "caption": "Distribution of the best concept's similarity score "
                                                           "of every unit, per layer."})
     return figs
@@ -220,9 +218,7 @@ def _comparison_grid(run_dir: Path, rows: list[dict], methods: list[str], names:
                 ax.set_ylabel(names[e["model"]], fontsize=9)
             if m_entry := (e["methods"].get(methods[c - 1]) if c else None):
                 ax.set_xlabel(f"{m_entry['seconds']:.2f} s", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def _timing_chart(results: dict, names: dict, path: Path) -> None:
@@ -245,10 +241,7 @@ def _timing_chart(results: dict, names: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("seconds per image")
     ax.legend(frameon=False, fontsize=8)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path, [ax])
 
 
 def _agreement_chart(results: dict, rows: list[dict], names: dict, path: Path) -> None:
@@ -269,10 +262,7 @@ def _agreement_chart(results: dict, rows: list[dict], names: dict, path: Path) -
     ax.set_ylim(0, 1)
     ax.set_ylabel("IoU (LIME, Grad-CAM)")
     ax.legend(frameon=False, fontsize=8)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _save(fig, path, [ax])
 
 
 # ---------------------------------------------------------------- HTML
@@ -378,10 +368,8 @@ def render_diff(out_dir: Path, diff: dict) -> None:
         ax.set_xlabel("units whose label changed (%)")
         ax.set_xlim(0, 100)
         ax.spines[["top", "right"]].set_visible(False)
-        fig.tight_layout()
         path = fig_dir / "relabelled.png"
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
+        _save(fig, path)
         figures["dissection"].append({"src": _data_uri(path), "caption": "Share of units whose CLIP-Dissect label "
                                                                          "differs between run A and run B, per layer."})
     env = environment()

@@ -51,7 +51,7 @@ class Preprocess:
 
     def normalize(self, batch: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """uint8 or 0-255 float batch, NxHxWx3 -> normalised float tensor Nx3xHxW on `device`."""
-        x = torch.as_tensor(np.asarray(batch) if not isinstance(batch, torch.Tensor) else batch)
+        x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
         x = x.to(device=device, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
