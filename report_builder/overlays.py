@@ -11,7 +11,7 @@ from skimage.segmentation import find_boundaries
 
 def save_input(crop: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(crop).save(path, optimize=True)
+    Image.fromarray(crop).save(path)
 
 
 def cam_overlay(crop: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -31,8 +31,8 @@ def lime_overlay(crop: np.ndarray, mask: np.ndarray, segments: np.ndarray) -> np
 
 
 def save_cam(crop: np.ndarray, saliency: np.ndarray, path: Path) -> None:
-    Image.fromarray(cam_overlay(crop, saliency)).save(path, optimize=True)
+    Image.fromarray(cam_overlay(crop, saliency)).save(path)
 
 
 def save_lime(crop: np.ndarray, mask: np.ndarray, segments: np.ndarray, path: Path) -> None:
-    Image.fromarray(lime_overlay(crop, mask, segments)).save(path, optimize=True)
+    Image.fromarray(lime_overlay(crop, mask, segments)).save(path)
