@@ -234,6 +234,47 @@ def bench_soft_wpmi(units: int, concepts: int, images: int) -> list[dict]:
                 "per-unit loop", "faster", max_abs_diff=float((vec - loop).abs().max()))]
 
 
+def bench_mixed_precision(device: torch.device, words: int, images: int) -> list[dict]:
+    """GPU only: bf16 autocast against fp32 for CLIP text and activations, with the largest difference."""
+    import open_clip
+
+    from .activations import record
+    from .concepts import words_20k
+    from .probe import ProbeItem, ProbeSet
+    from .scorers import encode_texts
+    from PIL import Image
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-16", pretrained=None, device=device).eval()
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    texts = words_20k()[:words]
+
+    def text_bf16():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return encode_texts(clip, tokenizer, texts, device)
+
+    t_half, t_full, half, full = side_by_side(text_bf16, lambda: encode_texts(clip, tokenizer, texts, device), device, 2)
+    rows = [row(f"CLIP text, {words} words, bf16 autocast", t_half, t_full, "fp32", "within 1e-2",
+                max_abs_diff=float((half - full).abs().max()))]
+    m = random_model("resnet18", device)
+    rng = np.random.default_rng(0)
+    pics = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), np.uint8)) for _ in range(images)]
+    probe = ProbeSet("random", tuple(ProbeItem(f"r{i}", str(i), lambda p=p: p) for i, p in enumerate(pics)))
+    layers = ["layer2", "layer3", "layer4"]
+
+    def acts_bf16():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return record(m, layers, probe, "avg", device, 64, "bench")
+
+    t_half, t_full, half, full = side_by_side(acts_bf16, lambda: record(m, layers, probe, "avg", device, 64, "bench"),
+                                              device, 2)
+    scale = max(float(full[l].abs().max()) for l in layers)
+    diff = max(float((half[l] - full[l]).abs().max()) for l in layers) / scale
+    rows.append(row(f"Activations, ResNet18 layer2-4, {images} images, bf16 autocast", t_half, t_full, "fp32",
+                    "within 2% of the largest activation", max_abs_diff=diff))
+    return rows
+
+
 def bench_demo(out: Path) -> list[dict]:
     cache = out / "demo-cache"
     cmd = [sys.executable, "-m", "report_builder", "run", "specs/demo.yaml", "--out", str(out / "demo"),
@@ -277,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             ("CLIP images", lambda: bench_clip_images(device, 16 if q else 64)),
             ("activations", lambda: bench_activations(device, 32 if q else 200)),
         ]
-        if not cuda:
+        if cuda:
+            steps.append(("mixed precision", lambda: bench_mixed_precision(device, 20000, 1000)))
+        else:
             steps.append(("soft_wpmi", lambda: bench_soft_wpmi(896, 2000 if q else 20000, 1000)))
         for name, step in steps:
             print(f"[{device.type}] {name} ...", file=sys.stderr, flush=True)
