@@ -11,13 +11,15 @@ from .errors import UserError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m report_builder",
-        description="Explain what image classifiers learn: saliency maps, LIME, agreement, and a report.",
+        description="Explain what image classifiers learn: network dissection (CLIP-Dissect), Grad-CAM, "
+                    "AblationCAM, ScoreCAM and LIME, their agreement, and a report in HTML and PDF.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a spec end to end and write its run directory and report",
-                         description="Run a spec: load models and images, explain, measure agreement, render "
-                                     "report.html and report.pdf into the run directory.")
+                         description="Run a spec: load models and images, dissect the listed layers, explain "
+                                     "predictions, measure agreement, and render report.html and report.pdf into "
+                                     "the run directory.")
     run.add_argument("spec", type=Path, help="the YAML spec file")
     run.add_argument("--out", type=Path, help="run directory to write (default: output/<run_name>)")
     run.add_argument("--no-cache", action="store_true", help="recompute everything instead of reusing cached results")
