@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from .errors import UserError
+from .spec import resolve_path
 
 # The 11 colour names of the Broden dataset.
 BRODEN_COLORS = ("black", "blue", "brown", "green", "grey", "orange", "pink", "purple", "red", "white", "yellow")
@@ -60,8 +61,7 @@ def load_concepts(sets: tuple[str, ...], base_dir: Path, where: str = "dissect.c
     names: list[str] = []
     for i, entry in enumerate(sets):
         if entry.endswith(".txt"):
-            path = Path(entry).expanduser()
-            path = path if path.is_absolute() else base_dir / path
+            path = resolve_path(entry, base_dir)
             if not path.is_file():
                 raise UserError(f"{where}[{i}]: concept file {path} does not exist")
             words = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]

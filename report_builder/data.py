@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
-from .spec import ImagesSpec
+from .spec import ImagesSpec, resolve_path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -121,7 +121,7 @@ def _unique_ids(paths: list[Path], root: Path | None) -> list[str]:
 def image_files(spec: ImagesSpec, base_dir: Path, where: str) -> tuple[list[Path], Path | None]:
     """The files an `images:` entry names, sorted, and the folder ids are relative to."""
     if spec.source == "folder":
-        folder = _resolve(spec.path or "", base_dir)
+        folder = resolve_path(spec.path or "", base_dir)
         if not folder.is_dir():
             raise UserError(f"{where}.path: folder {folder} does not exist")
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -130,12 +130,12 @@ def image_files(spec: ImagesSpec, base_dir: Path, where: str) -> tuple[list[Path
         return files, folder
     if spec.source == "glob":
         pattern = spec.pattern or ""
-        full = pattern if Path(pattern).is_absolute() else str(base_dir / pattern)
+        full = str(resolve_path(pattern, base_dir))
         files = sorted(Path(p) for p in globlib.glob(full, recursive=True) if Path(p).is_file())
         if not files:
             raise UserError(f"{where}.pattern: {pattern!r} matches no files (looked from {base_dir})")
         return files, None
-    files = [_resolve(f, base_dir) for f in spec.files]
+    files = [resolve_path(f, base_dir) for f in spec.files]
     for i, f in enumerate(files):
         if not f.is_file():
             raise UserError(f"{where}.files[{i}]: file {f} does not exist")
@@ -169,8 +169,3 @@ def manifest_hash(images: list[SampleImage]) -> str:
     for im in images:
         h.update(f"{im.id}:{im.sha256}\n".encode())
     return h.hexdigest()
-
-
-def _resolve(p: str, base_dir: Path) -> Path:
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else base_dir / q

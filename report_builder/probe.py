@@ -13,7 +13,7 @@ from PIL import Image
 
 from .data import IMAGE_SUFFIXES, SAMPLES, open_image, pixel_hash
 from .errors import UserError
-from .spec import ProbeSpec
+from .spec import ProbeSpec, resolve_path
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def _listing(path: Path, where: str) -> list[Path]:
     if not path.is_file():
         raise UserError(f"{where}.path: image list {path} does not exist")
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    files = [(path.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines if ln and not ln.startswith("#")]
+    files = [resolve_path(ln, path.parent) for ln in lines if ln and not ln.startswith("#")]
     for f in files:
         if not f.is_file():
             raise UserError(f"{where}.path: {path} lists {f}, which does not exist")
@@ -117,8 +117,7 @@ def check_probe(spec: ProbeSpec, base_dir: Path, where: str = "dissect.probe") -
     """Cheap existence check, so a missing probe set is reported before any model work."""
     if spec.source == "samples-augmented":
         return
-    path = Path(spec.path or "").expanduser()
-    path = path if path.is_absolute() else base_dir / path
+    path = resolve_path(spec.path or "", base_dir)
     exists = path.is_file() if spec.source == "list" else path.is_dir()
     if not exists:
         kind = {"folder": "probe folder", "broden": "Broden dataset folder", "list": "image list"}[spec.source]
@@ -130,8 +129,7 @@ def load_probe(spec: ProbeSpec, base_dir: Path, seed: int, where: str = "dissect
         items = _augmented(spec.per_image, seed)
         description = f"{len(SAMPLES)} packaged photos x {spec.per_image} seeded crops and flips"
     else:
-        path = Path(spec.path or "").expanduser()
-        path = path if path.is_absolute() else base_dir / path
+        path = resolve_path(spec.path or "", base_dir)
         files = {"folder": _folder, "broden": _broden, "list": _listing}[spec.source](path, where)
         if not files:
             raise UserError(f"{where}.path: {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -21,7 +21,7 @@ from .cache import Cache
 from .concepts import BRODEN_COLORS, clean, load_concepts
 from .errors import UserError
 from .probe import ProbeSet
-from .spec import DissectSpec, ScorerSpec
+from .spec import DissectSpec, ScorerSpec, resolve_path
 from .zoo import load_model, weights_hash
 
 CODE_VERSION = 2
@@ -46,8 +46,7 @@ def load_clip(spec: ScorerSpec, base_dir: Path, device: torch.device, where: str
     import open_clip
 
     if spec.config:
-        config = Path(spec.config).expanduser()
-        config = config if config.is_absolute() else base_dir / config
+        config = resolve_path(spec.config, base_dir)
         if not config.is_file():
             raise UserError(f"{where}.config: {config} does not exist")
         open_clip.add_model_config(config)
@@ -55,8 +54,7 @@ def load_clip(spec: ScorerSpec, base_dir: Path, device: torch.device, where: str
         raise UserError(f"{where}.model: found {spec.model!r}, expected an open_clip model name "
                         "(open_clip.list_models()) or a 'config' file defining it")
     if spec.path:
-        source = Path(spec.path).expanduser()
-        source = source if source.is_absolute() else base_dir / source
+        source = resolve_path(spec.path, base_dir)
         if not source.is_file():
             raise UserError(f"{where}.path: CLIP checkpoint {source} does not exist")
         pretrained = str(source)

@@ -315,6 +315,12 @@ class Spec(Strict):
         return self
 
 
+def resolve_path(p: str, base_dir: Path) -> Path:
+    """A path from a spec: `~` expanded, relative paths taken from the spec file's folder."""
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else base_dir / q
+
+
 class ModelEntry(NamedTuple):
     spec: ModelSpec
     where: str  # key path for messages
@@ -338,9 +344,6 @@ class LoadedSpec(BaseModel):
     def run_name(self) -> str:
         return self.spec.run_name or self.path.stem
 
-    def resolve(self, p: str) -> Path:
-        q = Path(p).expanduser()
-        return q if q.is_absolute() else (self.base_dir / q)
 
 
 # ---------------------------------------------------------------- loading

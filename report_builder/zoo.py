@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import UserError
-from .spec import ModelSpec
+from .spec import ModelSpec, resolve_path
 
 PLACES365_URL = "http://places2.csail.mit.edu/models_places365/{arch}_places365.pth.tar"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -114,8 +114,7 @@ def class_names_for(spec: ModelSpec, default: str, base_dir: Path, where: str) -
         return imagenet_classes()
     if key == "places365":
         return places365_classes()
-    p = Path(key).expanduser()
-    return read_class_file(p if p.is_absolute() else base_dir / p, f"{where}.classes")
+    return read_class_file(resolve_path(key, base_dir), f"{where}.classes")
 
 
 # ---------------------------------------------------------------- checkpoint helpers
@@ -231,7 +230,7 @@ def _torchvision(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
     pre = Preprocess(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std), interp)
     classes = list(weights.meta["categories"])
     if spec.path:
-        path = _resolve(spec.path, base_dir)
+        path = resolve_path(spec.path, base_dir)
         model = torchvision.models.get_model(spec.name, weights=None, num_classes=len(classes))
         load_into(model, load_checkpoint(path, where), path, where)
         origin = f"torchvision {spec.name} from {path}"
@@ -248,7 +247,7 @@ def _places365(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
 
     url = PLACES365_URL.format(arch=spec.name)
     if spec.path:
-        path = _resolve(spec.path, base_dir)
+        path = resolve_path(spec.path, base_dir)
     else:
         path = download(url, Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name, where,
                         f"or set {where}.path to it")
@@ -269,7 +268,7 @@ def _timm(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
                         + (f" (closest: {', '.join(close)})" if close else ""))
     classes = class_names_for(spec, "imagenet", base_dir, where)
     if spec.path:
-        path = _resolve(spec.path, base_dir)
+        path = resolve_path(spec.path, base_dir)
         model = timm.create_model(spec.name, pretrained=False, num_classes=len(classes))
         load_into(model, load_checkpoint(path, where), path, where)
         origin = f"timm {spec.name} from {path}"
@@ -294,7 +293,7 @@ def _checkpoint(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
     import timm
     import torchvision
 
-    path = _resolve(spec.path or "", base_dir)
+    path = resolve_path(spec.path or "", base_dir)
     classes = class_names_for(spec, "imagenet", base_dir, where)
     if spec.name in torchvision.models.list_models(module=torchvision.models):
         model = torchvision.models.get_model(spec.name, weights=None, num_classes=len(classes))
@@ -310,11 +309,6 @@ def _checkpoint(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
         raise UserError(f"{where}.name: found {spec.name!r}, expected a torchvision or timm architecture name")
     load_into(model, load_checkpoint(path, where), path, where)
     return LoadedModel(spec, model, pre, classes, f"{spec.name} from {path}")
-
-
-def _resolve(p: str, base_dir: Path) -> Path:
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else base_dir / q
 
 
 LOADERS: dict[str, Callable[[ModelSpec, Path, str], LoadedModel]] = {
