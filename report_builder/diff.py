@@ -6,8 +6,6 @@ is named in a notice, never silently compared.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from PIL import Image
 
 from .agreement import iou, top_n_mask
 from .errors import UserError
-from .jsonio import clean_nan, write_json
+from .files import atomic_dir, clean_nan, write_json
 from .render import load_results
 
 SCHEMA_VERSION = 1
@@ -215,7 +213,7 @@ def diff_runs(dir_a: Path, dir_b: Path, pairs: list[tuple[str, str]] | None = No
             "dissection": compare_dissection(ra, rb, a, b, notices),
         })
     pa, pb = ra["provenance"].get("packages", {}), rb["provenance"].get("packages", {})
-    return {
+    result = {
         "schema_version": SCHEMA_VERSION,
         "a": _run_facts(dir_a, ra),
         "b": _run_facts(dir_b, rb),
@@ -228,34 +226,20 @@ def diff_runs(dir_a: Path, dir_b: Path, pairs: list[tuple[str, str]] | None = No
         "notices": notices,
         "map_definition": MAP_DEFINITION,
     }
-
-
-def _with_findings(result: dict) -> dict:
     result["findings"] = diff_findings(result)
     return result
+
 
 
 def write_diff(dir_a: Path, dir_b: Path, out: Path, pairs: list[tuple[str, str]] | None = None) -> Path:
     """Compute the diff and write diff.json, report.html and report.pdf into `out`, atomically."""
     from .render import render_diff
 
-    result = _with_findings(diff_runs(dir_a, dir_b, pairs))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
-        result = clean_nan(result)
+    result = clean_nan(diff_runs(dir_a, dir_b, pairs))
+    with atomic_dir(Path(out)) as work:
         write_json(work / "diff.json", result)
         render_diff(work, result)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def diff_findings(result: dict) -> list[str]:

@@ -10,7 +10,6 @@ import datetime as dt
 import inspect
 import os
 import platform
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from . import analysis, overlays
 from .cache import Cache
 from .data import SampleImage, load_images, manifest_hash
 from .errors import UserError
-from .jsonio import clean_nan, write_json
+from .files import atomic_dir, clean_nan, write_json
 from .explain import EXPLAINERS, Settings, cache_parts, predict, top_k
 from .spec import CAM_METHODS, METHOD_TITLES, LoadedSpec, resolve_batch
 from .zoo import LoadedModel, get_layer, load_model
@@ -88,12 +87,7 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
     progress = progress or Progress()
     cache = cache or Cache()
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir()
-    try:
+    with atomic_dir(out_dir) as work:
         results = _compute(loaded, work, cache, progress)
         results["provenance"]["stage_seconds"] = {k: round(v, 3) for k, v in progress.durations.items()}
         with progress.stage("render report"):
@@ -102,20 +96,8 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
         results["provenance"]["stage_seconds"]["render report"] = round(progress.durations["render report"], 3)
         results["provenance"]["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         write_json(work / "results.json", results)
-        _replace_dir(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     progress.say(f"wrote {out_dir}/report.html and report.pdf (cache: {cache.hits} hits, {cache.misses} computed)")
     return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -> dict:
