@@ -88,17 +88,12 @@ def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     and two runs give identical masks.
     """
     from lime import lime_image
-    from lime.wrappers.scikit_image import SegmentationAlgorithm
     from sklearn.metrics import pairwise_distances
 
     cfg = settings.explain.lime
-    seg = cfg.segmentation
-    seg_params = dict(seg.params)
-    if seg.algorithm == "quickshift":
-        seg_params["random_seed"] = settings.seed
     explainer = lime_image.LimeImageExplainer(random_state=settings.seed)
     start = time.perf_counter()
-    segments = SegmentationAlgorithm(seg.algorithm, **seg_params)(crop)
+    segments = lime_segmenter(settings)(crop)
     fill = lime_fill_image(crop, segments, cfg.hide_color)
     n_features = np.unique(segments).shape[0]
     data = explainer.random_state.randint(0, 2, cfg.num_samples * n_features).reshape((cfg.num_samples, n_features))
@@ -127,6 +122,17 @@ def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     return _lime_result(explanation, target, cfg.num_features, seconds)
 
 
+def lime_segmenter(settings: Settings):
+    """lime's segmentation wrapper with the spec's algorithm and parameters; quickshift is seeded."""
+    from lime.wrappers.scikit_image import SegmentationAlgorithm
+
+    seg = settings.explain.lime.segmentation
+    params = dict(seg.params)
+    if seg.algorithm == "quickshift":
+        params["random_seed"] = settings.seed
+    return SegmentationAlgorithm(seg.algorithm, **params)
+
+
 def lime_fill_image(crop: np.ndarray, segments: np.ndarray, hide_color) -> np.ndarray:
     """What a hidden superpixel shows: its mean colour (truncated to uint8, as lime does) or `hide_color`."""
     fill = crop.copy()
@@ -142,12 +148,8 @@ def lime_package_explain(model: LoadedModel, crop: np.ndarray, target: int, sett
                          batch_size: int | None = None) -> dict:
     """The `lime` package's own `explain_instance`, for equivalence tests and benchmarks."""
     from lime import lime_image
-    from lime.wrappers.scikit_image import SegmentationAlgorithm
 
     cfg = settings.explain.lime
-    seg_params = dict(cfg.segmentation.params)
-    if cfg.segmentation.algorithm == "quickshift":
-        seg_params["random_seed"] = settings.seed
     explainer = lime_image.LimeImageExplainer(random_state=settings.seed)
     hide = list(cfg.hide_color) if isinstance(cfg.hide_color, tuple) else cfg.hide_color
     quiet = lime_image.tqdm
@@ -158,7 +160,7 @@ def lime_package_explain(model: LoadedModel, crop: np.ndarray, target: int, sett
             crop, lambda images: predict(model, images, settings.device, batch_size=len(images)),
             labels=(target,), top_labels=None, hide_color=hide, num_features=cfg.num_features,
             num_samples=cfg.num_samples, batch_size=batch_size or resolve_batch(cfg.batch_size, settings.device.type),
-            segmentation_fn=SegmentationAlgorithm(cfg.segmentation.algorithm, **seg_params), random_seed=settings.seed)
+            segmentation_fn=lime_segmenter(settings), random_seed=settings.seed)
     finally:
         lime_image.tqdm = quiet
     return _lime_result(explanation, target, cfg.num_features, time.perf_counter() - start)

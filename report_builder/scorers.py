@@ -7,6 +7,7 @@ Scorers combine by concatenating their concepts; every concept remembers its sco
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import OrderedDict
@@ -179,13 +180,21 @@ COLOR_PROTOTYPES = {
 }
 
 
+@functools.cache
+def _prototypes_lab() -> np.ndarray:
+    """The colour prototypes in CIE Lab, computed once rather than for every probe image."""
+    from skimage.color import rgb2lab
+
+    rgb = np.array([COLOR_PROTOTYPES[c] for c in BRODEN_COLORS], np.uint8).reshape(-1, 1, 3)
+    return rgb2lab(rgb).reshape(-1, 3)
+
+
 def color_fractions(image: np.ndarray) -> np.ndarray:
     """The fraction of pixels named by each Broden colour, in BRODEN_COLORS order."""
     from skimage.color import rgb2lab
 
     lab = rgb2lab(image.reshape(-1, 1, 3)).reshape(-1, 3)
-    protos = rgb2lab(np.array([COLOR_PROTOTYPES[c] for c in BRODEN_COLORS], np.uint8).reshape(-1, 1, 3)).reshape(-1, 3)
-    nearest = np.argmin(((lab[:, None, :] - protos[None]) ** 2).sum(-1), axis=1)
+    nearest = np.argmin(((lab[:, None, :] - _prototypes_lab()[None]) ** 2).sum(-1), axis=1)
     return np.bincount(nearest, minlength=len(BRODEN_COLORS)) / nearest.size
 
 

