@@ -5,6 +5,7 @@ reader (or a test) can check the sentence against the tables.
 """
 from __future__ import annotations
 
+import re
 import statistics
 from collections import Counter, defaultdict
 
@@ -77,12 +78,98 @@ def timing_summary(results: dict) -> list[dict]:
 
 def findings(results: dict) -> list[dict]:
     out: list[dict] = []
-    for fn in (dissection_findings, versions_findings, _agreement_findings, _cam_ranking_findings, _speed_findings,
+    for fn in (dissection_findings, netdissect_findings, versions_findings, _agreement_findings, _cam_ranking_findings, _speed_findings,
                _prediction_findings, _confidence_findings, _lime_fit_findings):
         out.extend(fn(results))
     for f in out:
         f.setdefault("question", None)
     return out
+
+
+def _same_concept(label: str) -> str:
+    """A label in a comparable form: lower case, '_' and '-' as spaces, Broden's '-c' style suffix dropped."""
+    text = re.sub(r"-[a-z]$", "", label.strip().lower())
+    return " ".join(re.split(r"[\s_-]+", text)).strip()
+
+
+def method_agreement(results: dict) -> list[dict]:
+    """Per model and layer dissected both ways: how often a NetDissect detector's label is CLIP-Dissect's too."""
+    if "dissection" not in results or "netdissect" not in results:
+        return []
+    clip = {(m["model"], x["layer"]): {u["unit"]: u for u in x["labels"]}
+            for m in results["dissection"]["models"] for x in m["layers"]}
+    rows = []
+    for m in results["netdissect"]["models"]:
+        for x in m["layers"]:
+            by_unit = clip.get((m["model"], x["layer"]))
+            if not by_unit:
+                continue
+            pairs = []
+            for u in x["unit_labels"]:
+                c = by_unit.get(u["unit"])
+                if c is None or not u["detector"]:
+                    continue
+                mine = _same_concept(u["label"])
+                top = [c["label"]] + [a["label"] for a in c["alternatives"]]
+                pairs.append({"unit": u["unit"], "netdissect": u["label"], "category": u["category"], "iou": u["iou"],
+                              "clip": c["label"], "similarity": c["similarity"], "scorer": c["scorer"],
+                              "same": mine == _same_concept(c["label"]),
+                              "in_top": mine in {_same_concept(t) for t in top}})
+            pairs.sort(key=lambda p: -p["iou"])
+            rows.append({"model": m["model"], "layer": x["layer"], "units": x["units"], "detectors": len(pairs),
+                         "same": sum(p["same"] for p in pairs), "in_top": sum(p["in_top"] for p in pairs),
+                         "examples": ([p for p in pairs if p["in_top"]] + [p for p in pairs if not p["in_top"]])[:6]})
+    return rows
+
+
+def netdissect_findings(results: dict) -> list[dict]:
+    if "netdissect" not in results:
+        return []
+    nd = results["netdissect"]
+    names = _display(results)
+    out = []
+    for m in nd["models"]:
+        layers = m["layers"]
+        parts = [f"{x['layer']} has {x['detectors']} detectors of {x['units']} units ({_pct(x['detectors'], x['units'])}) "
+                 f"covering {x['unique']} unique concepts" for x in layers]
+        best = max(layers, key=lambda x: x["unique"])
+        text = (f"With pixel labels, {names[m['model']]}'s " + "; ".join(parts) +
+                f". The most unique detectors are in {best['layer']} ({best['unique']}).")
+        out.append({"id": f"netdissect-{m['model']}", "section": "netdissect", "text": text,
+                    "numbers": {x["layer"]: {"detectors": x["detectors"], "unique": x["unique"]} for x in layers}})
+        totals: dict[str, int] = defaultdict(int)
+        for x in layers:
+            for c, n in x["per_category"].items():
+                totals[c] += n
+        if sum(totals.values()):
+            order = sorted(totals, key=lambda c: -totals[c])
+            text = (f"By category, {names[m['model']]}'s detectors are " +
+                    ", ".join(f"{totals[c]} {c}" for c in order) + " over all dissected layers.")
+            out.append({"id": f"netdissect-categories-{m['model']}", "section": "netdissect", "text": text,
+                        "numbers": dict(totals)})
+        r = m.get("rotation")
+        if r and r["alphas"][-1] > 0:
+            base, full = r["unique"][0], r["unique"][-1]
+            change = (full - base) / base if base else None
+            drop = "—" if change is None else f"{abs(100 * change):.0f}% {'fewer' if change <= 0 else 'more'}"
+            text = (f"Rotating {names[m['model']]}'s {r['layer']} by a random rotation (alpha {r['alphas'][-1]:g}) "
+                    f"changes its unique detectors from {base} to {full} ({drop}) and its detectors from "
+                    f"{r['detectors'][0]} to {r['detectors'][-1]}; Bau et al. saw about 80% fewer unique detectors "
+                    "under a full rotation.")
+            out.append({"id": f"rotation-{m['model']}", "section": "netdissect", "text": text,
+                        "numbers": {"alphas": r["alphas"], "unique": r["unique"], "detectors": r["detectors"]}})
+    for a in nd.get("agreement", []):
+        if a["detectors"]:
+            text = (f"Of the {a['detectors']} NetDissect detectors in {names[a['model']]} {a['layer']}, "
+                    f"{a['same']} have the same label under CLIP-Dissect and {a['in_top']} have it among "
+                    "CLIP-Dissect's four best concepts.")
+            out.append({"id": f"methods-{a['model']}-{a['layer']}", "section": "netdissect", "text": text,
+                        "numbers": {k: a[k] for k in ("detectors", "same", "in_top")}})
+    return out
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "—"
 
 
 def _f(x: float | None, digits: int = 2) -> str:

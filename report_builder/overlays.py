@@ -36,3 +36,21 @@ def save_cam(crop: np.ndarray, saliency: np.ndarray, path: Path) -> None:
 
 def save_lime(crop: np.ndarray, mask: np.ndarray, segments: np.ndarray, path: Path) -> None:
     Image.fromarray(lime_overlay(crop, mask, segments)).save(path)
+
+
+def unit_strip(images: list[Image.Image], maps: np.ndarray, threshold: float, size: int = 96) -> Image.Image:
+    """A unit's top images side by side, dimmed outside the unit's mask (map upsampled bilinearly, > T)."""
+    import torch
+    import torch.nn.functional as F
+
+    up = F.interpolate(torch.from_numpy(np.asarray(maps, np.float32))[:, None], size=(size, size), mode="bilinear",
+                       align_corners=False)[:, 0].numpy()
+    gap = 3
+    strip = Image.new("RGB", (len(images) * (size + gap) - gap, size), (255, 255, 255))
+    for i, (image, heat) in enumerate(zip(images, up)):
+        mask = heat > threshold
+        tile = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
+        tile[~mask] *= 0.3
+        tile[find_boundaries(mask, mode="inner")] = (255, 220, 0)
+        strip.paste(Image.fromarray(tile.astype(np.uint8)), (i * (size + gap), 0))
+    return strip

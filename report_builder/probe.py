@@ -87,9 +87,8 @@ def _listing(path: Path, where: str) -> list[Path]:
     return files
 
 
-def augment(image: Image.Image, rng: random.Random, out_size: int = 256) -> Image.Image:
-    """A random crop (10-100% of the area, aspect 3:4 to 4:3), a random flip, resized to out_size."""
-    w, h = image.size
+def random_crop(w: int, h: int, rng: random.Random) -> tuple[tuple[int, int, int, int], bool]:
+    """A random crop box (10-100% of the area, aspect 3:4 to 4:3) and whether to flip it."""
     for _ in range(20):
         area = rng.uniform(0.1, 1.0) * w * h
         aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
@@ -99,8 +98,14 @@ def augment(image: Image.Image, rng: random.Random, out_size: int = 256) -> Imag
     else:
         cw, ch = min(w, h), min(w, h)
     left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
-    out = image.crop((left, top, left + cw, top + ch)).resize((out_size, out_size), Image.BICUBIC)
-    return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
+    return (left, top, left + cw, top + ch), rng.random() < 0.5
+
+
+def augment(image: Image.Image, rng: random.Random, out_size: int = 256) -> Image.Image:
+    """A random crop and flip (see random_crop), resized to out_size x out_size."""
+    box, flip = random_crop(*image.size, rng)
+    out = image.crop(box).resize((out_size, out_size), Image.BICUBIC)
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
 
 
 def _augmented(per_image: int, seed: int) -> list[ProbeItem]:

@@ -44,7 +44,9 @@ def render_run(run_dir: Path, results: dict | None = None) -> None:
     figures = make_figures(run_dir, results)
     html = render_html(run_dir, results, figures)
     _atomic_write(run_dir / "report.html", html.encode("utf-8"))
-    write_pdf(html, run_dir / "report.pdf", run_dir)
+    # The PDF shows each layer's top units; the HTML every unit.
+    printed = html if "netdissect" not in results else render_html(run_dir, results, figures, every_unit=False)
+    write_pdf(printed, run_dir / "report.pdf", run_dir)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -90,6 +92,8 @@ def make_figures(run_dir: Path, results: dict) -> dict[str, list[dict]]:
                                                         "(log scale; whiskers span the fastest and slowest image)."})
     if "dissection" in results:
         figs.update(dissection_figures(out_dir, results, names))
+    if "netdissect" in results:
+        figs.update(netdissect_figures(out_dir, results, names))
     for g in results.get("versions", []):
         if g["layers"]:
             path = out_dir / f"versions_{g['group']}.png"
@@ -202,6 +206,93 @@ def dissection_figures(out_dir: Path, results: dict, names: dict) -> dict[str, l
     return figs
 
 
+CATEGORY_COLORS = {"color": "#d1495b", "object": "#3b6ea5", "part": "#66a182", "material": "#edae49",
+                   "scene": "#8d6a9f", "texture": "#00798c"}
+
+
+def netdissect_figures(out_dir: Path, results: dict, names: dict) -> dict[str, list[dict]]:
+    nd = results["netdissect"]
+    figs: dict[str, list[dict]] = defaultdict(list)
+    categories = nd["categories"]
+
+    # Detectors per category per layer, every model side by side (stacked by category).
+    bars = [(names[m["model"]], x) for m in nd["models"] for x in m["layers"]][::-1]  # barh draws bottom-up
+    fig, ax = plt.subplots(figsize=(7, 0.38 * len(bars) + 1.3))
+    left = [0] * len(bars)
+    labels = [f"{model} {x['layer']}" for model, x in bars]
+    for c in categories:
+        values = [x["per_category"].get(c, 0) for _, x in bars]
+        ax.barh(labels, values, left=left, color=CATEGORY_COLORS.get(c, "#9aa5b1"), label=c)
+        left = [a + b for a, b in zip(left, values)]
+    for y, (total, (_, x)) in enumerate(zip(left, bars)):
+        ax.text(total, y, f" {total} ({x['unique']} unique)", va="center", fontsize=7)
+    ax.set_xlabel("detectors (units with best IoU > %g)" % nd["settings"]["iou_threshold"])
+    ax.legend(frameon=False, fontsize=7, ncol=len(categories), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    ax.set_xlim(0, max(left + [1]) * 1.25)
+    path = out_dir / "netdissect_categories.png"
+    _save(fig, path, [ax])
+    figs["netdissect"].append({"path": path, "caption": "Detectors per category in each dissected layer; the number "
+                                                       "after each bar counts its detectors and their unique concepts."})
+
+    # NetDissect's per-layer bar graph: units per detected concept, coloured by category.
+    for m in nd["models"]:
+        layers = m["layers"]
+        fig, axes = plt.subplots(len(layers), 1, figsize=(7, 1.55 * len(layers) + 0.4), squeeze=False)
+        for ax, x in zip(axes[:, 0], layers):
+            counts: dict[tuple[str, str], int] = defaultdict(int)
+            for u in x["unit_labels"]:
+                if u["detector"]:
+                    counts[(u["category"], u["label"])] += 1
+            order = sorted(counts, key=lambda k: (categories.index(k[0]) if k[0] in categories else 99, -counts[k]))[:40]
+            ax.bar(range(len(order)), [counts[k] for k in order], color=[CATEGORY_COLORS.get(k[0], "#9aa5b1") for k in order])
+            ax.set_xticks(range(len(order)), [k[1] for k in order], rotation=60, ha="right", fontsize=6)
+            ax.set_ylabel(x["layer"], fontsize=8)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.spines[["top", "right"]].set_visible(False)
+            if not order:
+                ax.text(0.5, 0.5, "no detectors", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        fig.suptitle(f"{names[m['model']]}: units per detected concept", fontsize=9)
+        path = out_dir / f"netdissect_concepts_{m['model']}.png"
+        _save(fig, path)
+        figs["netdissect_concepts"].append({"path": path, "caption": f"{names[m['model']]}: how many detectors each "
+                                            "concept has, per layer, coloured by category (as NetDissect draws it)."})
+
+    # The rotation test: unique detectors and detectors against alpha.
+    curves = [m for m in nd["models"] if m.get("rotation")]
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(7, 2.8))
+        for i, m in enumerate(curves):
+            r = m["rotation"]
+            color = PALETTE[i % len(PALETTE)]
+            axes[0].plot(r["alphas"], r["unique"], marker="o", color=color, label=f"{names[m['model']]} {r['layer']}")
+            axes[1].plot(r["alphas"], r["detectors"], marker="o", color=color)
+        axes[0].set_ylabel("unique detectors")
+        axes[1].set_ylabel("detectors")
+        for ax in axes:
+            ax.set_xlabel("rotation alpha (0 = original basis)")
+            ax.set_ylim(bottom=0)
+        axes[0].legend(frameon=False, fontsize=7)
+        path = out_dir / "netdissect_rotation.png"
+        _save(fig, path, list(axes))
+        figs["netdissect_rotation"].append({"path": path, "caption": "Network Dissection after rotating the layer's "
+                                            "channels by Q^alpha, a seeded random rotation Q taken alpha of the way "
+                                            "from the identity."})
+    return figs
+
+
+def galleries(run_dir: Path, results: dict, every_unit: bool) -> list[dict]:
+    """Per model and layer, units by IoU (best first), each with its gallery strip inlined."""
+    nd = results["netdissect"]
+    limit = None if every_unit else nd["settings"]["pdf_units"]
+    out = []
+    for m in nd["models"]:
+        for x in m["layers"]:
+            units = sorted(x["unit_labels"], key=lambda u: -u["iou"])[:limit]
+            out.append({"model": m["model"], "layer": x["layer"], "total": len(x["unit_labels"]),
+                        "units": [{**u, "src": _data_uri(run_dir / u["gallery"])} for u in units]})
+    return out
+
+
 def _comparison_grid(run_dir: Path, rows: list[dict], methods: list[str], names: dict, path: Path) -> None:
     cols = 1 + len(methods)
     fig, axes = plt.subplots(len(rows), cols, figsize=(2.1 * cols, 2.25 * len(rows)), squeeze=False)
@@ -284,7 +375,8 @@ def _seconds(value) -> str:
 
 def _data_uri(path: Path) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f"data:image/png;base64,{data}"
+    kind = "jpeg" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "png"
+    return f"data:image/{kind};base64,{data}"
 
 
 def environment() -> Environment:
@@ -304,7 +396,7 @@ def environment() -> Environment:
     return env
 
 
-def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]]) -> str:
+def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], every_unit: bool = True) -> str:
     env = environment()
     names = {m["id"]: m["display"] for m in results["models"]}
     inlined: dict[str, list[dict]] = defaultdict(list)
@@ -318,6 +410,7 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]]) ->
     sections = [("questions", "Assignment questions")] if "dissection" in results else []
     sections += [("summary", "Summary"), ("setup", "Setup")]
     sections += [("dissection", "Network dissection")] if "dissection" in results else []
+    sections += [("netdissect", "Network Dissection with pixel labels")] if "netdissect" in results else []
     sections += [("versions", "Model versions")] if results.get("versions") else []
     sections += [("explanations", "Explanations side by side"), ("predictions", "Predictions"), ("timings", "Timings"),
                  ("agreement", "LIME vs Grad-CAM agreement"), ("findings", "Findings"), ("provenance", "Provenance")]
@@ -334,6 +427,8 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]]) ->
         thresholds=[f"{t:g}" for t in results["agreement"]["thresholds"]],
         cams=cams,
         agreement_table=agreement_table(results),
+        galleries=galleries(run_dir, results, every_unit) if "netdissect" in results else [],
+        every_unit=every_unit,
     )
 
 

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import agreement as agree
 from . import analysis, overlays
@@ -136,6 +137,10 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
             check_probe(spec.dissect.probe, loaded.base_dir)
         except UserError as exc:
             problems.append(str(exc))
+    if spec.netdissect is not None:
+        from .pixel_labels import check_pixel_probe
+
+        problems.extend(check_pixel_probe(spec.netdissect, loaded.base_dir))
     if problems:
         raise UserError("\n".join(problems))
 
@@ -143,6 +148,10 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
     if spec.dissect is not None:
         dissection = dissect_models(loaded, models, device, cache, progress)
         _write_dissection_csvs(work / "dissection", dissection)
+    netdissection = None
+    if spec.netdissect is not None:
+        netdissection = netdissect_models(loaded, models, device, cache, work, progress)
+        _write_netdissect_csvs(work / "dissection", netdissection)
 
     explain = spec.explain.model_copy(update={
         "cam": spec.explain.cam.model_copy(update={"batch_size": resolve_batch(spec.explain.cam.batch_size, device.type)}),
@@ -188,6 +197,9 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
     if dissection is not None:
         results["dissection"] = dissection
         results["dissection"]["summary"] = analysis.dissection_summary(results)
+    if netdissection is not None:
+        results["netdissect"] = netdissection
+        results["netdissect"]["agreement"] = analysis.method_agreement(results)
     results["versions"] = analysis.versions_summary(results)
     results["agreement"]["summary"] = analysis.agreement_summary(results)
     results["timings"] = analysis.timing_summary(results)
@@ -306,6 +318,123 @@ def dissect_models(loaded: LoadedSpec, models: list[LoadedModel], device: torch.
         "concepts": len(scores.concepts),
         "models": out_models,
     }
+
+
+def netdissect_models(loaded: LoadedSpec, models: list[LoadedModel], device: torch.device, cache: Cache, work: Path,
+                      progress: Progress) -> dict:
+    """Network Dissection of every listed layer, the rotation test on one layer per model, and unit galleries."""
+    from . import netdissect as nd
+    from .pixel_labels import load_pixel_probe
+
+    spec = loaded.spec
+    ns = spec.netdissect
+    settings = nd.Settings(ns.quantile, ns.threshold, ns.iou_threshold, ns.top_images, spec.seed)
+    batch_size = resolve_batch(ns.batch_size, device.type)
+    with progress.stage("load pixel-labelled probe set"):
+        probe = load_pixel_probe(ns, loaded.base_dir, spec.seed)
+        progress.say(f"  {len(probe)} images: {probe.description}")
+    categories = probe.category_names
+    alphas = [a for a in (ns.rotation.alphas if ns.rotation else ()) if a > 0]
+    out_models = []
+    label_area = None
+    with progress.stage("network dissection"):
+        for m in models:
+            if not m.spec.layers:
+                continue
+            rotated = (ns.rotation.layer or m.spec.layers[-1]) if ns.rotation else None
+            jobs = [(layer, 0.0) for layer in m.spec.layers] + [(rotated, a) for a in alphas]
+            keys = {job: {"weights": m.weights_hash, "layer": job[0], "input": m.preprocess.as_dict(),
+                          "probe": probe.manifest, "settings": settings.as_dict(), "alpha": job[1],
+                          "code_version": nd.CODE_VERSION} for job in jobs}
+            done = {job: cache.load("netdissect", _cache_key("netdissect", keys[job])) for job in jobs}
+            todo = [job for job in jobs if done[job] is None]
+            if todo:
+                layers = list(dict.fromkeys(layer for layer, _ in todo))
+                maps = nd.record_maps(m, layers, probe, device, batch_size, "models", progress.say)
+                for layer, alpha in todo:
+                    rotation = None
+                    if alpha:
+                        channels = maps[layer].shape[1]
+                        rotation = nd.partial_rotation(nd.random_rotation(channels, spec.seed), alpha)
+                    done[(layer, alpha)] = nd.dissect_layer(maps[layer], probe, settings, rotation)
+                    cache.save("netdissect", _cache_key("netdissect", keys[(layer, alpha)]), done[(layer, alpha)])
+                    what = f"rotated alpha={alpha:g}" if alpha else "dissected"
+                    progress.say(f"  {m.id} {layer}: {what}")
+                del maps
+            thumbs: dict[int, Image.Image] = {}
+            layers_out = []
+            for layer in m.spec.layers:
+                result = done[(layer, 0.0)]
+                rows = nd.unit_rows(result, probe, ns.iou_threshold)
+                _write_gallery(work, m.id, layer, rows, result, probe, thumbs)
+                counts = nd.layer_counts(rows, categories)
+                layers_out.append({"layer": layer, "threshold_method": result["threshold_method"], **counts,
+                                   "unit_labels": rows})
+                progress.say(f"  {m.id} {layer}: {counts['detectors']} detectors, {counts['unique']} unique concepts")
+            rotation_out = None
+            if rotated:
+                curve = [done[(rotated, 0.0)]] + [done[(rotated, a)] for a in alphas]
+                points = [nd.layer_counts(nd.unit_rows(r, probe, ns.iou_threshold), categories) for r in curve]
+                rotation_out = {"layer": rotated, "seed": spec.seed, "alphas": [0.0] + alphas,
+                                "detectors": [p["detectors"] for p in points], "unique": [p["unique"] for p in points],
+                                "per_category": [p["per_category"] for p in points]}
+            out_models.append({"model": m.id, "layers": layers_out, "rotation": rotation_out})
+            label_area = done[(m.spec.layers[0], 0.0)]["label_area"]  # the same for every model and layer
+    return {
+        "settings": {**settings.as_dict(), "colors": ns.colors, "label_size": ns.label_size,
+                     "pdf_units": ns.pdf_units, "rotation": ns.rotation.model_dump() if ns.rotation else None},
+        "probe": {"description": probe.description, "images": len(probe), "sha256": probe.manifest,
+                  "sources": list(probe.sources), "categories": _category_stats(probe, label_area)},
+        "categories": categories,
+        "models": out_models,
+    }
+
+
+def _category_stats(probe, label_area) -> list[dict]:
+    """Per category: images with labels of it, and concepts that occur at least once."""
+    out = []
+    for c in probe.category_names:
+        ids = [i for i, cat in enumerate(probe.categories) if cat == c]
+        present = [i for i in ids if label_area is None or label_area[i] > 0]
+        out.append({"category": c, "images": sum(c in item.categories for item in probe.items),
+                    "concepts": len(present), "examples": [probe.names[i] for i in present[:8]]})
+    return out
+
+
+def _write_gallery(work: Path, model_id: str, layer: str, rows: list[dict], result: dict, probe,
+                   thumbs: dict) -> None:
+    """netdissect/<model>/<layer>/unit_<k>.jpg: each unit's top images with its mask; paths go into the rows."""
+    folder = work / "netdissect" / model_id / layer
+    folder.mkdir(parents=True, exist_ok=True)
+    for row, top, maps in zip(rows, result["top_images"], result["top_maps"]):
+        images = []
+        for i in top:
+            if int(i) not in thumbs:
+                thumbs[int(i)] = probe.items[int(i)].image().convert("RGB").resize((96, 96), Image.BILINEAR)
+            images.append(thumbs[int(i)])
+        rel = f"netdissect/{model_id}/{layer}/unit_{row['unit']:04d}.jpg"
+        overlays.unit_strip(images, maps, row["threshold"]).save(work / rel, quality=82)
+        row["gallery"] = rel
+        row["top_images"] = [probe.items[int(i)].id for i in top]
+
+
+def _cache_key(stage: str, parts: dict) -> str:
+    from .cache import key_of
+
+    return key_of({"stage": stage, **parts})
+
+
+def _write_netdissect_csvs(folder: Path, netdissection: dict) -> None:
+    """dissection/<model>-netdissect.csv: unit, layer, category, label, iou, then detector and threshold."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in netdissection["models"]:
+        with open(folder / f"{entry['model']}-netdissect.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["unit", "layer", "category", "label", "iou", "detector", "threshold"])
+            for layer in entry["layers"]:
+                for u in layer["unit_labels"]:
+                    w.writerow([u["unit"], layer["layer"], u["category"], u["label"], f"{u['iou']:.6g}",
+                                int(u["detector"]), f"{u['threshold']:.6g}"])
 
 
 def _write_dissection_csvs(folder: Path, dissection: dict) -> None:

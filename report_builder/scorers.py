@@ -189,12 +189,18 @@ def _prototypes_lab() -> np.ndarray:
     return rgb2lab(rgb).reshape(-1, 3)
 
 
-def color_fractions(image: np.ndarray) -> np.ndarray:
-    """The fraction of pixels named by each Broden colour, in BRODEN_COLORS order."""
+def name_colors(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 -> HxW index into BRODEN_COLORS: each pixel named by the nearest prototype in CIE Lab."""
     from skimage.color import rgb2lab
 
     lab = rgb2lab(image.reshape(-1, 1, 3)).reshape(-1, 3)
     nearest = np.argmin(((lab[:, None, :] - _prototypes_lab()[None]) ** 2).sum(-1), axis=1)
+    return nearest.reshape(image.shape[:2])
+
+
+def color_fractions(image: np.ndarray) -> np.ndarray:
+    """The fraction of pixels named by each Broden colour, in BRODEN_COLORS order."""
+    nearest = name_colors(image).ravel()
     return np.bincount(nearest, minlength=len(BRODEN_COLORS)) / nearest.size
 
 

