@@ -158,13 +158,19 @@ def netdissect_findings(results: dict) -> list[dict]:
                     "under a full rotation.")
             out.append({"id": f"rotation-{m['model']}", "section": "netdissect", "text": text,
                         "numbers": {"alphas": r["alphas"], "unique": r["unique"], "detectors": r["detectors"]}})
+    by_model: dict[str, list[dict]] = defaultdict(list)
     for a in nd.get("agreement", []):
-        if a["detectors"]:
-            text = (f"Of the {a['detectors']} NetDissect detectors in {names[a['model']]} {a['layer']}, "
-                    f"{a['same']} have the same label under CLIP-Dissect and {a['in_top']} have it among "
-                    "CLIP-Dissect's four best concepts.")
-            out.append({"id": f"methods-{a['model']}-{a['layer']}", "section": "netdissect", "text": text,
-                        "numbers": {k: a[k] for k in ("detectors", "same", "in_top")}})
+        by_model[a["model"]].append(a)
+    for model, rows in by_model.items():
+        detectors = sum(a["detectors"] for a in rows)
+        if not detectors:
+            continue
+        same, in_top = sum(a["same"] for a in rows), sum(a["in_top"] for a in rows)
+        text = (f"Of {names[model]}'s {detectors} NetDissect detectors, {same} have the same label under CLIP-Dissect "
+                f"and {in_top} have it among CLIP-Dissect's four best concepts (" +
+                "; ".join(f"{a['layer']}: {a['same']} and {a['in_top']} of {a['detectors']}" for a in rows) + ").")
+        out.append({"id": f"methods-{model}", "section": "netdissect", "text": text,
+                    "numbers": {"detectors": detectors, "same": same, "in_top": in_top}})
     return out
 
 

@@ -38,7 +38,7 @@ def save_lime(crop: np.ndarray, mask: np.ndarray, segments: np.ndarray, path: Pa
     Image.fromarray(lime_overlay(crop, mask, segments)).save(path)
 
 
-def unit_strip(images: list[Image.Image], maps: np.ndarray, threshold: float, size: int = 96) -> Image.Image:
+def unit_strip(images: list[Image.Image], maps: np.ndarray, threshold: float, size: int = 80) -> Image.Image:
     """A unit's top images side by side, dimmed outside the unit's mask (map upsampled bilinearly, > T)."""
     import torch
     import torch.nn.functional as F

@@ -410,10 +410,10 @@ def _write_gallery(work: Path, model_id: str, layer: str, rows: list[dict], resu
         images = []
         for i in top:
             if int(i) not in thumbs:
-                thumbs[int(i)] = probe.items[int(i)].image().convert("RGB").resize((96, 96), Image.BILINEAR)
+                thumbs[int(i)] = probe.items[int(i)].image().convert("RGB").resize((80, 80), Image.BILINEAR)
             images.append(thumbs[int(i)])
         rel = f"netdissect/{model_id}/{layer}/unit_{row['unit']:04d}.jpg"
-        overlays.unit_strip(images, maps, row["threshold"]).save(work / rel, quality=82)
+        overlays.unit_strip(images, maps, row["threshold"]).save(work / rel, quality=75)
         row["gallery"] = rel
         row["top_images"] = [probe.items[int(i)].id for i in top]
 
