@@ -246,6 +246,7 @@ def netdissect_figures(out_dir: Path, results: dict, names: dict) -> dict[str, l
             order = sorted(counts, key=lambda k: (categories.index(k[0]) if k[0] in categories else 99, -counts[k]))[:40]
             ax.bar(range(len(order)), [counts[k] for k in order], color=[CATEGORY_COLORS.get(k[0], "#9aa5b1") for k in order])
             ax.set_xticks(range(len(order)), [k[1] for k in order], rotation=60, ha="right", fontsize=6)
+            ax.set_xlim(-0.6, max(len(order), 20) - 0.4)  # the same bar width whatever the number of concepts
             ax.set_ylabel(x["layer"], fontsize=8)
             ax.tick_params(axis="y", labelsize=7)
             ax.spines[["top", "right"]].set_visible(False)
@@ -269,13 +270,13 @@ def netdissect_figures(out_dir: Path, results: dict, names: dict) -> dict[str, l
         axes[0].set_ylabel("unique detectors")
         axes[1].set_ylabel("detectors")
         for ax in axes:
-            ax.set_xlabel("rotation alpha (0 = original basis)")
+            ax.set_xlabel("rotation α (0 = original basis)")
             ax.set_ylim(bottom=0)
         axes[0].legend(frameon=False, fontsize=7)
         path = out_dir / "netdissect_rotation.png"
         _save(fig, path, list(axes))
         figs["netdissect_rotation"].append({"path": path, "caption": "Network Dissection after rotating the layer's "
-                                            "channels by Q^alpha, a seeded random rotation Q taken alpha of the way "
+                                            "channels by Qᵅ, a seeded random rotation Q taken α of the way "
                                             "from the identity."})
     return figs
 
