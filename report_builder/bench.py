@@ -234,6 +234,47 @@ def bench_soft_wpmi(units: int, concepts: int, images: int) -> list[dict]:
                 "per-unit loop", "faster", max_abs_diff=float((vec - loop).abs().max()))]
 
 
+def bench_netdissect(device: torch.device, images: int) -> list[dict]:
+    """The exact streaming quantile against np.quantile over every value; the matmul tally against a
+    per-unit loop that counts labels under each mask with np.bincount, as NetDissect-Lite does."""
+    from . import netdissect as nd
+    from .pixel_labels import Labels
+
+    rng = np.random.default_rng(0)
+    units, size, labels_n = 320, 7, 40
+    maps = rng.standard_normal((images, units, size, size)).astype(np.float32)
+    total = images * size * size
+    t_q, t_np, ours, ref = side_by_side(
+        lambda: nd.quantile_thresholds(nd.chunks(maps, device=device), total, 0.995, "exact")[0].numpy(),
+        lambda: np.quantile(maps.transpose(1, 0, 2, 3).reshape(units, -1), 0.995, axis=1), device, 3)
+    out = [row(f"NetDissect threshold, {units} units x {images} images x {size}x{size}, q=0.995", t_q, t_np,
+               "np.quantile over all values", "no slower", max_abs_diff=float(np.abs(ours - ref).max()))]
+
+    tally_images = min(images, 60)
+    labs = [Labels((112, 112), rng.integers(0, labels_n, (1, 112, 112)).astype(np.int32), categories=frozenset({"object"}))
+            for _ in range(tally_images)]
+    small = maps[:tally_images]
+    thresholds = torch.from_numpy(np.quantile(small.transpose(1, 0, 2, 3).reshape(units, -1), 0.995, axis=1)).float()
+
+    def ours_tally():
+        return nd.tally(nd.chunks(small, device=device), thresholds, labs, labels_n, ["object"]).intersection.numpy()
+
+    def per_unit():
+        inter = np.zeros((units, labels_n))
+        for a, lab in zip(small, labs):
+            for k in range(units):
+                mask = nd.unit_masks(torch.from_numpy(a[k : k + 1]), thresholds[k : k + 1], lab.size)[0].numpy()
+                inter[k] += np.bincount(lab.pixel[0][mask], minlength=labels_n)
+        inter[:, 0] = 0
+        return inter
+
+    t_t, t_loop, got, want = side_by_side(ours_tally, per_unit, device, 1)
+    got[:, 0] = 0
+    out.append(row(f"NetDissect IoU tally, {units} units x {tally_images} images, labels 112x112", t_t, t_loop,
+                   "per-unit loop with np.bincount", "faster", max_abs_diff=float(np.abs(got - want).max())))
+    return out
+
+
 def bench_mixed_precision(device: torch.device, words: int, images: int) -> list[dict]:
     """GPU only: bf16 autocast against fp32 for CLIP text and activations, with the largest difference."""
     import open_clip
@@ -317,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             ("CLIP text", lambda: bench_clip_text(device, 20000 if cuda else (100 if q else 1000))),
             ("CLIP images", lambda: bench_clip_images(device, 16 if q else 64)),
             ("activations", lambda: bench_activations(device, 32 if q else 200)),
+            ("NetDissect", lambda: bench_netdissect(device, 100 if q else 2000)),
         ]
         if cuda:
             steps.append(("mixed precision", lambda: bench_mixed_precision(device, 20000, 1000)))

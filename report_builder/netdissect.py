@@ -98,11 +98,14 @@ def _allocate(shape: tuple[int, ...]) -> np.ndarray:
     return np.lib.format.open_memmap(tmp.name, mode="w+", dtype=np.float32, shape=shape)
 
 
-def chunks(maps: np.ndarray, rotation: torch.Tensor | None = None) -> Callable[[], Iterator[torch.Tensor]]:
-    """A re-iterable pass over recorded maps, optionally with the channels rotated (a' = R a at each position)."""
+def chunks(maps: np.ndarray, rotation: torch.Tensor | None = None,
+           device: torch.device | str = "cpu") -> Callable[[], Iterator[torch.Tensor]]:
+    """A re-iterable pass over recorded maps on `device`, optionally with the channels rotated (a' = R a)."""
+    rotation = None if rotation is None else rotation.to(device=device, dtype=torch.float32)
+
     def run() -> Iterator[torch.Tensor]:
         for i in range(0, len(maps), CHUNK):
-            a = torch.from_numpy(np.asarray(maps[i : i + CHUNK], np.float32))
+            a = torch.from_numpy(np.asarray(maps[i : i + CHUNK], np.float32)).to(device)
             yield a if rotation is None else torch.einsum("dc,nchw->ndhw", rotation, a)
     return run
 
@@ -136,18 +139,18 @@ def quantile_thresholds(batches: Callable[[], Iterable[torch.Tensor]], total: in
             top = pool.topk(min(keep, pool.shape[1]), dim=1).values if pool.shape[1] > keep else pool.sort(
                 dim=1, descending=True).values
         assert top is not None and top.shape[1] == keep, "total does not match the values seen"
-        low = top[:, keep - 1].double()  # ascending index `lower`
+        low = top[:, keep - 1].cpu().double()  # ascending index `lower`
         if keep == 1:
             return low.float(), method
-        high = top[:, keep - 2].double()  # ascending index `lower + 1`
+        high = top[:, keep - 2].cpu().double()  # ascending index `lower + 1`
         return (low + (position - lower) * (high - low)).float(), method
     rng = np.random.default_rng(seed)
     rate = min(1.0, SAMPLE_SIZE / total)
     picked = []
     for a in batches():
         values = a.transpose(0, 1).reshape(a.shape[1], -1)
-        chosen = torch.from_numpy(np.flatnonzero(rng.random(values.shape[1]) < rate))
-        picked.append(values[:, chosen])
+        chosen = torch.from_numpy(np.flatnonzero(rng.random(values.shape[1]) < rate)).to(values.device)
+        picked.append(values[:, chosen].cpu())
     sample = torch.cat(picked, dim=1).double().numpy()
     return torch.from_numpy(np.quantile(sample, q, axis=1)).float(), "sampled"
 
@@ -182,24 +185,34 @@ def tally(batches: Callable[[], Iterable[torch.Tensor]], thresholds: torch.Tenso
     label_area = torch.zeros(n_labels, dtype=torch.float64)
     label_iter = iter(labels)
     for a in batches():
-        for maps in a:
+        thresholds = thresholds.to(a.device)
+        # Bilinear upsampling never exceeds a map's maximum, so a unit whose map stays at or below its
+        # threshold has an empty mask: only the units that fire on an image are upsampled and counted.
+        firing = a.amax(dim=(2, 3)) > thresholds
+        for maps, fires in zip(a, firing):
             lab = next(label_iter)
-            masks = unit_masks(maps, thresholds, lab.size).reshape(units, -1)
-            area = masks.sum(dim=1, dtype=torch.float64)
+            pixels = lab.size[0] * lab.size[1]
+            flat = torch.from_numpy(lab.pixel.reshape(len(lab.pixel), pixels)).long()
+            present = torch.unique(flat[flat > 0])
+            # pixel x label membership (a label drawn on several maps, like overlapping parts, counts once),
+            # then a column of ones that counts each mask's area
+            member = torch.cat([(flat[:, :, None] == present[None, None]).any(dim=0), torch.ones(pixels, 1, dtype=torch.bool)],
+                               dim=1).float()
+            label_area[present] += member[:, :-1].sum(dim=0).double()
+            label_area[list(lab.image)] += pixels
+            units_on = fires.nonzero()[:, 0]
+            if not len(units_on):
+                continue
+            masks = unit_masks(maps[units_on], thresholds[units_on], lab.size).reshape(len(units_on), -1)
+            counts = (masks.float() @ member.to(a.device)).double().cpu()
+            units_on = units_on.cpu()
+            area = counts[:, -1]
+            inter[units_on[:, None], present[None]] += counts[:, :-1]
             for c in lab.categories:
                 if c in cat_index:
-                    unit_area[:, cat_index[c]] += area
-            if lab.pixel.size:
-                flat = torch.from_numpy(lab.pixel.reshape(len(lab.pixel), -1)).long()
-                present = torch.unique(flat[flat > 0])
-                if len(present):
-                    # pixel x label membership; a label drawn on several maps (overlapping parts) counts once
-                    member = (flat[:, :, None] == present[None, None]).any(dim=0).float()
-                    inter[:, present] += (masks.float() @ member).double()
-                    label_area[present] += member.sum(dim=0).double()
-            for s in lab.image:
-                inter[:, s] += area
-                label_area[s] += lab.size[0] * lab.size[1]
+                    unit_area[units_on, cat_index[c]] += area
+            for label in lab.image:
+                inter[units_on, label] += area
     return Tally(inter, unit_area, label_area)
 
 
@@ -232,11 +245,10 @@ def partial_rotation(q: torch.Tensor, alpha: float) -> torch.Tensor:
 # ---------------------------------------------------------------- one layer
 
 
-def dissect_layer(maps: np.ndarray, probe: PixelProbe, settings: Settings,
-                  rotation: torch.Tensor | None = None) -> dict:
+def dissect_layer(maps: np.ndarray, probe: PixelProbe, settings: Settings, rotation: torch.Tensor | None = None,
+                  device: torch.device | str = "cpu") -> dict:
     """Thresholds, the full IoU matrix, each unit's label, and its top images (by peak activation)."""
-    rot = None if rotation is None else rotation.float()
-    batches = chunks(maps, rot)
+    batches = chunks(maps, rotation, device)
     n, _, h, w = maps.shape
     thresholds, method = quantile_thresholds(batches, n * h * w, settings.quantile, settings.threshold, settings.seed)
     categories = probe.category_names
@@ -245,7 +257,7 @@ def dissect_layer(maps: np.ndarray, probe: PixelProbe, settings: Settings,
     iou = counts.iou(label_category)
     iou[:, 0] = 0  # label 0 is 'unlabelled'
     best_iou, best = iou.max(dim=1)
-    peaks = torch.cat([a.amax(dim=(2, 3)) for a in batches()])  # N x C
+    peaks = torch.cat([a.amax(dim=(2, 3)).cpu() for a in batches()])  # N x C
     top = peaks.topk(min(settings.top_images, n), dim=0).indices.T  # C x top
     top_maps = None
     if rotation is None:  # the gallery shows the unrotated layer only

@@ -356,7 +356,7 @@ def netdissect_models(loaded: LoadedSpec, models: list[LoadedModel], device: tor
                     if alpha:
                         channels = maps[layer].shape[1]
                         rotation = nd.partial_rotation(nd.random_rotation(channels, spec.seed), alpha)
-                    done[(layer, alpha)] = nd.dissect_layer(maps[layer], probe, settings, rotation)
+                    done[(layer, alpha)] = nd.dissect_layer(maps[layer], probe, settings, rotation, device)
                     cache.save("netdissect", _cache_key("netdissect", keys[(layer, alpha)]), done[(layer, alpha)])
                     what = f"rotated alpha={alpha:g}" if alpha else "dissected"
                     progress.say(f"  {m.id} {layer}: {what}")

@@ -79,6 +79,26 @@ def test_tally_matches_a_hand_computed_case():
     assert counts.unit_area.tolist() == [[4.0, 2.0]]
 
 
+def test_tally_equals_counting_every_unit_on_every_image():
+    # tally skips units whose map never exceeds the threshold; the counts must not change
+    rng = np.random.default_rng(4)
+    maps = rng.standard_normal((9, 6, 3, 3)).astype(np.float32)
+    labels = [Labels((6, 6), rng.integers(0, 5, (2, 6, 6)).astype(np.int32), categories=frozenset({"object"}))
+              for _ in range(9)]
+    thresholds = torch.from_numpy(np.quantile(maps.transpose(1, 0, 2, 3).reshape(6, -1), 0.9, axis=1)).float()
+    counts = nd.tally(nd.chunks(maps), thresholds, labels, 5, ["object"])
+    inter, area = np.zeros((6, 5)), np.zeros(6)
+    for a, lab in zip(maps, labels):
+        masks = nd.unit_masks(torch.from_numpy(a), thresholds, (6, 6)).numpy()
+        for k in range(6):
+            present = np.unique(lab.pixel[:, masks[k]])
+            for c in present[present > 0]:
+                inter[k, c] += ((lab.pixel == c).any(axis=0) & masks[k]).sum()
+            area[k] += masks[k].sum()
+    np.testing.assert_array_equal(counts.intersection.numpy(), inter)
+    np.testing.assert_array_equal(counts.unit_area.numpy()[:, 0], area)
+
+
 def test_image_level_labels_cover_the_whole_image():
     labels = [Labels((2, 2), np.zeros((0, 2, 2), np.int32), image=(1,), categories=frozenset({"scene"}))]
     maps = np.array([[[[5.0, 0.0], [0.0, 0.0]]]], np.float32)
