@@ -6,7 +6,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .cache import Cache
+from .cache import Cache, stage_key
 from .probe import ProbeSet
 from .zoo import LoadedModel, get_layer
 
@@ -71,6 +71,4 @@ def activations(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling:
 
 
 def _key(model: LoadedModel, layer: str, probe: ProbeSet, pooling: str) -> str:
-    from .cache import key_of
-
-    return key_of({"stage": "activations", **cache_parts(model, layer, probe, pooling)})
+    return stage_key("activations", cache_parts(model, layer, probe, pooling))

@@ -28,6 +28,11 @@ def key_of(parts: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def stage_key(stage: str, parts: dict[str, Any]) -> str:
+    """The key of one stage's entry: the stage's name and everything that determines its result."""
+    return key_of({"stage": stage, **parts})
+
+
 def _to_storable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(value))}
@@ -89,7 +94,7 @@ class Cache:
 
     def get_or_compute(self, stage: str, parts: dict[str, Any], compute: Callable[[], Any]) -> tuple[Any, bool]:
         """(value, was_cached)."""
-        key = key_of({"stage": stage, **parts})
+        key = stage_key(stage, parts)
         value = self.load(stage, key)
         if value is not None:
             return value, True

@@ -126,18 +126,15 @@ def quantile_thresholds(batches: Callable[[], Iterable[torch.Tensor]], total: in
     position = (total - 1) * q
     lower = math.floor(position)
     keep = total - lower
-    channels = None
     if method == "auto":
-        first = next(iter(batches()))
-        channels = first.shape[1]
+        channels = next(iter(batches())).shape[1]
         method = "exact" if keep * channels <= EXACT_BUDGET else "sampled"
     if method == "exact":
         top: torch.Tensor | None = None
         for a in batches():
             values = a.transpose(0, 1).reshape(a.shape[1], -1)
             pool = values if top is None else torch.cat([top, values], dim=1)
-            top = pool.topk(min(keep, pool.shape[1]), dim=1).values if pool.shape[1] > keep else pool.sort(
-                dim=1, descending=True).values
+            top = pool.topk(min(keep, pool.shape[1]), dim=1).values  # sorted, largest first
         assert top is not None and top.shape[1] == keep, "total does not match the values seen"
         low = top[:, keep - 1].cpu().double()  # ascending index `lower`
         if keep == 1:
@@ -169,6 +166,7 @@ class Tally:
     intersection: torch.Tensor  # units x labels: pixels in both the mask and the label
     unit_area: torch.Tensor  # units x categories: mask pixels on images with labels in the category
     label_area: torch.Tensor  # labels: labelled pixels
+    peaks: torch.Tensor  # images x units: each unit's largest activation on each image
 
     def iou(self, label_category: torch.Tensor) -> torch.Tensor:
         union = self.unit_area[:, label_category] + self.label_area[None] - self.intersection
@@ -184,12 +182,14 @@ def tally(batches: Callable[[], Iterable[torch.Tensor]], thresholds: torch.Tenso
     unit_area = torch.zeros(units, len(categories), dtype=torch.float64)
     label_area = torch.zeros(n_labels, dtype=torch.float64)
     label_iter = iter(labels)
+    peaks = []
     for a in batches():
         thresholds = thresholds.to(a.device)
         # Bilinear upsampling never exceeds a map's maximum, so a unit whose map stays at or below its
         # threshold has an empty mask: only the units that fire on an image are upsampled and counted.
-        firing = a.amax(dim=(2, 3)) > thresholds
-        for maps, fires in zip(a, firing):
+        peak = a.amax(dim=(2, 3))
+        peaks.append(peak.cpu())
+        for maps, fires in zip(a, peak > thresholds):
             lab = next(label_iter)
             pixels = lab.size[0] * lab.size[1]
             flat = torch.from_numpy(lab.pixel.reshape(len(lab.pixel), pixels)).long()
@@ -199,7 +199,8 @@ def tally(batches: Callable[[], Iterable[torch.Tensor]], thresholds: torch.Tenso
             member = torch.cat([(flat[:, :, None] == present[None, None]).any(dim=0), torch.ones(pixels, 1, dtype=torch.bool)],
                                dim=1).float()
             label_area[present] += member[:, :-1].sum(dim=0).double()
-            label_area[list(lab.image)] += pixels
+            for label in lab.image:
+                label_area[label] += pixels
             units_on = fires.nonzero()[:, 0]
             if not len(units_on):
                 continue
@@ -213,7 +214,7 @@ def tally(batches: Callable[[], Iterable[torch.Tensor]], thresholds: torch.Tenso
                     unit_area[units_on, cat_index[c]] += area
             for label in lab.image:
                 inter[units_on, label] += area
-    return Tally(inter, unit_area, label_area)
+    return Tally(inter, unit_area, label_area, torch.cat(peaks))
 
 
 # ---------------------------------------------------------------- rotation
@@ -257,8 +258,7 @@ def dissect_layer(maps: np.ndarray, probe: PixelProbe, settings: Settings, rotat
     iou = counts.iou(label_category)
     iou[:, 0] = 0  # label 0 is 'unlabelled'
     best_iou, best = iou.max(dim=1)
-    peaks = torch.cat([a.amax(dim=(2, 3)).cpu() for a in batches()])  # N x C
-    top = peaks.topk(min(settings.top_images, n), dim=0).indices.T  # C x top
+    top = counts.peaks.topk(min(settings.top_images, n), dim=0).indices.T  # C x top
     top_maps = None
     if rotation is None:  # the gallery shows the unrotated layer only
         units = np.arange(top.shape[0])[:, None]

@@ -28,7 +28,7 @@ from PIL import Image
 
 from .concepts import BRODEN_COLORS
 from .errors import UserError
-from .probe import _folder, _listing, random_crop
+from .probe import _folder, _listing, augment, random_crop
 from .spec import PIXEL_CATEGORIES, NetDissectSpec, PixelProbeSpec, resolve_path
 
 BRODEN_META = ("image", "split", "ih", "iw", "sh", "sw")
@@ -256,13 +256,11 @@ def _photos(spec: PixelProbeSpec, base_dir: Path, seed: int, label_size: int, wh
         for name, (_, load) in SAMPLES.items():
             photo = Image.fromarray(np.asarray(load(), dtype=np.uint8)).convert("RGB")
             for k in range(spec.per_image):
-                box, flip = random_crop(*photo.size, random.Random(f"{seed}:{name}:{k}"))
-                image = photo.crop(box).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
-                image = image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
+                image = augment(photo, random.Random(f"{seed}:{name}:{k}"), IMAGE_SIZE)
                 items.append(_memory_item(f"{name}#{k}", image, empty))
         return items
     path = resolve_path(spec.path or "", base_dir)
-    files = (_folder if spec.source == "folder" else _listing)(path, f"{where}")
+    files = (_folder if spec.source == "folder" else _listing)(path, where)
     root = path if path.is_dir() else path.parent
     out = []
     for f in files:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from . import agreement as agree
 from . import analysis, overlays
-from .cache import Cache
+from .cache import Cache, stage_key
 from .data import SampleImage, load_images, manifest_hash
 from .errors import UserError
 from .files import atomic_dir, clean_nan, write_json
@@ -346,7 +346,7 @@ def netdissect_models(loaded: LoadedSpec, models: list[LoadedModel], device: tor
             keys = {job: {"weights": m.weights_hash, "layer": job[0], "input": m.preprocess.as_dict(),
                           "probe": probe.manifest, "settings": settings.as_dict(), "alpha": job[1],
                           "code_version": nd.CODE_VERSION} for job in jobs}
-            done = {job: cache.load("netdissect", _cache_key("netdissect", keys[job])) for job in jobs}
+            done = {job: cache.load("netdissect", stage_key("netdissect", keys[job])) for job in jobs}
             todo = [job for job in jobs if done[job] is None]
             if todo:
                 layers = list(dict.fromkeys(layer for layer, _ in todo))
@@ -357,24 +357,25 @@ def netdissect_models(loaded: LoadedSpec, models: list[LoadedModel], device: tor
                         channels = maps[layer].shape[1]
                         rotation = nd.partial_rotation(nd.random_rotation(channels, spec.seed), alpha)
                     done[(layer, alpha)] = nd.dissect_layer(maps[layer], probe, settings, rotation, device)
-                    cache.save("netdissect", _cache_key("netdissect", keys[(layer, alpha)]), done[(layer, alpha)])
+                    cache.save("netdissect", stage_key("netdissect", keys[(layer, alpha)]), done[(layer, alpha)])
                     what = f"rotated alpha={alpha:g}" if alpha else "dissected"
                     progress.say(f"  {m.id} {layer}: {what}")
                 del maps
             thumbs: dict[int, Image.Image] = {}
             layers_out = []
+            counted = {}
             for layer in m.spec.layers:
                 result = done[(layer, 0.0)]
                 rows = nd.unit_rows(result, probe, ns.iou_threshold)
                 _write_gallery(work, m.id, layer, rows, result, probe, thumbs)
-                counts = nd.layer_counts(rows, categories)
+                counts = counted[layer] = nd.layer_counts(rows, categories)
                 layers_out.append({"layer": layer, "threshold_method": result["threshold_method"], **counts,
                                    "unit_labels": rows})
                 progress.say(f"  {m.id} {layer}: {counts['detectors']} detectors, {counts['unique']} unique concepts")
             rotation_out = None
             if rotated:
-                curve = [done[(rotated, 0.0)]] + [done[(rotated, a)] for a in alphas]
-                points = [nd.layer_counts(nd.unit_rows(r, probe, ns.iou_threshold), categories) for r in curve]
+                points = [counted[rotated]] + [nd.layer_counts(nd.unit_rows(done[(rotated, a)], probe, ns.iou_threshold),
+                                                               categories) for a in alphas]
                 rotation_out = {"layer": rotated, "seed": spec.seed, "alphas": [0.0] + alphas,
                                 "detectors": [p["detectors"] for p in points], "unique": [p["unique"] for p in points],
                                 "per_category": [p["per_category"] for p in points]}
@@ -416,12 +417,6 @@ def _write_gallery(work: Path, model_id: str, layer: str, rows: list[dict], resu
         overlays.unit_strip(images, maps, row["threshold"]).save(work / rel, quality=75)
         row["gallery"] = rel
         row["top_images"] = [probe.items[int(i)].id for i in top]
-
-
-def _cache_key(stage: str, parts: dict) -> str:
-    from .cache import key_of
-
-    return key_of({"stage": stage, **parts})
 
 
 def _write_netdissect_csvs(folder: Path, netdissection: dict) -> None:
