@@ -6,6 +6,7 @@ is named in a notice, never silently compared.
 """
 from __future__ import annotations
 
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from PIL import Image
 from .agreement import iou, top_n_mask
 from .errors import UserError
 from .files import atomic_dir, clean_nan, write_json
-from .render import load_results
+from .rundir import RunFormatError, inside, load_results
 
 SCHEMA_VERSION = 1
 GRADCAM_TOP_FRACTION = 0.2
@@ -47,28 +48,33 @@ def _changes(a: dict, b: dict) -> list[dict]:
     return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
 
 
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def _run_facts(path: Path, r: dict) -> dict:
     p = r["provenance"]
+    stages = {k: v for k, v in _mapping(p.get("stage_seconds")).items() if isinstance(v, (int, float))}
     return {"path": str(path), "run_name": r.get("run_name"), "title": r.get("title"), "started": p.get("started"),
-            "device": p.get("device"), "stage_seconds": p.get("stage_seconds", {}),
-            "weights": p.get("weights_sha256", {}), "images_sha256": p.get("images_sha256")}
+            "device": p.get("device"), "stage_seconds": stages, "weights": _weights(r),
+            "images_sha256": p.get("images_sha256")}
+
+
+def _weights(r: dict) -> dict[str, str]:
+    return {k: v for k, v in _mapping(r["provenance"].get("weights_sha256")).items() if isinstance(v, str)}
 
 
 def load_run(path: Path) -> dict:
-    r = load_results(path)
-    for key in ("schema_version", "models", "explanations", "provenance"):
-        if key not in r:
-            raise UserError(f"{path}/results.json: missing '{key}'; not a report_builder run directory")
-    return r
+    return load_results(path)
 
 
 def _maps(run_dir: Path, record: dict) -> dict[str, np.ndarray]:
-    path = run_dir / record["maps"]
+    path = inside(run_dir, record["maps"], f"maps of {record['model']} on {record['image']}")
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read the saved maps ({exc})") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise RunFormatError(f"{path}: cannot read the saved maps ({type(exc).__name__}: {exc})") from None
 
 
 def _resize(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -186,6 +192,14 @@ def compare_dissection(ra: dict, rb: dict, ma: str, mb: str, notices: list[str])
 def diff_runs(dir_a: Path, dir_b: Path, pairs: list[tuple[str, str]] | None = None) -> dict:
     dir_a, dir_b = Path(dir_a), Path(dir_b)
     ra, rb = load_run(dir_a), load_run(dir_b)
+    try:
+        return _diff(dir_a, dir_b, ra, rb, pairs)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+        raise RunFormatError(f"{dir_a} or {dir_b}: results.json does not have the layout this report_builder writes "
+                             f"({type(exc).__name__}: {str(exc)[:200]}); re-run the specs") from None
+
+
+def _diff(dir_a: Path, dir_b: Path, ra: dict, rb: dict, pairs: list[tuple[str, str]] | None) -> dict:
     ids_a = [m["id"] for m in ra["models"]]
     ids_b = [m["id"] for m in rb["models"]]
     if pairs:
@@ -200,7 +214,7 @@ def diff_runs(dir_a: Path, dir_b: Path, pairs: list[tuple[str, str]] | None = No
     if not pairs:
         notices.append(f"no model is in both runs (A: {', '.join(ids_a)}; B: {', '.join(ids_b)}); "
                        "name pairs with --pair A_ID=B_ID")
-    wa, wb = ra["provenance"].get("weights_sha256", {}), rb["provenance"].get("weights_sha256", {})
+    wa, wb = _weights(ra), _weights(rb)
     models_a = {m["id"]: m for m in ra["models"]}
     models_b = {m["id"]: m for m in rb["models"]}
     out_pairs = []
@@ -212,7 +226,7 @@ def diff_runs(dir_a: Path, dir_b: Path, pairs: list[tuple[str, str]] | None = No
             "predictions": predictions, "maps": maps,
             "dissection": compare_dissection(ra, rb, a, b, notices),
         })
-    pa, pb = ra["provenance"].get("packages", {}), rb["provenance"].get("packages", {})
+    pa, pb = _mapping(ra["provenance"].get("packages")), _mapping(rb["provenance"].get("packages"))
     result = {
         "schema_version": SCHEMA_VERSION,
         "a": _run_facts(dir_a, ra),
@@ -235,8 +249,11 @@ def write_diff(dir_a: Path, dir_b: Path, out: Path, pairs: list[tuple[str, str]]
     """Compute the diff and write diff.json, report.html and report.pdf into `out`, atomically."""
     from .render import render_diff
 
+    from .files import check_output
+
+    check_output(Path(out), "diff", [dir_a, dir_b])
     result = clean_nan(diff_runs(dir_a, dir_b, pairs))
-    with atomic_dir(Path(out)) as work:
+    with atomic_dir(Path(out), "diff", [dir_a, dir_b]) as work:
         write_json(work / "diff.json", result)
         render_diff(work, result)
     return Path(out)

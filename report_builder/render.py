@@ -6,69 +6,98 @@ Templates hold layout; this module holds the numbers they show.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
+# Labels come from users (model names, concepts, image ids): a '$' in them must print as a '$', not start
+# matplotlib's math mode (an odd number of them crashed the renderer).
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape  # noqa: E402
+from jinja2.exceptions import UndefinedError  # noqa: E402
 
 from .errors import UserError  # noqa: E402
+from .files import atomic_write, output_error, owned_folder, remove_stale  # noqa: E402
+from .rundir import RunFormatError, inside, load_results  # noqa: E402
 from .spec import METHOD_TITLES  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 PALETTE = ["#3b6ea5", "#d1495b", "#edae49", "#00798c", "#66a182", "#8d6a9f"]
-
-
-def load_results(run_dir: Path) -> dict:
-    path = Path(run_dir) / "results.json"
-    if not Path(run_dir).is_dir():
-        raise UserError(f"{run_dir}: no such run directory")
-    if not path.is_file():
-        raise UserError(f"{run_dir}: not a run directory (no results.json)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+REPORT_FILES = ("figures", "report.html", "report.pdf")
 
 
 def render_run(run_dir: Path, results: dict | None = None) -> None:
-    """Write figures/, report.html and report.pdf into `run_dir`."""
+    """Write figures/, report.html and report.pdf into `run_dir`.
+
+    With `results` given (a run being written, in its temporary folder) they are written in place. Without,
+    results.json is read and checked, everything is rendered into a temporary folder inside the run, and
+    only a complete rendering replaces the old one: a failure leaves the run as it was.
+    """
     run_dir = Path(run_dir)
-    results = results if results is not None else load_results(run_dir)
-    figures = make_figures(run_dir, results)
+    if results is not None:
+        _render_into(run_dir, run_dir, results)
+        return
+    results = load_results(run_dir)
+    try:
+        remove_stale(run_dir, "render")
+        stage = run_dir / f".render.partial-{os.getpid()}"
+        shutil.rmtree(stage, ignore_errors=True)
+        owned_folder(stage)
+    except OSError as exc:
+        raise output_error(exc, run_dir) from None
+    try:
+        try:
+            _render_into(stage, run_dir, results)
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError, UndefinedError) as exc:
+            raise RunFormatError(f"{run_dir / 'results.json'}: does not have the layout this report_builder writes "
+                                 f"({type(exc).__name__}: {str(exc)[:200]}); re-run the spec, or render it with the "
+                                 "version that wrote it") from None
+        for name in REPORT_FILES:
+            new, old = stage / name, run_dir / name
+            if not new.exists():
+                continue
+            if new.is_dir() and old.is_dir():
+                old.rename(stage / f"{name}.old")
+            os.replace(new, old)
+    except OSError as exc:
+        raise output_error(exc, run_dir) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _render_into(out_dir: Path, run_dir: Path, results: dict) -> None:
+    """Figures into out_dir/figures and the reports into out_dir, reading the run's files from run_dir."""
+    figures = make_figures(out_dir, run_dir, results)
     html = render_html(run_dir, results, figures)
-    _atomic_write(run_dir / "report.html", html.encode("utf-8"))
+    atomic_write(out_dir / "report.html", html.encode("utf-8"))
     # The PDF shows each layer's top units; the HTML every unit.
     printed = html if "netdissect" not in results else render_html(run_dir, results, figures, every_unit=False)
-    write_pdf(printed, run_dir / "report.pdf", run_dir)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_pdf(printed, out_dir / "report.pdf", out_dir)
 
 
 def write_pdf(html: str, path: Path, base: Path) -> None:
     from weasyprint import HTML
 
-    tmp = path.with_name(path.name + ".tmp")
-    HTML(string=html, base_url=str(base)).write_pdf(str(tmp))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        HTML(string=html, base_url=str(base)).write_pdf(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- figures
 
 
-def make_figures(run_dir: Path, results: dict) -> dict[str, list[dict]]:
-    """Every figure as {path, caption}, grouped by the section that shows it."""
-    out_dir = run_dir / "figures"
+def make_figures(target: Path, run_dir: Path, results: dict) -> dict[str, list[dict]]:
+    """Every figure as {path, caption}, grouped by the section that shows it, written to target/figures."""
+    out_dir = target / "figures"
     out_dir.mkdir(exist_ok=True)
     figs: dict[str, list[dict]] = defaultdict(list)
     names = {m["id"]: m["display"] for m in results["models"]}
@@ -290,7 +319,8 @@ def galleries(run_dir: Path, results: dict, every_unit: bool) -> list[dict]:
         for x in m["layers"]:
             units = sorted(x["unit_labels"], key=lambda u: -u["iou"])[:limit]
             out.append({"model": m["model"], "layer": x["layer"], "total": len(x["unit_labels"]),
-                        "units": [{**u, "src": _data_uri(run_dir / u["gallery"])} for u in units]})
+                        "units": [{**u, "src": _data_uri(inside(run_dir, u["gallery"], "netdissect gallery"))}
+                                  for u in units]})
     return out
 
 
@@ -301,7 +331,7 @@ def _comparison_grid(run_dir: Path, rows: list[dict], methods: list[str], names:
         panels = [("Input", e["original"])] + [(METHOD_TITLES[m], e["methods"][m]["overlay"]) for m in methods]
         for c, (title, rel) in enumerate(panels):
             ax = axes[r][c]
-            ax.imshow(plt.imread(run_dir / rel))
+            ax.imshow(plt.imread(inside(run_dir, rel, f"explanations of {e['image']}")))
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -471,5 +501,5 @@ def render_diff(out_dir: Path, diff: dict) -> None:
     env = environment()
     css = (TEMPLATES / "report.css").read_text()
     html = env.get_template("diff.html").render(d=diff, css=css, figures=figures)
-    _atomic_write(out_dir / "report.html", html.encode("utf-8"))
+    atomic_write(out_dir / "report.html", html.encode("utf-8"))
     write_pdf(html, out_dir / "report.pdf", out_dir)
