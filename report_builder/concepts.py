@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from .errors import UserError
+from .files import read_text
 from .spec import resolve_path
 
 # The 11 colour names of the Broden dataset.
@@ -56,17 +57,34 @@ def _named(name: str) -> list[str]:
     }[name]()
 
 
+MAX_CONCEPT_LENGTH = 100  # characters; CLIP reads at most 77 tokens, and labels must fit a chart
+MAX_CONCEPTS = 200_000
+
+
+def read_concept_file(path: Path, where: str) -> list[str]:
+    """One concept per line; blank lines and lines starting with '#' are skipped."""
+    lines = read_text(path, where, "concept file").splitlines()
+    words = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        if len(line) > MAX_CONCEPT_LENGTH:
+            raise UserError(f"{where}: concept file {path}, line {n}: a concept of {len(line):,} characters; "
+                            f"concepts are at most {MAX_CONCEPT_LENGTH}")
+        words.append(line)
+    if not words:
+        raise UserError(f"{where}: concept file {path} is empty")
+    if len(words) > MAX_CONCEPTS:
+        raise UserError(f"{where}: concept file {path} has {len(words):,} concepts; at most {MAX_CONCEPTS:,}")
+    return words
+
+
 def load_concepts(sets: tuple[str, ...], base_dir: Path, where: str = "dissect.concepts") -> list[str]:
     """Every named set and text file, cleaned, combined in order, duplicates dropped."""
     names: list[str] = []
     for i, entry in enumerate(sets):
         if entry.endswith(".txt"):
-            path = resolve_path(entry, base_dir)
-            if not path.is_file():
-                raise UserError(f"{where}[{i}]: concept file {path} does not exist")
-            words = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
-            if not words:
-                raise UserError(f"{where}[{i}]: concept file {path} is empty")
+            words = read_concept_file(resolve_path(entry, base_dir), f"{where}[{i}]")
         else:
             words = _named(entry)
         names.extend(clean(w) for w in words)

@@ -1,15 +1,16 @@
 """Image sets: the spec's `images:` -> decoded RGB images with stable ids and content hashes."""
 from __future__ import annotations
 
-import glob as globlib
 import hashlib
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 from .spec import ImagesSpec, resolve_path
@@ -92,30 +93,159 @@ def pixel_hash(image: Image.Image) -> str:
     return h.hexdigest()
 
 
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # about 89 million (9,459 pixels square): Pillow's own decompression-bomb bound
+MAX_FILES = 200_000  # files a folder or glob may list
+
+
 def open_image(path: Path, where: str) -> Image.Image:
-    """Decode fully now, so a truncated or corrupt file fails here with its name, not later."""
+    """Decode fully now, so a truncated, corrupt or oversized file fails here with its name, not later."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise UserError(f"{where}: image {path} is {w} x {h} pixels; images of at most "
+                                    f"{MAX_PIXELS:,} pixels are read. Resize it first")
+                im.load()
+                return to_rgb(im, path, where)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UserError(f"{where}: image {path} is too large to decode safely ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise UserError(f"{where}: cannot read image {path}: {exc}") from None
 
 
-def _safe_id(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "image"
+def to_rgb(im: Image.Image, path: Path | str = "", where: str = "images") -> Image.Image:
+    """Any mode Pillow decodes -> 8-bit RGB, with the orientation its EXIF data asks for.
+
+    16-bit greyscale is scaled to 8 bits (Pillow's convert clips it, which turns most of it white); 32-bit
+    integer images are read as 16-bit, floating-point ones must lie in [0, 1]; transparent pixels are
+    composited on white instead of showing whatever colour they hide.
+    """
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I"):
+        arr = np.asarray(im).astype(np.float64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise UserError(f"{where}: image {path} holds integer values from {arr.min():g} to {arr.max():g}; "
+                            "expected 8- or 16-bit pixels")
+        return Image.fromarray(np.round(arr / 257.0).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        if arr.size and (not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1):
+            raise UserError(f"{where}: image {path} holds floating-point values outside [0, 1]; "
+                            "convert it to an 8-bit image first")
+        return Image.fromarray(np.round(arr * 255).astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def safe_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.-")[:ID_LENGTH].strip("_.-") or "image"
+
+
+ID_LENGTH = 60
+
+
+def unique_ids(names: list[str]) -> list[str]:
+    """File-name-safe ids, one per name, unique after sanitising and regardless of case (some file systems
+    ignore it). A clash gets the first `_2`, `_3`, ... that is neither used nor another name's own id: `a b`,
+    `a_b`, `a_b_2` -> a_b, a_b_3, a_b_2."""
+    bases = [safe_id(n) for n in names]
+    own = {b.lower() for b in bases}
+    ids: list[str] = []
+    used: set[str] = set()
+    for base in bases:
+        candidate, n = base, 1
+        while candidate.lower() in used or (candidate != base and candidate.lower() in own):
+            n += 1
+            candidate = f"{base}_{n}"
+        used.add(candidate.lower())
+        ids.append(candidate)
+    return ids
 
 
 def _unique_ids(paths: list[Path], root: Path | None) -> list[str]:
-    ids: list[str] = []
-    seen: dict[str, int] = {}
-    for p in paths:
-        rel = p.relative_to(root).with_suffix("") if root and p.is_relative_to(root) else Path(p.stem)
-        base = _safe_id(str(rel).replace("/", "__"))
-        n = seen.get(base, 0)
-        seen[base] = n + 1
-        ids.append(base if n == 0 else f"{base}_{n + 1}")
-    return ids
+    names = [str(p.relative_to(root).with_suffix("")).replace("/", "__") if root and p.is_relative_to(root) else p.stem
+             for p in paths]
+    return unique_ids(names)
+
+
+def walk_files(root: Path, where: str) -> list[Path]:
+    """Every file under `root`, sorted. Linked folders are followed, but each folder is entered once (a link
+    loop ends there) and each file is taken once, however many links lead to it. Hidden names are skipped."""
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    out: list[Path] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+        except OSError:
+            continue  # a broken link
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            raise UserError(f"{where}: cannot read folder {folder} ({exc.strerror})") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    stack.append(Path(entry.path))
+                elif entry.is_file():
+                    est = entry.stat()
+                    if (est.st_dev, est.st_ino) not in seen_files:
+                        seen_files.add((est.st_dev, est.st_ino))
+                        out.append(Path(entry.path))
+            except OSError:
+                continue
+        if len(out) > MAX_FILES:
+            raise UserError(f"{where}: {root} holds more than {MAX_FILES:,} files; point it at a smaller folder")
+    return sorted(out)
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob over '/'-separated relative paths: `**/` any folders (or none), `*` and `?` within a name, `[...]`."""
+    out, i = "", 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:[^/]+/)*", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif c == "*":
+            out, i = out + "[^/]*", i + 1
+        elif c == "?":
+            out, i = out + "[^/]", i + 1
+        elif c == "[" and "]" in pattern[i + 2 :]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1 : end].replace("\\", "\\\\")
+            out, i = out + "[" + ("^" + body[1:] if body.startswith("!") else body) + "]", end + 1
+        else:
+            out, i = out + re.escape(c), i + 1
+    return re.compile(out + r"\Z")
+
+
+def glob_files(pattern: str, base_dir: Path, where: str) -> list[Path]:
+    """The files a glob pattern matches, with walk_files' guarantees (no link loops, each file once)."""
+    full = resolve_path(pattern, base_dir)
+    parts = full.parts
+    first_magic = next((i for i, p in enumerate(parts) if any(ch in p for ch in "*?[")), len(parts))
+    root = Path(*parts[:first_magic]) if first_magic else Path(".")
+    rest = "/".join(parts[first_magic:])
+    if not rest:
+        return [full] if full.is_file() else []
+    if not root.is_dir():
+        return []
+    regex = _glob_regex(rest)
+    return [p for p in walk_files(root, where) if regex.match(p.relative_to(root).as_posix())]
 
 
 def image_files(spec: ImagesSpec, base_dir: Path, where: str) -> tuple[list[Path], Path | None]:
@@ -124,21 +254,25 @@ def image_files(spec: ImagesSpec, base_dir: Path, where: str) -> tuple[list[Path
         folder = resolve_path(spec.path or "", base_dir)
         if not folder.is_dir():
             raise UserError(f"{where}.path: folder {folder} does not exist")
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = [p for p in walk_files(folder, f"{where}.path") if p.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
             raise UserError(f"{where}.path: folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         return files, folder
     if spec.source == "glob":
         pattern = spec.pattern or ""
-        full = str(resolve_path(pattern, base_dir))
-        files = sorted(Path(p) for p in globlib.glob(full, recursive=True) if Path(p).is_file())
+        files = glob_files(pattern, base_dir, f"{where}.pattern")
         if not files:
             raise UserError(f"{where}.pattern: {pattern!r} matches no files (looked from {base_dir})")
         return files, None
     files = [resolve_path(f, base_dir) for f in spec.files]
+    seen: dict[Path, int] = {}
     for i, f in enumerate(files):
         if not f.is_file():
             raise UserError(f"{where}.files[{i}]: file {f} does not exist")
+        real = f.resolve()
+        if real in seen:
+            raise UserError(f"{where}.files[{i}]: {f} is the same file as files[{seen[real]}]; list each image once")
+        seen[real] = i
     return files, None
 
 

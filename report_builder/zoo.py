@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import UserError
+from .files import read_text
 from .spec import ModelSpec, resolve_path
 
 PLACES365_URL = "http://places2.csail.mit.edu/models_places365/{arch}_places365.pth.tar"
@@ -100,11 +101,13 @@ def places365_classes() -> list[str]:
 
 
 def read_class_file(path: Path, where: str) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"{where}: class-name file {path} does not exist")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in read_text(path, where, "class-name file").splitlines() if line.strip()]
     if not names:
         raise UserError(f"{where}: class-name file {path} is empty")
+    long = next((n for n, name in enumerate(names, start=1) if len(name) > 200), None)
+    if long:
+        raise UserError(f"{where}: class-name file {path}, name {long}: {len(names[long - 1]):,} characters; "
+                        "at most 200")
     return names
 
 
@@ -325,6 +328,7 @@ def load_model(spec: ModelSpec, base_dir: Path, where: str, device: torch.device
     """Build the model, put it in eval mode on `device`, resolve its target layer and hash its weights."""
     loaded = LOADERS[spec.source](spec, base_dir, where)
     module = loaded.module.eval()
+    check_finite(module, where)
     loaded.weights_hash = weights_hash(module)
     loaded.layer_names = [name for name, _ in module.named_modules() if name]
     # channels_last halves CPU inference time for these conv nets (measured in `make bench`).
@@ -374,6 +378,16 @@ def default_target_layer(module: nn.Module, input_size: int, device: torch.devic
     if not spatial:
         raise UserError("could not find a convolutional block to explain; set target_layer in the spec")
     return spatial[-1]
+
+
+def check_finite(module: nn.Module, where: str) -> None:
+    """Refuse weights holding NaN or infinity: every explanation of them would be NaN (and LIME's regression fails)."""
+    bad = [(name, int((~torch.isfinite(t)).sum())) for name, t in module.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        name, count = bad[0]
+        raise UserError(f"{where}: the weights hold values that are not finite (NaN or infinity) in {len(bad)} "
+                        f"tensor(s), e.g. {count:,} in {name}; the checkpoint is damaged or its training diverged")
 
 
 def weights_hash(module: nn.Module) -> str:
