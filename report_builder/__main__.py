@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                                                     "or ~/.cache/report_builder)")
 
     val = sub.add_parser("validate", help="check a spec without running it",
-                         description="Validate a spec file: every problem is listed with its key path.")
+                         description="Validate a spec file and everything a run checks before it starts: images "
+                                     "decoded, models and their layers loaded, probe sets and concept files found. "
+                                     "Every problem is listed with its key path.")
     val.add_argument("spec", type=Path, help="the YAML spec file")
 
     ren = sub.add_parser("render", help="re-render report.html and report.pdf from a run directory",
@@ -49,11 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "validate":
+            import io
+
+            from .runner import Progress, pick_device, preflight
             from .spec import load_spec
 
             loaded = load_spec(args.spec)
             s = loaded.spec
-            print(f"{args.spec}: ok — {len(s.models)} model(s), images from {s.images.source}, "
+            images, models = preflight(loaded, pick_device(s.device), Progress(io.StringIO()))
+            print(f"{args.spec}: ok — {len(models)} model(s), {len(images)} image(s), "
                   f"methods {', '.join(s.explain.methods)}; output/{loaded.run_name}")
             return 0
         if args.command == "run":
@@ -86,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the machine said no: a full or read-only disk, a permission
+        from .files import os_error_text
+
+        print(f"error: {os_error_text(exc)}; any output of this command was left out", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130

@@ -83,6 +83,7 @@ def findings(results: dict) -> list[dict]:
         out.extend(fn(results))
     for f in out:
         f.setdefault("question", None)
+        f.setdefault("timing", False)  # computed from wall-clock times: differs between runs (see rundir.TIMING_KEYS)
     return out
 
 
@@ -191,11 +192,10 @@ def _agreement_findings(results: dict) -> list[dict]:
         text = (
             f"On {names[s['model']]}, LIME and Grad-CAM agree most on {s['best_image']} (IoU {_f(s['best_iou'])}) "
             f"and least on {s['worst_image']} (IoU {_f(s['worst_iou'])}); the mean IoU over "
-            f"{s['images_defined']} images is {_f(s['mean_iou'])}, and LIME took {_f(s['mean_lime_seconds'], 1)} s "
-            "per image on average."
+            f"{s['images_defined']} images is {_f(s['mean_iou'])}."
         )
         out.append({"id": f"agreement-{s['model']}", "section": "agreement", "question": "q6", "text": text,
-                    "numbers": {k: s[k] for k in ("best_iou", "worst_iou", "mean_iou", "mean_lime_seconds")}})
+                    "numbers": {k: s[k] for k in ("best_iou", "worst_iou", "mean_iou")}})
     return out
 
 
@@ -221,21 +221,53 @@ def _cam_ranking_findings(results: dict) -> list[dict]:
 
 
 def _speed_findings(results: dict) -> list[dict]:
+    """Which method is fastest, with the spread behind it. Timings change from run to run and with the machine's
+    load, so these findings are marked `timing` and say when the order is within the noise."""
     per_method: dict[str, list[float]] = defaultdict(list)
-    for t in results["timings"]:
-        per_method[t["method"]].extend([t["mean_seconds"]] * t["images"])
+    for e in results["explanations"]:
+        for method, entry in e["methods"].items():
+            if not entry.get("cached"):  # a cached result's time was measured in another run
+                per_method[method].append(entry["seconds"])
+    if not per_method:
+        for e in results["explanations"]:
+            for method, entry in e["methods"].items():
+                per_method[method].append(entry["seconds"])
     if len(per_method) < 2:
         return []
-    means = {m: statistics.fmean(v) for m, v in per_method.items()}
-    fastest = min(means, key=means.get)
-    slowest = max(means, key=means.get)
-    ratio = means[slowest] / means[fastest] if means[fastest] > 0 else None
-    text = (
-        f"{METHOD_TITLES[fastest]} is the fastest method ({_f(means[fastest])} s per image, averaged over models) "
-        f"and {METHOD_TITLES[slowest]} the slowest ({_f(means[slowest])} s)"
-        + (f", {ratio:.0f} times slower." if ratio else ".")
-    )
-    return [{"id": "speed", "section": "timings", "question": "q5", "text": text, "numbers": {"mean_seconds": means, "ratio": ratio}}]
+    stats = {m: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": len(v)}
+             for m, v in per_method.items()}
+    order = sorted(stats, key=lambda m: stats[m]["median"])
+    fastest, second, slowest = order[0], order[1], order[-1]
+
+    def spread(m: str) -> str:
+        s = stats[m]
+        return f"{_f(s['median'])} s per image (median of {s['runs']}; {_f(s['min'])}–{_f(s['max'])} s)"
+
+    overlap = stats[second]["min"] <= stats[fastest]["max"]
+    if overlap:
+        text = (f"{METHOD_TITLES[fastest]} and {METHOD_TITLES[second]} are about equally fast: {spread(fastest)} "
+                f"against {spread(second)}; their ranges overlap, so their order can change from run to run.")
+    else:
+        text = f"{METHOD_TITLES[fastest]} is the fastest method: {spread(fastest)}."
+    ratio = stats[slowest]["median"] / stats[fastest]["median"] if stats[fastest]["median"] > 0 else None
+    if slowest not in (fastest, second) or not overlap:
+        text += f" {METHOD_TITLES[slowest]} is the slowest: {spread(slowest)}"
+        text += f", about {ratio:.0f} times the fastest." if ratio else "."
+    lime = [(e["model"], e["methods"]["lime"]["seconds"]) for e in results["explanations"] if "lime" in e["methods"]]
+    out = [{"id": "speed", "section": "timings", "question": "q5", "timing": True, "text": text,
+            "numbers": {"median_seconds": {m: stats[m]["median"] for m in order}, "ratio": ratio,
+                        "ranges_overlap": overlap}}]
+    if lime:
+        names = _display(results)
+        per_model = defaultdict(list)
+        for model, seconds in lime:
+            per_model[model].append(seconds)
+        text = "LIME took " + "; ".join(
+            f"{_f(statistics.median(v), 1)} s per image on {names[m]} ({_f(min(v), 1)}–{_f(max(v), 1)} s)"
+            for m, v in per_model.items()) + " (medians and ranges; wall-clock times vary between runs)."
+        out.append({"id": "lime-time", "section": "agreement", "question": "q6", "timing": True, "text": text,
+                    "numbers": {m: statistics.median(v) for m, v in per_model.items()}})
+    return out
 
 
 def _prediction_findings(results: dict) -> list[dict]:

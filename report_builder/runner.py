@@ -26,12 +26,11 @@ from . import analysis, overlays
 from .cache import Cache, stage_key
 from .data import SampleImage, load_images, manifest_hash
 from .errors import UserError
-from .files import atomic_dir, clean_nan, write_json
+from .files import atomic_dir, check_output, clean_nan, write_json
 from .explain import EXPLAINERS, Settings, cache_parts, predict, top_k
 from .spec import CAM_METHODS, METHOD_TITLES, LoadedSpec, resolve_batch
+from .rundir import SCHEMA_VERSION, TIMING_KEYS
 from .zoo import LoadedModel, get_layer, load_model
-
-SCHEMA_VERSION = 1
 PACKAGES = ("report_builder", "torch", "torchvision", "timm", "grad-cam", "lime", "numpy", "scikit-image",
             "scikit-learn", "matplotlib", "jinja2", "weasyprint", "pillow", "pydantic", "pyyaml")
 
@@ -39,13 +38,13 @@ PACKAGES = ("report_builder", "torch", "torchvision", "timm", "grad-cam", "lime"
 class Progress:
     """One line per step on stderr, with elapsed time; stage durations kept for provenance."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream  # None: whatever sys.stderr is when a line is written
         self.durations: dict[str, float] = {}
         self.start = time.perf_counter()
 
     def say(self, text: str) -> None:
-        print(f"[{time.perf_counter() - self.start:7.1f}s] {text}", file=self.stream, flush=True)
+        print(f"[{time.perf_counter() - self.start:7.1f}s] {text}", file=self.stream or sys.stderr, flush=True)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -87,8 +86,10 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
 
     progress = progress or Progress()
     cache = cache or Cache()
+    cache.warn_to = lambda text: progress.say(f"warning: {text}")
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as work:
+    check_output(out_dir, "run")  # before any work: a folder that is not ours is refused at once
+    with atomic_dir(out_dir, "run") as work:
         results = _compute(loaded, work, cache, progress)
         results["provenance"]["stage_seconds"] = {k: round(v, 3) for k, v in progress.durations.items()}
         with progress.stage("render report"):
@@ -109,41 +110,7 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
     np.random.seed(spec.seed)
     progress.say(f"spec {loaded.path} -> {work.name.split('.partial')[0].lstrip('.')} on {device_description(device)}")
 
-    with progress.stage("load images"):
-        images = load_images(spec.images, loaded.base_dir)
-        progress.say(f"  {len(images)} images: {', '.join(im.id for im in images)}")
-
-    # Everything a run needs from disk is checked up front, and every problem is reported at once:
-    # offline, a user learns about all the files to fetch from one run, not one per run.
-    models: list[LoadedModel] = []
-    problems: list[str] = []
-    with progress.stage("load models"):
-        for entry in spec.expanded_models():
-            mspec, where = entry.spec, entry.where
-            try:
-                m = load_model(mspec, loaded.base_dir, where, device)
-                m.group, m.version = entry.group, entry.version
-                for j, layer in enumerate(mspec.layers):
-                    get_layer(m, layer, f"{where.split('.versions')[0]}.layers[{j}]")
-            except UserError as exc:
-                problems.append(str(exc))
-                continue
-            progress.say(f"  {m.id}: {m.origin}; target layer {m.target_layer}; weights {m.weights_hash[:12]}")
-            models.append(m)
-    if spec.dissect is not None:
-        from .probe import check_probe
-
-        try:
-            check_probe(spec.dissect.probe, loaded.base_dir)
-        except UserError as exc:
-            problems.append(str(exc))
-    if spec.netdissect is not None:
-        from .pixel_labels import check_pixel_probe
-
-        problems.extend(check_pixel_probe(spec.netdissect, loaded.base_dir))
-    if problems:
-        raise UserError("\n".join(problems))
-
+    images, models = preflight(loaded, device, progress)
     dissection = None
     if spec.dissect is not None:
         dissection = dissect_models(loaded, models, device, cache, progress)
@@ -182,6 +149,11 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
             "thresholds": list(spec.agreement.thresholds),
             "rows": agreement_rows,
         },
+        "reproducibility": {
+            "timing_keys": list(TIMING_KEYS),
+            "note": "Two runs of the same spec on the same device give the same results.json except for these keys: "
+                    "wall-clock timings, the cache's state, and the findings marked timing: true.",
+        },
         "provenance": {
             "started": started,
             "device": device_description(device),
@@ -209,12 +181,65 @@ def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -
     return results
 
 
+def preflight(loaded: LoadedSpec, device: torch.device, progress: Progress) -> tuple[list[SampleImage], list[LoadedModel]]:
+    """Everything a run needs from disk, checked before any work: images decoded, models loaded with their layers,
+    probe sets and concept files found. Every problem is reported at once: offline, a user learns about all the
+    files to fetch from one run, not one per run."""
+    spec = loaded.spec
+    problems: list[str] = []
+    images: list[SampleImage] = []
+    with progress.stage("load images"):
+        try:
+            images = load_images(spec.images, loaded.base_dir)
+            progress.say(f"  {len(images)} images: {', '.join(im.id for im in images)}")
+        except UserError as exc:
+            problems.append(str(exc))
+    models: list[LoadedModel] = []
+    with progress.stage("load models"):
+        for entry in spec.expanded_models():
+            mspec, where = entry.spec, entry.where
+            try:
+                m = load_model(mspec, loaded.base_dir, where, device)
+                m.group, m.version = entry.group, entry.version
+                for j, layer in enumerate(mspec.layers):
+                    get_layer(m, layer, f"{where.split('.versions')[0]}.layers[{j}]")
+            except UserError as exc:
+                problems.append(str(exc))
+                continue
+            progress.say(f"  {m.id}: {m.origin}; target layer {m.target_layer}; weights {m.weights_hash[:12]}")
+            models.append(m)
+    if spec.dissect is not None:
+        from .concepts import load_concepts
+        from .probe import check_probe
+
+        try:
+            check_probe(spec.dissect.probe, loaded.base_dir)
+        except UserError as exc:
+            problems.append(str(exc))
+        if any(s.kind == "clip" for s in spec.dissect.scorers):
+            try:
+                load_concepts(spec.dissect.concepts, loaded.base_dir)
+            except UserError as exc:
+                problems.append(str(exc))
+    if spec.netdissect is not None:
+        from .pixel_labels import check_pixel_probe
+
+        problems.extend(check_pixel_probe(spec.netdissect, loaded.base_dir))
+    if problems:
+        raise UserError("\n".join(problems))
+    return images, models
+
+
 def explain_model(m: LoadedModel, images: list[SampleImage], settings: Settings, thresholds: tuple[float, ...],
                   cache: Cache, work: Path, progress: Progress) -> Iterator[dict]:
     """Predictions, every method's map, overlays and LIME-vs-CAM agreement, one image at a time."""
     methods = settings.explain.methods
     crops = np.stack([m.preprocess.crop(im.image) for im in images])
     probs = predict(m, crops, settings.device)
+    bad = [im.id for im, p in zip(images, probs) if not np.isfinite(p).all()]
+    if bad:
+        raise UserError(f"model {m.id}: its outputs are not finite (NaN or infinity) on {', '.join(bad[:5])}; "
+                        "its weights or its inputs make it overflow, so nothing can be explained")
     folder = work / "explanations" / m.id
     folder.mkdir(parents=True, exist_ok=True)
     for n, (im, crop, p) in enumerate(zip(images, crops, probs), start=1):

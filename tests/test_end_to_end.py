@@ -8,6 +8,7 @@ import pytest
 from pypdf import PdfReader
 
 from report_builder.__main__ import main
+from report_builder.rundir import without_timings
 
 SPEC = """
 title: "End-to-end check"
@@ -183,16 +184,7 @@ def test_two_runs_give_the_same_results_except_timings(tmp_path):
     assert main(["run", str(spec), "--out", str(b), "--no-cache"]) == 0
 
     def strip(path):
-        r = json.loads((path / "results.json").read_text())
-        for key in ("started", "finished", "stage_seconds", "cache"):
-            r["provenance"].pop(key)
-        for e in r["explanations"]:
-            for m in e["methods"].values():
-                m.pop("seconds")
-        r.pop("timings")
-        r["findings"] = [f for f in r["findings"] if f["section"] != "timings" and "took" not in f["text"]]
-        for s in r["agreement"]["summary"]:
-            s.pop("mean_lime_seconds")
+        r = without_timings(json.loads((path / "results.json").read_text()))
         r["findings"] = [{k: v for k, v in f.items() if k == "id"} for f in r["findings"]]
         return r
 

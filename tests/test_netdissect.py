@@ -216,7 +216,7 @@ def _write_broden(root, rows_extra=True):
 
 def test_broden_label_png_decodes_red_plus_256_green(tmp_path):
     _write_broden(tmp_path)
-    decoded = decode_label_png(tmp_path / "images" / "a_object.png")
+    decoded = decode_label_png(tmp_path / "images" / "a_object.png", "test")
     assert decoded[0, 0] == 300 and decoded[3, 0] == 7 and decoded[3, 3] == 0
 
 

