@@ -268,7 +268,8 @@ def image_files(spec: ImagesSpec, base_dir: Path, where: str) -> tuple[list[Path
     seen: dict[Path, int] = {}
     for i, f in enumerate(files):
         if not f.is_file():
-            raise UserError(f"{where}.files[{i}]: file {f} does not exist")
+            what = "is not a regular file" if f.exists() else "does not exist"
+            raise UserError(f"{where}.files[{i}]: file {f} {what}")
         real = f.resolve()
         if real in seen:
             raise UserError(f"{where}.files[{i}]: {f} is the same file as files[{seen[real]}]; list each image once")

@@ -127,7 +127,8 @@ def load_checkpoint(path: Path, where: str) -> dict[str, torch.Tensor]:
     """A state_dict from a file: plain, or wrapped in {'state_dict': ...} / {'model': ...},
     with DataParallel's `module.` prefix removed (the CSAIL Places365 checkpoints carry it)."""
     if not path.is_file():
-        raise UserError(f"{where}: checkpoint {path} does not exist")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise UserError(f"{where}: checkpoint {path} {what}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
