@@ -6,7 +6,6 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import read_text
-from .spec import resolve_path
 
 # The 11 colour names of the Broden dataset.
 BRODEN_COLORS = ("black", "blue", "brown", "green", "grey", "orange", "pink", "purple", "red", "white", "yellow")
@@ -79,12 +78,12 @@ def read_concept_file(path: Path, where: str) -> list[str]:
     return words
 
 
-def load_concepts(sets: tuple[str, ...], base_dir: Path, where: str = "dissect.concepts") -> list[str]:
+def load_concepts(sets: tuple[str, ...], where: str = "dissect.concepts") -> list[str]:
     """Every named set and text file, cleaned, combined in order, duplicates dropped."""
     names: list[str] = []
     for i, entry in enumerate(sets):
         if entry.endswith(".txt"):
-            words = read_concept_file(resolve_path(entry, base_dir), f"{where}[{i}]")
+            words = read_concept_file(Path(entry), f"{where}[{i}]")
         else:
             words = _named(entry)
         names.extend(clean(w) for w in words)

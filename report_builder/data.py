@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
-from .spec import ImagesSpec, resolve_path
+from .spec import ImagesSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -99,6 +99,9 @@ MAX_FILES = 200_000  # files a folder or glob may list
 
 def open_image(path: Path, where: str) -> Image.Image:
     """Decode fully now, so a truncated, corrupt or oversized file fails here with its name, not later."""
+    Image.init()  # every format plugin, in every process: a file fails the same way wherever it is read
+    # A truncated file is an error, whatever another library (WeasyPrint) set this process-wide flag to.
+    truncated, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -113,6 +116,8 @@ def open_image(path: Path, where: str) -> Image.Image:
         raise UserError(f"{where}: image {path} is too large to decode safely ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise UserError(f"{where}: cannot read image {path}: {exc}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated
 
 
 def to_rgb(im: Image.Image, path: Path | str = "", where: str = "images") -> Image.Image:
@@ -233,9 +238,9 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile(out + r"\Z")
 
 
-def glob_files(pattern: str, base_dir: Path, where: str) -> list[Path]:
+def glob_files(pattern: str, where: str) -> list[Path]:
     """The files a glob pattern matches, with walk_files' guarantees (no link loops, each file once)."""
-    full = resolve_path(pattern, base_dir)
+    full = Path(pattern).expanduser()
     parts = full.parts
     first_magic = next((i for i, p in enumerate(parts) if any(ch in p for ch in "*?[")), len(parts))
     root = Path(*parts[:first_magic]) if first_magic else Path(".")
@@ -248,10 +253,10 @@ def glob_files(pattern: str, base_dir: Path, where: str) -> list[Path]:
     return [p for p in walk_files(root, where) if regex.match(p.relative_to(root).as_posix())]
 
 
-def image_files(spec: ImagesSpec, base_dir: Path, where: str) -> tuple[list[Path], Path | None]:
+def image_files(spec: ImagesSpec, where: str) -> tuple[list[Path], Path | None]:
     """The files an `images:` entry names, sorted, and the folder ids are relative to."""
     if spec.source == "folder":
-        folder = resolve_path(spec.path or "", base_dir)
+        folder = Path(spec.path or "")
         if not folder.is_dir():
             raise UserError(f"{where}.path: folder {folder} does not exist")
         files = [p for p in walk_files(folder, f"{where}.path") if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -260,11 +265,11 @@ def image_files(spec: ImagesSpec, base_dir: Path, where: str) -> tuple[list[Path
         return files, folder
     if spec.source == "glob":
         pattern = spec.pattern or ""
-        files = glob_files(pattern, base_dir, f"{where}.pattern")
+        files = glob_files(pattern, f"{where}.pattern")
         if not files:
-            raise UserError(f"{where}.pattern: {pattern!r} matches no files (looked from {base_dir})")
+            raise UserError(f"{where}.pattern: {pattern!r} matches no files")
         return files, None
-    files = [resolve_path(f, base_dir) for f in spec.files]
+    files = [Path(f) for f in spec.files]
     seen: dict[Path, int] = {}
     for i, f in enumerate(files):
         if not f.is_file():
@@ -277,7 +282,7 @@ def image_files(spec: ImagesSpec, base_dir: Path, where: str) -> tuple[list[Path
     return files, None
 
 
-def load_images(spec: ImagesSpec, base_dir: Path, where: str = "images") -> list[SampleImage]:
+def load_images(spec: ImagesSpec, where: str = "images") -> list[SampleImage]:
     if spec.source == "samples":
         names = list(spec.names or DEFAULT_SAMPLES)
         for i, name in enumerate(names):
@@ -290,7 +295,7 @@ def load_images(spec: ImagesSpec, base_dir: Path, where: str = "images") -> list
             image = Image.fromarray(np.asarray(load(), dtype=np.uint8)).convert("RGB")
             out.append(SampleImage(name, origin, image, pixel_hash(image)))
         return out
-    files, root = image_files(spec, base_dir, where)
+    files, root = image_files(spec, where)
     files = files[: spec.limit] if spec.limit else files
     out = []
     for image_id, path in zip(_unique_ids(files, root), files):

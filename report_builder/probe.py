@@ -1,4 +1,7 @@
-"""Probe sets for dissection: many images, loaded lazily, each with a stable id and a content hash."""
+"""Probe sets for dissection: many images, loaded lazily, each with a stable id and a content hash.
+
+Probe sets are plain data (paths, or pixels made in memory), so that a shard of one can travel to another
+process or machine and be decoded there."""
 from __future__ import annotations
 
 import csv
@@ -7,31 +10,43 @@ import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 from PIL import Image
 
 from .data import IMAGE_SUFFIXES, SAMPLES, open_image, pixel_hash, walk_files
 from .errors import UserError
 from .files import read_text
-from .spec import ProbeSpec, resolve_path
+from .spec import ProbeSpec, resolve_path  # resolve_path: an image list's lines, from the list's folder
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ProbeItem:
+    """One probe image: a file to decode, or pixels made in memory (crops of packaged photos)."""
+
     id: str
     sha256: str
-    load: Callable[[], Image.Image]
+    path: str | None = None
+    pixels: np.ndarray | None = None
+    where: str = "probe"  # the spec key, for messages
+
+    def load(self) -> Image.Image:
+        if self.path is not None:
+            return open_image(Path(self.path), self.where)
+        return Image.fromarray(self.pixels)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ProbeSet:
     description: str
     items: tuple[ProbeItem, ...]
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def shards(self, size: int) -> list[ProbeSet]:
+        """Consecutive pieces of at most `size` images, in order: the unit of work of sharded tasks."""
+        return [ProbeSet(f"{self.description}, images {i}-{min(i + size, len(self)) - 1}", self.items[i : i + size])
+                for i in range(0, len(self), size)] or [self]
 
     @property
     def manifest(self) -> str:
@@ -51,8 +66,8 @@ def _file_item(path: Path, root: Path, where: str) -> ProbeItem:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as exc:
         raise UserError(f"{where}: cannot read probe image {path}: {exc}") from None
-    return ProbeItem(str(path.relative_to(root)) if path.is_relative_to(root) else str(path), digest,
-                     lambda: open_image(path, where))
+    return ProbeItem(str(path.relative_to(root)) if path.is_relative_to(root) else str(path), digest, path=str(path),
+                     where=where)
 
 
 def _folder(path: Path, where: str) -> list[Path]:
@@ -124,27 +139,27 @@ def _augmented(per_image: int, seed: int) -> list[ProbeItem]:
         base = Image.fromarray(np.asarray(load(), dtype=np.uint8)).convert("RGB")
         for k in range(per_image):
             img = augment(base, random.Random(f"{seed}:{name}:{k}"))
-            items.append(ProbeItem(f"{name}#{k}", pixel_hash(img), lambda img=img: img))
+            items.append(ProbeItem(f"{name}#{k}", pixel_hash(img), pixels=np.asarray(img)))
     return items
 
 
-def check_probe(spec: ProbeSpec, base_dir: Path, where: str = "dissect.probe") -> None:
+def check_probe(spec: ProbeSpec, where: str = "dissect.probe") -> None:
     """Cheap existence check, so a missing probe set is reported before any model work."""
     if spec.source == "samples-augmented":
         return
-    path = resolve_path(spec.path or "", base_dir)
+    path = Path(spec.path or "")
     exists = path.is_file() if spec.source == "list" else path.is_dir()
     if not exists:
         kind = {"folder": "probe folder", "broden": "Broden dataset folder", "list": "image list"}[spec.source]
         raise UserError(f"{where}.path: {kind} {path} does not exist; put the probe images there or change the path")
 
 
-def load_probe(spec: ProbeSpec, base_dir: Path, seed: int, where: str = "dissect.probe") -> ProbeSet:
+def load_probe(spec: ProbeSpec, seed: int, where: str = "dissect.probe") -> ProbeSet:
     if spec.source == "samples-augmented":
         items = _augmented(spec.per_image, seed)
         description = f"{len(SAMPLES)} packaged photos x {spec.per_image} seeded crops and flips"
     else:
-        path = resolve_path(spec.path or "", base_dir)
+        path = Path(spec.path or "")
         files = {"folder": _folder, "broden": _broden, "list": _listing}[spec.source](path, where)
         if not files:
             raise UserError(f"{where}.path: {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -480,6 +480,43 @@ def resolve_path(p: str, base_dir: Path) -> Path:
     return q if q.is_absolute() else base_dir / q
 
 
+CLASS_KEYWORDS = ("imagenet", "places365")
+
+
+def resolve_paths(spec: Spec, base_dir: Path) -> Spec:
+    """The spec with every file path made absolute (relative ones are taken from `base_dir`, the spec file's
+    folder). Done once, when the spec is loaded: no stage receives a base folder."""
+    def one(p: str | None) -> str | None:
+        return None if p is None else str(resolve_path(p, base_dir))
+
+    def model(m: ModelSpec) -> ModelSpec:
+        return m.model_copy(update={
+            "path": one(m.path),
+            "classes": m.classes if m.classes in CLASS_KEYWORDS else one(m.classes),
+            "versions": tuple(v.model_copy(update={"path": one(v.path)}) for v in m.versions),
+        })
+
+    update: dict[str, Any] = {
+        "models": tuple(model(m) for m in spec.models),
+        "images": spec.images.model_copy(update={"path": one(spec.images.path), "pattern": one(spec.images.pattern),
+                                                 "files": tuple(one(f) for f in spec.images.files)}),
+    }
+    if spec.dissect:
+        d = spec.dissect
+        update["dissect"] = d.model_copy(update={
+            "probe": d.probe.model_copy(update={"path": one(d.probe.path)}),
+            "concepts": tuple(one(c) if c.endswith(".txt") else c for c in d.concepts),
+            "scorers": tuple(s.model_copy(update={"path": one(s.path), "config": one(s.config),
+                                                  "classifier": model(s.classifier) if s.classifier else None})
+                             for s in d.scorers),
+        })
+    if spec.netdissect:
+        n = spec.netdissect
+        update["netdissect"] = n.model_copy(update={"probe": tuple(p.model_copy(update={"path": one(p.path)})
+                                                                   for p in n.probe)})
+    return spec.model_copy(update=update)
+
+
 class ModelEntry(NamedTuple):
     spec: ModelSpec
     where: str  # key path for messages
@@ -488,16 +525,14 @@ class ModelEntry(NamedTuple):
 
 
 class LoadedSpec(BaseModel):
-    """A validated spec with where it came from; paths in it resolve against `base_dir`."""
+    """A validated spec with where it came from. `spec` has every path absolute; `written` is as the file says
+    (results.json records that one, so that two runs of the same spec compare equal wherever they ran)."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
     spec: Spec
+    written: Spec
     path: Path
     raw: dict
-
-    @property
-    def base_dir(self) -> Path:
-        return self.path.parent
 
     @property
     def run_name(self) -> str:
@@ -630,7 +665,7 @@ def load_spec(path: str | Path) -> LoadedSpec:
         raise SpecError(shown, [f"run_name: missing, and the file name {_show(path.stem)} cannot name a run folder "
                                 f"(letters, digits, '_', '.', '-', at most {ID_MAX}, not starting with '.'); "
                                 "set run_name in the spec"])
-    return LoadedSpec(spec=spec, path=path, raw=raw)
+    return LoadedSpec(spec=resolve_paths(spec, path.absolute().parent), written=spec, path=path, raw=raw)
 
 
 def _valid_id(text: str) -> bool:

