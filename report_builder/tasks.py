@@ -1,0 +1,363 @@
+"""The run as a graph of pure tasks, and the executors that evaluate it.
+
+A Task is a module-level function, its plain keyword arguments, and the tasks whose values it takes as
+further arguments (`deps`: argument name -> a task key, or a list of keys). Its key hashes everything that
+determines its value: the stage, its identity (weights hash, layer, image hash, parameters, code version)
+and its deps' keys. So the cache, both executors and the tests treat every task alike, and evaluation
+pulls: a wanted task whose key is in the cache is loaded, and the tasks only it needed never run. A warm
+rerun of a full-size spec loads its final results and renders.
+
+Executors: `local` runs tasks in this process, depth first, dropping each intermediate value once its
+last consumer has run; `ray` submits the same tasks to Ray (a local one started for the run, or a
+cluster), with a GPU for the tasks that run a model when the run's device is CUDA.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .cache import Cache, stage_key
+from .errors import UserError
+from .progress import Progress, current
+
+
+@dataclass(eq=False)
+class Task:
+    key: str
+    stage: str  # cache folder, progress label and provenance group
+    fn: Callable[..., Any] | None  # None: a value node, data the driver already holds
+    args: dict[str, Any]
+    deps: dict[str, str | list[str]]
+    label: str  # what it does, for progress: "explain lite0 chelsea LIME"
+    cache: bool = True
+    model: bool = False  # runs a model: needs the run's accelerator
+    shape: Any = Any  # the structure of its value, checked when it comes from the cache
+    value: Any = None
+
+
+@dataclass
+class Graph:
+    tasks: dict[str, Task] = field(default_factory=dict)
+
+    def add(self, stage: str, fn: Callable[..., Any], label: str, identity: dict[str, Any],
+            args: dict[str, Any] | None = None, deps: dict[str, str | list[str]] | None = None, *,
+            cache: bool = True, model: bool = False, shape: Any = Any) -> str:
+        """Add a task (once: a task of the same content is the same task) and return its key."""
+        deps = deps or {}
+        args = args or {}
+        key = stage_key(stage, {"identity": identity, "deps": deps})
+        if key not in self.tasks:
+            self.tasks[key] = Task(key, stage, fn, args, deps, label, cache, model, shape)
+        elif _scalars(self.tasks[key].args) != _scalars(args):
+            # the identity left out something that changes the result: a bug in the graph, not a user's error
+            raise AssertionError(f"tasks {self.tasks[key].label!r} and {label!r} share a key but not their arguments")
+        return key
+
+    def value(self, stage: str, label: str, identity: dict[str, Any], value: Any) -> str:
+        """Data the driver holds (a probe shard, a model's input crops), shared by the tasks that depend on it."""
+        key = stage_key(stage, {"identity": identity})
+        self.tasks.setdefault(key, Task(key, stage, None, {}, {}, label, cache=False, value=value))
+        return key
+
+    def dep_keys(self, task: Task) -> list[str]:
+        return [k for d in task.deps.values() for k in ([d] if isinstance(d, str) else d)]
+
+    def plan(self, wanted: list[str], cache: Cache) -> list[str]:
+        """The tasks to compute, dependencies first: those reachable from `wanted` without passing a cached one."""
+        order: list[str] = []
+        seen: set[str] = set()
+
+        def visit(key: str) -> None:
+            if key in seen:
+                return
+            seen.add(key)
+            t = self.tasks[key]
+            if t.fn is None or (t.cache and cache.contains(t.stage, key)):
+                return
+            for d in self.dep_keys(t):
+                visit(d)
+            order.append(key)
+
+        for key in wanted:
+            visit(key)
+        return order
+
+
+def _scalars(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+@dataclass
+class Outcome:
+    values: dict[str, Any]  # key -> value, for every wanted key
+    computed: set[str]  # the keys computed in this run (the others came from the cache)
+    seconds: dict[str, float]  # stage -> seconds spent computing its tasks
+
+
+def call(task: Task, values: dict[str, Any]) -> Any:
+    return task.fn(**task.args, **values)
+
+
+# ---------------------------------------------------------------- progress per stage
+
+
+class StageClock:
+    """Per stage: tasks to do, done, computed seconds; a line when a stage starts and when it ends."""
+
+    def __init__(self, graph: Graph, todo: list[str], progress: Progress):
+        self.progress = progress
+        self.todo = Counter(graph.tasks[k].stage for k in todo)
+        self.done: Counter = Counter()
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.started: set[str] = set()
+
+    def start(self, task: Task) -> None:
+        if task.stage not in self.started:
+            self.started.add(task.stage)
+            n = self.todo.get(task.stage, 0)
+            self.progress.say(f"{task.stage}: {n} task{'s' if n != 1 else ''} ...")
+
+    def finish(self, task: Task, seconds: float) -> None:
+        self.done[task.stage] += 1
+        self.seconds[task.stage] += seconds
+        self.progress.say(f"  {task.label} ({seconds:.1f} s)", detail=True)
+        if self.done[task.stage] >= self.todo.get(task.stage, 0):
+            self.progress.say(f"{task.stage}: {self.done[task.stage]} done in {self.seconds[task.stage]:.1f} s of compute")
+
+
+# ---------------------------------------------------------------- executors
+
+
+class LocalExecutor:
+    """Every task in this process, one after the other."""
+
+    name = "local"
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def run(self, graph: Graph, wanted: list[str], cache: Cache, progress: Progress) -> Outcome:
+        """The values of `wanted`, the keys computed (not loaded from the cache), and per stage the compute seconds."""
+        todo = graph.plan(wanted, cache)
+        clock = StageClock(graph, todo, progress)
+        remaining = Counter(d for k in todo for d in graph.dep_keys(graph.tasks[k]))
+        keep = set(wanted)
+        memo: dict[str, Any] = {}
+        computed: set[str] = set()
+
+        def get(key: str) -> Any:
+            if key in memo:
+                return memo[key]
+            t = graph.tasks[key]
+            if t.fn is None:
+                return t.value
+            value = cache.load(t.stage, key, t.shape) if t.cache else None
+            if value is None:
+                values = {name: get(d) if isinstance(d, str) else [get(x) for x in d] for name, d in t.deps.items()}
+                clock.start(t)
+                bar.doing(t.label)
+                start = time.perf_counter()
+                with progress.active():
+                    value = call(t, values)
+                del values
+                clock.finish(t, time.perf_counter() - start)
+                computed.add(key)
+                bar.update()
+                for d in graph.dep_keys(t):
+                    remaining[d] -= 1
+                    if remaining[d] <= 0 and d not in keep:
+                        memo.pop(d, None)  # its last consumer has run: let it go
+                if t.cache:
+                    cache.save(t.stage, key, value)
+            memo[key] = value
+            return value
+
+        with progress.bar("tasks", len(todo)) as bar:
+            out = {key: get(key) for key in wanted}
+        return Outcome(out, computed, dict(clock.seconds))
+
+
+@dataclass
+class TaskCall:
+    """What a Ray worker needs to run one task and store its value in the cache."""
+
+    fn: Callable[..., Any]
+    args: dict[str, Any]
+    stage: str
+    key: str
+    store: bool
+    cache_root: str
+    cache_enabled: bool
+    threads: int
+
+
+def run_remote(call_: TaskCall, layout: list[tuple[str, int | None]], *values: Any) -> tuple[Any, float]:
+    """The body of every Ray task: rebuild the keyword arguments from the flat values, run, store, return."""
+    import torch
+
+    torch.set_num_threads(call_.threads)
+    kwargs: dict[str, Any] = {}
+    i = 0
+    for name, count in layout:
+        if count is None:
+            kwargs[name] = values[i]
+            i += 1
+        else:
+            kwargs[name] = list(values[i : i + count])
+            i += count
+    start = time.perf_counter()
+    value = call_.fn(**call_.args, **kwargs)
+    seconds = time.perf_counter() - start
+    if call_.store:
+        Cache(call_.cache_root if call_.cache_root else None, enabled=call_.cache_enabled,
+              warn=lambda text: None).save(call_.stage, call_.key, value)
+    return value, seconds
+
+
+RAY_MISSING = ("--executor ray needs Ray, which is not installed: pip install 'report_builder[ray]' "
+               "(or pip install ray), then run again")
+
+
+class RayExecutor:
+    """The same tasks on Ray: a local Ray started for the run (no address), or a cluster ('auto', ray://host:port).
+
+    Workers read and write the cache folder when they share a file system with the driver; every value also
+    comes back to the driver, which writes the run directory. A task whose worker dies is retried by Ray.
+
+    Each task asks for as many CPUs as the driver's torch uses threads (`cpus_per_task`), and runs with that
+    many threads: a model's forward pass is already parallel over a machine's cores, and the same thread
+    count gives the same floating-point sums, so a Ray run's numbers equal a local run's."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, gpu: bool = False,
+                 cpus_per_task: int | None = None):
+        import torch
+
+        self.address = address
+        self.num_cpus = num_cpus
+        self.gpu = gpu
+        self.cpus_per_task = cpus_per_task or torch.get_num_threads()
+        self._ray = None
+        self._started = False
+
+    def __enter__(self) -> RayExecutor:
+        try:
+            import ray
+        except ImportError:
+            raise UserError(RAY_MISSING) from None
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # errors reach the user once, through us
+        self._ray = ray
+        if ray.is_initialized():  # a session this process already holds (a notebook, the tests): use it as it is
+            return self
+        kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "configure_logging": True,
+                                  "logging_level": "ERROR"}
+        if self.address:
+            kwargs["address"] = self.address
+        else:
+            kwargs["num_cpus"] = self.num_cpus or os.cpu_count() or 1
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            where = self.address or "a local Ray"
+            raise UserError(f"--ray-address: could not connect to {where} ({str(exc)[:300]})") from None
+        self._started = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._started:
+            self._ray.shutdown()
+
+    def describe(self) -> str:
+        ray = self._ray
+        resources = ray.cluster_resources()
+        nodes = len([n for n in ray.nodes() if n.get("Alive")])
+        where = self.address or "local"
+        return (f"ray ({where}: {nodes} node{'s' if nodes != 1 else ''}, {resources.get('CPU', 0):g} CPUs, "
+                f"{resources.get('GPU', 0):g} GPUs)")
+
+    def run(self, graph: Graph, wanted: list[str], cache: Cache, progress: Progress) -> Outcome:
+        ray = self._ray
+        remote = ray.remote(run_remote)
+        loaded: dict[str, Any] = {}  # values the driver already has: value nodes and cache hits
+        refs: dict[str, Any] = {}  # key -> the ObjectRef of its value
+        submitted: dict[Any, Task] = {}  # the ObjectRef of a task's seconds -> the task
+        todo = graph.plan(wanted, cache)
+        clock = StageClock(graph, todo, progress)
+
+        def value_of(key: str) -> bool:
+            """Whether the driver has the key's value (a value node or a cache hit); loads it if so."""
+            if key in loaded:
+                return True
+            t = graph.tasks[key]
+            value = t.value if t.fn is None else (cache.load(t.stage, key, t.shape) if t.cache else None)
+            if t.fn is None or value is not None:
+                loaded[key] = value
+                return True
+            return False
+
+        def ref(key: str) -> Any:
+            if key in refs:
+                return refs[key]
+            if value_of(key):
+                refs[key] = ray.put(loaded[key])
+                return refs[key]
+            t = graph.tasks[key]
+            layout, flat = [], []
+            for name, d in t.deps.items():
+                if isinstance(d, str):
+                    layout.append((name, None))
+                    flat.append(ref(d))
+                else:
+                    layout.append((name, len(d)))
+                    flat.extend(ref(x) for x in d)
+            call_ = TaskCall(t.fn, t.args, t.stage, key, t.cache and cache.writable, str(cache.root), cache.enabled,
+                             self.cpus_per_task)
+            options = {"num_gpus": 1 if (t.model and self.gpu) else 0, "num_cpus": self.cpus_per_task,
+                       "max_retries": 3, "retry_exceptions": False, "name": t.label[:100]}
+            refs[key], seconds = remote.options(num_returns=2, **options).remote(call_, layout, *flat)
+            submitted[seconds] = t
+            clock.start(t)
+            return refs[key]
+
+        for key in wanted:
+            if not value_of(key):
+                ref(key)
+        pending = list(submitted)
+        try:
+            with progress.bar("tasks", len(pending)) as bar:
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                    for r in ready:
+                        clock.finish(submitted[r], ray.get(r))
+                        cache.misses += 1
+                        bar.update()
+            out = {key: loaded[key] if key in loaded else ray.get(refs[key]) for key in wanted}
+            computed = {t.key for t in submitted.values()}
+        except ray.exceptions.RayTaskError as exc:
+            for r in pending:  # no force: killing a worker that is finishing trips Ray itself
+                try:
+                    ray.cancel(r)
+                except Exception:  # noqa: BLE001 - a task that already ended cannot be cancelled; fine
+                    pass
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, UserError):
+                raise cause from None
+            raise
+        return Outcome(out, computed, dict(clock.seconds))
+
+
+def executor_for(name: str, address: str | None = None, gpu: bool = False):
+    if name == "local":
+        if address:
+            raise UserError("--ray-address: given with --executor local; add --executor ray")
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address, gpu=gpu)
+    raise UserError(f"--executor: found {name!r}, expected local or ray")
