@@ -6,6 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SPEC   ?= specs/demo.yaml
 RUN    ?= output/demo
+EXECUTOR ?= local
 # The PyTorch build to install; this pair installs from the local wheel store on our machines.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
@@ -18,11 +19,12 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	@touch $(STAMP)
 
+# make report [SPEC=specs/my.yaml] [EXECUTOR=ray] [RAY_ADDRESS=auto]
 report: setup
-	$(PY) -m report_builder run $(SPEC)
+	$(PY) -m report_builder run $(SPEC) --executor $(EXECUTOR) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 render: setup
 	$(PY) -m report_builder render $(RUN)

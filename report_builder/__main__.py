@@ -1,4 +1,4 @@
-"""Command line: `python -m report_builder {run,validate,render} ...`."""
+"""Command line: `report-builder {run,validate,render,diff} ...` (also `python -m report_builder`)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Explain what image classifiers learn: network dissection (CLIP-Dissect), Grad-CAM, "
                     "AblationCAM, ScoreCAM and LIME, their agreement, and a report in HTML and PDF.",
     )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print a line per task and per image")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a spec end to end and write its run directory and report",
@@ -25,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="recompute everything instead of reusing cached results")
     run.add_argument("--cache-dir", type=Path, help="where cached results live (default: $REPORT_BUILDER_CACHE "
                                                     "or ~/.cache/report_builder)")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: every task in this process (default); ray: the same tasks on Ray")
+    run.add_argument("--ray-address", metavar="ADDR",
+                     help="with --executor ray: 'auto' or ray://host:port for an existing cluster; "
+                          "default: a local Ray started for this run and stopped after it")
 
     val = sub.add_parser("validate", help="check a spec without running it",
                          description="Validate a spec file and everything a run checks before it starts: images "
@@ -58,18 +65,23 @@ def main(argv: list[str] | None = None) -> int:
 
             loaded = load_spec(args.spec)
             s = loaded.spec
-            images, models = preflight(loaded, pick_device(s.device), Progress(io.StringIO()))
-            print(f"{args.spec}: ok — {len(models)} model(s), {len(images)} image(s), "
+            inputs = preflight(loaded, pick_device(s.device), Progress(io.StringIO()))
+            print(f"{args.spec}: ok — {len(inputs.models)} model(s), {len(inputs.images)} image(s), "
                   f"methods {', '.join(s.explain.methods)}; output/{loaded.run_name}")
             return 0
         if args.command == "run":
             from .cache import Cache
+            from .progress import Progress
             from .runner import run
             from .spec import load_spec
 
             loaded = load_spec(args.spec)
             out = args.out or Path("output") / loaded.run_name
-            run(loaded, out, cache=Cache(args.cache_dir, enabled=not args.no_cache))
+            if args.ray_address and args.executor != "ray":
+                raise UserError("--ray-address: given without --executor ray")
+            run(loaded, out, cache=Cache(args.cache_dir, enabled=not args.no_cache),
+                progress=Progress(quiet=args.quiet, verbose=args.verbose), executor=args.executor,
+                ray_address=args.ray_address)
             return 0
         if args.command == "diff":
             from .diff import write_diff

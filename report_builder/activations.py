@@ -1,14 +1,12 @@
 """Pooled activations: every requested layer of a model, recorded in one forward pass over the probe set."""
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import torch
 
-from .cache import Cache, stage_key
 from .probe import ProbeSet
-from .zoo import LoadedModel, get_layer
+from .progress import current
+from .zoo import LoadedModel, ModelRef, get_layer, model_for
 
 CODE_VERSION = 1
 
@@ -24,9 +22,18 @@ def pool(output: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"cannot pool a layer output of shape {tuple(output.shape)}")
 
 
-def cache_parts(model: LoadedModel, layer: str, probe: ProbeSet, pooling: str) -> dict:
-    return {"weights": model.weights_hash, "layer": layer, "preprocess": model.preprocess.as_dict(),
+def identity(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: str) -> dict:
+    """Everything that determines a shard's activations: the task's key."""
+    return {"weights": model.weights_hash, "layers": list(layers), "preprocess": model.preprocess.as_dict(),
             "probe": probe.manifest, "pooling": pooling, "code_version": CODE_VERSION}
+
+
+def activations_task(model: ModelRef, layers: list[str], probe: ProbeSet, pooling: str, device: str,
+                     batch_size: int) -> dict[str, np.ndarray]:
+    """Every listed layer's pooled activations on a probe shard, images x units, from one pass."""
+    m = model_for(model, device)
+    return {name: values.numpy() for name, values in
+            record(m, layers, probe, pooling, torch.device(device), batch_size, model.where).items()}
 
 
 def record(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: str, device: torch.device,
@@ -40,35 +47,11 @@ def record(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: str,
     ]
     try:
         with torch.inference_mode():
-            for batch in probe.batches(batch_size):
+            for batch in current().track(probe.batches(batch_size), f"{model.id} activations",
+                                         -(-len(probe) // batch_size), "batches"):
                 crops = np.stack([model.preprocess.crop(im) for im in batch])
                 model.module(model.preprocess.normalize(crops, device))
     finally:
         for h in hooks:
             h.remove()
     return {name: torch.cat(chunks) for name, chunks in collected.items()}
-
-
-def activations(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: str, device: torch.device,
-                batch_size: int, cache: Cache, where: str,
-                say: Callable[[str], None] = lambda s: None) -> dict[str, torch.Tensor]:
-    """Cached per layer, keyed by content; the layers not in the cache are computed together in one pass."""
-    out: dict[str, torch.Tensor] = {}
-    missing = []
-    for name in layers:
-        hit = cache.load("activations", _key(model, name, probe, pooling))
-        if hit is not None:
-            out[name] = torch.from_numpy(hit)
-        else:
-            missing.append(name)
-    if missing:
-        say(f"  {model.id}: recording {', '.join(missing)} on {len(probe)} probe images")
-        fresh = record(model, missing, probe, pooling, device, batch_size, where)
-        for name, values in fresh.items():
-            cache.save("activations", _key(model, name, probe, pooling), values.numpy())
-            out[name] = values
-    return {name: out[name] for name in layers}
-
-
-def _key(model: LoadedModel, layer: str, probe: ProbeSet, pooling: str) -> str:
-    return stage_key("activations", cache_parts(model, layer, probe, pooling))

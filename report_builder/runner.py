@@ -1,59 +1,41 @@
-"""Runner: reads a spec, calls the stages in order, shows progress, writes the run directory.
+"""Runner: reads a spec, builds the graph of tasks, hands it to an executor, writes the run directory.
 
-It holds no algorithm of its own. The run directory is written under a temporary name and
-renamed into place at the end, so a failed run leaves no half-written `output/<run>` behind.
+It holds no algorithm of its own. Before any work, `preflight` loads and checks every input (images,
+models and their layers, scorers, concept files, probe sets) and reports every problem at once. Then
+`build_graph` turns the spec into tasks (see tasks.py): a prediction per model x image, an explanation
+per model x image x method, concept scores per scorer x probe shard, activations per model x probe shard,
+CLIP-Dissect per model x layer, and Network Dissection per model, sharded over the probe images and
+merged, with a result per layer (and per rotation). An executor evaluates it; `collect` turns the values
+into results.json and the run directory's files; the renderer writes the report last. The run directory
+is written under a temporary name and moved into place only when whole.
 """
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import inspect
 import os
 import platform
-import sys
-import time
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
-from . import agreement as agree
-from . import analysis, overlays
-from .cache import Cache, stage_key
-from .data import SampleImage, load_images, manifest_hash
+from . import activations, collect, dissect, explain, netdissect, scorers
+from .cache import Cache
+from .data import SampleImage, load_images
 from .errors import UserError
-from .files import atomic_dir, check_output, clean_nan, write_json
-from .explain import EXPLAINERS, Settings, cache_parts, predict, top_k
-from .spec import CAM_METHODS, METHOD_TITLES, LoadedSpec, resolve_batch
-from .rundir import SCHEMA_VERSION, TIMING_KEYS
-from .zoo import LoadedModel, get_layer, load_model
+from .files import atomic_dir, check_output, write_json
+from .probe import ProbeSet
+from .progress import Progress
+from .spec import METHOD_TITLES, LoadedSpec, resolve_batch
+from .tasks import Graph, executor_for
+from .zoo import LoadedModel, ModelRef, get_layer, load_model, remember
+
 PACKAGES = ("report_builder", "torch", "torchvision", "timm", "grad-cam", "lime", "numpy", "scikit-image",
-            "scikit-learn", "matplotlib", "jinja2", "weasyprint", "pillow", "pydantic", "pyyaml")
-
-
-class Progress:
-    """One line per step on stderr, with elapsed time; stage durations kept for provenance."""
-
-    def __init__(self, stream=None):
-        self.stream = stream  # None: whatever sys.stderr is when a line is written
-        self.durations: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    def say(self, text: str) -> None:
-        print(f"[{time.perf_counter() - self.start:7.1f}s] {text}", file=self.stream or sys.stderr, flush=True)
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self.say(f"{name} ...")
-        t0 = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - t0
-        self.durations[name] = self.durations.get(name, 0.0) + seconds
-        self.say(f"{name} done in {seconds:.1f} s")
+            "scikit-learn", "matplotlib", "jinja2", "weasyprint", "pillow", "pydantic", "pyyaml", "ray")
+SHARD_IMAGES = 500  # probe images per task of the sharded stages: enough work per task, bounded memory
+MERGE_FANIN = 4  # shard results merged this many at a time, so no merge holds every shard at once
 
 
 def pick_device(requested: str) -> torch.device:
@@ -80,7 +62,307 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress: Progress | None = None) -> Path:
+# ---------------------------------------------------------------- preflight
+
+
+@dataclass
+class ScorerPlan:
+    """One concept scorer, as the graph needs it: what it is, its concepts, and how to load it."""
+
+    kind: str
+    label: str
+    description: str
+    concepts: list[str]
+    clip: scorers.ClipRef | None = None
+    model: ModelRef | None = None
+    groups: list[list[int]] | None = None  # classifier: the class indices of each concept
+
+
+@dataclass
+class Inputs:
+    """Everything a run reads, loaded and checked."""
+
+    images: list[SampleImage]
+    models: list[LoadedModel]
+    probe: ProbeSet | None = None
+    scorers: list[ScorerPlan] = field(default_factory=list)
+    pixel_probe: object | None = None
+
+
+def preflight(loaded: LoadedSpec, device: torch.device, progress: Progress) -> Inputs:
+    """Everything a run needs from disk, checked before any work: images decoded, models loaded with their layers,
+    scorers loaded, concept files read, probe sets listed and hashed. Every problem is reported at once: offline,
+    a user learns about all the files to fetch from one run, not one per run."""
+    spec = loaded.spec
+    problems: list[str] = []
+
+    def attempt(fn, *args):
+        try:
+            return fn(*args)
+        except UserError as exc:
+            problems.append(str(exc))
+            return None
+
+    with progress.stage("load images"):
+        images = attempt(load_images, spec.images) or []
+        if images:
+            progress.say(f"  {len(images)} images: {', '.join(im.id for im in images)}")
+    models: list[LoadedModel] = []
+    with progress.stage("load models"):
+        for entry in spec.expanded_models():
+            m = attempt(_load_model, entry, device)
+            if m is not None:
+                progress.say(f"  {m.id}: {m.origin}; target layer {m.target_layer}; weights {m.weights_hash[:12]}")
+                models.append(m)
+    inputs = Inputs(images, models)
+    if spec.dissect is not None:
+        from .probe import check_probe, load_probe
+
+        with progress.stage("load scorers"):
+            inputs.scorers = [s for i, sc in enumerate(spec.dissect.scorers)
+                              if (s := attempt(_scorer_plan, spec, sc, i, device)) is not None]
+        with progress.stage("load probe set"):
+            before = len(problems)
+            attempt(check_probe, spec.dissect.probe)
+            if len(problems) == before == 0:  # hashing a big probe set is only worth it when the run can start
+                inputs.probe = attempt(load_probe, spec.dissect.probe, spec.seed)
+            if inputs.probe is not None:
+                progress.say(f"  {len(inputs.probe)} probe images: {inputs.probe.description}")
+    if spec.netdissect is not None:
+        from .pixel_labels import check_pixel_probe, load_pixel_probe
+
+        with progress.stage("load pixel-labelled probe set"):
+            missing = check_pixel_probe(spec.netdissect)
+            problems.extend(missing)
+            if not missing and not problems:
+                inputs.pixel_probe = attempt(load_pixel_probe, spec.netdissect, spec.seed)
+            if inputs.pixel_probe is not None:
+                progress.say(f"  {len(inputs.pixel_probe)} images: {inputs.pixel_probe.description}")
+    if problems:
+        raise UserError("\n".join(problems))
+    return inputs
+
+
+def _load_model(entry, device: torch.device) -> LoadedModel:
+    m = load_model(entry.spec, entry.where, device)
+    m.group, m.version = entry.group, entry.version
+    for j, layer in enumerate(entry.spec.layers):
+        get_layer(m, layer, f"{entry.where.split('.versions')[0]}.layers[{j}]")
+    remember(m, device)
+    return m
+
+
+def _scorer_plan(spec, scorer, i: int, device: torch.device) -> ScorerPlan:
+    from .concepts import BRODEN_COLORS, load_concepts
+
+    where = f"dissect.scorers[{i}]"
+    if scorer.kind == "clip":
+        words = load_concepts(spec.dissect.concepts)
+        *_, wh = scorers.clip_for(scorer, device, where)
+        return ScorerPlan("clip", f"CLIP {scorer.model}",
+                          f"open_clip {scorer.model} ({scorer.path or scorer.pretrained}), prompt {scorer.prompt!r}, "
+                          f"{len(words)} concepts from {', '.join(Path(c).name for c in spec.dissect.concepts)}",
+                          words, clip=scorers.ClipRef(scorer, where, wh))
+    if scorer.kind == "classifier":
+        m = load_model(scorer.classifier, f"{where}.classifier", device)
+        remember(m, device)
+        concepts, groups = scorers.class_groups(m.class_names)
+        return ScorerPlan("classifier", f"classifier {m.spec.display}",
+                          f"{m.spec.display} class probabilities ({m.origin}) — an offline stand-in for CLIP",
+                          concepts, model=m.ref, groups=groups)
+    return ScorerPlan("colors", "pixel colours",
+                      "fraction of pixels nearest (in CIE Lab) to each of the 11 Broden colour names — an offline "
+                      "stand-in for CLIP", list(BRODEN_COLORS))
+
+
+# ---------------------------------------------------------------- the graph
+
+
+@dataclass
+class Plan:
+    graph: Graph
+    predict: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, image) -> key
+    explain: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, image, method) -> key
+    dissect: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, layer) -> key
+    netdissect: dict[tuple[str, str, float], str] = field(default_factory=dict)  # (model, layer, alpha) -> key
+
+    @property
+    def wanted(self) -> list[str]:
+        return [*self.dissect.values(), *self.netdissect.values(), *self.predict.values(), *self.explain.values()]
+
+
+def build_graph(loaded: LoadedSpec, inputs: Inputs, device: torch.device, shard_images: int | None = None) -> Plan:
+    """The spec as tasks over plain data (see the module docstring)."""
+    spec = loaded.spec
+    shard_images = shard_images or SHARD_IMAGES
+    plan = Plan(Graph())
+    dev = device.type
+    if spec.dissect is not None:
+        _dissect_tasks(plan, spec, inputs, dev, shard_images)
+    if spec.netdissect is not None:
+        _netdissect_tasks(plan, spec, inputs, dev, shard_images)
+    _explain_tasks(plan, spec, inputs, device)
+    return plan
+
+
+def _explain_tasks(plan: Plan, spec, inputs: Inputs, device: torch.device) -> None:
+    g, dev = plan.graph, device.type
+    settings = explain.Settings(explain_settings(spec, dev), spec.seed, device)
+    for m in inputs.models:
+        for i, im in enumerate(inputs.images):
+            crop = m.preprocess.crop(im.image)
+            pk = g.add("predict", explain.predict_task, f"predict {m.id} {im.id}",
+                       {"weights": m.weights_hash, "preprocess": m.preprocess.as_dict(), "image": im.sha256,
+                        "device": dev, "code_version": explain.CODE_VERSION},
+                       {"model": m.ref, "crops": crop[None], "device": dev}, model=True, shape=np.ndarray)
+            plan.predict[(m.id, im.id)] = pk
+            for method in spec.explain.methods:
+                plan.explain[(m.id, im.id, method)] = g.add(
+                    "explain", explain.explain_task, f"explain {m.id} {im.id} {METHOD_TITLES[method]}",
+                    explain.identity(method, m, im.sha256, settings),
+                    {"model": m.ref, "crop": crop, "index": 0, "method": method, "explain": settings.explain,
+                     "seed": spec.seed, "device": dev},
+                    {"predictions": pk}, model=True, shape=explain.RESULT_SHAPE)
+
+
+def explain_settings(spec, device_type: str):
+    """The spec's explain section with its batch sizes resolved for the device."""
+    e = spec.explain
+    return e.model_copy(update={
+        "cam": e.cam.model_copy(update={"batch_size": resolve_batch(e.cam.batch_size, device_type)}),
+        "lime": e.lime.model_copy(update={"batch_size": resolve_batch(e.lime.batch_size, device_type)}),
+    })
+
+
+def whole_batches(images: int, batch: int) -> int:
+    """A shard size that is a whole number of batches: every image then goes through the model in the same
+    batch, beside the same images, as without shards, so the floating-point results are the same too."""
+    return max(1, -(-images // batch)) * batch
+
+
+def _reduce(g: Graph, stage: str, fn, keys: list[str], label: str, args: dict | None = None) -> str:
+    """Merge shard results MERGE_FANIN at a time, in order, until one is left."""
+    level = 0
+    while len(keys) > 1:
+        keys = [g.add(stage, fn, f"{label} merge {level}.{i // MERGE_FANIN}", {"level": level}, args,
+                      {"parts": keys[i : i + MERGE_FANIN]}, cache=False)
+                for i in range(0, len(keys), MERGE_FANIN)]
+        level += 1
+    return keys[0]
+
+
+def _dissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int) -> None:
+    g = plan.graph
+    ds = spec.dissect
+    batch = resolve_batch(ds.batch_size, dev)
+    shards = inputs.probe.shards(whole_batches(shard_images, batch))
+    probe_keys = [g.value("probe", f"probe images {i}", {"probe": s.manifest}, s) for i, s in enumerate(shards)]
+    parts: dict[str, str | list[str]] = {}
+    described = []
+    for i, sc in enumerate(inputs.scorers):
+        if sc.kind == "clip":
+            ident = {"weights": sc.clip.weights_hash, "code_version": scorers.CODE_VERSION}
+            parts[f"images_{i}"] = [
+                g.add("clip-image", scorers.clip_image_task, f"CLIP images {j}", {**ident, "probe": s.manifest},
+                      {"clip": sc.clip, "device": dev, "batch_size": batch}, {"probe": pk}, model=True, shape=np.ndarray)
+                for j, (s, pk) in enumerate(zip(shards, probe_keys))]
+            parts[f"text_{i}"] = g.add(
+                "clip-text", scorers.clip_text_task, f"CLIP text, {len(sc.concepts)} concepts",
+                {**ident, "concepts": scorers.text_hash(sc.concepts), "prompt": sc.clip.spec.prompt},
+                {"clip": sc.clip, "concepts": sc.concepts, "device": dev}, model=True, shape=np.ndarray)
+        elif sc.kind == "classifier":
+            ident = {"weights": sc.model.weights_hash, "code_version": scorers.CODE_VERSION}
+            parts[f"images_{i}"] = [
+                g.add("classifier-scores", scorers.classifier_task, f"{sc.label} scores {j}",
+                      {**ident, "probe": s.manifest}, {"model": sc.model, "device": dev, "batch_size": batch},
+                      {"probe": pk}, model=True, shape=np.ndarray)
+                for j, (s, pk) in enumerate(zip(shards, probe_keys))]
+        else:
+            parts[f"images_{i}"] = [
+                g.add("color-scores", scorers.colors_task, f"colour scores {j}",
+                      {"probe": s.manifest, "code_version": scorers.CODE_VERSION}, {}, {"probe": pk}, shape=np.ndarray)
+                for j, (s, pk) in enumerate(zip(shards, probe_keys))]
+        described.append({"kind": sc.kind, "label": sc.label, "concepts": sc.concepts, "groups": sc.groups})
+    scores = g.add("concept-scores", scorers.concept_scores_task, "concept scores",
+                   {"scorers": [(d["kind"], d["label"], scorers.text_hash(d["concepts"])) for d in described]},
+                   {"scorers": described}, parts, cache=False)
+    params = similarity_params(spec)
+    for m in inputs.models:
+        if not m.spec.layers:
+            continue
+        layers = list(m.spec.layers)
+        acts = [g.add("activations", activations.activations_task, f"activations {m.id} {j}",
+                      activations.identity(m, layers, s, ds.pooling),
+                      {"model": m.ref, "layers": layers, "pooling": ds.pooling, "device": dev, "batch_size": batch},
+                      {"probe": pk}, model=True, shape=dict)
+                for j, (s, pk) in enumerate(zip(shards, probe_keys))]
+        for layer in layers:
+            plan.dissect[(m.id, layer)] = g.add(
+                "clip-dissect", dissect.clip_dissect_task, f"CLIP-Dissect {m.id} {layer}",
+                {"layer": layer, "similarity": ds.similarity, "params": params, "code_version": dissect.CODE_VERSION},
+                {"layer": layer, "similarity": ds.similarity, "params": params},
+                {"scores": scores, "activations": acts}, shape=dissect.RESULT_SHAPE)
+
+
+def similarity_params(spec) -> dict:
+    """The spec's similarity parameters, with the run's seed for the functions that draw at random."""
+    import inspect
+
+    ds = spec.dissect
+    params = dict(ds.similarity_params)
+    if "seed" in inspect.signature(dissect.SIMILARITY[ds.similarity]).parameters:
+        params.setdefault("seed", spec.seed)
+    return params
+
+
+def _netdissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int) -> None:
+    g = plan.graph
+    ns = spec.netdissect
+    probe = inputs.pixel_probe
+    settings = netdissect.Settings(ns.quantile, ns.threshold, ns.iou_threshold, ns.top_images, spec.seed)
+    batch = resolve_batch(ns.batch_size, dev)
+    shards = probe.shards(whole_batches(shard_images, batch))
+    firsts = [sum(len(s) for s in shards[:i]) for i in range(len(shards))]
+    probe_keys = [g.value("pixel-probe", f"labelled images {i}", {"probe": s.manifest, "first": f}, s)
+                  for i, (s, f) in enumerate(zip(shards, firsts))]
+    alphas = [a for a in (ns.rotation.alphas if ns.rotation else ()) if a > 0]
+    label_category = netdissect.label_categories(probe)
+    for m in inputs.models:
+        if not m.spec.layers:
+            continue
+        rotated = (ns.rotation.layer or m.spec.layers[-1]) if ns.rotation else None
+        jobs = [(layer, 0.0) for layer in m.spec.layers] + [(rotated, a) for a in alphas]
+        ident = {"weights": m.weights_hash, "jobs": jobs, "preprocess": m.preprocess.as_dict(),
+                 "settings": settings.as_dict(), "labels": probe.manifest, "code_version": netdissect.CODE_VERSION}
+        common = {"model": m.ref, "jobs": jobs, "settings": settings, "device": dev, "batch_size": batch}
+        pass1 = [g.add("netdissect-thresholds", netdissect.shard_thresholds_task, f"NetDissect {m.id} pass 1, {i}",
+                       {**ident, "shard": s.manifest, "first": f, "total": len(probe)},
+                       {**common, "first_image": f, "total_images": len(probe)}, {"probe": pk}, cache=False,
+                       model=True)
+                 for i, (s, f, pk) in enumerate(zip(shards, firsts, probe_keys))]
+        merged = _reduce(g, "netdissect-thresholds", netdissect.merge_thresholds_task, pass1, f"NetDissect {m.id}")
+        thresholds = g.add("netdissect-thresholds", netdissect.thresholds_task, f"NetDissect {m.id} thresholds",
+                           {"code_version": netdissect.CODE_VERSION}, {}, {"states": merged}, shape=dict)
+        pass2 = [g.add("netdissect-tally", netdissect.shard_tally_task, f"NetDissect {m.id} pass 2, {i}",
+                       {**ident, "shard": s.manifest, "first": f}, {**common, "first_image": f},
+                       {"probe": pk, "thresholds": thresholds}, model=True, shape=dict)
+                 for i, (s, f, pk) in enumerate(zip(shards, firsts, probe_keys))]
+        tally = _reduce(g, "netdissect-tally", netdissect.merge_tally_task, pass2, f"NetDissect {m.id}",
+                        {"top": ns.top_images})
+        for layer, alpha in jobs:
+            name = netdissect.job_name(layer, alpha)
+            plan.netdissect[(m.id, layer, alpha)] = g.add(
+                "netdissect", netdissect.finish_task, f"NetDissect {m.id} {layer}" + (f" rotated {alpha:g}" if alpha else ""),
+                {"job": name, "code_version": netdissect.CODE_VERSION},
+                {"name": name, "probe_names": probe.names, "label_category": label_category},
+                {"tally_": tally, "thresholds": thresholds}, shape=netdissect.RESULT_SHAPE)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress: Progress | None = None,
+        executor: str = "local", ray_address: str | None = None) -> Path:
     """Run a spec end to end; return the finished run directory."""
     from .render import render_run
 
@@ -89,9 +371,28 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
     cache.warn_to = lambda text: progress.say(f"warning: {text}")
     out_dir = Path(out_dir)
     check_output(out_dir, "run")  # before any work: a folder that is not ours is refused at once
+    spec = loaded.spec
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    device = pick_device(spec.device)
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed)
+    progress.say(f"spec {loaded.path} -> {out_dir} on {device_description(device)}")
+    inputs = preflight(loaded, device, progress)
+    plan = build_graph(loaded, inputs, device)
+    with executor_for(executor, ray_address, gpu=device.type == "cuda") as ex:
+        where = ex.describe() if hasattr(ex, "describe") else "local (this process)"
+        progress.say(f"{len(plan.graph.tasks)} tasks, executor {where}")
+        with progress.stage("compute"):
+            outcome = ex.run(plan.graph, plan.wanted, cache, progress)
     with atomic_dir(out_dir, "run") as work:
-        results = _compute(loaded, work, cache, progress)
-        results["provenance"]["stage_seconds"] = {k: round(v, 3) for k, v in progress.durations.items()}
+        with progress.stage("write results"):
+            results = collect.results(loaded, inputs, plan, outcome, work, progress, device.type)
+        results["provenance"].update(started=started, device=device_description(device), device_type=device.type,
+                                     executor=where, packages=package_versions(), platform=platform.platform(),
+                                     cache={"hits": cache.hits, "computed": cache.misses, "root": str(cache.root),
+                                            "tasks_computed": len(outcome.computed)})
+        results["provenance"]["stage_seconds"] = {k: round(v, 3) for k, v in
+                                                  {**progress.durations, **outcome.seconds}.items()}
         with progress.stage("render report"):
             render_run(work, results)
         # The report shows the compute stages; results.json also keeps the rendering time.
@@ -100,404 +401,3 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
         write_json(work / "results.json", results)
     progress.say(f"wrote {out_dir}/report.html and report.pdf (cache: {cache.hits} hits, {cache.misses} computed)")
     return out_dir
-
-
-def _compute(loaded: LoadedSpec, work: Path, cache: Cache, progress: Progress) -> dict:
-    spec = loaded.spec
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    device = pick_device(spec.device)
-    torch.manual_seed(spec.seed)
-    np.random.seed(spec.seed)
-    progress.say(f"spec {loaded.path} -> {work.name.split('.partial')[0].lstrip('.')} on {device_description(device)}")
-
-    images, models = preflight(loaded, device, progress)
-    dissection = None
-    if spec.dissect is not None:
-        dissection = dissect_models(loaded, models, device, cache, progress)
-        _write_dissection_csvs(work / "dissection", dissection)
-    netdissection = None
-    if spec.netdissect is not None:
-        netdissection = netdissect_models(loaded, models, device, cache, work, progress)
-        _write_netdissect_csvs(work / "dissection", netdissection)
-
-    explain = spec.explain.model_copy(update={
-        "cam": spec.explain.cam.model_copy(update={"batch_size": resolve_batch(spec.explain.cam.batch_size, device.type)}),
-        "lime": spec.explain.lime.model_copy(update={"batch_size": resolve_batch(spec.explain.lime.batch_size, device.type)}),
-    })
-    settings = Settings(explain, spec.seed, device)
-    explanations, agreement_rows = [], []
-    with progress.stage("explain"):
-        for m in models:
-            for row in explain_model(m, images, settings, spec.agreement.thresholds, cache, work, progress):
-                explanations.append(row["record"])
-                agreement_rows.extend(row["agreement"])
-
-    results = {
-        "schema_version": SCHEMA_VERSION,
-        "run_name": loaded.run_name,
-        "title": spec.title,
-        "authors": list(spec.authors),
-        "spec": spec.model_dump(mode="json"),
-        "spec_file": str(loaded.path),
-        "methods": [{"id": k, "title": METHOD_TITLES[k]} for k in spec.explain.methods],
-        "explain_settings": explain.model_dump(mode="json"),  # with batch sizes resolved for the device
-        "models": [_model_record(m) for m in models],
-        "images": [_image_record(im) for im in images],
-        "explanations": explanations,
-        "agreement": {
-            "definition": agree.DEFINITION,
-            "thresholds": list(spec.agreement.thresholds),
-            "rows": agreement_rows,
-        },
-        "reproducibility": {
-            "timing_keys": list(TIMING_KEYS),
-            "note": "Two runs of the same spec on the same device give the same results.json except for these keys: "
-                    "wall-clock timings, the cache's state, and the findings marked timing: true.",
-        },
-        "provenance": {
-            "started": started,
-            "device": device_description(device),
-            "device_type": device.type,
-            "seed": spec.seed,
-            "packages": package_versions(),
-            "platform": platform.platform(),
-            "weights_sha256": {m.id: m.weights_hash for m in models},
-            "images_sha256": manifest_hash(images),
-            "cache": {"hits": cache.hits, "computed": cache.misses, "root": str(cache.root)},
-        },
-    }
-    if dissection is not None:
-        results["dissection"] = dissection
-        results["dissection"]["summary"] = analysis.dissection_summary(results)
-    if netdissection is not None:
-        results["netdissect"] = netdissection
-        results["netdissect"]["agreement"] = analysis.method_agreement(results)
-    results["versions"] = analysis.versions_summary(results)
-    results["agreement"]["summary"] = analysis.agreement_summary(results)
-    results["timings"] = analysis.timing_summary(results)
-    results["findings"] = analysis.findings(results)
-    results = clean_nan(results)
-    _write_agreement_csv(work / "agreement.csv", results["agreement"]["rows"], spec.agreement.thresholds)
-    return results
-
-
-def preflight(loaded: LoadedSpec, device: torch.device, progress: Progress) -> tuple[list[SampleImage], list[LoadedModel]]:
-    """Everything a run needs from disk, checked before any work: images decoded, models loaded with their layers,
-    probe sets and concept files found. Every problem is reported at once: offline, a user learns about all the
-    files to fetch from one run, not one per run."""
-    spec = loaded.spec
-    problems: list[str] = []
-    images: list[SampleImage] = []
-    with progress.stage("load images"):
-        try:
-            images = load_images(spec.images, loaded.base_dir)
-            progress.say(f"  {len(images)} images: {', '.join(im.id for im in images)}")
-        except UserError as exc:
-            problems.append(str(exc))
-    models: list[LoadedModel] = []
-    with progress.stage("load models"):
-        for entry in spec.expanded_models():
-            mspec, where = entry.spec, entry.where
-            try:
-                m = load_model(mspec, loaded.base_dir, where, device)
-                m.group, m.version = entry.group, entry.version
-                for j, layer in enumerate(mspec.layers):
-                    get_layer(m, layer, f"{where.split('.versions')[0]}.layers[{j}]")
-            except UserError as exc:
-                problems.append(str(exc))
-                continue
-            progress.say(f"  {m.id}: {m.origin}; target layer {m.target_layer}; weights {m.weights_hash[:12]}")
-            models.append(m)
-    if spec.dissect is not None:
-        from .concepts import load_concepts
-        from .probe import check_probe
-
-        try:
-            check_probe(spec.dissect.probe, loaded.base_dir)
-        except UserError as exc:
-            problems.append(str(exc))
-        if any(s.kind == "clip" for s in spec.dissect.scorers):
-            try:
-                load_concepts(spec.dissect.concepts, loaded.base_dir)
-            except UserError as exc:
-                problems.append(str(exc))
-    if spec.netdissect is not None:
-        from .pixel_labels import check_pixel_probe
-
-        problems.extend(check_pixel_probe(spec.netdissect, loaded.base_dir))
-    if problems:
-        raise UserError("\n".join(problems))
-    return images, models
-
-
-def explain_model(m: LoadedModel, images: list[SampleImage], settings: Settings, thresholds: tuple[float, ...],
-                  cache: Cache, work: Path, progress: Progress) -> Iterator[dict]:
-    """Predictions, every method's map, overlays and LIME-vs-CAM agreement, one image at a time."""
-    methods = settings.explain.methods
-    crops = np.stack([m.preprocess.crop(im.image) for im in images])
-    probs = predict(m, crops, settings.device)
-    bad = [im.id for im, p in zip(images, probs) if not np.isfinite(p).all()]
-    if bad:
-        raise UserError(f"model {m.id}: its outputs are not finite (NaN or infinity) on {', '.join(bad[:5])}; "
-                        "its weights or its inputs make it overflow, so nothing can be explained")
-    folder = work / "explanations" / m.id
-    folder.mkdir(parents=True, exist_ok=True)
-    for n, (im, crop, p) in enumerate(zip(images, crops, probs), start=1):
-        preds = top_k(p, m.class_names, settings.explain.top_k)
-        target = preds[0]["class_index"]
-        results: dict[str, dict] = {}
-        for method in methods:
-            parts = cache_parts(method, m, im.sha256, target, settings)
-            value, cached = cache.get_or_compute(
-                "explain", parts, lambda method=method: EXPLAINERS[method](m, crop, target, settings)
-            )
-            value["cached"] = cached
-            results[method] = value
-        took = ", ".join(
-            f"{METHOD_TITLES[k]} {v['seconds']:.1f}s{' (cached)' if v['cached'] else ''}" for k, v in results.items()
-        )
-        progress.say(f"  {m.id} [{n}/{len(images)}] {im.id}: {preds[0]['class_name']} ({preds[0]['probability']:.2f}); {took}")
-
-        record = {
-            "model": m.id,
-            "image": im.id,
-            "target_class": target,
-            "target_name": preds[0]["class_name"],
-            "predictions": preds,
-            "original": f"explanations/{m.id}/{im.id}_input.png",
-            "maps": f"explanations/{m.id}/{im.id}.npz",
-            "methods": {},
-        }
-        overlays.save_input(crop, work / record["original"])
-        arrays = {}
-        for method, value in results.items():
-            rel = f"explanations/{m.id}/{im.id}_{method}.png"
-            entry = {"seconds": round(float(value["seconds"]), 4), "cached": value["cached"], "overlay": rel}
-            if method == "lime":
-                overlays.save_lime(crop, value["mask"], value["segments"], work / rel)
-                entry.update(score=value["score"], num_segments=value["num_segments"],
-                             mask_pixels=int(value["mask"].sum()))
-                arrays["lime_mask"] = value["mask"]
-            else:
-                overlays.save_cam(crop, value["map"], work / rel)
-            arrays[method] = value["map"]
-            record["methods"][method] = entry
-        arrays["probabilities"] = p.astype(np.float32)  # the full softmax, for diffs between runs
-        np.savez_compressed(work / record["maps"], **arrays)
-
-        rows = []
-        if "lime" in results:
-            for method in (k for k in CAM_METHODS if k in results):
-                numbers = agree.compare(results["lime"]["mask"], results[method]["map"], thresholds)
-                rows.append({"image": im.id, "model": m.id, "method_a": "lime", "method_b": method, **numbers})
-        yield {"record": record, "agreement": rows}
-
-
-def dissect_models(loaded: LoadedSpec, models: list[LoadedModel], device: torch.device, cache: Cache,
-                   progress: Progress) -> dict:
-    """CLIP-Dissect every listed layer of every model: one concept score matrix, one activation pass per model."""
-    from .activations import activations
-    from .dissect import SIMILARITY, label_units
-    from .probe import load_probe
-    from .scorers import score_concepts
-
-    spec = loaded.spec
-    ds = spec.dissect.model_copy(update={"batch_size": resolve_batch(spec.dissect.batch_size, device.type)})
-    fn = SIMILARITY[ds.similarity]
-    params = dict(ds.similarity_params)
-    accepted = set(inspect.signature(fn).parameters) - {"P", "A"}
-    if "seed" in accepted:
-        params.setdefault("seed", spec.seed)
-    for key in params:
-        if key not in accepted:
-            raise UserError(f"dissect.similarity_params.{key}: unknown parameter of {ds.similarity}; "
-                            f"expected one of {', '.join(sorted(accepted))}")
-    with progress.stage("load probe set"):
-        probe = load_probe(ds.probe, loaded.base_dir, spec.seed)
-        progress.say(f"  {len(probe)} probe images: {probe.description}")
-    with progress.stage("score concepts"):
-        scores = score_concepts(ds, probe, loaded.base_dir, device, cache, progress.say)
-    out_models = []
-    with progress.stage("dissect"):
-        for m in models:
-            if not m.spec.layers:
-                continue
-            acts = activations(m, list(m.spec.layers), probe, ds.pooling, device, ds.batch_size, cache,
-                               f"model {m.id}", progress.say)
-            layers = []
-            for layer, A in acts.items():
-                S = fn(scores.matrix, A, **params)
-                labels = label_units(S, scores.concepts, scores.scorers)
-                layers.append({"layer": layer, "units": A.shape[1], "labels": [
-                    {"unit": u.unit, "label": u.label, "similarity": u.similarity, "scorer": u.scorer,
-                     "alternatives": [{"label": a, "similarity": v, "scorer": sc} for a, v, sc in u.alternatives]}
-                    for u in labels]})
-                progress.say(f"  {m.id} {layer}: {A.shape[1]} units, {len({u.label for u in labels})} unique concepts")
-            out_models.append({"model": m.id, "layers": layers})
-    return {
-        "similarity": ds.similarity,
-        "similarity_params": params,
-        "pooling": ds.pooling,
-        "probe": {"description": probe.description, "images": len(probe), "sha256": probe.manifest},
-        "scorers": scores.descriptions,
-        "concepts": len(scores.concepts),
-        "models": out_models,
-    }
-
-
-def netdissect_models(loaded: LoadedSpec, models: list[LoadedModel], device: torch.device, cache: Cache, work: Path,
-                      progress: Progress) -> dict:
-    """Network Dissection of every listed layer, the rotation test on one layer per model, and unit galleries."""
-    from . import netdissect as nd
-    from .pixel_labels import load_pixel_probe
-
-    spec = loaded.spec
-    ns = spec.netdissect
-    settings = nd.Settings(ns.quantile, ns.threshold, ns.iou_threshold, ns.top_images, spec.seed)
-    batch_size = resolve_batch(ns.batch_size, device.type)
-    with progress.stage("load pixel-labelled probe set"):
-        probe = load_pixel_probe(ns, loaded.base_dir, spec.seed)
-        progress.say(f"  {len(probe)} images: {probe.description}")
-    categories = probe.category_names
-    alphas = [a for a in (ns.rotation.alphas if ns.rotation else ()) if a > 0]
-    out_models = []
-    label_area = None
-    with progress.stage("network dissection"):
-        for m in models:
-            if not m.spec.layers:
-                continue
-            rotated = (ns.rotation.layer or m.spec.layers[-1]) if ns.rotation else None
-            jobs = [(layer, 0.0) for layer in m.spec.layers] + [(rotated, a) for a in alphas]
-            keys = {job: {"weights": m.weights_hash, "layer": job[0], "input": m.preprocess.as_dict(),
-                          "probe": probe.manifest, "settings": settings.as_dict(), "alpha": job[1],
-                          "code_version": nd.CODE_VERSION} for job in jobs}
-            done = {job: cache.load("netdissect", stage_key("netdissect", keys[job])) for job in jobs}
-            todo = [job for job in jobs if done[job] is None]
-            if todo:
-                layers = list(dict.fromkeys(layer for layer, _ in todo))
-                maps = nd.record_maps(m, layers, probe, device, batch_size, "models", progress.say)
-                for layer, alpha in todo:
-                    rotation = None
-                    if alpha:
-                        channels = maps[layer].shape[1]
-                        rotation = nd.partial_rotation(nd.random_rotation(channels, spec.seed), alpha)
-                    done[(layer, alpha)] = nd.dissect_layer(maps[layer], probe, settings, rotation, device)
-                    cache.save("netdissect", stage_key("netdissect", keys[(layer, alpha)]), done[(layer, alpha)])
-                    what = f"rotated alpha={alpha:g}" if alpha else "dissected"
-                    progress.say(f"  {m.id} {layer}: {what}")
-                del maps
-            thumbs: dict[int, Image.Image] = {}
-            layers_out = []
-            counted = {}
-            for layer in m.spec.layers:
-                result = done[(layer, 0.0)]
-                rows = nd.unit_rows(result, probe, ns.iou_threshold)
-                _write_gallery(work, m.id, layer, rows, result, probe, thumbs)
-                counts = counted[layer] = nd.layer_counts(rows, categories)
-                layers_out.append({"layer": layer, "threshold_method": result["threshold_method"], **counts,
-                                   "unit_labels": rows})
-                progress.say(f"  {m.id} {layer}: {counts['detectors']} detectors, {counts['unique']} unique concepts")
-            rotation_out = None
-            if rotated:
-                points = [counted[rotated]] + [nd.layer_counts(nd.unit_rows(done[(rotated, a)], probe, ns.iou_threshold),
-                                                               categories) for a in alphas]
-                rotation_out = {"layer": rotated, "seed": spec.seed, "alphas": [0.0] + alphas,
-                                "detectors": [p["detectors"] for p in points], "unique": [p["unique"] for p in points],
-                                "per_category": [p["per_category"] for p in points]}
-            out_models.append({"model": m.id, "layers": layers_out, "rotation": rotation_out})
-            label_area = done[(m.spec.layers[0], 0.0)]["label_area"]  # the same for every model and layer
-    return {
-        "settings": {**settings.as_dict(), "colors": ns.colors, "label_size": ns.label_size,
-                     "pdf_units": ns.pdf_units, "rotation": ns.rotation.model_dump() if ns.rotation else None},
-        "probe": {"description": probe.description, "images": len(probe), "sha256": probe.manifest,
-                  "sources": list(probe.sources), "categories": _category_stats(probe, label_area)},
-        "categories": categories,
-        "models": out_models,
-    }
-
-
-def _category_stats(probe, label_area) -> list[dict]:
-    """Per category: images with labels of it, and concepts that occur at least once."""
-    out = []
-    for c in probe.category_names:
-        ids = [i for i, cat in enumerate(probe.categories) if cat == c]
-        present = [i for i in ids if label_area is None or label_area[i] > 0]
-        out.append({"category": c, "images": sum(c in item.categories for item in probe.items),
-                    "concepts": len(present), "examples": [probe.names[i] for i in present[:8]]})
-    return out
-
-
-def _write_gallery(work: Path, model_id: str, layer: str, rows: list[dict], result: dict, probe,
-                   thumbs: dict) -> None:
-    """netdissect/<model>/<layer>/unit_<k>.jpg: each unit's top images with its mask; paths go into the rows."""
-    folder = work / "netdissect" / model_id / layer
-    folder.mkdir(parents=True, exist_ok=True)
-    for row, top, maps in zip(rows, result["top_images"], result["top_maps"]):
-        images = []
-        for i in top:
-            if int(i) not in thumbs:
-                thumbs[int(i)] = probe.items[int(i)].image().convert("RGB").resize((80, 80), Image.BILINEAR)
-            images.append(thumbs[int(i)])
-        rel = f"netdissect/{model_id}/{layer}/unit_{row['unit']:04d}.jpg"
-        overlays.unit_strip(images, maps, row["threshold"]).save(work / rel, quality=75)
-        row["gallery"] = rel
-        row["top_images"] = [probe.items[int(i)].id for i in top]
-
-
-def _write_netdissect_csvs(folder: Path, netdissection: dict) -> None:
-    """dissection/<model>-netdissect.csv: unit, layer, category, label, iou, then detector and threshold."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for entry in netdissection["models"]:
-        with open(folder / f"{entry['model']}-netdissect.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["unit", "layer", "category", "label", "iou", "detector", "threshold"])
-            for layer in entry["layers"]:
-                for u in layer["unit_labels"]:
-                    w.writerow([u["unit"], layer["layer"], u["category"], u["label"], f"{u['iou']:.6g}",
-                                int(u["detector"]), f"{u['threshold']:.6g}"])
-
-
-def _write_dissection_csvs(folder: Path, dissection: dict) -> None:
-    """dissection/<model>.csv: CLIP-Dissect's first columns (layer, unit, description, similarity), then more."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for entry in dissection["models"]:
-        with open(folder / f"{entry['model']}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["layer", "unit", "description", "similarity", "alt_1", "alt_1_similarity", "alt_2",
-                        "alt_2_similarity", "alt_3", "alt_3_similarity", "scorer"])
-            for layer in entry["layers"]:
-                for u in layer["labels"]:
-                    alts = [x for a in u["alternatives"] for x in (a["label"], f"{a['similarity']:.6g}")]
-                    alts += [""] * (6 - len(alts))
-                    w.writerow([layer["layer"], u["unit"], u["label"], f"{u['similarity']:.6g}", *alts, u["scorer"]])
-
-
-def _model_record(m: LoadedModel) -> dict:
-    return {
-        "id": m.id,
-        "display": m.spec.display,
-        "source": m.spec.source,
-        "name": m.spec.name,
-        "origin": m.origin,
-        "target_layer": m.target_layer,
-        "num_classes": len(m.class_names),
-        "preprocess": m.preprocess.as_dict(),
-        "weights_sha256": m.weights_hash,
-        "parameters": int(sum(p.numel() for p in m.module.parameters())),
-        "group": m.group,
-        "version": m.version,
-    }
-
-
-def _image_record(im: SampleImage) -> dict:
-    return {"id": im.id, "source": im.source, "width": im.size[0], "height": im.size[1], "sha256": im.sha256}
-
-
-def _write_agreement_csv(path: Path, rows: list[dict], thresholds: tuple[float, ...]) -> None:
-    columns = ["image", "model", "method_a", "method_b", "iou", *[f"iou@{t:g}" for t in thresholds],
-               "lime_pixels", "flat_cam"]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})

@@ -9,45 +9,36 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from .cache import Cache
-from .concepts import BRODEN_COLORS, clean, load_concepts
+from .concepts import BRODEN_COLORS, clean
 from .errors import UserError
 from .probe import ProbeSet
-from .spec import DissectSpec, ScorerSpec, resolve_path
-from .zoo import load_model, weights_hash
+from .progress import current
+from .spec import ScorerSpec
+from .zoo import ModelRef, model_for, weights_hash
 
-CODE_VERSION = 2
-
-
-@dataclass
-class ConceptScores:
-    concepts: list[str]
-    scorers: list[str]  # per concept: the scorer that produced its column
-    matrix: torch.Tensor  # images x concepts, float32 on the CPU
-    descriptions: dict[str, str]  # scorer label -> what it is, in words
+CODE_VERSION = 3
 
 
-def _text_hash(words: list[str]) -> str:
+def text_hash(words: list[str]) -> str:
     return hashlib.sha256("\n".join(words).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- clip
 
 
-def load_clip(spec: ScorerSpec, base_dir: Path, device: torch.device, where: str):
+def load_clip(spec: ScorerSpec, device: torch.device, where: str):
     import open_clip
 
     if spec.config:
-        config = resolve_path(spec.config, base_dir)
+        config = Path(spec.config)
         if not config.is_file():
             raise UserError(f"{where}.config: {config} does not exist")
         open_clip.add_model_config(config)
@@ -55,7 +46,7 @@ def load_clip(spec: ScorerSpec, base_dir: Path, device: torch.device, where: str
         raise UserError(f"{where}.model: found {spec.model!r}, expected an open_clip model name "
                         "(open_clip.list_models()) or a 'config' file defining it")
     if spec.path:
-        source = resolve_path(spec.path, base_dir)
+        source = Path(spec.path)
         if not source.is_file():
             raise UserError(f"{where}.path: CLIP checkpoint {source} does not exist")
         pretrained = str(source)
@@ -78,26 +69,57 @@ def load_clip(spec: ScorerSpec, base_dir: Path, device: torch.device, where: str
     return model, preprocess, open_clip.get_tokenizer(spec.model)
 
 
-def clip_scores(spec: ScorerSpec, concepts: list[str], probe: ProbeSet, base_dir: Path, device: torch.device,
-                cache: Cache, batch_size: int, where: str) -> torch.Tensor:
-    """Cosines between L2-normalised image and text embeddings, images x concepts."""
-    model, preprocess, tokenizer = load_clip(spec, base_dir, device, where)
-    wh = weights_hash(model)
+@dataclass(frozen=True)
+class ClipRef:
+    """A CLIP scorer as plain data, for tasks: the spec entry and the weights hash the driver saw."""
 
-    def images() -> np.ndarray:
-        out = []
-        with torch.inference_mode():
-            for batch in probe.batches(batch_size):
-                x = torch.stack([preprocess(im) for im in batch]).to(device)
-                out.append(torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).cpu())
-        return torch.cat(out).numpy()
+    spec: ScorerSpec
+    where: str
+    weights_hash: str
 
-    def texts() -> np.ndarray:
-        return encode_texts(model, tokenizer, [spec.prompt.format(c) for c in concepts], device).numpy()
 
-    base = {"weights": wh, "code_version": CODE_VERSION}
-    img, _ = cache.get_or_compute("clip-image", {**base, "probe": probe.manifest, "preprocess": repr(preprocess)}, images)
-    txt, _ = cache.get_or_compute("clip-text", {**base, "concepts": _text_hash(concepts), "prompt": spec.prompt}, texts)
+# CLIP models loaded in this process (the driver's preflight fills it; a Ray worker loads each once).
+_CLIPS: dict[tuple[str, str], tuple] = {}
+
+
+def clip_for(ref_or_spec: ClipRef | ScorerSpec, device: torch.device | str, where: str = "dissect.scorers") -> tuple:
+    """(model, preprocess, tokenizer, weights hash), loaded once per process and device."""
+    spec = ref_or_spec.spec if isinstance(ref_or_spec, ClipRef) else ref_or_spec
+    where = ref_or_spec.where if isinstance(ref_or_spec, ClipRef) else where
+    key = (spec.model_dump_json(), str(device))
+    if key not in _CLIPS:
+        model, preprocess, tokenizer = load_clip(spec, torch.device(device), where)
+        _CLIPS.clear()  # one CLIP at a time: they are large
+        _CLIPS[key] = (model, preprocess, tokenizer, weights_hash(model))
+    found = _CLIPS[key]
+    if isinstance(ref_or_spec, ClipRef) and found[3] != ref_or_spec.weights_hash:
+        raise UserError(f"{where}: the CLIP weights changed while the run was going; run again")
+    return found
+
+
+def clip_image_task(clip: ClipRef, probe: ProbeSet, device: str, batch_size: int) -> np.ndarray:
+    """L2-normalised CLIP image embeddings of a probe shard, images x D."""
+    model, preprocess, _, _ = clip_for(clip, device)
+    out = []
+    with torch.inference_mode():
+        for batch in current().track(probe.batches(batch_size), "CLIP images", -(-len(probe) // batch_size), "batches"):
+            x = torch.stack([preprocess(im) for im in batch]).to(device)
+            out.append(torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).cpu())
+    return torch.cat(out).numpy()
+
+
+def clip_text_task(clip: ClipRef, concepts: list[str], device: str) -> np.ndarray:
+    """L2-normalised CLIP text embeddings of the concepts (through the spec's prompt), concepts x D."""
+    model, _, tokenizer, _ = clip_for(clip, device)
+    return encode_texts(model, tokenizer, [clip.spec.prompt.format(c) for c in concepts], torch.device(device)).numpy()
+
+
+def clip_scores(spec: ScorerSpec, concepts: list[str], probe: ProbeSet, device: torch.device, batch_size: int,
+                where: str) -> torch.Tensor:
+    """Cosines between L2-normalised image and text embeddings, images x concepts (both tasks, in this process)."""
+    ref = ClipRef(spec, where, clip_for(spec, device, where)[3])
+    img = clip_image_task(ref, probe, str(device), batch_size)
+    txt = clip_text_task(ref, concepts, str(device))
     return torch.from_numpy(img) @ torch.from_numpy(txt).T
 
 
@@ -129,10 +151,9 @@ def encode_texts(model, tokenizer, texts: list[str], device: torch.device, batch
     order), so each batch is truncated to its own longest text."""
     tokens = tokenizer(texts)
     order = torch.argsort(tokens.argmax(dim=-1), stable=True) if truncate else torch.arange(len(texts))
-    out = torch.empty(0)
     chunks = []
     with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
+        for i in current().track(range(0, len(texts), batch_size), "CLIP text", unit="batches"):
             batch = tokens[order[i : i + batch_size]].to(device)
             emb = encode_text_truncated(model, batch) if truncate else model.encode_text(batch)
             chunks.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
@@ -145,29 +166,25 @@ def encode_texts(model, tokenizer, texts: list[str], device: torch.device, batch
 # ---------------------------------------------------------------- classifier
 
 
-def classifier_scores(spec: ScorerSpec, probe: ProbeSet, base_dir: Path, device: torch.device, cache: Cache,
-                      batch_size: int, where: str) -> tuple[list[str], torch.Tensor, str]:
-    """Softmax probabilities of a zoo model over its class names; classes that share a cleaned name are summed."""
+def classifier_task(model: ModelRef, probe: ProbeSet, device: str, batch_size: int) -> np.ndarray:
+    """Softmax probabilities of a zoo model over its class names on a probe shard, images x classes."""
     from .explain import predict
 
-    model = load_model(spec.classifier, base_dir, f"{where}.classifier", device)
+    m = model_for(model, device)
+    out = []
+    for batch in current().track(probe.batches(batch_size), f"{model.id} scores", -(-len(probe) // batch_size),
+                                 "batches"):
+        crops = np.stack([m.preprocess.crop(im) for im in batch])
+        out.append(predict(m, crops, torch.device(device), batch_size))
+    return np.concatenate(out).astype(np.float32)
 
-    def compute() -> np.ndarray:
-        out = []
-        for batch in probe.batches(batch_size):
-            crops = np.stack([model.preprocess.crop(im) for im in batch])
-            out.append(predict(model, crops, device, batch_size))
-        return np.concatenate(out).astype(np.float32)
 
-    parts = {"weights": model.weights_hash, "probe": probe.manifest, "preprocess": model.preprocess.as_dict(),
-             "code_version": CODE_VERSION}
-    probs, _ = cache.get_or_compute("classifier-scores", parts, compute)
-    names = OrderedDict()
-    for i, name in enumerate(model.class_names):
+def class_groups(class_names: list[str]) -> tuple[list[str], list[list[int]]]:
+    """Classes that share a cleaned name are one concept: (concepts, the class indices of each)."""
+    names: OrderedDict[str, list[int]] = OrderedDict()
+    for i, name in enumerate(class_names):
         names.setdefault(clean(name), []).append(i)
-    probs_t = torch.from_numpy(probs)
-    matrix = torch.stack([probs_t[:, idx].sum(dim=1) for idx in names.values()], dim=1)
-    return list(names), matrix, f"{model.spec.display} class probabilities ({model.origin})"
+    return list(names), list(names.values())
 
 
 # ---------------------------------------------------------------- colours
@@ -204,48 +221,41 @@ def color_fractions(image: np.ndarray) -> np.ndarray:
     return np.bincount(nearest, minlength=len(BRODEN_COLORS)) / nearest.size
 
 
-def colors_scores(probe: ProbeSet, cache: Cache) -> torch.Tensor:
-    def compute() -> np.ndarray:
-        rows = []
-        for batch in probe.batches(64):
-            for im in batch:
-                small = im.copy()
-                small.thumbnail((128, 128))
-                rows.append(color_fractions(np.asarray(small)))
-        return np.stack(rows).astype(np.float32)
+def colors_task(probe: ProbeSet) -> np.ndarray:
+    """Per probe image, the fraction of its pixels named by each Broden colour (images x 11)."""
+    rows = []
+    for batch in current().track(probe.batches(64), "colours", -(-len(probe) // 64), "batches"):
+        for im in batch:
+            small = im.copy()
+            small.thumbnail((128, 128))
+            rows.append(color_fractions(np.asarray(small)))
+    return np.stack(rows).astype(np.float32)
 
-    values, _ = cache.get_or_compute("color-scores", {"probe": probe.manifest, "code_version": CODE_VERSION}, compute)
-    return torch.from_numpy(values)
+
+def colors_scores(probe: ProbeSet) -> torch.Tensor:
+    return torch.from_numpy(colors_task(probe))
 
 
 # ---------------------------------------------------------------- all scorers
 
 
-def score_concepts(spec: DissectSpec, probe: ProbeSet, base_dir: Path, device: torch.device, cache: Cache,
-                   say: Callable[[str], None] = lambda s: None) -> ConceptScores:
+def concept_scores_task(scorers: list[dict], **parts: Any) -> dict:
+    """Every scorer's images x concepts block side by side: {concepts, scorers (per concept), matrix}.
+
+    `scorers[i]` says what scorer i is (kind, label, and for a classifier its concept groups); `parts`
+    holds its image-side values per probe shard (`images_i`) and, for CLIP, its text embeddings (`text_i`)."""
     concepts: list[str] = []
     owners: list[str] = []
-    blocks: list[torch.Tensor] = []
-    descriptions: dict[str, str] = {}
-    for i, scorer in enumerate(spec.scorers):
-        where = f"dissect.scorers[{i}]"
-        if scorer.kind == "clip":
-            words = load_concepts(spec.concepts, base_dir)
-            label = f"CLIP {scorer.model}"
-            matrix = clip_scores(scorer, words, probe, base_dir, device, cache, spec.batch_size, where)
-            descriptions[label] = (f"open_clip {scorer.model} ({scorer.path or scorer.pretrained}), prompt "
-                                   f"{json.dumps(scorer.prompt)}, {len(words)} concepts from {', '.join(spec.concepts)}")
-        elif scorer.kind == "classifier":
-            words, matrix, text = classifier_scores(scorer, probe, base_dir, device, cache, spec.batch_size, where)
-            label = f"classifier {scorer.classifier.display}"
-            descriptions[label] = text + " — an offline stand-in for CLIP"
+    blocks: list[np.ndarray] = []
+    for i, s in enumerate(scorers):
+        images = np.concatenate(parts[f"images_{i}"])
+        if s["kind"] == "clip":
+            matrix = images @ parts[f"text_{i}"].T
+        elif s["kind"] == "classifier":
+            matrix = np.stack([images[:, idx].sum(axis=1) for idx in s["groups"]], axis=1)
         else:
-            words, matrix = list(BRODEN_COLORS), colors_scores(probe, cache)
-            label = "pixel colours"
-            descriptions[label] = ("fraction of pixels nearest (in CIE Lab) to each of the 11 Broden colour names — "
-                                   "an offline stand-in for CLIP")
-        say(f"  scorer {label}: {len(words)} concepts")
-        concepts.extend(words)
-        owners.extend([label] * len(words))
-        blocks.append(matrix.float())
-    return ConceptScores(concepts, owners, torch.cat(blocks, dim=1), descriptions)
+            matrix = images
+        concepts.extend(s["concepts"])
+        owners.extend([s["label"]] * len(s["concepts"]))
+        blocks.append(matrix.astype(np.float32))
+    return {"concepts": concepts, "scorers": owners, "matrix": np.concatenate(blocks, axis=1)}

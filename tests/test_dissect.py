@@ -11,8 +11,7 @@ from torch import nn
 
 from conftest import wrap
 from report_builder.__main__ import main
-from report_builder.activations import activations
-from report_builder.cache import Cache
+from report_builder.activations import record
 from report_builder.concepts import load_concepts
 from report_builder.dissect import SIMILARITY, label_units
 from report_builder.errors import UserError
@@ -174,12 +173,12 @@ def test_planted_colour_units_through_probe_scorer_and_activations(tmp_path):
     colour_probe(tmp_path / "probe")
     model = wrap(ColourUnits(), classes=2)
     model.layer_names.append("features")
-    probe = load_probe(ProbeSpec(source="folder", path="probe"), tmp_path, seed=0)
-    acts = activations(model, ["features"], probe, "avg", CPU, 16, Cache(tmp_path / "c"), "models[0]")
+    probe = load_probe(ProbeSpec(source="folder", path=str(tmp_path / "probe")), seed=0)
+    acts = record(model, ["features"], probe, "avg", CPU, 16, "models[0]")
     from report_builder.scorers import colors_scores
     from report_builder.concepts import BRODEN_COLORS
 
-    P = colors_scores(probe, Cache(tmp_path / "c"))
+    P = colors_scores(probe)
     S = SIMILARITY["soft_wpmi"](P, acts["features"], top_k=10)
     labels = [u.label for u in label_units(S, list(BRODEN_COLORS), ["colors"] * 11)]
     assert labels == ["red", "green", "blue", "white", "black"]
@@ -215,10 +214,11 @@ def test_clip_scorer_loads_a_local_checkpoint_through_the_real_path(tmp_path):
     (tmp_path / "probe").mkdir()
     for i in range(4):
         (tmp_path / f"{i}.png").rename(tmp_path / "probe" / f"{i}.png")
-    probe = load_probe(ProbeSpec(source="folder", path="probe"), tmp_path, seed=0)
-    spec = ScorerSpec(kind="clip", model="tiny-clip-test", config="tiny-clip-test.json", path="tiny.pt", pretrained=None)
+    probe = load_probe(ProbeSpec(source="folder", path=str(tmp_path / "probe")), seed=0)
+    spec = ScorerSpec(kind="clip", model="tiny-clip-test", config=str(tmp_path / "tiny-clip-test.json"),
+                      path=str(tmp_path / "tiny.pt"), pretrained=None)
     concepts = ["cat", "dog", "red"]
-    P = clip_scores(spec, concepts, probe, tmp_path, CPU, Cache(tmp_path / "c"), 2, "dissect.scorers[0]")
+    P = clip_scores(spec, concepts, probe, CPU, 2, "dissect.scorers[0]")
     assert P.shape == (4, 3)
 
     _, _, preprocess = open_clip.create_model_and_transforms("tiny-clip-test")
@@ -235,73 +235,73 @@ def test_clip_without_weights_names_what_to_download(tmp_path, monkeypatch):
     # as on a machine configured offline: the hub fails at once instead of retrying for a minute
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     spec = ScorerSpec(kind="clip", model="ViT-B-16", pretrained="openai")
-    probe = load_probe(ProbeSpec(source="samples-augmented", per_image=1), tmp_path, seed=0)
+    probe = load_probe(ProbeSpec(source="samples-augmented", per_image=1), seed=0)
     with pytest.raises(UserError, match=r"dissect.scorers\[0\]: could not load CLIP ViT-B-16.*\n.*dissect.scorers\[0\].path"):
-        clip_scores(spec, ["cat"], probe, tmp_path, CPU, Cache(tmp_path / "c"), 2, "dissect.scorers[0]")
+        clip_scores(spec, ["cat"], probe, CPU, 2, "dissect.scorers[0]")
 
 
-def test_activation_cache_follows_weights_and_layer(tmp_path, tiny_model):
-    probe = load_probe(ProbeSpec(source="samples-augmented", per_image=1), tmp_path, seed=0)
-    cache = Cache(tmp_path / "c")
-    first = activations(tiny_model, ["features"], probe, "avg", CPU, 8, cache, "m")
-    assert cache.misses == 1
-    again = activations(tiny_model, ["features"], probe, "avg", CPU, 8, cache, "m")
-    assert cache.misses == 1 and torch.equal(first["features"], again["features"])
-    activations(tiny_model, ["features.0"], probe, "avg", CPU, 8, cache, "m")  # another layer
-    assert cache.misses == 2
-    with torch.no_grad():
-        tiny_model.module.features[0].bias += 1.0
+def test_activation_identity_follows_weights_layers_probe_and_pooling(tiny_model):
+    from report_builder.activations import identity
+    from report_builder.cache import key_of
     from report_builder.zoo import weights_hash
 
+    probe = load_probe(ProbeSpec(source="samples-augmented", per_image=1), seed=0)
+    other_probe = load_probe(ProbeSpec(source="samples-augmented", per_image=1), seed=1)
+    base = key_of(identity(tiny_model, ["features"], probe, "avg"))
+    assert base == key_of(identity(tiny_model, ["features"], probe, "avg"))
+    assert base != key_of(identity(tiny_model, ["features.0"], probe, "avg"))
+    assert base != key_of(identity(tiny_model, ["features"], other_probe, "avg"))
+    assert base != key_of(identity(tiny_model, ["features"], probe, "max"))
+    with torch.no_grad():
+        tiny_model.module.features[0].bias += 1.0
     tiny_model.weights_hash = weights_hash(tiny_model.module)
-    changed = activations(tiny_model, ["features"], probe, "avg", CPU, 8, cache, "m")  # new weights
-    assert cache.misses == 3 and not torch.equal(first["features"], changed["features"])
+    assert base != key_of(identity(tiny_model, ["features"], probe, "avg"))
 
 
 def test_pooling_max_and_avg_differ(tmp_path, tiny_model):
-    probe = load_probe(ProbeSpec(source="samples-augmented", per_image=1), tmp_path, seed=0)
-    avg = activations(tiny_model, ["features"], probe, "avg", CPU, 8, Cache(enabled=False), "m")["features"]
-    mx = activations(tiny_model, ["features"], probe, "max", CPU, 8, Cache(enabled=False), "m")["features"]
+    probe = load_probe(ProbeSpec(source="samples-augmented", per_image=1), seed=0)
+    avg = record(tiny_model, ["features"], probe, "avg", CPU, 8, "m")["features"]
+    mx = record(tiny_model, ["features"], probe, "max", CPU, 8, "m")["features"]
     assert avg.shape == mx.shape == (12, 8) and (mx >= avg - 1e-6).all()
 
 
 def test_probe_sets(tmp_path):
-    aug = load_probe(ProbeSpec(source="samples-augmented", per_image=3), tmp_path, seed=0)
-    again = load_probe(ProbeSpec(source="samples-augmented", per_image=3), tmp_path, seed=0)
+    aug = load_probe(ProbeSpec(source="samples-augmented", per_image=3), seed=0)
+    again = load_probe(ProbeSpec(source="samples-augmented", per_image=3), seed=0)
     assert len(aug) == 36 and aug.manifest == again.manifest
-    assert load_probe(ProbeSpec(source="samples-augmented", per_image=3), tmp_path, seed=1).manifest != aug.manifest
+    assert load_probe(ProbeSpec(source="samples-augmented", per_image=3), seed=1).manifest != aug.manifest
     colour_probe(tmp_path / "imgs", n=10)
     (tmp_path / "list.txt").write_text("imgs/000.png\nimgs/001.png\n")
-    assert len(load_probe(ProbeSpec(source="list", path="list.txt"), tmp_path, seed=0)) == 2
-    sub = load_probe(ProbeSpec(source="folder", path="imgs", limit=4), tmp_path, seed=0)
+    assert len(load_probe(ProbeSpec(source="list", path=str(tmp_path / "list.txt")), seed=0)) == 2
+    sub = load_probe(ProbeSpec(source="folder", path=str(tmp_path / "imgs"), limit=4), seed=0)
     assert len(sub) == 4 and [i.id for i in sub.items] == sorted(i.id for i in sub.items)
     broden = tmp_path / "broden"
     (broden / "images" / "ade").mkdir(parents=True)
     (tmp_path / "imgs" / "000.png").rename(broden / "images" / "ade" / "a.png")
     (broden / "index.csv").write_text("image,split,color\nade/a.png,train,ade/a_color.png\n")
-    assert [i.id for i in load_probe(ProbeSpec(source="broden", path="broden"), tmp_path, seed=0).items] == ["ade/a.png"]
+    assert [i.id for i in load_probe(ProbeSpec(source="broden", path=str(tmp_path / "broden")), seed=0).items] == ["ade/a.png"]
 
 
 def test_bad_probe_folder_and_empty_concept_file(tmp_path):
     with pytest.raises(UserError, match=r"dissect.probe.path: probe folder .*nowhere does not exist"):
-        load_probe(ProbeSpec(source="folder", path="nowhere"), tmp_path, seed=0)
+        load_probe(ProbeSpec(source="folder", path=str(tmp_path / "nowhere")), seed=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no images"):
-        load_probe(ProbeSpec(source="folder", path="empty"), tmp_path, seed=0)
+        load_probe(ProbeSpec(source="folder", path=str(tmp_path / "empty")), seed=0)
     with pytest.raises(UserError, match="not a Broden-style folder"):
-        load_probe(ProbeSpec(source="broden", path="empty"), tmp_path, seed=0)
+        load_probe(ProbeSpec(source="broden", path=str(tmp_path / "empty")), seed=0)
     (tmp_path / "none.txt").write_text("\n# only a comment\n")
     with pytest.raises(UserError, match=r"dissect.concepts\[1\]: concept file .*none.txt is empty"):
-        load_concepts(("broden-colors", "none.txt"), tmp_path)
+        load_concepts(("broden-colors", str(tmp_path / "none.txt")))
 
 
 def test_concept_sets_are_cleaned_and_deduplicated(tmp_path):
     (tmp_path / "mine.txt").write_text("Red\nstriped\nsea_shore\n")
-    words = load_concepts(("broden-colors", "dtd-textures", "mine.txt"), tmp_path)
+    words = load_concepts(("broden-colors", "dtd-textures", str(tmp_path / "mine.txt")))
     assert len(words) == 11 + 47 + 1 and words[-1] == "sea shore"
-    big = load_concepts(("words-20k",), tmp_path)
+    big = load_concepts(("words-20k",))
     assert 10_000 < len(big) <= 20_000 and "the" not in big and len(set(big)) == len(big)
-    assert "arena hockey" in load_concepts(("places365",), tmp_path)
+    assert "arena hockey" in load_concepts(("places365",))
 
 
 def test_unknown_layer_in_spec_is_reported_before_any_work(tmp_path, capsys):
