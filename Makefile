@@ -37,9 +37,10 @@ diff: setup
 	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make diff A=output/<run-a> B=output/<run-b> [OUT=dir]"; exit 2; }
 	$(PY) -m report_builder diff $(A) $(B) $(if $(OUT),--out $(OUT))
 
-# Side-by-side timings of each optimised stage against its baseline; writes output/bench/bench.json.
+# Side-by-side timings of each optimised stage against its baseline, the full-size scale runs and the demo;
+# writes output/bench/bench.json. BENCH_ARGS=--quick for a smoke run, --only scale for one section.
 bench: setup
-	$(PY) -m report_builder.bench
+	$(PY) -m report_builder.bench $(BENCH_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

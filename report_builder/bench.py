@@ -340,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m report_builder.bench", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("output/bench"))
     p.add_argument("--quick", action="store_true", help="smaller sizes, and no whole-demo run (a smoke test)")
+    p.add_argument("--only", choices=("items", "scale", "demo"), action="append",
+                   help="run only these sections (repeatable): the optimised items, the full-size scale runs, the demo")
     args = p.parse_args(argv)
+    sections = set(args.only or ("items", "scale", "demo"))
     args.out.mkdir(parents=True, exist_ok=True)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     q = args.quick
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads; "
           f"GPU: {info['gpu'] or 'none (GPU items skipped)'}", flush=True)
     rows: list[dict] = []
-    for device in devices:
+    for device in devices if "items" in sections else ():
         cuda = device.type == "cuda"
         steps = [
             ("LIME", lambda: bench_lime(device, 100 if q else 1000)),
@@ -370,7 +373,15 @@ def main(argv: list[str] | None = None) -> int:
                 r["device"] = device.type
                 rows.append(r)
                 print(_line(r), flush=True)
-    if not q:
+    if "scale" in sections:
+        from .bench_scale import bench_full_size, bench_netdissect_scale
+
+        for step in (bench_full_size, bench_netdissect_scale):
+            for r in step(args.out, q, row):
+                r["device"] = "cpu"
+                rows.append(r)
+                print(_line(r), flush=True)
+    if not q and "demo" in sections:
         print("[cpu] whole demo spec, cold then warm ...", file=sys.stderr, flush=True)
         for r in bench_demo(args.out):
             r["device"] = "cpu"
@@ -391,8 +402,17 @@ def _line(r: dict) -> str:
         extra += f"  overhead {r['overhead']:.2f}"
     if "masks_equal" in r:
         extra += f"  masks equal: {r['masks_equal']}"
-    return (f"{r['device']:4} {r['item'][:62]:62} ours {r['ours_s']:8.2f} s  {r['baseline'][:30]:30} "
+    if "peak_rss_gib" in r:
+        extra += f"  peak RSS {r['peak_rss_gib']:.2f} GiB"
+    if "images_per_s" in r:
+        extra += f"  {r['images_per_s']:.1f} images/s (at 1/10 the size: {r['baseline_images_per_s']:.1f}, " \
+                 f"peak RSS {r['baseline_peak_rss_gib']:.2f} GiB)"
+    line = (f"{r['device']:4} {r['item'][:62]:62} ours {r['ours_s']:8.2f} s  {r['baseline'][:30]:30} "
             f"{r['baseline_s']:8.2f} s  x{r['ratio']:.1f}  (target {r['target']}){extra}")
+    for name in ("stages", "bare_parts"):
+        if name in r:
+            line += f"\n       {name.replace('_', ' ')}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r[name].items())
+    return line
 
 
 if __name__ == "__main__":

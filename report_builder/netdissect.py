@@ -481,13 +481,62 @@ def shard_tally_task(model: ModelRef, jobs: list[tuple[str, float]], probe: Pixe
     return {name: state.as_dict() for name, state in states.items()}
 
 
+MAPS_IN_MEMORY = 1024**3  # bytes of recorded maps a one-shard run keeps, to pass over them twice without the model
+
+
+def whole_probe_task(model: ModelRef, jobs: list[tuple[str, float]], probe: PixelProbe, settings: Settings,
+                     device: str, batch_size: int) -> dict:
+    """Both passes over a probe set that is a single shard: {"thresholds": ..., "tally": ...} as the sharded
+    tasks give them. The maps are recorded once and kept while they fit in MAPS_IN_MEMORY; beyond that the
+    model runs twice (the same numbers either way: the states do not depend on how images are batched)."""
+    m = model_for(model, device)
+    layers = _jobs_by_layer(jobs)
+    kept: list[tuple[int, dict[str, torch.Tensor]]] = []
+    size = 0
+    states: dict[str, ThresholdState] = {}
+    for start, maps in stream_maps(m, layers, probe, torch.device(device), batch_size, f"{model.id} maps"):
+        for layer, alpha in jobs:
+            a = maps[layer]
+            name = job_name(layer, alpha)
+            if name not in states:
+                total = len(probe) * a.shape[2] * a.shape[3]
+                states[name] = ThresholdState(choose_method(settings.threshold, total, settings.quantile, a.shape[1]),
+                                              total, settings.quantile, settings.seed)
+            states[name].add(rotate(a, rotation_for(a.shape[1], settings.seed, alpha)), start)
+        size += sum(t.numel() * 4 for t in maps.values())
+        if kept is not None and size <= MAPS_IN_MEMORY:
+            kept.append((start, {k: v.clone() for k, v in maps.items()}))
+        else:
+            kept = None  # too large: pass 2 runs the model again
+    thresholds = thresholds_task({name: s.as_dict() for name, s in states.items()})
+    if kept is None:
+        tally_ = shard_tally_task(model, jobs, probe, 0, thresholds, settings, device, batch_size)
+    else:
+        tallies: dict[str, TallyState] = {}
+        labels = probe.labels()
+        for start, maps in current().track(kept, f"{model.id} IoU", unit="batches"):
+            batch_labels = [next(labels) for _ in range(next(iter(maps.values())).shape[0])]
+            for layer, alpha in jobs:
+                a = maps[layer]
+                name = job_name(layer, alpha)
+                if name not in tallies:
+                    tallies[name] = TallyState(torch.from_numpy(thresholds[name]["thresholds"]), len(probe.names),
+                                               probe.category_names, settings.top_images)
+                tallies[name].add(rotate(a, rotation_for(a.shape[1], settings.seed, alpha)), batch_labels, start)
+        tally_ = {name: t.as_dict() for name, t in tallies.items()}
+    return {"thresholds": thresholds, "tally": tally_}
+
+
 def merge_tally_task(parts: list[dict], top: int) -> dict:
     return {name: TallyState.merge([p[name] for p in parts], top) for name in parts[0]}
 
 
-def finish_task(name: str, tally_: dict, thresholds: dict, probe_names: tuple[str, ...],
-                label_category: np.ndarray) -> dict:
-    """One (layer, alpha) dissected: see `finish`."""
+def finish_task(name: str, probe_names: tuple[str, ...], label_category: np.ndarray, tally_: dict | None = None,
+                thresholds: dict | None = None, both: dict | None = None) -> dict:
+    """One (layer, alpha) dissected: see `finish`. Takes the merged tally and the thresholds, or `both` from
+    whole_probe_task."""
+    if both is not None:
+        tally_, thresholds = both["tally"], both["thresholds"]
     layer_alpha = float(name.rsplit("@", 1)[1])
     t = thresholds[name]
     return finish(torch.from_numpy(t["thresholds"]), t["method"], tally_[name], probe_names,

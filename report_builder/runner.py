@@ -335,27 +335,37 @@ def _netdissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: 
         ident = {"weights": m.weights_hash, "jobs": jobs, "preprocess": m.preprocess.as_dict(),
                  "settings": settings.as_dict(), "labels": probe.manifest, "code_version": netdissect.CODE_VERSION}
         common = {"model": m.ref, "jobs": jobs, "settings": settings, "device": dev, "batch_size": batch}
-        pass1 = [g.add("netdissect-thresholds", netdissect.shard_thresholds_task, f"NetDissect {m.id} pass 1, {i}",
-                       {**ident, "shard": s.manifest, "first": f, "total": len(probe)},
-                       {**common, "first_image": f, "total_images": len(probe)}, {"probe": pk}, cache=False,
-                       model=True)
-                 for i, (s, f, pk) in enumerate(zip(shards, firsts, probe_keys))]
-        merged = _reduce(g, "netdissect-thresholds", netdissect.merge_thresholds_task, pass1, f"NetDissect {m.id}")
-        thresholds = g.add("netdissect-thresholds", netdissect.thresholds_task, f"NetDissect {m.id} thresholds",
-                           {"code_version": netdissect.CODE_VERSION}, {}, {"states": merged}, shape=dict)
-        pass2 = [g.add("netdissect-tally", netdissect.shard_tally_task, f"NetDissect {m.id} pass 2, {i}",
-                       {**ident, "shard": s.manifest, "first": f}, {**common, "first_image": f},
-                       {"probe": pk, "thresholds": thresholds}, model=True, shape=dict)
-                 for i, (s, f, pk) in enumerate(zip(shards, firsts, probe_keys))]
-        tally = _reduce(g, "netdissect-tally", netdissect.merge_tally_task, pass2, f"NetDissect {m.id}",
-                        {"top": ns.top_images})
+        if len(shards) == 1:  # one task, one forward pass over the probe set (the maps fit in memory)
+            both = g.add("netdissect-passes", netdissect.whole_probe_task, f"NetDissect {m.id}",
+                         {**ident, "shard": probe.manifest}, common, {"probe": probe_keys[0]}, model=True, shape=dict)
+            finish_deps = {"both": both}
+        else:
+            finish_deps = _netdissect_shards(g, m, ident, common, shards, firsts, probe_keys, len(probe), ns.top_images)
         for layer, alpha in jobs:
             name = netdissect.job_name(layer, alpha)
             plan.netdissect[(m.id, layer, alpha)] = g.add(
                 "netdissect", netdissect.finish_task, f"NetDissect {m.id} {layer}" + (f" rotated {alpha:g}" if alpha else ""),
                 {"job": name, "code_version": netdissect.CODE_VERSION},
                 {"name": name, "probe_names": probe.names, "label_category": label_category},
-                {"tally_": tally, "thresholds": thresholds}, shape=netdissect.RESULT_SHAPE)
+                finish_deps, shape=netdissect.RESULT_SHAPE)
+
+
+def _netdissect_shards(g: Graph, m, ident: dict, common: dict, shards, firsts, probe_keys, total: int,
+                       top: int) -> dict:
+    """Two passes over the probe shards: thresholds (merged), then the tallies (merged)."""
+    pass1 = [g.add("netdissect-thresholds", netdissect.shard_thresholds_task, f"NetDissect {m.id} pass 1, {i}",
+                   {**ident, "shard": s.manifest, "first": f, "total": total},
+                   {**common, "first_image": f, "total_images": total}, {"probe": pk}, cache=False, model=True)
+             for i, (s, f, pk) in enumerate(zip(shards, firsts, probe_keys))]
+    merged = _reduce(g, "netdissect-thresholds", netdissect.merge_thresholds_task, pass1, f"NetDissect {m.id}")
+    thresholds = g.add("netdissect-thresholds", netdissect.thresholds_task, f"NetDissect {m.id} thresholds",
+                       {"code_version": netdissect.CODE_VERSION}, {}, {"states": merged}, shape=dict)
+    pass2 = [g.add("netdissect-tally", netdissect.shard_tally_task, f"NetDissect {m.id} pass 2, {i}",
+                   {**ident, "shard": s.manifest, "first": f}, {**common, "first_image": f},
+                   {"probe": pk, "thresholds": thresholds}, model=True, shape=dict)
+             for i, (s, f, pk) in enumerate(zip(shards, firsts, probe_keys))]
+    tally = _reduce(g, "netdissect-tally", netdissect.merge_tally_task, pass2, f"NetDissect {m.id}", {"top": top})
+    return {"tally_": tally, "thresholds": thresholds}
 
 
 # ---------------------------------------------------------------- the run

