@@ -6,20 +6,15 @@ import torch
 
 from .probe import ProbeSet
 from .progress import current
-from .zoo import LoadedModel, ModelRef, get_layer, model_for
+from .zoo import Layout, LoadedModel, ModelRef, get_layer, model_for
 
 CODE_VERSION = 1
 
 
-def pool(output: torch.Tensor, how: str) -> torch.Tensor:
-    """N x C x H x W -> N x C by mean or max over space; N x T x C (tokens) -> mean over tokens; N x C as is."""
-    if output.dim() == 4:
-        return output.float().amax(dim=(2, 3)) if how == "max" else output.float().mean(dim=(2, 3))
-    if output.dim() == 3:
-        return output.float().mean(dim=1)
-    if output.dim() == 2:
-        return output.float()
-    raise ValueError(f"cannot pool a layer output of shape {tuple(output.shape)}")
+def pool(output: torch.Tensor, how: str, layout: Layout | None = None) -> torch.Tensor:
+    """A layer's output -> N x C: the mean or maximum over its map (for a ViT, over its patch tokens, not the
+    class token), or its class token ('cls'). Without a layout, N x C x H x W is taken as a map."""
+    return (layout or Layout("nchw" if output.dim() == 4 else "flat")).pool(output, how)
 
 
 def identity(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: str) -> dict:
@@ -40,9 +35,11 @@ def record(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: str,
            batch_size: int, where: str) -> dict[str, torch.Tensor]:
     """One pass over the probe set with a forward hook on each layer; returns images x units per layer."""
     modules = {name: get_layer(model, name, f"{where}.layers[{i}]") for i, name in enumerate(layers)}
+    layouts = {name: model.layout(name) for name in layers}
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     hooks = [
-        module.register_forward_hook(lambda _m, _i, out, name=name: collected[name].append(pool(out, pooling).cpu()))
+        module.register_forward_hook(lambda _m, _i, out, name=name: collected[name].append(
+            pool(out, pooling, layouts[name]).cpu()))
         for name, module in modules.items()
     ]
     try:

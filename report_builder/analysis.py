@@ -78,8 +78,9 @@ def timing_summary(results: dict) -> list[dict]:
 
 def findings(results: dict) -> list[dict]:
     out: list[dict] = []
-    for fn in (dissection_findings, netdissect_findings, versions_findings, _agreement_findings, _cam_ranking_findings, _speed_findings,
-               _prediction_findings, _confidence_findings, _lime_fit_findings):
+    for fn in (dissection_findings, netdissect_findings, versions_findings, evaluation_findings, _agreement_findings,
+               _cam_ranking_findings, _speed_findings, sweep_findings, _prediction_findings, _confidence_findings,
+               _lime_fit_findings):
         out.extend(fn(results))
     for f in out:
         f.setdefault("question", None)
@@ -545,4 +546,154 @@ def versions_findings(results: dict) -> list[dict]:
                         "text": f"From one version of {g['display']} to the next, the top-1 class changes on "
                                 f"{', '.join(str(c) for c in changes)} of {g['images']} images.",
                         "numbers": {"top1_changes": changes}})
+    return out
+
+
+# ---------------------------------------------------------------- which explanations can we trust
+
+
+def _title(method: str) -> str:
+    return "the random map" if method == "random" else METHOD_TITLES.get(method, method)
+
+
+def evaluation_summary(results: dict) -> list[dict]:
+    """Per model and method (the random map included): mean deletion and insertion AUC, ROAD, pointing-game hits,
+    energy, and the sanity check's mean similarity at each step and after the last one."""
+    ev = results["evaluation"]
+    out = []
+    for m in results["models"]:
+        for method in ev["methods"]:
+            rows = [r for r in ev["rows"] if r["model"] == m["id"] and r["method"] == method]
+            pointed = [r["pointing_hit"] for r in rows if r.get("pointing_hit") is not None]
+            sanity = [s for s in ev["sanity"] if s["model"] == m["id"] and s["method"] == method]
+            entry = {
+                "model": m["id"], "method": method, "images": len(rows),
+                "deletion_auc": _mean([r.get("deletion_auc") for r in rows]),
+                "insertion_auc": _mean([r.get("insertion_auc") for r in rows]),
+                "road": _mean([r.get("road") for r in rows]),
+                "pointing_hits": int(sum(pointed)) if pointed else None, "pointing_images": len(pointed),
+                "energy": _mean([r.get("energy") for r in rows]),
+                "sanity_images": len(sanity),
+            }
+            if sanity:
+                steps = len(sanity[0]["spearman"])
+                entry["sanity_layers"] = sanity[0]["layers"]
+                entry["sanity_spearman"] = [_mean([s["spearman"][k] for s in sanity]) for k in range(steps)]
+                entry["sanity_ssim"] = [_mean([s["ssim"][k] for s in sanity]) for k in range(steps)]
+                entry["spearman_final"], entry["ssim_final"] = entry["sanity_spearman"][-1], entry["sanity_ssim"][-1]
+            out.append(entry)
+    return out
+
+
+SANITY_PASS = 0.5  # a map still rank-correlated above this with the original after every block is re-initialised fails
+
+
+def evaluation_findings(results: dict) -> list[dict]:
+    if "evaluation" not in results:
+        return []
+    names = _display(results)
+    out = []
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for e in results["evaluation"]["summary"]:
+        by_model[e["model"]].append(e)
+    for model, rows in by_model.items():
+        name = names[model]
+        methods = [r for r in rows if r["method"] != "random"]
+        random = next((r for r in rows if r["method"] == "random"), None)
+        scored = [r for r in methods if r["deletion_auc"] is not None]
+        if scored:
+            d = min(scored, key=lambda r: r["deletion_auc"])
+            i = max(scored, key=lambda r: r["insertion_auc"])
+            text = (f"On {name}, removing the pixels {_title(d['method'])} ranks first lowers the top-1 probability "
+                    f"fastest (deletion AUC {_f(d['deletion_auc'], 3)}, lower is better), and revealing "
+                    f"{_title(i['method'])}'s first raises it fastest (insertion AUC {_f(i['insertion_auc'], 3)}, "
+                    "higher is better)")
+            if random and random["deletion_auc"] is not None:
+                beat = [r for r in scored if r["deletion_auc"] < random["deletion_auc"]
+                        and r["insertion_auc"] > random["insertion_auc"]]
+                lose = [r for r in scored if r not in beat]
+                text += (f"; the random map scores {_f(random['deletion_auc'], 3)} and "
+                         f"{_f(random['insertion_auc'], 3)}. ")
+                text += ("Every method beats chance on both." if not lose else
+                         f"{', '.join(_title(r['method']) for r in lose)} "
+                         f"{'does' if len(lose) == 1 else 'do'} not beat chance on both.")
+            else:
+                text += "."
+            out.append({"id": f"faithfulness-{model}", "section": "trust", "question": "q5", "text": text,
+                        "numbers": {r["method"]: {"deletion_auc": r["deletion_auc"], "insertion_auc": r["insertion_auc"]}
+                                    for r in rows}})
+        road = [r for r in methods if r["road"] is not None]
+        if road:
+            best = max(road, key=lambda r: r["road"])
+            text = (f"By ROAD on {name}, {_title(best['method'])} ranks pixels best ({_f(best['road'], 3)}; "
+                    + ", ".join(f"{_title(r['method'])} {_f(r['road'], 3)}" for r in road if r is not best)
+                    + (f"; the random map {_f(random['road'], 3)}" if random and random["road"] is not None else "")
+                    + ").")
+            out.append({"id": f"road-{model}", "section": "trust", "question": "q5", "text": text,
+                        "numbers": {r["method"]: r["road"] for r in rows}})
+        sane = [r for r in methods if r.get("spearman_final") is not None]
+        if sane:
+            fails = [r for r in sane if r["spearman_final"] >= SANITY_PASS]
+            parts = ", ".join(f"{_title(r['method'])} ρ = {_f(r['spearman_final'])}" for r in
+                              sorted(sane, key=lambda r: -r["spearman_final"]))
+            text = (f"With every block of {name} re-initialised, the maps' rank correlation with the originals is: "
+                    f"{parts} (mean over {sane[0]['sanity_images']} image(s)). ")
+            text += ("Every method's map changes with the model, as it should." if not fails else
+                     f"{', '.join(_title(r['method']) for r in fails)} still "
+                     f"{'resembles' if len(fails) == 1 else 'resemble'} the original (ρ ≥ {SANITY_PASS}), so "
+                     f"{'it fails' if len(fails) == 1 else 'they fail'} the sanity check.")
+            out.append({"id": f"sanity-{model}", "section": "trust", "question": "q5", "text": text,
+                        "numbers": {r["method"]: r["spearman_final"] for r in sane}})
+        pointed = [r for r in methods if r["pointing_images"]]
+        if pointed:
+            n = pointed[0]["pointing_images"]
+            text = (f"On the {n} image(s) of {name} with object labels, the maps' maximum falls on the object: "
+                    + ", ".join(f"{_title(r['method'])} {r['pointing_hits']} of {n} (energy {_f(r['energy'])})"
+                                for r in pointed)
+                    + (f"; the random map {random['pointing_hits']} of {n} (energy {_f(random['energy'])})"
+                       if random and random["pointing_images"] else "") + ".")
+            out.append({"id": f"pointing-{model}", "section": "trust", "text": text,
+                        "numbers": {r["method"]: [r["pointing_hits"], r["energy"]] for r in pointed}})
+    return out
+
+
+def sweep_summary(results: dict) -> dict:
+    """Per model and LIME setting: mean IoU with Grad-CAM and mean seconds; the Pareto front of (IoU, time); the best
+    setting (the highest mean IoU, the faster on a tie) with its leaderboard line."""
+    from .evaluate import pareto_front
+
+    sw = results["lime_sweep"]
+    summary, fronts, best = [], {}, {}
+    for m in results["models"]:
+        points = []
+        for setting in sw["settings"]:
+            rows = [r for r in sw["rows"] if r["model"] == m["id"] and r["setting"] == setting["index"]]
+            entry = {"model": m["id"], "setting": setting["index"], "label": setting["label"],
+                     "mean_iou": _mean([r["iou"] for r in rows]), "mean_seconds": _mean([r["seconds"] for r in rows]),
+                     "images": len(rows)}
+            summary.append(entry)
+            points.append((entry["mean_iou"] if entry["mean_iou"] is not None else -1.0, entry["mean_seconds"]))
+        fronts[m["id"]] = pareto_front(points)
+        top = max(range(len(points)), key=lambda k: (points[k][0], -points[k][1]))
+        best[m["id"]] = top
+    return {"summary": summary, "pareto": fronts, "best": best}
+
+
+def sweep_findings(results: dict) -> list[dict]:
+    if "lime_sweep" not in results:
+        return []
+    names = _display(results)
+    sw = results["lime_sweep"]
+    out = []
+    for model, k in sw["best"].items():
+        entry = next(e for e in sw["summary"] if e["model"] == model and e["setting"] == k)
+        front = [next(e for e in sw["summary"] if e["model"] == model and e["setting"] == j) for j in sw["pareto"][model]]
+        text = (f"Of the {len(sw['settings'])} LIME settings tried on {names[model]}, {entry['label']} agrees best with "
+                f"Grad-CAM: leaderboard line mean IoU {_f(entry['mean_iou'], 3)}, {_f(entry['mean_seconds'], 2)} s per "
+                f"image over {entry['images']} images. The Pareto front of IoU against time holds "
+                + "; ".join(f"{e['label']} ({_f(e['mean_iou'], 3)}, {_f(e['mean_seconds'], 2)} s)" for e in front)
+                + ". Times vary between runs and machines.")
+        out.append({"id": f"sweep-{model}", "section": "agreement", "question": "q6", "timing": True, "text": text,
+                    "numbers": {"best": k, "mean_iou": entry["mean_iou"], "mean_seconds": entry["mean_seconds"],
+                                "pareto": sw["pareto"][model]}})
     return out

@@ -133,7 +133,7 @@ def _ablation_seconds() -> float:
 def bench_full_size(out: Path, quick: bool, row) -> list[dict]:
     from .concepts import words_20k
 
-    root = Path(tempfile.mkdtemp(prefix="report_builder-scale-", dir=out))
+    root = Path(tempfile.mkdtemp(prefix="report_builder-scale-", dir=out)).absolute()
     hub = root / "torch"
     paths = write_assignment_checkpoints(hub / "hub")
     n_probe, images, samples = (60, 2, 100) if quick else (1000, 4, 1000)
@@ -173,7 +173,7 @@ def bench_full_size(out: Path, quick: bool, row) -> list[dict]:
 
 
 def bench_netdissect_scale(out: Path, quick: bool, row) -> list[dict]:
-    root = Path(tempfile.mkdtemp(prefix="report_builder-broden-", dir=out))
+    root = Path(tempfile.mkdtemp(prefix="report_builder-broden-", dir=out)).absolute()
     hub = root / "torch"
     write_assignment_checkpoints(hub / "hub")
     env = {**os.environ, "TORCH_HOME": str(hub)}

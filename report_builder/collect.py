@@ -39,6 +39,7 @@ def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Pro
         "spec": loaded.written.model_dump(mode="json"),
         "spec_file": str(loaded.path),
         "methods": [{"id": k, "title": METHOD_TITLES[k]} for k in spec.explain.methods],
+        "not_applicable": plan.not_applicable,
         "explain_settings": explain_settings(spec, device_type).model_dump(mode="json"),  # batch sizes resolved
         "models": [model_record(m) for m in inputs.models],
         "images": [image_record(im) for im in inputs.images],
@@ -65,9 +66,18 @@ def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Pro
         out["netdissect"] = netdissect_section(spec, inputs, plan, outcome, work)
         write_netdissect_csvs(work / "dissection", out["netdissect"])
         out["netdissect"]["agreement"] = analysis.method_agreement(out)
+    if spec.evaluate is not None:
+        out["evaluation"] = evaluation_section(spec, inputs, plan, outcome, work)
+        write_evaluation_csv(work / "evaluation.csv", out["evaluation"])
+    if plan.sweep_settings:
+        out["lime_sweep"] = sweep_section(inputs, plan, outcome)
     out["versions"] = analysis.versions_summary(out)
     out["agreement"]["summary"] = analysis.agreement_summary(out)
     out["timings"] = analysis.timing_summary(out)
+    if "evaluation" in out:
+        out["evaluation"]["summary"] = analysis.evaluation_summary(out)
+    if "lime_sweep" in out:
+        out["lime_sweep"].update(analysis.sweep_summary(out))
     out["findings"] = analysis.findings(out)
     out = clean_nan(out)
     write_agreement_csv(work / "agreement.csv", out["agreement"]["rows"], spec.agreement.thresholds)
@@ -80,12 +90,12 @@ def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Pro
 def explanation_records(m: LoadedModel, images: list[SampleImage], spec, plan, outcome, work: Path,
                         progress: Progress):
     """Per image: the record (predictions, each method's overlay and time), its maps file, and LIME-vs-CAM rows."""
-    methods = spec.explain.methods
     folder = work / "explanations" / m.id
     folder.mkdir(parents=True, exist_ok=True)
     for im in images:
         probs = outcome.values[plan.predict[(m.id, im.id)]][0]
         preds = top_k(probs, m.class_names, spec.explain.top_k)
+        methods = [k for k in spec.explain.methods if (m.id, im.id, k) in plan.explain]  # those that apply to m
         values = {method: outcome.values[plan.explain[(m.id, im.id, method)]] for method in methods}
         computed = {method: plan.explain[(m.id, im.id, method)] in outcome.computed for method in methods}
         target = preds[0]["class_index"]
@@ -105,6 +115,8 @@ def explanation_records(m: LoadedModel, images: list[SampleImage], spec, plan, o
         for method, value in values.items():
             rel = f"explanations/{m.id}/{im.id}_{method}.png"
             entry = {"seconds": round(float(value["seconds"]), 4), "cached": not computed[method], "overlay": rel}
+            if "implementation" in value:
+                entry["implementation"] = value["implementation"]
             if method == "lime":
                 overlays.save_lime(crop, value["mask"], value["segments"], work / rel)
                 entry.update(score=value["score"], num_segments=value["num_segments"],
@@ -125,6 +137,80 @@ def explanation_records(m: LoadedModel, images: list[SampleImage], spec, plan, o
                 numbers = agree.compare(values["lime"]["mask"], values[method]["map"], spec.agreement.thresholds)
                 rows.append({"image": im.id, "model": m.id, "method_a": "lime", "method_b": method, **numbers})
         yield record, rows
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+EVALUATION_METRICS = ("deletion_auc", "insertion_auc", "road", "pointing_hit", "energy")
+
+
+def evaluation_section(spec, inputs, plan, outcome, work: Path) -> dict:
+    """Per model, image and method (and the random map): the metrics; the deletion and insertion curves; the
+    sanity check's similarities per step, with its maps in evaluation/<model>/<image>_sanity.npz."""
+    ev = spec.evaluate
+    rows, curves, sanity = [], [], []
+    methods = list(spec.explain.methods) + (["random"] if ev.random_baseline else [])
+    for m in inputs.models:
+        for im in inputs.images:
+            for method in methods:
+                if (m.id, im.id, method) not in plan.evaluation:  # the method does not apply to this model
+                    continue
+                v = outcome.values[plan.evaluation[(m.id, im.id, method)]]
+                rows.append({"model": m.id, "image": im.id, "method": method,
+                             **{k: v.get(k) for k in EVALUATION_METRICS}, "object": v.get("object")})
+                if "deletion_curve" in v:
+                    curves.append({"model": m.id, "image": im.id, "method": method,
+                                   "deletion": [float(x) for x in v["deletion_curve"]],
+                                   "insertion": [float(x) for x in v["insertion_curve"]]})
+            maps = {}
+            for method in spec.explain.methods:
+                key = plan.sanity.get((m.id, im.id, method))
+                if key is None:
+                    continue
+                v = outcome.values[key]
+                maps[method] = v["maps"]
+                sanity.append({"model": m.id, "image": im.id, "method": method, "layers": v["layers"],
+                               "blocks": [int(b) for b in v["blocks"]], "total_blocks": int(v["total_blocks"]),
+                               "spearman": v["spearman"], "ssim": v["ssim"]})
+            if maps:
+                rel = f"evaluation/{m.id}/{im.id}_sanity.npz"
+                (work / rel).parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(work / rel, **maps)
+                for entry in sanity[-len(maps):]:
+                    entry["maps"] = rel
+    return {"settings": ev.model_dump(mode="json"), "methods": methods, "rows": rows, "curves": curves,
+            "sanity": sanity}
+
+
+def write_evaluation_csv(path: Path, evaluation: dict) -> None:
+    """evaluation.csv: model, image, method, metric, value; the sanity check's similarities per randomised block."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "image", "method", "metric", "value"])
+        for r in evaluation["rows"]:
+            for k in EVALUATION_METRICS:
+                if r.get(k) is not None:
+                    w.writerow([r["model"], r["image"], r["method"], k, f"{r[k]:.6g}"])
+        for s in evaluation["sanity"]:
+            for layer, rho, ssim in zip(s["layers"], s["spearman"], s["ssim"]):
+                w.writerow([s["model"], s["image"], s["method"], f"sanity_spearman@{layer}",
+                            "" if rho is None or rho != rho else f"{rho:.6g}"])
+                w.writerow([s["model"], s["image"], s["method"], f"sanity_ssim@{layer}", f"{ssim:.6g}"])
+
+
+def sweep_section(inputs, plan, outcome) -> dict:
+    """Per model and LIME setting: each image's IoU with Grad-CAM and LIME's seconds."""
+    settings = [{"index": k, "label": lime.describe(), "lime": lime.model_dump(mode="json", exclude={"sweep", "batch_size"})}
+                for k, lime in enumerate(plan.sweep_settings)]
+    rows = []
+    for m in inputs.models:
+        for k in range(len(plan.sweep_settings)):
+            for im in inputs.images:
+                v = outcome.values[plan.sweep[(m.id, im.id, k)]]
+                rows.append({"model": m.id, "setting": k, "image": im.id, "iou": v["iou"],
+                             "seconds": round(float(v["seconds"]), 4)})
+    return {"settings": settings, "rows": rows}
 
 
 # ---------------------------------------------------------------- CLIP-Dissect

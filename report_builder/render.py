@@ -135,6 +135,10 @@ def make_figures(target: Path, run_dir: Path, results: dict) -> dict[str, list[d
             _save(fig, path, [ax])
             figs["versions"].append({"path": path, "caption": f"{g['display']}: unique concepts per layer across its "
                                                               "versions, in the order the spec lists them."})
+    if "evaluation" in results:
+        figs.update(trust_figures(out_dir, run_dir, results, names))
+    if "lime_sweep" in results:
+        figs.update(sweep_figures(out_dir, results, names))
     gradcam_rows = [r for r in results["agreement"]["rows"] if r["method_b"] == "gradcam"]
     if gradcam_rows:
         path = out_dir / "agreement.png"
@@ -310,6 +314,102 @@ def netdissect_figures(out_dir: Path, results: dict, names: dict) -> dict[str, l
     return figs
 
 
+def _method_colors(methods: list[str]) -> dict[str, str]:
+    colors = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(k for k in methods if k != "random")}
+    colors["random"] = "#9aa5b1"
+    return colors
+
+
+def trust_figures(out_dir: Path, run_dir: Path, results: dict, names: dict) -> dict[str, list[dict]]:
+    """Per model: the mean deletion and insertion curves of each method; the maps as blocks are randomised."""
+    import numpy as np
+
+    ev = results["evaluation"]
+    figs: dict[str, list[dict]] = defaultdict(list)
+    colors = _method_colors(ev["methods"])
+    for m in results["models"]:
+        curves = [c for c in ev["curves"] if c["model"] == m["id"]]
+        if curves:
+            fig, axes = plt.subplots(1, 2, figsize=(7.2, 2.9), sharey=True)
+            for method in ev["methods"]:
+                mine = [c for c in curves if c["method"] == method]
+                if not mine:
+                    continue
+                for ax, kind in zip(axes, ("deletion", "insertion")):
+                    y = np.mean([c[kind] for c in mine], axis=0)
+                    ax.plot(np.linspace(0, 1, len(y)), y, color=colors[method], label=_method_title(method),
+                            linestyle="--" if method == "random" else "-", linewidth=1.5)
+            axes[0].set_title("deletion (lower is better)", fontsize=9)
+            axes[1].set_title("insertion (higher is better)", fontsize=9)
+            for ax in axes:
+                ax.set_xlabel("fraction of pixels removed / revealed", fontsize=8)
+            axes[0].set_ylabel("top-1 probability", fontsize=8)
+            axes[1].legend(frameon=False, fontsize=7)
+            path = out_dir / f"trust_curves_{m['id']}.png"
+            _save(fig, path, list(axes))
+            figs["trust_curves"].append({"path": path, "model": m["id"], "caption": f"{m['display']}: the top-1 class's probability as "
+                                         "pixels are removed or revealed in each map's order, averaged over images; "
+                                         "dashed: a random map."})
+        sanity = [x for x in ev["sanity"] if x["model"] == m["id"]]
+        if sanity:
+            image = sanity[0]["image"]
+            rows = [x for x in sanity if x["image"] == image]
+            with np.load(inside(run_dir, rows[0]["maps"], "evaluation.sanity maps")) as z:
+                maps = {k: z[k].astype(np.float32) for k in z.files}
+            steps = len(rows[0]["layers"])
+            fig, axes = plt.subplots(len(rows), steps + 1, figsize=(1.25 * (steps + 1), 1.35 * len(rows) + 0.4),
+                                     squeeze=False)
+            for r, row in enumerate(rows):
+                for c in range(steps + 1):
+                    ax = axes[r][c]
+                    ax.imshow(maps[row["method"]][c], cmap="jet", vmin=0, vmax=1 if c == 0 else None)
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    if r == 0:
+                        ax.set_title("original" if c == 0 else f"to {row['layers'][c - 1]}", fontsize=6.5)
+                    if c == 0:
+                        ax.set_ylabel(_method_title(row["method"]), fontsize=8)
+                    else:
+                        rho = row["spearman"][c - 1]
+                        ax.set_xlabel("ρ —" if rho is None else f"ρ {rho:.2f}", fontsize=6.5)
+            path = out_dir / f"trust_sanity_{m['id']}.png"
+            _save(fig, path, dpi=110)
+            figs["trust_sanity"].append({"path": path, "model": m["id"], "caption": f"{m['display']}, {image}: each method's map as the "
+                                         "model's blocks are re-initialised from the output down (cumulatively, up to "
+                                         "the block named); ρ is the Spearman rank correlation with the original."})
+    return figs
+
+
+def sweep_figures(out_dir: Path, results: dict, names: dict) -> dict[str, list[dict]]:
+    """Mean IoU with Grad-CAM against mean LIME seconds per setting, the Pareto front joined, the best starred."""
+    sw = results["lime_sweep"]
+    models = [m["id"] for m in results["models"]]
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.0), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        points = {e["setting"]: e for e in sw["summary"] if e["model"] == model}
+        ax.scatter([e["mean_seconds"] for e in points.values()], [e["mean_iou"] or 0 for e in points.values()],
+                   color="#9aa5b1", s=18, zorder=2)
+        front = [points[k] for k in sw["pareto"][model]]
+        ax.plot([e["mean_seconds"] for e in front], [e["mean_iou"] or 0 for e in front], color=PALETTE[0], marker="o",
+                markersize=4, zorder=3, label="Pareto front")
+        best = points[sw["best"][model]]
+        ax.scatter([best["mean_seconds"]], [best["mean_iou"] or 0], marker="*", s=120, color=PALETTE[1], zorder=4,
+                   label="best IoU")
+        ax.set_xlabel("mean LIME seconds per image", fontsize=8)
+        ax.set_ylabel("mean IoU with Grad-CAM", fontsize=8)
+        ax.set_title(names[model], fontsize=9)
+        ax.legend(frameon=False, fontsize=7)
+    path = out_dir / "lime_sweep.png"
+    _save(fig, path, list(axes[0]))
+    return {"sweep": [{"path": path, "caption": "Each LIME setting of the sweep: its mean IoU with Grad-CAM against "
+                                                "its mean time per image; the line joins the settings no other beats "
+                                                "on both."}]}
+
+
+def _method_title(method: str) -> str:
+    return "random map" if method == "random" else METHOD_TITLES.get(method, method)
+
+
 def galleries(run_dir: Path, results: dict, every_unit: bool) -> list[dict]:
     """Per model and layer, units by IoU (best first), each with its gallery strip inlined."""
     nd = results["netdissect"]
@@ -324,22 +424,36 @@ def galleries(run_dir: Path, results: dict, every_unit: bool) -> list[dict]:
     return out
 
 
+GRID_COLUMNS = 6  # panels per row of a comparison grid: more methods wrap onto further rows
+
+
 def _comparison_grid(run_dir: Path, rows: list[dict], methods: list[str], names: dict, path: Path) -> None:
-    cols = 1 + len(methods)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.1 * cols, 2.25 * len(rows)), squeeze=False)
+    """Per model, its input then each method's overlay, GRID_COLUMNS panels to a row (more methods wrap), every
+    panel titled with its method and its time."""
+    cols = min(GRID_COLUMNS, 1 + len(methods))
+    lines = -(-(1 + len(methods)) // cols)  # rows of panels per model
+    fig, axes = plt.subplots(len(rows) * lines, cols, figsize=(2.1 * cols, 2.45 * len(rows) * lines), squeeze=False)
     for r, e in enumerate(rows):
-        panels = [("Input", e["original"])] + [(METHOD_TITLES[m], e["methods"][m]["overlay"]) for m in methods]
-        for c, (title, rel) in enumerate(panels):
-            ax = axes[r][c]
-            ax.imshow(plt.imread(inside(run_dir, rel, f"explanations of {e['image']}")))
+        panels = [("Input", e["original"], None)] + [(METHOD_TITLES.get(m, m), e["methods"][m]["overlay"] if m in
+                                                      e["methods"] else None, e["methods"].get(m)) for m in methods]
+        for k in range(lines * cols):
+            ax = axes[r * lines + k // cols][k % cols]
             ax.set_xticks([])
             ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=10)
-            if c == 0:
+            if k >= len(panels):
+                ax.axis("off")
+                continue
+            title, rel, entry = panels[k]
+            ax.set_title(title, fontsize=9)
+            if rel is None:  # the method does not apply to this model
+                ax.text(0.5, 0.5, "does not apply\nto this model", ha="center", va="center", fontsize=8,
+                        color="#616e7c", transform=ax.transAxes)
+                continue
+            ax.imshow(plt.imread(inside(run_dir, rel, f"explanations of {e['image']}")))
+            if k == 0:
                 ax.set_ylabel(names[e["model"]], fontsize=9)
-            if m_entry := (e["methods"].get(methods[c - 1]) if c else None):
-                ax.set_xlabel(f"{m_entry['seconds']:.2f} s", fontsize=8)
+            if entry:
+                ax.set_xlabel(f"{entry['seconds']:.2f} s", fontsize=8)
     _save(fig, path, dpi=110)
 
 
@@ -359,7 +473,8 @@ def _timing_chart(results: dict, names: dict, path: Path) -> None:
                 lo.append(t["mean_seconds"] - t["min_seconds"])
                 hi.append(t["max_seconds"] - t["mean_seconds"])
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=names[model], color=PALETTE[i % len(PALETTE)])
-    ax.set_xticks(range(len(methods)), [METHOD_TITLES[m] for m in methods])
+    ax.set_xticks(range(len(methods)), [METHOD_TITLES.get(m, m) for m in methods],
+                  rotation=0 if len(methods) <= 5 else 40, ha="center" if len(methods) <= 5 else "right", fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("seconds per image")
     ax.legend(frameon=False, fontsize=8)
@@ -432,7 +547,7 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], ev
     names = {m["id"]: m["display"] for m in results["models"]}
     inlined: dict[str, list[dict]] = defaultdict(list)
     for section, items in figures.items():
-        inlined[section] = [{"src": _data_uri(f["path"]), "caption": f["caption"]} for f in items]
+        inlined[section] = [{**{k: v for k, v in f.items() if k != "path"}, "src": _data_uri(f["path"])} for f in items]
     findings_by_section: dict[str, list[dict]] = defaultdict(list)
     for f in results["findings"]:
         findings_by_section[f["section"]].append(f)
@@ -444,7 +559,9 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], ev
     sections += [("netdissect", "Network Dissection with pixel labels")] if "netdissect" in results else []
     sections += [("versions", "Model versions")] if results.get("versions") else []
     sections += [("explanations", "Explanations side by side"), ("predictions", "Predictions"), ("timings", "Timings"),
-                 ("agreement", "LIME vs Grad-CAM agreement"), ("findings", "Findings"), ("provenance", "Provenance")]
+                 ("agreement", "LIME vs Grad-CAM agreement")]
+    sections += [("trust", "Which explanations can we trust?")] if "evaluation" in results else []
+    sections += [("findings", "Findings"), ("provenance", "Provenance")]
     numbers = {sid: i + 1 for i, (sid, _) in enumerate(sections)}
     return env.get_template("report.html").render(
         r=results,
@@ -457,6 +574,8 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], ev
         css=css,
         thresholds=[f"{t:g}" for t in results["agreement"]["thresholds"]],
         cams=cams,
+        ablation_fallback=sorted({names[e["model"]] for e in results["explanations"]
+                                  if e["methods"].get("ablationcam", {}).get("implementation") == "grad-cam"}),
         agreement_table=agreement_table(results),
         galleries=galleries(run_dir, results, every_unit) if "netdissect" in results else [],
         every_unit=every_unit,

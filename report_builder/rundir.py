@@ -24,7 +24,8 @@ ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 TIMING_KEYS = (
     "provenance.started", "provenance.finished", "provenance.stage_seconds", "provenance.cache",
     "explanations[*].methods.*.seconds", "explanations[*].methods.*.cached", "timings",
-    "agreement.summary[*].mean_lime_seconds", "findings[timing=true]",
+    "agreement.summary[*].mean_lime_seconds", "findings[timing=true]", "lime_sweep.rows[*].seconds",
+    "lime_sweep.summary[*].mean_seconds", "lime_sweep.pareto", "lime_sweep.best",
 )
 
 
@@ -159,6 +160,11 @@ def check_results(results: Any, run_dir: Path) -> dict:
     for i, f in enumerate(results["findings"]):
         _need(f, "text", str, f"findings[{i}]", source)
         _need(f, "section", str, f"findings[{i}]", source)
+    ev = results.get("evaluation")
+    if ev is not None:
+        for i, entry in enumerate(_need(ev, "sanity", list, "evaluation", source)):
+            if isinstance(entry, dict) and "maps" in entry:
+                inside(run_dir, entry["maps"], f"evaluation.sanity[{i}].maps", source)
     nd = results.get("netdissect")
     if nd is not None:
         for i, m in enumerate(_need(nd, "models", list, "netdissect", source)):
@@ -196,4 +202,12 @@ def without_timings(results: dict) -> dict:
     for s in r["agreement"].get("summary", []):
         s.pop("mean_lime_seconds", None)
     r["findings"] = [f for f in r["findings"] if not f.get("timing")]
+    sweep = r.get("lime_sweep")
+    if sweep:
+        for row in sweep["rows"]:
+            row.pop("seconds", None)
+        for row in sweep.get("summary", []):
+            row.pop("mean_seconds", None)
+        sweep.pop("pareto", None)
+        sweep.pop("best", None)
     return r

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import activations, collect, dissect, explain, netdissect, scorers
+from . import activations, collect, dissect, evaluate, explain, netdissect, scorers
 from .cache import Cache
 from .data import SampleImage, load_images
 from .errors import UserError
@@ -185,10 +185,16 @@ class Plan:
     explain: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, image, method) -> key
     dissect: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, layer) -> key
     netdissect: dict[tuple[str, str, float], str] = field(default_factory=dict)  # (model, layer, alpha) -> key
+    evaluation: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, image, method|random) -> key
+    sanity: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, image, method) -> key
+    sweep: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (model, image, setting) -> key
+    sweep_settings: list = field(default_factory=list)  # the LIME settings the sweep tries, in order
+    not_applicable: list[dict] = field(default_factory=list)  # {model, method, reason}: methods a model cannot take
 
     @property
     def wanted(self) -> list[str]:
-        return [*self.dissect.values(), *self.netdissect.values(), *self.predict.values(), *self.explain.values()]
+        return [*self.dissect.values(), *self.netdissect.values(), *self.predict.values(), *self.explain.values(),
+                *self.evaluation.values(), *self.sanity.values(), *self.sweep.values()]
 
 
 def build_graph(loaded: LoadedSpec, inputs: Inputs, device: torch.device, shard_images: int | None = None) -> Plan:
@@ -208,7 +214,12 @@ def build_graph(loaded: LoadedSpec, inputs: Inputs, device: torch.device, shard_
 def _explain_tasks(plan: Plan, spec, inputs: Inputs, device: torch.device) -> None:
     g, dev = plan.graph, device.type
     settings = explain.Settings(explain_settings(spec, dev), spec.seed, device)
+    sweep = settings.explain.lime.sweep
+    plan.sweep_settings = sweep.combinations(settings.explain.lime) if sweep else []
     for m in inputs.models:
+        skipped = {method: reason for method in spec.explain.methods if (reason := explain.not_applicable(method, m))}
+        plan.not_applicable.extend({"model": m.id, "method": k, "reason": v} for k, v in skipped.items())
+        methods = [k for k in spec.explain.methods if k not in skipped]
         for i, im in enumerate(inputs.images):
             crop = m.preprocess.crop(im.image)
             pk = g.add("predict", explain.predict_task, f"predict {m.id} {im.id}",
@@ -216,13 +227,53 @@ def _explain_tasks(plan: Plan, spec, inputs: Inputs, device: torch.device) -> No
                         "device": dev, "code_version": explain.CODE_VERSION},
                        {"model": m.ref, "crops": crop[None], "device": dev}, model=True, shape=np.ndarray)
             plan.predict[(m.id, im.id)] = pk
-            for method in spec.explain.methods:
-                plan.explain[(m.id, im.id, method)] = g.add(
-                    "explain", explain.explain_task, f"explain {m.id} {im.id} {METHOD_TITLES[method]}",
-                    explain.identity(method, m, im.sha256, settings),
-                    {"model": m.ref, "crop": crop, "index": 0, "method": method, "explain": settings.explain,
-                     "seed": spec.seed, "device": dev},
-                    {"predictions": pk}, model=True, shape=explain.RESULT_SHAPE)
+            for method in methods:
+                plan.explain[(m.id, im.id, method)] = _explain_key(g, m, im, crop, pk, settings, method)
+            if spec.evaluate is not None:
+                _evaluate_tasks(plan, spec, m, i, im, crop, pk, settings, methods)
+            for k, lime in enumerate(plan.sweep_settings):
+                gradcam = _explain_key(g, m, im, crop, pk, settings, "gradcam")
+                plan.sweep[(m.id, im.id, k)] = g.add(
+                    "lime-sweep", evaluate.sweep_task, f"LIME sweep {m.id} {im.id} setting {k + 1}",
+                    {"lime": lime.model_dump(mode="json", exclude={"sweep"}), "seed": spec.seed,
+                     "code_version": [evaluate.CODE_VERSION, explain.CODE_VERSION]},
+                    {"model": m.ref, "crop": crop, "lime": lime, "explain": settings.explain, "seed": spec.seed,
+                     "device": dev}, {"gradcam": gradcam}, model=True, shape={"iou": (float, type(None)), "seconds": float})
+
+
+def _explain_key(g: Graph, m, im, crop, pk: str, settings, method: str) -> str:
+    """The key of an explanation task (added if the spec did not ask for the method: the sweep needs Grad-CAM)."""
+    return g.add("explain", explain.explain_task, f"explain {m.id} {im.id} {METHOD_TITLES[method]}",
+                 explain.identity(method, m, im.sha256, settings),
+                 {"model": m.ref, "crop": crop, "index": 0, "method": method, "explain": settings.explain,
+                  "seed": settings.seed, "device": settings.device.type},
+                 {"predictions": pk}, model=True, shape=explain.RESULT_SHAPE)
+
+
+def _evaluate_tasks(plan: Plan, spec, m, i: int, im, crop, pk: str, settings, methods: list[str]) -> None:
+    """Faithfulness and localisation of every method's map (and of a random map); the sanity check on the first
+    `sanity.images` images."""
+    g, ev, dev = plan.graph, spec.evaluate, settings.device.type
+    ident = {"evaluate": ev.model_dump(mode="json", exclude={"sanity"}), "seed": spec.seed,
+             "objects": im.objects.sha256 if im.objects else None, "code_version": evaluate.CODE_VERSION}
+    args = {"model": m.ref, "crop": crop, "objects": im.objects, "evaluate": ev, "seed": spec.seed, "device": dev,
+            "image_sha": im.sha256}
+    for method in methods:
+        plan.evaluation[(m.id, im.id, method)] = g.add(
+            "evaluate", evaluate.evaluate_task, f"evaluate {m.id} {im.id} {METHOD_TITLES[method]}", ident, args,
+            {"predictions": pk, "explanation": plan.explain[(m.id, im.id, method)]}, model=True,
+            shape=evaluate.RESULT_SHAPE)
+        if ev.sanity is not None and i < ev.sanity.images:
+            plan.sanity[(m.id, im.id, method)] = g.add(
+                "sanity", evaluate.sanity_task, f"sanity {m.id} {im.id} {METHOD_TITLES[method]}",
+                {"sanity": ev.sanity.model_dump(mode="json"), "code_version": evaluate.CODE_VERSION},
+                {"model": m.ref, "crop": crop, "method": method, "explain": settings.explain, "evaluate": ev,
+                 "seed": spec.seed, "device": dev}, {"explanation": plan.explain[(m.id, im.id, method)]},
+                model=True, shape=evaluate.SANITY_SHAPE)
+    if ev.random_baseline:
+        plan.evaluation[(m.id, im.id, "random")] = g.add(
+            "evaluate", evaluate.evaluate_task, f"evaluate {m.id} {im.id} random map", {**ident, "random": True},
+            args, {"predictions": pk}, model=True, shape=evaluate.RESULT_SHAPE)
 
 
 def explain_settings(spec, device_type: str):

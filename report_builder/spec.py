@@ -18,10 +18,19 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, Strict, Vali
 
 from .errors import SpecError
 
-SOURCES = ("packaged", "torchvision", "places365", "timm", "checkpoint")
-CAM_METHODS = ("gradcam", "ablationcam", "scorecam")
-METHODS = CAM_METHODS + ("lime",)
-METHOD_TITLES = {"gradcam": "Grad-CAM", "ablationcam": "AblationCAM", "scorecam": "ScoreCAM", "lime": "LIME"}
+SOURCES = ("packaged", "torchvision", "places365", "timm", "checkpoint", "python")
+# Every CAM method of grad-cam that explains a classifier, by name, with its title (explain.CAMS says how each runs).
+# grad-cam's RandomCAM is left out: the evaluation's seeded random map is the chance baseline.
+CAM_TITLES = {
+    "gradcam": "Grad-CAM", "gradcamplusplus": "Grad-CAM++", "xgradcam": "XGrad-CAM", "hirescam": "HiResCAM",
+    "gradcamelementwise": "Grad-CAM Element-Wise", "layercam": "LayerCAM", "eigencam": "EigenCAM",
+    "eigengradcam": "EigenGrad-CAM", "kpcacam": "KPCA-CAM", "fem": "FEM", "shapleycam": "ShapleyCAM",
+    "finercam": "Finer-CAM", "fullgrad": "FullGrad", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM",
+}
+CAM_METHODS = tuple(CAM_TITLES)
+METHOD_TITLES = {**CAM_TITLES, "lime": "LIME"}
+ALL_METHODS = CAM_METHODS + ("lime",)
+METHODS = ("gradcam", "ablationcam", "scorecam", "lime")  # the default: the assignment's four
 
 # Bounds on the file itself, checked before and while parsing.
 MAX_SPEC_BYTES = 1024 * 1024
@@ -128,8 +137,9 @@ class ModelSpec(StrictModel):
     """One model to explain and dissect."""
 
     id: Id = Field(description="short name used in tables and file names")
-    source: Literal["packaged", "torchvision", "places365", "timm", "checkpoint"]
-    name: Name = Field(description="model or architecture name, e.g. efficientnet_lite0, resnet18")
+    source: Literal["packaged", "torchvision", "places365", "timm", "checkpoint", "python"]
+    name: Name | None = Field(None, description="model or architecture name, e.g. efficientnet_lite0, resnet18")
+    factory: PathText | None = Field(None, description="python: 'file.py:function' or 'package.module:function'")
     weights: Name | None = Field(None, description="torchvision weights enum member, e.g. IMAGENET1K_V1")
     path: PathText | None = Field(None, description="local checkpoint file")
     classes: PathText | None = Field(None, description="imagenet, places365, or a text file of class names")
@@ -140,6 +150,14 @@ class ModelSpec(StrictModel):
 
     @model_validator(mode="after")
     def _source_needs(self) -> ModelSpec:
+        if self.source == "python":
+            if not self.factory or self.factory.count(":") != 1 or not all(self.factory.split(":")):
+                raise ValueError(f"source 'python' needs 'factory' as 'file.py:function' or 'module:function'; "
+                                 f"found {_show(self.factory)}")
+        elif self.factory:
+            raise ValueError("'factory' goes with source 'python'")
+        elif not self.name:
+            raise ValueError(f"source {self.source!r} needs 'name'")
         if self.versions:
             if self.path:
                 raise ValueError("give either 'path' or 'versions', not both")
@@ -175,6 +193,7 @@ class ImagesSpec(StrictModel):
     files: tuple[PathText, ...] = Field((), max_length=10_000)
     names: tuple[Name, ...] = Field((), max_length=100)
     limit: Int | None = Field(None, ge=1, le=100_000)
+    masks: PathText | None = Field(None, description="a folder of object masks named like the images (a.jpg -> a.png)")
 
     @model_validator(mode="after")
     def _complete(self) -> ImagesSpec:
@@ -226,14 +245,90 @@ class Segmentation(StrictModel):
         return {**{k: v[0] for k, v in SEGMENTATION_PARAMS[self.algorithm].items()}, **(self.model_extra or {})}
 
 
+HideColor = Annotated[Union[None, int, tuple[int, int, int]], PlainValidator(_hide_color)]
+SWEEP_MAX = 64  # LIME settings one sweep may try
+
+
+class SweepSpec(StrictModel):
+    """LIME settings to try, each list one axis; every combination is run (a key left out keeps the base setting)."""
+
+    num_samples: tuple[Annotated[int, Strict(), Field(ge=10, le=100_000)], ...] = Field((), max_length=20)
+    num_features: tuple[Annotated[int, Strict(), Field(ge=1, le=1000)], ...] = Field((), max_length=20)
+    segmentation: tuple[Segmentation, ...] = Field((), max_length=20)
+    hide_color: tuple[HideColor, ...] = Field((), max_length=20)
+
+    @model_validator(mode="after")
+    def _size(self) -> SweepSpec:
+        n = math.prod(max(1, len(getattr(self, k))) for k in ("num_samples", "num_features", "segmentation", "hide_color"))
+        if n > SWEEP_MAX:
+            raise ValueError(f"found {n} combinations, expected at most {SWEEP_MAX}; shorten the lists")
+        if n == 1 and not any(getattr(self, k) for k in ("num_samples", "num_features", "segmentation", "hide_color")):
+            raise ValueError("found no list to sweep, expected at least one of num_samples, num_features, "
+                             "segmentation, hide_color")
+        return self
+
+    def combinations(self, base: LimeSpec) -> list[LimeSpec]:
+        import itertools
+
+        axes = [self.num_samples or (base.num_samples,), self.num_features or (base.num_features,),
+                self.segmentation or (base.segmentation,), self.hide_color or (base.hide_color,)]
+        return [base.model_copy(update={"num_samples": n, "num_features": f, "segmentation": s, "hide_color": h,
+                                        "sweep": None})
+                for n, f, s, h in itertools.product(*axes)]
+
+
 class LimeSpec(StrictModel):
     num_samples: Int = Field(1000, ge=10, le=100_000)
     num_features: Int = Field(5, ge=1, le=1000)
     batch_size: BatchSize = Field("auto", description="images per forward pass")
-    hide_color: Annotated[Union[None, int, tuple[int, int, int]], PlainValidator(_hide_color)] = Field(
+    hide_color: HideColor = Field(
         None, description="null: each superpixel's mean colour (LIME's default); or a grey level / RGB"
     )
     segmentation: Segmentation = Segmentation()
+    sweep: SweepSpec | None = Field(None, description="LIME settings to try against Grad-CAM: IoU and time of each")
+
+    def describe(self) -> str:
+        seg = self.segmentation
+        params = ", ".join(f"{k}={v:g}" for k, v in (seg.model_extra or {}).items())
+        hide = "mean colour" if self.hide_color is None else f"hide {self.hide_color}"
+        return (f"{self.num_samples} samples, {self.num_features} features, {seg.algorithm}"
+                f"{f' ({params})' if params else ''}, {hide}")
+
+
+class DeletionSpec(StrictModel):
+    """Deletion and insertion (Petsiuk et al., RISE, BMVC 2018)."""
+
+    steps: Int = Field(20, ge=2, le=200, description="pixels removed (or revealed) in this many equal steps")
+    baseline: Literal["blur", "mean", "zero"] = Field("blur", description="what a removed pixel shows")
+
+
+class RoadSpec(StrictModel):
+    """ROAD (Rong et al., ICML 2022), through grad-cam's own metric."""
+
+    percentiles: tuple[Annotated[int, Strict(), Field(ge=1, le=99)], ...] = Field((20, 40, 60, 80), min_length=1,
+                                                                                max_length=19)
+
+
+class SanitySpec(StrictModel):
+    """The cascading-randomisation sanity check (Adebayo et al., NeurIPS 2018)."""
+
+    images: Int = Field(3, ge=0, le=1000, description="the first N images are checked (each costs an explanation per step)")
+    steps: Int = Field(4, ge=1, le=50, description="randomisation steps, from the output layer to the whole network")
+
+
+class LocalisationSpec(StrictModel):
+    tolerance: Int = Field(15, ge=0, le=100, description="pointing game: pixels of slack around the object (Zhang et al.)")
+
+
+class EvaluateSpec(StrictModel):
+    """Which explanations can we trust: faithfulness, sanity, localisation, each for every method and a random map."""
+
+    deletion: DeletionSpec | None = DeletionSpec()
+    road: RoadSpec | None = RoadSpec()
+    random_baseline: Annotated[bool, Strict()] = True
+    sanity: SanitySpec | None = SanitySpec()
+    localisation: LocalisationSpec | None = LocalisationSpec()
+    batch_size: BatchSize = "auto"
 
 
 class CamSpec(StrictModel):
@@ -241,19 +336,28 @@ class CamSpec(StrictModel):
 
 
 class ExplainSpec(StrictModel):
-    methods: tuple[Literal["gradcam", "ablationcam", "scorecam", "lime"], ...] = METHODS
+    methods: tuple[str, ...] = Field(METHODS, description="method names, or 'all': every CAM method and LIME")
     top_k: Int = Field(5, ge=1, le=20)
     cam: CamSpec = CamSpec()
     lime: LimeSpec = LimeSpec()
 
-    @field_validator("methods")
+    @field_validator("methods", mode="before")
     @classmethod
-    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+    def _known(cls, v: Any) -> Any:
+        if v == "all":
+            return ALL_METHODS
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"found {_show(v)}, expected 'all' or a list of methods")
         if not v:
             raise ValueError("found an empty list, expected at least one method")
+        for i, name in enumerate(v):
+            if name not in METHOD_TITLES:
+                close = _closest(str(name), list(METHOD_TITLES))
+                raise ValueError(f"found {_show(name)} at position {i}{f' (did you mean {close!r}?)' if close else ''}, "
+                                 f"expected one of {', '.join(ALL_METHODS)}, or 'all'")
         if len(set(v)) != len(v):
             raise ValueError(f"found {list(v)}, expected each method once")
-        return v
+        return tuple(v)
 
 
 class AgreementSpec(StrictModel):
@@ -323,7 +427,8 @@ class DissectSpec(StrictModel):
     scorers: tuple[ScorerSpec, ...] = Field(min_length=1, max_length=8)
     similarity: Literal["soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed", "rank_reorder"] = "soft_wpmi"
     similarity_params: dict[str, Any] = Field(default_factory=dict, description="override the function's defaults")
-    pooling: Literal["avg", "max"] = "avg"
+    pooling: Literal["avg", "max", "cls"] = Field("avg", description="a unit's value per image: the mean or the "
+                                                  "maximum over space (patch tokens), or the class token's")
     batch_size: BatchSize = "auto"
 
     @field_validator("scorers", mode="before")
@@ -426,6 +531,7 @@ class Spec(StrictModel):
     agreement: AgreementSpec = AgreementSpec()
     dissect: DissectSpec | None = None
     netdissect: NetDissectSpec | None = None
+    evaluate: EvaluateSpec | None = None
 
     @field_validator("images", mode="before")
     @classmethod
@@ -489,8 +595,15 @@ def resolve_paths(spec: Spec, base_dir: Path) -> Spec:
     def one(p: str | None) -> str | None:
         return None if p is None else str(resolve_path(p, base_dir))
 
+    def factory(f: str | None) -> str | None:  # a file beside the spec; a dotted module name stays as it is
+        if f is None or not f.split(":")[0].endswith(".py"):
+            return f
+        file, function = f.split(":")
+        return f"{one(file)}:{function}"
+
     def model(m: ModelSpec) -> ModelSpec:
         return m.model_copy(update={
+            "factory": factory(m.factory),
             "path": one(m.path),
             "classes": m.classes if m.classes in CLASS_KEYWORDS else one(m.classes),
             "versions": tuple(v.model_copy(update={"path": one(v.path)}) for v in m.versions),
@@ -499,7 +612,8 @@ def resolve_paths(spec: Spec, base_dir: Path) -> Spec:
     update: dict[str, Any] = {
         "models": tuple(model(m) for m in spec.models),
         "images": spec.images.model_copy(update={"path": one(spec.images.path), "pattern": one(spec.images.pattern),
-                                                 "files": tuple(one(f) for f in spec.images.files)}),
+                                                 "files": tuple(one(f) for f in spec.images.files),
+                                                 "masks": one(spec.images.masks)}),
     }
     if spec.dissect:
         d = spec.dissect

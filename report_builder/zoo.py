@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
+import importlib.util
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
@@ -39,17 +42,25 @@ class Preprocess:
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
 
+    def _geometry(self, w: int, h: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+        scale = self.resize_size / min(w, h)
+        new = (max(self.input_size, round(w * scale)), max(self.input_size, round(h * scale)))
+        left = (new[0] - self.input_size) // 2
+        top = (new[1] - self.input_size) // 2
+        return new, (left, top, left + self.input_size, top + self.input_size)
+
     def crop(self, image: Image.Image) -> np.ndarray:
         """PIL image -> the uint8 HxWx3 array the model sees (before normalisation)."""
         image = image.convert("RGB")
-        w, h = image.size
-        scale = self.resize_size / min(w, h)
-        new = (max(self.input_size, round(w * scale)), max(self.input_size, round(h * scale)))
-        image = image.resize(new, _INTERPOLATION[self.interpolation])
-        left = (new[0] - self.input_size) // 2
-        top = (new[1] - self.input_size) // 2
-        image = image.crop((left, top, left + self.input_size, top + self.input_size))
+        new, box = self._geometry(*image.size)
+        image = image.resize(new, _INTERPOLATION[self.interpolation]).crop(box)
         return np.array(image, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
+
+    def crop_mask(self, mask: np.ndarray) -> np.ndarray:
+        """A boolean H x W mask of the original image -> the same region on the model's input crop."""
+        image = Image.fromarray(mask.astype(np.uint8) * 255)
+        new, box = self._geometry(*image.size)
+        return np.asarray(image.resize(new, Image.NEAREST).crop(box)) > 127
 
     def normalize(self, batch: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """uint8 or 0-255 float batch, NxHxWx3 -> normalised float tensor Nx3xHxW on `device`."""
@@ -82,10 +93,18 @@ class LoadedModel:
     group: str | None = None  # set when this model is one of several versions of a spec entry
     version: str | None = None
     where: str = ""  # its key path in the spec, for messages
+    layouts: dict[str, Layout] = field(default_factory=dict)  # layer -> how its output holds a spatial map
+    code_hash: str = ""  # source: python: the factory's source file, which defines the forward pass
 
     @property
     def id(self) -> str:
         return self.spec.id
+
+    def layout(self, layer: str) -> Layout:
+        """How `layer`'s output holds a map (measured by one forward pass the first time it is asked)."""
+        if layer not in self.layouts:
+            self.layouts.update(measure_layouts(self, [layer]))
+        return self.layouts[layer]
 
     @property
     def ref(self) -> ModelRef:
@@ -129,6 +148,87 @@ def model_for(ref: ModelRef, device: torch.device | str) -> LoadedModel:
                         f"{model.weights_hash[:12]}, not {ref.weights_hash[:12]}); run again")
     remember(model, device)
     return model
+
+
+# ---------------------------------------------------------------- layer outputs as maps
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a layer's output holds a spatial map: 'nchw' (a convolutional map), 'nhwc' (channels last, as timm's
+    Swin blocks give it), 'tokens' (N x T x C: `prefix` class/distillation/register tokens, then an h x w grid of
+    patch tokens, as ViTs give it), or 'flat' (N x C: no map)."""
+
+    kind: str
+    prefix: int = 0
+    h: int = 0
+    w: int = 0
+
+    def maps(self, out: torch.Tensor) -> torch.Tensor:
+        """The output as N x C x h x w."""
+        if self.kind == "nhwc":
+            return out.permute(0, 3, 1, 2)
+        if self.kind == "tokens":
+            patches = out[:, self.prefix :]
+            return patches.reshape(out.shape[0], self.h, self.w, out.shape[2]).permute(0, 3, 1, 2)
+        if self.kind == "flat":
+            raise UserError("this layer's output has no spatial map (N x C); choose a layer before the pooling")
+        return out
+
+    def pool(self, out: torch.Tensor, how: str) -> torch.Tensor:
+        """N x C per image: the mean or maximum over the map (patch tokens), or the first (class) token."""
+        if how == "cls":
+            if self.kind != "tokens" or not self.prefix:
+                raise UserError("pooling 'cls' needs a layer with a class token (a ViT block)")
+            return out[:, 0].float()
+        if self.kind == "flat":
+            return out.float()
+        maps = self.maps(out).float()
+        return maps.amax(dim=(2, 3)) if how == "max" else maps.mean(dim=(2, 3))
+
+
+def _layout_of(model: nn.Module, module: nn.Module, out: torch.Tensor) -> Layout:
+    if out.dim() == 2:
+        return Layout("flat")
+    if out.dim() == 3:
+        tokens = out.shape[1]
+        prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        if grid and grid[0] * grid[1] + prefix == tokens:
+            return Layout("tokens", prefix, int(grid[0]), int(grid[1]))
+        side = int(math.isqrt(tokens))
+        while side * side > tokens - prefix and side > 0:
+            side -= 1
+        prefix = tokens - side * side  # what is left over once the largest square grid is taken
+        return Layout("tokens", prefix, side, side)
+    if out.dim() == 4:
+        features = getattr(module, "normalized_shape", None) or (getattr(module, "out_features", None),)
+        if features[-1] == out.shape[-1] and out.shape[1] != out.shape[-1]:
+            return Layout("nhwc")
+        if type(model).__name__.startswith("SwinTransformer") and out.shape[1] == out.shape[2]:
+            return Layout("nhwc")
+        return Layout("nchw")
+    raise UserError(f"a layer output of shape {tuple(out.shape)} is not a map this tool can read")
+
+
+def measure_layouts(model: LoadedModel, layers: list[str]) -> dict[str, Layout]:
+    """One forward pass of a blank image with a hook on each layer: how each holds its map."""
+    modules = {name: get_layer(model, name, f"{model.where}.layers") for name in layers}
+    found: dict[str, Layout] = {}
+    hooks = [m.register_forward_hook(lambda mod, _i, out, name=name: found.__setitem__(
+        name, _layout_of(model.module, mod, out if isinstance(out, torch.Tensor) else out[0]))) for name, m in modules.items()]
+    device = next(model.module.parameters()).device
+    try:
+        with torch.inference_mode():
+            size = model.preprocess.input_size
+            model.module(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [name for name in layers if name not in found]
+    if missing:
+        raise UserError(f"{model.where}: layer {missing[0]} is not used in the model's forward pass")
+    return found
 
 
 # ---------------------------------------------------------------- class names
@@ -358,12 +458,73 @@ def _checkpoint(spec: ModelSpec, where: str) -> LoadedModel:
     return LoadedModel(spec, model, pre, classes, f"{spec.name} from {path}")
 
 
+def _python(spec: ModelSpec, where: str) -> LoadedModel:
+    """A model built by the user's own function: `file.py:function` (a file beside the spec) or `module:function`
+    (an installed module). The function returns an nn.Module, or a dict with 'model' and, optionally, 'classes'
+    (class names) and 'preprocess' (input_size, resize_size, mean, std, interpolation)."""
+    target, function = (spec.factory or ":").rsplit(":", 1)
+    key = f"{where}.factory"
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise UserError(f"{key}: file {path} does not exist")
+            name = f"report_builder_factory_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+            found = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+            source = path.read_bytes()
+        else:
+            module = importlib.import_module(target)
+            file = getattr(module, "__file__", None)
+            source = Path(file).read_bytes() if file else target.encode()
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code can fail in any way; say where
+        raise UserError(f"{key}: importing {target} failed ({type(exc).__name__}: {str(exc)[:300]})") from None
+    build = getattr(module, function, None)
+    if not callable(build):
+        raise UserError(f"{key}: {target} has no function {function!r}")
+    try:
+        made = build()
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{key}: {spec.factory}() failed ({type(exc).__name__}: {str(exc)[:300]})") from None
+    extra = made if isinstance(made, dict) else {"model": made}
+    model = extra.get("model")
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{key}: {spec.factory}() returned {type(made).__name__}, expected an nn.Module or a dict "
+                        "with 'model' (and optionally 'classes' and 'preprocess')")
+    try:
+        pre = Preprocess(**{"input_size": 224, "resize_size": 256, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                            **extra.get("preprocess", {})})
+        pre = Preprocess(int(pre.input_size), int(pre.resize_size), tuple(pre.mean), tuple(pre.std), pre.interpolation)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{key}: the 'preprocess' it returned is not usable ({exc}); expected input_size, "
+                        "resize_size, mean, std and interpolation") from None
+    if spec.path:
+        path = Path(spec.path)
+        load_into(model, load_checkpoint(path, where), path, where)
+    if spec.classes:
+        classes = class_names_for(spec, "imagenet", where)
+    elif extra.get("classes"):
+        classes = [str(c) for c in extra["classes"]]
+    else:
+        with torch.inference_mode():
+            n = model.eval()(torch.zeros(1, 3, pre.input_size, pre.input_size)).shape[-1]
+        classes = imagenet_classes() if n == 1000 else [f"class {i}" for i in range(n)]
+    loaded = LoadedModel(spec, model, pre, classes, f"{spec.factory}" + (f" with {Path(spec.path).name}" if spec.path
+                                                                          else ""))
+    loaded.code_hash = hashlib.sha256(source).hexdigest()
+    return loaded
+
+
 LOADERS: dict[str, Callable[[ModelSpec, str], LoadedModel]] = {
     "packaged": _packaged,
     "torchvision": _torchvision,
     "places365": _places365,
     "timm": _timm,
     "checkpoint": _checkpoint,
+    "python": _python,
 }
 
 
@@ -377,6 +538,8 @@ def load_model(spec: ModelSpec, where: str, device: torch.device | str = "cpu") 
     module = loaded.module.eval()
     check_finite(module, where)
     loaded.weights_hash = weights_hash(module)
+    if loaded.code_hash:  # the factory's code decides the forward pass: results depend on it too
+        loaded.weights_hash = hashlib.sha256(f"{loaded.weights_hash}|{loaded.code_hash}".encode()).hexdigest()
     loaded.layer_names = [name for name, _ in module.named_modules() if name]
     # channels_last halves CPU inference time for these conv nets (measured in `make bench`).
     loaded.module = module.to(device=device, memory_format=torch.channels_last)
@@ -385,6 +548,10 @@ def load_model(spec: ModelSpec, where: str, device: torch.device | str = "cpu") 
         loaded.target_layer = spec.target_layer
     else:
         loaded.target_layer = default_target_layer(module, loaded.preprocess.input_size, device)
+    layers = list(dict.fromkeys([loaded.target_layer, *spec.layers]))
+    for j, layer in enumerate(spec.layers):
+        get_layer(loaded, layer, f"{where.split('.versions')[0]}.layers[{j}]")
+    loaded.layouts = measure_layouts(loaded, layers)
     return loaded
 
 
@@ -400,10 +567,13 @@ def get_layer(model: LoadedModel, name: str, where: str) -> nn.Module:
 
 
 def default_target_layer(module: nn.Module, input_size: int, device: torch.device | str) -> str:
-    """The last top-level block that holds convolutions and outputs a spatial map.
-
-    ResNet -> layer4, timm EfficientNet -> blocks, VGG -> features: the standard Grad-CAM choice.
+    """For a transformer (ViT, DeiT, BEiT, EVA, Swin: blocks with a `norm1`), the last block's first norm, as
+    grad-cam recommends; otherwise the last top-level block that holds convolutions and outputs a spatial map
+    (ResNet -> layer4, timm EfficientNet -> blocks, ConvNeXt -> stages, VGG -> features).
     """
+    norms = [name for name, m in module.named_modules() if name.endswith(".norm1") and ".blocks." in f".{name}"]
+    if norms:
+        return norms[-1]
     shapes: dict[str, int] = {}
     order: list[str] = []
     hooks = []

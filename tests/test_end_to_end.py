@@ -15,10 +15,17 @@ title: "End-to-end check"
 authors: ["Test Author"]
 models:
   - {id: lite0, label: EfficientNet-Lite0, source: packaged, name: efficientnet_lite0, layers: [blocks.5, blocks.6]}
-images: {source: samples, names: [chelsea, coffee]}
+images: {source: samples, names: [chelsea, voc]}
 explain:
   cam: {batch_size: 64}
-  lime: {num_samples: 40, batch_size: 40}
+  lime:
+    num_samples: 40
+    batch_size: 40
+    sweep: {num_samples: [20, 40], num_features: [3]}
+evaluate:
+  deletion: {steps: 5}
+  road: {percentiles: [50]}
+  sanity: {images: 1, steps: 2}
 dissect:
   probe: {source: samples-augmented, per_image: 3}
   scorers: [colors]
@@ -34,7 +41,8 @@ netdissect:
 
 SECTIONS = ["Contents", "Assignment questions", "Summary", "Network dissection", "Network Dissection with pixel labels",
             "Setup", "Explanations side by side", "Predictions", "Timings",
-            "LIME vs Grad-CAM agreement", "Findings", "Provenance"]
+            "LIME vs Grad-CAM agreement", "Tuning LIME: the IoU-and-time leaderboard", "Which explanations can we trust?",
+            "Findings", "Provenance"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +62,9 @@ def pdf_text(path: Path) -> str:
 def test_run_directory_contract(run_dir):
     for name in ["results.json", "report.html", "report.pdf", "agreement.csv", "figures/timings.png",
                  "figures/agreement.png", "figures/grid_chelsea.png", "explanations/lite0/chelsea_gradcam.png",
-                 "explanations/lite0/coffee_lime.png", "explanations/lite0/coffee.npz"]:
+                 "explanations/lite0/voc_lime.png", "explanations/lite0/voc.npz", "evaluation.csv",
+                 "evaluation/lite0/chelsea_sanity.npz", "figures/trust_curves_lite0.png",
+                 "figures/trust_sanity_lite0.png", "figures/lime_sweep.png"]:
         assert (run_dir / name).is_file(), name
     r = json.loads((run_dir / "results.json").read_text())
     assert r["schema_version"] == 1
@@ -67,6 +77,38 @@ def test_run_directory_contract(run_dir):
     e = r["explanations"][0]
     assert e["predictions"][0]["class_name"] in {"tabby", "tiger cat", "Egyptian cat"}
     assert set(e["methods"]) == {"gradcam", "ablationcam", "scorecam", "lime"}
+    assert not list(run_dir.parent.glob(".e2e.partial-*"))
+
+
+def test_evaluation_csv_and_report_match_results(run_dir):
+    r = json.loads((run_dir / "results.json").read_text())
+    ev = r["evaluation"]
+    assert ev["methods"] == ["gradcam", "ablationcam", "scorecam", "lime", "random"]
+    rows = list(csv.DictReader(open(run_dir / "evaluation.csv")))
+    assert list(rows[0]) == ["model", "image", "method", "metric", "value"]
+    by_key = {(x["image"], x["method"], x["metric"]): float(x["value"]) for x in rows}
+    for row in ev["rows"]:
+        for metric in ("deletion_auc", "insertion_auc", "road"):
+            assert by_key[(row["image"], row["method"], metric)] == pytest.approx(row[metric], rel=1e-5)
+        assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
+    voc = [x for x in ev["rows"] if x["image"] == "voc"]
+    assert all(x["pointing_hit"] in (0.0, 1.0) and 0 <= x["energy"] <= 1 for x in voc)
+    assert all(x["pointing_hit"] is None for x in ev["rows"] if x["image"] == "chelsea")  # no mask, no score
+    (sanity,) = [s for s in ev["sanity"] if s["method"] == "gradcam"]
+    assert sanity["image"] == "chelsea" and len(sanity["spearman"]) == 2 and sanity["blocks"][-1] == sanity["total_blocks"]
+    summary = {e["method"]: e for e in ev["summary"]}
+    grad = [x["deletion_auc"] for x in ev["rows"] if x["method"] == "gradcam"]
+    assert summary["gradcam"]["deletion_auc"] == pytest.approx(sum(grad) / len(grad))
+    assert summary["gradcam"]["spearman_final"] == pytest.approx(sanity["spearman"][-1])
+    flat = re.sub(r"\s+", " ", pdf_text(run_dir / "report.pdf"))
+    assert f"{summary['lime']['insertion_auc']:.3f}" in flat
+    assert any(f["id"] == "sanity-lite0" for f in r["findings"])
+    sweep = r["lime_sweep"]
+    assert [s["label"].split(",")[:2] for s in sweep["settings"]] == [["20 samples", " 3 features"],
+                                                                       ["40 samples", " 3 features"]]
+    assert len(sweep["settings"]) == 2 and len(sweep["rows"]) == 2 * 2
+    best = sweep["best"]["lite0"]
+    assert sweep["summary"][best]["mean_iou"] == max(e["mean_iou"] for e in sweep["summary"])
     assert not list(run_dir.parent.glob(".e2e.partial-*"))
 
 
@@ -140,8 +182,9 @@ def test_pdf_has_sections_and_numbers_from_results(run_dir):
         assert f["text"][:40] in flat.replace("\u00ad", "")
     q3 = r["dissection"]["summary"]["models"][0]
     assert f"{q3['unique']} / {q3['units']}" in flat
-    assert re.search(r"\b1 / \d+\b", flat) is None  # the title page carries no page number
-    assert re.search(r"\b2 / \d+\b", flat)  # later pages do
+    pages = [page.extract_text() for page in PdfReader(run_dir / "report.pdf").pages]
+    assert re.search(r"\b1 / \d+\b", pages[0]) is None  # the title page carries no page number
+    assert re.search(rf"\b2 / {len(pages)}\b", pages[1])  # later pages do
 
 
 def test_html_is_self_contained_and_escaped(run_dir):
@@ -167,7 +210,7 @@ def test_render_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
 
 def test_failed_run_leaves_no_output(tmp_path):
     spec = tmp_path / "broken.yaml"
-    spec.write_text(SPEC.replace("images: {source: samples, names: [chelsea, coffee]}", "images: [missing.jpg]"))
+    spec.write_text(SPEC.replace("images: {source: samples, names: [chelsea, voc]}", "images: [missing.jpg]"))
     out = tmp_path / "output" / "broken"
     assert main(["run", str(spec), "--out", str(out)]) == 2
     assert not out.exists()
@@ -176,16 +219,14 @@ def test_failed_run_leaves_no_output(tmp_path):
 
 def test_two_runs_give_the_same_results_except_timings(tmp_path):
     spec = tmp_path / "det.yaml"
-    spec.write_text(SPEC.replace("images: {source: samples, names: [chelsea, coffee]}",
+    spec.write_text(SPEC.replace("images: {source: samples, names: [chelsea, voc]}",
                                  "images: {source: samples, names: [coffee]}")
                     .replace("  cam: {batch_size: 64}", "  methods: [gradcam, lime]\n  cam: {batch_size: 64}"))
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["run", str(spec), "--out", str(a), "--no-cache"]) == 0
     assert main(["run", str(spec), "--out", str(b), "--no-cache"]) == 0
 
-    def strip(path):
-        r = without_timings(json.loads((path / "results.json").read_text()))
-        r["findings"] = [{k: v for k, v in f.items() if k == "id"} for f in r["findings"]]
-        return r
+    def strip(path):  # every number and sentence, except those marked as timings
+        return without_timings(json.loads((path / "results.json").read_text()))
 
     assert strip(a) == strip(b)
