@@ -9,6 +9,9 @@ import re
 import statistics
 from collections import Counter, defaultdict
 
+import numpy as np
+import pandas as pd
+
 from .spec import METHOD_TITLES
 
 
@@ -23,57 +26,57 @@ def _display(results: dict) -> dict[str, str]:
 
 def agreement_summary(results: dict) -> list[dict]:
     """Per model and CAM method: mean IoU with LIME (top-n and at each threshold), best and worst image."""
-    thresholds = results["agreement"]["thresholds"]
-    lime_seconds = defaultdict(list)
-    for e in results["explanations"]:
-        if "lime" in e["methods"]:
-            lime_seconds[e["model"]].append(e["methods"]["lime"]["seconds"])
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for row in results["agreement"]["rows"]:
-        groups[(row["model"], row["method_b"])].append(row)
+    thresholds = [f"{t:g}" for t in results["agreement"]["thresholds"]]
+    rows = pd.DataFrame(results["agreement"]["rows"])
+    if rows.empty:
+        return []
+    times = timing_table(results)
+    lime_seconds = times[times.method == "lime"].groupby("model", sort=False).seconds.agg(list)
     out = []
-    for (model, method), rows in groups.items():
-        defined = [r for r in rows if r["iou"] is not None and r["iou"] == r["iou"]]
-        best = max(defined, key=lambda r: r["iou"], default=None)
-        worst = min(defined, key=lambda r: r["iou"], default=None)
+    for (model, method), group in rows.groupby(["model", "method_b"], sort=False):
+        defined = group[group.iou.notna()]
+        best = defined.loc[defined.iou.idxmax()] if len(defined) else None  # the first of equal IoUs, as max() gives
+        worst = defined.loc[defined.iou.idxmin()] if len(defined) else None
         out.append({
             "model": model,
             "method_a": "lime",
             "method_b": method,
-            "images": len(rows),
+            "images": len(group),
             "images_defined": len(defined),
-            "mean_iou": _mean([r["iou"] for r in rows]),
-            "mean_iou_at": {f"{t:g}": _mean([r[f"iou@{t:g}"] for r in rows]) for t in thresholds},
-            "best_image": best["image"] if best else None,
-            "best_iou": best["iou"] if best else None,
-            "worst_image": worst["image"] if worst else None,
-            "worst_iou": worst["iou"] if worst else None,
-            "mean_lime_seconds": _mean(lime_seconds[model]),
+            "mean_iou": _mean(group.iou.tolist()),
+            "mean_iou_at": {t: _mean(group[f"iou@{t}"].tolist()) for t in thresholds},
+            "best_image": None if best is None else best.image,
+            "best_iou": None if best is None else float(best.iou),
+            "worst_image": None if worst is None else worst.image,
+            "worst_iou": None if worst is None else float(worst.iou),
+            "mean_lime_seconds": _mean(lime_seconds.get(model, [])),
         })
     return out
 
 
+def timing_table(results: dict) -> pd.DataFrame:
+    """Every method's time on every image: model, image, method, seconds, cached."""
+    return pd.DataFrame([{"model": e["model"], "image": e["image"], "method": method, "seconds": entry["seconds"],
+                          "cached": bool(entry.get("cached"))}
+                         for e in results["explanations"] for method, entry in e["methods"].items()],
+                        columns=["model", "image", "method", "seconds", "cached"])
+
+
 def timing_summary(results: dict) -> list[dict]:
-    """Per model and method: mean, median, min and max wall time per image."""
-    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
-    cached: dict[tuple[str, str], int] = defaultdict(int)
-    for e in results["explanations"]:
-        for method, entry in e["methods"].items():
-            groups[(e["model"], method)].append(entry["seconds"])
-            cached[(e["model"], method)] += bool(entry.get("cached"))
-    return [
-        {
-            "model": model,
-            "method": method,
-            "images": len(secs),
-            "mean_seconds": statistics.fmean(secs),
-            "median_seconds": statistics.median(secs),
-            "min_seconds": min(secs),
-            "max_seconds": max(secs),
-            "cached": cached[(model, method)],
-        }
-        for (model, method), secs in groups.items()
-    ]
+    """Per model and method: mean, median, min and max wall time per image, and how many came from the cache."""
+    table = timing_table(results)
+    if table.empty:
+        return []
+    summary = table.groupby(["model", "method"], sort=False).agg(
+        images=("seconds", "size"), mean_seconds=("seconds", statistics.fmean),
+        median_seconds=("seconds", statistics.median), min_seconds=("seconds", "min"),
+        max_seconds=("seconds", "max"), cached=("cached", "sum"))
+    return [{k: _plain(v) for k, v in row.items()} for row in summary.reset_index().to_dict("records")]
+
+
+def _plain(value):
+    """NumPy scalars (from pandas) as Python numbers, so results.json and comparisons see plain values."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def findings(results: dict) -> list[dict]:
@@ -95,32 +98,37 @@ def _same_concept(label: str) -> str:
 
 
 def method_agreement(results: dict) -> list[dict]:
-    """Per model and layer dissected both ways: how often a NetDissect detector's label is CLIP-Dissect's too."""
+    """Per model and layer dissected both ways: how often a NetDissect detector's label is CLIP-Dissect's too (a join
+    of the two unit tables on model, layer and unit)."""
     if "dissection" not in results or "netdissect" not in results:
         return []
-    clip = {(m["model"], x["layer"]): {u["unit"]: u for u in x["labels"]}
-            for m in results["dissection"]["models"] for x in m["layers"]}
+    clip = pd.DataFrame([{"model": m["model"], "layer": x["layer"], "unit": u["unit"], "clip": u["label"],
+                          "similarity": u["similarity"], "scorer": u["scorer"],
+                          "top": {_same_concept(t) for t in [u["label"]] + [a["label"] for a in u["alternatives"]]}}
+                         for m in results["dissection"]["models"] for x in m["layers"] for u in x["labels"]],
+                        columns=["model", "layer", "unit", "clip", "similarity", "scorer", "top"])
+    detectors = pd.DataFrame([{"model": m["model"], "layer": x["layer"], "unit": u["unit"], "netdissect": u["label"],
+                               "category": u["category"], "iou": u["iou"]}
+                              for m in results["netdissect"]["models"] for x in m["layers"] for u in x["unit_labels"]
+                              if u["detector"]], columns=["model", "layer", "unit", "netdissect", "category", "iou"])
+    pairs = detectors.merge(clip, on=["model", "layer", "unit"], how="inner")
+    # Bracket access throughout: "clip" and "top" are also DataFrame methods.
+    mine = pairs["netdissect"].map(_same_concept)
+    pairs["same"] = mine == pairs["clip"].map(_same_concept)
+    pairs["in_top"] = [m in top for m, top in zip(mine, pairs["top"])]
+    dissected = set(zip(clip.model, clip.layer))
     rows = []
     for m in results["netdissect"]["models"]:
         for x in m["layers"]:
-            by_unit = clip.get((m["model"], x["layer"]))
-            if not by_unit:
+            if (m["model"], x["layer"]) not in dissected:
                 continue
-            pairs = []
-            for u in x["unit_labels"]:
-                c = by_unit.get(u["unit"])
-                if c is None or not u["detector"]:
-                    continue
-                mine = _same_concept(u["label"])
-                top = [c["label"]] + [a["label"] for a in c["alternatives"]]
-                pairs.append({"unit": u["unit"], "netdissect": u["label"], "category": u["category"], "iou": u["iou"],
-                              "clip": c["label"], "similarity": c["similarity"], "scorer": c["scorer"],
-                              "same": mine == _same_concept(c["label"]),
-                              "in_top": mine in {_same_concept(t) for t in top}})
-            pairs.sort(key=lambda p: -p["iou"])
-            rows.append({"model": m["model"], "layer": x["layer"], "units": x["units"], "detectors": len(pairs),
-                         "same": sum(p["same"] for p in pairs), "in_top": sum(p["in_top"] for p in pairs),
-                         "examples": ([p for p in pairs if p["in_top"]] + [p for p in pairs if not p["in_top"]])[:6]})
+            mine_ = pairs[(pairs.model == m["model"]) & (pairs.layer == x["layer"])].sort_values("iou", ascending=False,
+                                                                                               kind="stable")
+            examples = pd.concat([mine_[mine_["in_top"]], mine_[~mine_["in_top"]]]).head(6)
+            rows.append({"model": m["model"], "layer": x["layer"], "units": x["units"], "detectors": len(mine_),
+                         "same": int(mine_["same"].sum()), "in_top": int(mine_["in_top"].sum()),
+                         "examples": [{k: _plain(v) for k, v in e.items()} for e in examples.drop(
+                             columns=["model", "layer", "top"]).to_dict("records")]})
     return rows
 
 
