@@ -1,6 +1,31 @@
 """report_builder: explain what image classifiers learn — network dissection, saliency maps, LIME, a report.
 
-Run `python -m report_builder --help`; the stages are one module each (spec, zoo, data, probe, concepts,
-scorers, activations, dissect, explain, agreement, analysis, runner, render, diff, bench).
+In a notebook:
+
+    from report_builder import open_run, run
+    r = open_run("output/demo")        # a run directory's tables as pandas DataFrames
+    r.units.head()
+    s = run("specs/my.yaml")            # run a study, then open it
+
+On the command line: `report-builder --help` (or `python -m report_builder --help`). The stages are one module
+each (spec, zoo, data, probe, concepts, scorers, activations, dissect, netdissect, explain, agreement, evaluate,
+analysis, tasks, runner, collect, render, diff, api, bench).
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def open_run(path):
+    """A run directory as pandas tables: see report_builder.api.Run."""
+    from .api import open_run as _open_run
+
+    return _open_run(path)
+
+
+def run(spec, out=None, **kwargs):
+    """Run a spec (a file, or a dict as the YAML would be) and open the run: see report_builder.api.run."""
+    from .api import run as _run
+
+    return _run(spec, out, **kwargs)
+
+
+__all__ = ["open_run", "run", "__version__"]

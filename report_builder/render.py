@@ -29,7 +29,7 @@ from .spec import METHOD_TITLES  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 PALETTE = ["#3b6ea5", "#d1495b", "#edae49", "#00798c", "#66a182", "#8d6a9f"]
-REPORT_FILES = ("figures", "report.html", "report.pdf")
+REPORT_FILES = ("figures", "report.html", "report.pdf", "units.html")
 
 
 def render_run(run_dir: Path, results: dict | None = None) -> None:
@@ -72,13 +72,13 @@ def render_run(run_dir: Path, results: dict | None = None) -> None:
 
 
 def _render_into(out_dir: Path, run_dir: Path, results: dict) -> None:
-    """Figures into out_dir/figures and the reports into out_dir, reading the run's files from run_dir."""
+    """Figures into out_dir/figures and the reports into out_dir, reading the run's files from run_dir: report.html
+    (with its scripts), units.html (every dissected unit, searchable) and report.pdf (the same report, printed)."""
     figures = make_figures(out_dir, run_dir, results)
-    html = render_html(run_dir, results, figures)
-    atomic_write(out_dir / "report.html", html.encode("utf-8"))
-    # The PDF shows each layer's top units; the HTML every unit.
-    printed = html if "netdissect" not in results else render_html(run_dir, results, figures, every_unit=False)
-    write_pdf(printed, out_dir / "report.pdf", out_dir)
+    atomic_write(out_dir / "report.html", render_html(run_dir, results, figures, scripts=True).encode("utf-8"))
+    if "dissection" in results or "netdissect" in results:
+        atomic_write(out_dir / "units.html", render_units(run_dir, results).encode("utf-8"))
+    write_pdf(render_html(run_dir, results, figures, scripts=False), out_dir / "report.pdf", out_dir)
 
 
 def write_pdf(html: str, path: Path, base: Path) -> None:
@@ -410,10 +410,11 @@ def _method_title(method: str) -> str:
     return "random map" if method == "random" else METHOD_TITLES.get(method, method)
 
 
-def galleries(run_dir: Path, results: dict, every_unit: bool) -> list[dict]:
-    """Per model and layer, units by IoU (best first), each with its gallery strip inlined."""
+def galleries(run_dir: Path, results: dict) -> list[dict]:
+    """Per model and layer, the `pdf_units` units with the best IoU, each with its gallery strip inlined (units.html
+    has every unit)."""
     nd = results["netdissect"]
-    limit = None if every_unit else nd["settings"]["pdf_units"]
+    limit = nd["settings"]["pdf_units"]
     out = []
     for m in nd["models"]:
         for x in m["layers"]:
@@ -542,7 +543,9 @@ def environment() -> Environment:
     return env
 
 
-def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], every_unit: bool = True) -> str:
+def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], scripts: bool = True) -> str:
+    """report.html; with `scripts`, the small helpers that make its tables searchable and sortable and follow the
+    reader in the contents (the PDF is rendered without them)."""
     env = environment()
     names = {m["id"]: m["display"] for m in results["models"]}
     inlined: dict[str, list[dict]] = defaultdict(list)
@@ -577,9 +580,37 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], ev
         ablation_fallback=sorted({names[e["model"]] for e in results["explanations"]
                                   if e["methods"].get("ablationcam", {}).get("implementation") == "grad-cam"}),
         agreement_table=agreement_table(results),
-        galleries=galleries(run_dir, results, every_unit) if "netdissect" in results else [],
-        every_unit=every_unit,
+        galleries=galleries(run_dir, results) if "netdissect" in results else [],
+        units_page="dissection" in results or "netdissect" in results,
+        js=(TEMPLATES / "report.js").read_text() if scripts else None,
     )
+
+
+def render_units(run_dir: Path, results: dict) -> str:
+    """units.html: one searchable, sortable table per model of every dissected unit, with its CLIP-Dissect label
+    and its Network Dissection label and gallery strip (images decoded lazily)."""
+    names = {m["id"]: m["display"] for m in results["models"]}
+    rows: dict[tuple[str, str, int], dict] = {}
+    for m in results.get("dissection", {}).get("models", []):
+        for x in m["layers"]:
+            for u in x["labels"]:
+                rows[(m["model"], x["layer"], u["unit"])] = {
+                    "layer": x["layer"], "unit": u["unit"], "clip": u["label"], "similarity": u["similarity"],
+                    "alternatives": [a["label"] for a in u["alternatives"]]}
+    for m in results.get("netdissect", {}).get("models", []):
+        for x in m["layers"]:
+            for u in x["unit_labels"]:
+                row = rows.setdefault((m["model"], x["layer"], u["unit"]), {"layer": x["layer"], "unit": u["unit"]})
+                row.update(nd=u["label"], category=u["category"], iou=u["iou"], detector=u["detector"],
+                           src=_data_uri(inside(run_dir, u["gallery"], "netdissect gallery")))
+    tables = []
+    for model in names:
+        mine = [row for (mo, _, _), row in rows.items() if mo == model]
+        if mine:
+            tables.append({"model": model, "rows": mine})
+    return environment().get_template("units.html").render(
+        r=results, names=names, tables=tables, has_clip="dissection" in results, has_nd="netdissect" in results,
+        css=(TEMPLATES / "report.css").read_text(), js=(TEMPLATES / "report.js").read_text())
 
 
 def agreement_table(results: dict) -> list[dict]:

@@ -2,12 +2,16 @@
 import csv
 import json
 import re
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pypdf import PdfReader
 
 from report_builder.__main__ import main
+from report_builder.errors import UserError
 from report_builder.rundir import without_timings
 
 SPEC = """
@@ -146,9 +150,11 @@ def test_netdissect_csv_galleries_and_report(run_dir):
     rotation = nd["models"][0]["rotation"]
     assert rotation["layer"] == "blocks.6" and rotation["alphas"] == [0.0, 1.0]
     assert rotation["unique"][0] == layers[1]["unique"] and rotation["detectors"][0] == layers[1]["detectors"]
-    # the HTML lists every unit; the PDF the best pdf_units of each layer
+    # units.html lists every unit; the report (HTML and PDF) the best pdf_units of each layer
     html = (run_dir / "report.html").read_text()
-    assert html.count('class="unit-card') == 192 + 320
+    assert html.count('class="unit-card') == 2 * 2
+    units = (run_dir / "units.html").read_text()
+    assert units.count("<tr><td>blocks.") == 192 + 320 and units.count('loading="lazy"') == 192 + 320
     flat = re.sub(r"\s+", " ", pdf_text(run_dir / "report.pdf"))
     best = max(layers[1]["unit_labels"], key=lambda u: u["iou"])
     assert f"#{best['unit']} {best['label']}" in flat
@@ -230,3 +236,177 @@ def test_two_runs_give_the_same_results_except_timings(tmp_path):
         return without_timings(json.loads((path / "results.json").read_text()))
 
     assert strip(a) == strip(b)
+
+
+# ---------------------------------------------------------------- the run in a notebook
+
+
+def test_open_run_tables_equal_the_csvs_and_results(run_dir):
+    from report_builder import open_run
+
+    r = open_run(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    units = r.units
+    rows = list(csv.DictReader(open(run_dir / "dissection" / "lite0.csv")))
+    assert len(units) == len(rows) == 192 + 320
+    assert list(units.columns[:6]) == ["model", "layer", "unit", "label", "similarity", "scorer"]
+    assert units.label.tolist() == [row["description"] for row in rows]
+    assert units.similarity.tolist() == pytest.approx([float(row["similarity"]) for row in rows], rel=1e-5)
+    assert units.alt_1.tolist() == [row["alt_1"] for row in rows]
+    nd = r.netdissect
+    nd_rows = list(csv.DictReader(open(run_dir / "dissection" / "lite0-netdissect.csv")))
+    assert nd.label.tolist() == [row["label"] for row in nd_rows]
+    assert nd.detector.tolist() == [row["detector"] == "1" for row in nd_rows]
+    assert len(r.predictions) == 2 * 5 and r.predictions.groupby("image")["rank"].max().tolist() == [5, 5]
+    assert set(r.timings.method) == {"gradcam", "ablationcam", "scorecam", "lime"}
+    assert len(r.agreement) == len(results["agreement"]["rows"])
+    assert set(r.evaluation.method) == {"gradcam", "ablationcam", "scorecam", "lime", "random"}
+    assert len(r.sanity) == 4 * 2  # 4 methods x 2 steps on one image
+    gradcam = r.maps("lite0", "chelsea", "gradcam")
+    assert gradcam.shape == (224, 224) and gradcam.dtype == np.float32
+    assert r.maps("lite0", "voc", "lime_mask").dtype == bool
+    assert r.report_path == run_dir / "report.html" and r.spec["title"] == "End-to-end check"
+    with pytest.raises(UserError, match="no explanation of image 'nope'"):
+        r.maps("lite0", "nope", "gradcam")
+    with pytest.raises(UserError, match="image: found '../x'"):
+        r.maps("lite0", "../x", "gradcam")
+
+
+def test_q1_redrawn_in_five_lines(run_dir):
+    """The README's worked example: Q1's chart from the units table."""
+    from report_builder import open_run
+
+    units = open_run(run_dir).units
+    top = units.groupby("model").label.value_counts().groupby(level=0).head(10)
+    assert top.iloc[0] == units.label.value_counts().iloc[0]
+    ax = top.droplevel(0).plot.barh()
+    assert len(ax.patches) == min(10, units.label.nunique())
+
+
+def test_pandas_summaries_equal_the_loops_they_replaced(run_dir):
+    from report_builder import analysis
+
+    r = json.loads((run_dir / "results.json").read_text())
+
+    def timing_loop(results):  # the code before pandas
+        groups, cached = defaultdict(list), defaultdict(int)
+        for e in results["explanations"]:
+            for method, entry in e["methods"].items():
+                groups[(e["model"], method)].append(entry["seconds"])
+                cached[(e["model"], method)] += bool(entry.get("cached"))
+        return [{"model": m, "method": k, "images": len(v), "mean_seconds": statistics.fmean(v),
+                 "median_seconds": statistics.median(v), "min_seconds": min(v), "max_seconds": max(v),
+                 "cached": cached[(m, k)]} for (m, k), v in groups.items()]
+
+    assert analysis.timing_summary(r) == timing_loop(r)
+    def agreement_loop(results):  # the code before pandas
+        lime_seconds, groups = defaultdict(list), defaultdict(list)
+        for e in results["explanations"]:
+            if "lime" in e["methods"]:
+                lime_seconds[e["model"]].append(e["methods"]["lime"]["seconds"])
+        for row in results["agreement"]["rows"]:
+            groups[(row["model"], row["method_b"])].append(row)
+        out = []
+        for (model, method), rows in groups.items():
+            defined = [x for x in rows if x["iou"] is not None and x["iou"] == x["iou"]]
+            best, worst = max(defined, key=lambda x: x["iou"]), min(defined, key=lambda x: x["iou"])
+            out.append({"model": model, "method_a": "lime", "method_b": method, "images": len(rows),
+                        "images_defined": len(defined), "mean_iou": analysis._mean([x["iou"] for x in rows]),
+                        "mean_iou_at": {f"{t:g}": analysis._mean([x[f"iou@{t:g}"] for x in rows])
+                                        for t in results["agreement"]["thresholds"]},
+                        "best_image": best["image"], "best_iou": best["iou"], "worst_image": worst["image"],
+                        "worst_iou": worst["iou"], "mean_lime_seconds": analysis._mean(lime_seconds[model])})
+        return out
+
+    assert analysis.agreement_summary(r) == agreement_loop(r)
+    loop = []
+    clip = {(m["model"], x["layer"]): {u["unit"]: u for u in x["labels"]}
+            for m in r["dissection"]["models"] for x in m["layers"]}
+    for m in r["netdissect"]["models"]:
+        for x in m["layers"]:
+            by_unit = clip[(m["model"], x["layer"])]
+            pairs = []
+            for u in x["unit_labels"]:
+                c = by_unit[u["unit"]]
+                if not u["detector"]:
+                    continue
+                mine = analysis._same_concept(u["label"])
+                top = {analysis._same_concept(t) for t in [c["label"]] + [a["label"] for a in c["alternatives"]]}
+                pairs.append({"unit": u["unit"], "netdissect": u["label"], "category": u["category"], "iou": u["iou"],
+                              "clip": c["label"], "similarity": c["similarity"], "scorer": c["scorer"],
+                              "same": mine == analysis._same_concept(c["label"]), "in_top": mine in top})
+            pairs.sort(key=lambda p: -p["iou"])
+            loop.append({"model": m["model"], "layer": x["layer"], "units": x["units"], "detectors": len(pairs),
+                         "same": sum(p["same"] for p in pairs), "in_top": sum(p["in_top"] for p in pairs),
+                         "examples": ([p for p in pairs if p["in_top"]] + [p for p in pairs if not p["in_top"]])[:6]})
+    assert analysis.method_agreement(r) == loop
+
+
+# ---------------------------------------------------------------- in a browser
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def _dom(url: str) -> str:
+    import subprocess
+
+    out = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    return out.stdout
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (apt-get install chromium): "
+                                                "the checks of the HTML report in a browser are skipped")
+def test_search_and_sort_work_in_chromium(run_dir):
+    from html.parser import HTMLParser
+
+    class Rows(HTMLParser):
+        """Each units-table row: whether the page's script hid it, and its cells' text."""
+
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell, self.inside = [], None, False
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "table" and "units-table" in (attrs.get("class") or ""):
+                self.inside = True
+            elif tag == "tr" and self.inside:
+                self.rows.append({"hidden": "hidden" in attrs, "cells": []})
+            elif tag == "td" and self.inside and self.rows:
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag == "td" and self.cell is not None:
+                self.rows[-1]["cells"].append(self.cell.strip())
+                self.cell = None
+            elif tag == "table":
+                self.inside = False
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    def rows(url):
+        parser = Rows()
+        parser.feed(_dom(url))
+        return [r for r in parser.rows if r["cells"]]
+
+    units = (run_dir / "units.html").as_uri()
+    every = rows(units)
+    assert len(every) == 192 + 320 and not any(r["hidden"] for r in every)
+    # a scripted search: the page reads ?q= into its search box
+    shown = [r for r in rows(units + "?q=red") if not r["hidden"]]
+    expected = [r for r in every if "red" in " ".join(r["cells"]).lower()]
+    assert 0 < len(shown) == len(expected) < len(every)
+    # sort by IoU (the 8th column), largest first
+    ordered = rows(units + "?sort=7-desc")
+    ious = [float(r["cells"][7]) for r in ordered if r["cells"][7] not in ("—", "")]
+    assert ious == sorted(ious, reverse=True)
+    report = _dom((run_dir / "report.html").as_uri())
+    assert 'class="toc"' in report and 'class="scripted"' in report
+    assert re.search(r'<th[^>]*class="[^"]*\bsort\b', report)  # the script made the headers sortable
