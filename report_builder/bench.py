@@ -374,9 +374,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 print(_line(r), flush=True)
     if "scale" in sections:
-        from .bench_scale import bench_full_size, bench_netdissect_scale
+        from .bench_scale import bench_full_size, bench_netdissect_scale, bench_report_size
 
-        for step in (bench_full_size, bench_netdissect_scale):
+        for step in (bench_report_size, bench_full_size, bench_netdissect_scale):
             for r in step(args.out, q, row):
                 r["device"] = "cpu"
                 rows.append(r)

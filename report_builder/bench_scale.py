@@ -6,6 +6,8 @@
   time of the forward (and, for Grad-CAM, backward) passes it needs, measured in the same bench run; the ratio
   of the two is what our code costs beyond the model calls.
 - The same run with `--executor ray` on this machine, against the local one, and the number of tasks.
+- The size of report.html for a run of 2 models x 896 units (ResNet18 layer2-4), dissected both ways with unit
+  galleries: against everything inlined in one file (report.html + units.html), as reports were before.
 - Network Dissection on a synthetic Broden-format probe of 1,000 and of 10,000 images: images per second and
   peak resident memory (streaming: the second should not need more memory than the first).
 """
@@ -48,6 +50,21 @@ netdissect:
   colors: false
   rotation: null
   pdf_units: 2
+"""
+
+REPORT_SIZE = """
+title: "Report size bench run"
+models:
+  - {{id: r18_imagenet, source: torchvision, name: resnet18, weights: IMAGENET1K_V1, layers: [layer2, layer3, layer4]}}
+  - {{id: r18_places, source: places365, name: resnet18, layers: [layer2, layer3, layer4]}}
+images: {{source: samples, names: [chelsea]}}
+explain: {{methods: [gradcam]}}
+dissect:
+  probe: {{source: broden, path: {broden}}}
+  scorers: [colors]
+netdissect:
+  probe: {{source: broden, path: {broden}}}
+  rotation: null
 """
 
 
@@ -194,3 +211,21 @@ def bench_netdissect_scale(out: Path, quick: bool, row) -> list[dict]:
                 f"{n1} images' rate x {n2 // n1}", "images/s no lower at 10x",
                 images_per_s=n2 / s2, baseline_images_per_s=n1 / s1, peak_rss_gib=p2 / 2**30,
                 baseline_peak_rss_gib=p1 / 2**30, wall_s=w2)]
+
+
+def bench_report_size(out: Path, quick: bool, row) -> list[dict]:
+    """report.html of 2 models x 896 units with both dissections and galleries; the baseline is one file holding
+    everything (report.html + units.html), as before units.html. The issue's bound is 8 MB."""
+    root = Path(tempfile.mkdtemp(prefix="report_builder-size-", dir=out)).absolute()
+    hub = root / "torch"
+    write_assignment_checkpoints(hub / "hub")
+    broden = write_broden(root / "broden", 40 if quick else 100)
+    spec = root / "size.yaml"
+    spec.write_text(REPORT_SIZE.format(broden=broden))
+    print("[cpu] report size, 2 models x 896 units ...", file=sys.stderr, flush=True)
+    run = root / "run"
+    run_measured(["-q", "run", str(spec), "--out", str(run), "--cache-dir", str(root / "cache")],
+                 {**os.environ, "TORCH_HOME": str(hub)}, root / "size.log")
+    report, units = ((run / name).stat().st_size / 1e6 for name in ("report.html", "units.html"))
+    return [row("report.html, 2 ResNet18 x 896 units, both dissections (MB, not s)", report, report + units,
+                "report + units.html in one file", "< 8 MB", units_html_mb=units)]
