@@ -189,7 +189,10 @@ def _pct(part: int, whole: int) -> str:
 
 
 def _f(x: float | None, digits: int = 2) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
+    if x is None:
+        return "—"
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000" for a tiny negative
 
 
 def _agreement_findings(results: dict) -> list[dict]:

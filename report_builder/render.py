@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape  # noqa: E402
 from jinja2.exceptions import UndefinedError  # noqa: E402
 
+from . import analysis  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .files import atomic_write, output_error, owned_folder, remove_stale  # noqa: E402
 from .rundir import RunFormatError, inside, load_results  # noqa: E402
@@ -510,7 +511,7 @@ def _fmt(value, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if isinstance(value, (int, float)):
-        return f"{value:.{digits}f}"
+        return analysis._f(value, digits)
     return str(value)
 
 

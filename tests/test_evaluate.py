@@ -181,3 +181,12 @@ def test_a_sweep_setting_is_deterministic(tiny_model, tiny_crop):
     lime = explain.lime.model_copy(update={"num_features": 3})
     runs = [ev.sweep_run(tiny_model, tiny_crop, lime, explain, 0, "cpu", gradcam) for _ in range(2)]
     assert runs[0]["iou"] == runs[1]["iou"] and 0 <= runs[0]["iou"] <= 1
+
+
+def test_a_tiny_negative_score_reads_as_zero_not_minus_zero():
+    """ROAD scores near 0 came out as '-0.000' in the report's table and findings."""
+    from report_builder import analysis, render
+
+    assert analysis._f(-0.00004, 3) == render._fmt(-0.00004, 3) == "0.000"
+    assert analysis._f(-0.02, 3) == render._fmt(-0.02, 3) == "-0.020"
+    assert render._fmt(float("nan")) == analysis._f(None) == "—"
