@@ -108,7 +108,7 @@ def make_figures(target: Path, run_dir: Path, results: dict) -> dict[str, list[d
         by_image[e["image"]].append(e)
     for image in [im["id"] for im in results["images"]]:
         rows = by_image[image]
-        path = out_dir / f"grid_{image}.png"
+        path = out_dir / f"grid_{image}.jpg"  # photos: JPEG is a fifth of the PNG, and report.html inlines them
         _comparison_grid(run_dir, rows, methods, names, path)
         preds = "; ".join(f"{names[e['model']]}: {e['target_name']} ({e['predictions'][0]['probability']:.2f})" for e in rows)
         figs["comparison"].append({
@@ -150,11 +150,13 @@ def make_figures(target: Path, run_dir: Path, results: dict) -> dict[str, list[d
 
 
 def _save(fig, path: Path, plain_axes: list | None = None, dpi: int = 130) -> None:
-    """Write a chart: top and right spines off on `plain_axes`, tight layout, PNG, figure closed."""
+    """Write a chart: top and right spines off on `plain_axes`, tight layout, PNG (JPEG for a .jpg path: figures
+    of photos), figure closed."""
     for ax in plain_axes or []:
         ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    jpeg = path.suffix == ".jpg"
+    fig.savefig(path, dpi=dpi, **({"pil_kwargs": {"quality": 88}} if jpeg else {}))
     plt.close(fig)
 
 

@@ -65,7 +65,7 @@ def pdf_text(path: Path) -> str:
 
 def test_run_directory_contract(run_dir):
     for name in ["results.json", "report.html", "report.pdf", "agreement.csv", "figures/timings.png",
-                 "figures/agreement.png", "figures/grid_chelsea.png", "explanations/lite0/chelsea_gradcam.png",
+                 "figures/agreement.png", "figures/grid_chelsea.jpg", "explanations/lite0/chelsea_gradcam.png",
                  "explanations/lite0/voc_lime.png", "explanations/lite0/voc.npz", "evaluation.csv",
                  "evaluation/lite0/chelsea_sanity.npz", "figures/trust_curves_lite0.png",
                  "figures/trust_sanity_lite0.png", "figures/lime_sweep.png"]:
