@@ -8,6 +8,7 @@ directory. Anything else is a UserError naming the file and the key.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -84,18 +85,20 @@ def check_id(value: Any, where: str, source: Path) -> str:
     return value
 
 
-def inside(run_dir: Path, rel: Any, where: str, source: Path | None = None, must_exist: bool = True) -> Path:
-    """`rel`, a path stored in the run directory, as a path that resolves inside it (symbolic links followed)."""
+def inside(run_dir: Path, rel: Any, where: str, source: Path | None = None, must_exist: bool = True,
+           root: Path | None = None) -> Path:
+    """`rel`, a path stored in the run directory, as a path that resolves inside it (symbolic links followed).
+    `root`: run_dir already resolved, for a caller checking thousands of paths."""
     source = source or run_dir / "results.json"
     if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\\" in rel or ":" in rel:
         raise RunFormatError(f"{source}: {where}: found {_short(rel)}, expected a relative path inside the run directory")
-    root = Path(run_dir).resolve()
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root):
+    base = str(root or Path(run_dir).resolve())
+    path = os.path.realpath(os.path.join(base, rel))  # strings, not pathlib: a big run has thousands of paths
+    if not path.startswith(base + os.sep):
         raise RunFormatError(f"{source}: {where}: {_short(rel)} leads outside the run directory; refused")
-    if must_exist and not path.is_file():
+    if must_exist and not os.path.isfile(path):
         raise RunFormatError(f"{source}: {where}: {rel} is missing from the run directory")
-    return path
+    return Path(path)
 
 
 def _need(mapping: Any, key: str, kind: type | tuple, where: str, source: Path) -> Any:
@@ -125,6 +128,7 @@ def check_schema_version(data: Any, source: Path, supported: int = SCHEMA_VERSIO
 def check_results(results: Any, run_dir: Path) -> dict:
     """Check what render, diff and open_run rely on. Returns results unchanged."""
     source = Path(run_dir) / "results.json"
+    root = Path(run_dir).resolve()
     check_schema_version(results, source)
     check_bounds(results, source)
     for key, kind in (("title", str), ("run_name", str), ("models", list), ("images", list), ("methods", list),
@@ -148,14 +152,14 @@ def check_results(results: Any, run_dir: Path) -> dict:
             raise RunFormatError(f"{source}: {where}.model: {_short(e['model'])} is not among the models")
         if _need(e, "image", str, where, source) not in image_ids:
             raise RunFormatError(f"{source}: {where}.image: {_short(e['image'])} is not among the images")
-        inside(run_dir, _need(e, "original", str, where, source), f"{where}.original", source)
-        inside(run_dir, _need(e, "maps", str, where, source), f"{where}.maps", source)
+        inside(run_dir, _need(e, "original", str, where, source), f"{where}.original", source, root=root)
+        inside(run_dir, _need(e, "maps", str, where, source), f"{where}.maps", source, root=root)
         _need(e, "predictions", list, where, source)
         for method, entry in _need(e, "methods", dict, where, source).items():
             if method not in method_ids:
                 raise RunFormatError(f"{source}: {where}.methods: {_short(method)} is not among the methods")
             inside(run_dir, _need(entry, "overlay", str, f"{where}.methods.{method}", source),
-                   f"{where}.methods.{method}.overlay", source)
+                   f"{where}.methods.{method}.overlay", source, root=root)
             _need(entry, "seconds", (int, float), f"{where}.methods.{method}", source)
     for i, f in enumerate(results["findings"]):
         _need(f, "text", str, f"findings[{i}]", source)
@@ -164,7 +168,7 @@ def check_results(results: Any, run_dir: Path) -> dict:
     if ev is not None:
         for i, entry in enumerate(_need(ev, "sanity", list, "evaluation", source)):
             if isinstance(entry, dict) and "maps" in entry:
-                inside(run_dir, entry["maps"], f"evaluation.sanity[{i}].maps", source)
+                inside(run_dir, entry["maps"], f"evaluation.sanity[{i}].maps", source, root=root)
     nd = results.get("netdissect")
     if nd is not None:
         for i, m in enumerate(_need(nd, "models", list, "netdissect", source)):
@@ -173,7 +177,7 @@ def check_results(results: Any, run_dir: Path) -> dict:
                 where = f"netdissect.models[{i}].layers[{j}]"
                 for k, u in enumerate(_need(x, "unit_labels", list, where, source)):
                     inside(run_dir, _need(u, "gallery", str, f"{where}.unit_labels[{k}]", source),
-                           f"{where}.unit_labels[{k}].gallery", source)
+                           f"{where}.unit_labels[{k}].gallery", source, root=root)
     return results
 
 
