@@ -586,6 +586,7 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], sc
         galleries=galleries(run_dir, results) if "netdissect" in results else [],
         units_page="dissection" in results or "netdissect" in results,
         js=(TEMPLATES / "report.js").read_text() if scripts else None,
+        screen_css=(TEMPLATES / "screen.css").read_text() if scripts else None,  # the browser's, not the PDF's
     )
 
 
@@ -593,6 +594,7 @@ def render_units(run_dir: Path, results: dict) -> str:
     """units.html: one searchable, sortable table per model of every dissected unit, with its CLIP-Dissect label
     and its Network Dissection label and gallery strip (images decoded lazily)."""
     names = {m["id"]: m["display"] for m in results["models"]}
+    root = Path(run_dir).resolve()
     rows: dict[tuple[str, str, int], dict] = {}
     for m in results.get("dissection", {}).get("models", []):
         for x in m["layers"]:
@@ -605,7 +607,7 @@ def render_units(run_dir: Path, results: dict) -> str:
             for u in x["unit_labels"]:
                 row = rows.setdefault((m["model"], x["layer"], u["unit"]), {"layer": x["layer"], "unit": u["unit"]})
                 row.update(nd=u["label"], category=u["category"], iou=u["iou"], detector=u["detector"],
-                           src=_data_uri(inside(run_dir, u["gallery"], "netdissect gallery")))
+                           src=_data_uri(inside(run_dir, u["gallery"], "netdissect gallery", root=root)))
     tables = []
     for model in names:
         mine = [row for (mo, _, _), row in rows.items() if mo == model]
@@ -613,7 +615,8 @@ def render_units(run_dir: Path, results: dict) -> str:
             tables.append({"model": model, "rows": mine})
     return environment().get_template("units.html").render(
         r=results, names=names, tables=tables, has_clip="dissection" in results, has_nd="netdissect" in results,
-        css=(TEMPLATES / "report.css").read_text(), js=(TEMPLATES / "report.js").read_text())
+        css=(TEMPLATES / "report.css").read_text(), js=(TEMPLATES / "report.js").read_text(),
+        screen_css=(TEMPLATES / "screen.css").read_text())
 
 
 def agreement_table(results: dict) -> list[dict]:

@@ -201,12 +201,14 @@ def test_html_is_self_contained_and_escaped(run_dir):
         assert title in html
 
 
-def test_render_reuses_the_run_directory_only(run_dir, capsys):
+def test_render_reuses_the_run_directory_only(run_dir, capsys, caplog):
     before = (run_dir / "results.json").read_bytes()
     (run_dir / "report.pdf").unlink()
     assert main(["render", str(run_dir)]) == 0
     assert (run_dir / "report.pdf").is_file()
     assert (run_dir / "results.json").read_bytes() == before
+    # The browser's stylesheet stays out of the PDF: WeasyPrint used to warn about its media features.
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("weasyprint")]
 
 
 def test_render_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
