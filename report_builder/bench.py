@@ -407,8 +407,9 @@ def _line(r: dict) -> str:
     if "images_per_s" in r:
         extra += f"  {r['images_per_s']:.1f} images/s (at 1/10 the size: {r['baseline_images_per_s']:.1f}, " \
                  f"peak RSS {r['baseline_peak_rss_gib']:.2f} GiB)"
-    line = (f"{r['device']:4} {r['item'][:62]:62} ours {r['ours_s']:8.2f} s  {r['baseline'][:30]:30} "
-            f"{r['baseline_s']:8.2f} s  x{r['ratio']:.1f}  (target {r['target']}){extra}")
+    unit = r.get("unit", "s")  # seconds, unless the row measures something else (a file's size)
+    line = (f"{r['device']:4} {r['item'][:62]:62} ours {r['ours_s']:8.2f} {unit}  {r['baseline'][:30]:30} "
+            f"{r['baseline_s']:8.2f} {unit}  x{r['ratio']:.1f}  (target {r['target']}){extra}")
     for name in ("stages", "bare_parts"):
         if name in r:
             line += f"\n       {name.replace('_', ' ')}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r[name].items())
