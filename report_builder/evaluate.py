@@ -32,11 +32,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import agreement
+from .agreement import scale01
 from .progress import current
 from .spec import EvaluateSpec, ExplainSpec, resolve_batch
 from .zoo import LoadedModel, ModelRef, model_for
 
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: SSIM on maps scaled in float64
 BLUR_SIGMA = 5.0  # RISE's insertion baseline: a Gaussian blur of sigma 5 pixels at 224
 SANITY_MAP_SIZE = 56  # the side of the maps kept for the randomisation figure
 
@@ -246,7 +248,7 @@ def sanity_check(base: LoadedModel, crop: np.ndarray, method: str, explain: Expl
         rows["layers"].append(blocks[cut - 1])
         rows["blocks"].append(cut)
         rows["spearman"].append(rank_correlation(original, new))
-        rows["ssim"].append(float(structural_similarity(scale01(original), scale01(new), data_range=1.0)))
+        rows["ssim"].append(float(structural_similarity(_scaled(original), _scaled(new), data_range=1.0)))
         rows["maps"].append(small(new))
     rows["maps"] = np.stack(rows["maps"]).astype(np.float16)
     rows["total_blocks"] = len(blocks)
@@ -262,9 +264,10 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a.ravel(), b.ravel()).statistic)
 
 
-def scale01(m: np.ndarray) -> np.ndarray:
-    lo, hi = float(m.min()), float(m.max())
-    return np.zeros_like(m, dtype=np.float64) if hi - lo < 1e-12 else (m - lo) / (hi - lo)
+def _scaled(m: np.ndarray) -> np.ndarray:
+    """The map min-max scaled for SSIM (the agreement's scaling); a flat map as zeros."""
+    scaled = scale01(m)
+    return np.zeros(m.shape) if scaled is None else scaled
 
 
 def small(m: np.ndarray) -> np.ndarray:
@@ -299,7 +302,6 @@ def sweep_task(model: ModelRef, crop: np.ndarray, lime, explain: ExplainSpec, se
 def sweep_run(m: LoadedModel, crop: np.ndarray, lime, explain: ExplainSpec, seed: int, device: str,
               gradcam: dict) -> dict:
     """One LIME setting on one image: its IoU with Grad-CAM (top-n, as the agreement section) and its time."""
-    from . import agreement
     from .explain import Settings as ExplainSettings
     from .explain import lime_explain
 
