@@ -6,15 +6,10 @@ import torch
 
 from .probe import ProbeSet
 from .progress import current
-from .zoo import Layout, LoadedModel, ModelRef, get_layer, model_for
+from .zoo import LoadedModel, ModelRef, get_layer, model_for
 
-CODE_VERSION = 1
-
-
-def pool(output: torch.Tensor, how: str, layout: Layout | None = None) -> torch.Tensor:
-    """A layer's output -> N x C: the mean or maximum over its map (for a ViT, over its patch tokens, not the
-    class token), or its class token ('cls'). Without a layout, N x C x H x W is taken as a map."""
-    return (layout or Layout("nchw" if output.dim() == 4 else "flat")).pool(output, how)
+# 2: a ViT's tokens are pooled over its patch tokens only (Layout.pool), no longer over the class token too
+CODE_VERSION = 2
 
 
 def identity(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: str) -> dict:
@@ -39,7 +34,7 @@ def record(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: str,
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     hooks = [
         module.register_forward_hook(lambda _m, _i, out, name=name: collected[name].append(
-            pool(out, pooling, layouts[name]).cpu()))
+            layouts[name].pool(out, pooling).cpu()))
         for name, module in modules.items()
     ]
     try:
