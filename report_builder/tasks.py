@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from .cache import Cache, stage_key
 from .errors import UserError
-from .progress import Progress, current
+from .progress import Progress
 
 
 @dataclass(eq=False)

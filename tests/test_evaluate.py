@@ -174,7 +174,6 @@ def test_sweep_settings_are_every_combination():
 
 def test_a_sweep_setting_is_deterministic(tiny_model, tiny_crop):
     from report_builder.explain import EXPLAINERS, Settings
-    from report_builder.zoo import model_for  # noqa: F401 - sweep_task loads through it; the core is tested here
 
     explain = ExplainSpec(lime=LimeSpec(num_samples=30, batch_size=30))
     gradcam = {**EXPLAINERS["gradcam"](tiny_model, tiny_crop, 1, Settings(explain, 0, CPU)), "target": 1}
