@@ -174,30 +174,19 @@ def open_run(path: str | Path) -> Run:
 
 def run(spec: str | Path | dict[str, Any], out: str | Path | None = None, *, no_cache: bool = False,
         cache_dir: str | Path | None = None, executor: str = "local", quiet: bool = False) -> Run:
-    """Run a study and open it: `spec` is a spec file, or a dict written as the YAML would be (paths in it are taken
-    from the current folder). The run directory is `out`, else output/<run_name>."""
-    import os
-
+    """Run a study and open it: `spec` is a spec file, or a dict written as the YAML would be (checked as a file
+    is; its paths are taken from the current folder, and without run_name the run is called 'notebook'). The run
+    directory is `out`, else output/<run_name>."""
     from .cache import Cache
     from .progress import Progress
     from .runner import run as run_spec
-    from .spec import LoadedSpec, Spec, describe_errors, load_spec, resolve_paths
-    from .errors import SpecError
+    from .spec import load_spec, spec_from_mapping
 
-    if isinstance(spec, dict):
-        from pydantic import ValidationError
-
-        try:
-            parsed = Spec.model_validate(spec)
-        except ValidationError as exc:
-            raise SpecError("the spec dict", describe_errors(exc.errors())) from None
-        where = Path(os.getcwd())
-        loaded = LoadedSpec(spec=resolve_paths(parsed, where), written=parsed, path=where / "<dict>", raw=spec)
-        name = parsed.run_name or "notebook"
-    else:
+    if isinstance(spec, (str, Path)):
         loaded = load_spec(spec)
-        name = loaded.run_name
-    target = Path(out) if out is not None else Path("output") / name
+    else:
+        loaded = spec_from_mapping(spec, Path.cwd() / "notebook", "the spec dict")
+    target = Path(out) if out is not None else Path("output") / loaded.run_name
     run_spec(loaded, target, cache=Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache),
              progress=Progress(quiet=quiet), executor=executor)
     return open_run(target)

@@ -114,6 +114,8 @@ def preflight(loaded: LoadedSpec, device: torch.device, progress: Progress) -> I
             if m is not None:
                 progress.say(f"  {m.id}: {m.origin}; target layer {m.target_layer}; weights {m.weights_hash[:12]}")
                 models.append(m)
+    for m in models:
+        problems.extend(_layer_problems(spec, m))
     inputs = Inputs(images, models)
     if spec.dissect is not None:
         from .probe import check_probe, load_probe
@@ -150,6 +152,21 @@ def _load_model(entry, device: torch.device) -> LoadedModel:
         get_layer(m, layer, f"{entry.where.split('.versions')[0]}.layers[{j}]")
     remember(m, device)
     return m
+
+
+def _layer_problems(spec, m: LoadedModel) -> list[str]:
+    """What the dissections ask of each listed layer's output (its layout, measured when the model loaded): a
+    class token for pooling 'cls', a spatial map for Network Dissection."""
+    out = []
+    for j, layer in enumerate(m.spec.layers):
+        where, layout = f"{m.where.split('.versions')[0]}.layers[{j}]", m.layout(layer)
+        if spec.dissect is not None and spec.dissect.pooling == "cls" and not (layout.kind == "tokens" and layout.prefix):
+            out.append(f"dissect.pooling: found 'cls', but {where} ({layer}) of {m.id} has no class token; 'cls' "
+                       "needs a ViT block's tokens: use 'avg' or 'max'")
+        if spec.netdissect is not None and layout.kind == "flat":
+            out.append(f"{where}: found {layer}, whose output of {m.id} has no spatial map (N x C); Network "
+                       "Dissection needs a layer before the pooling")
+    return out
 
 
 def _scorer_plan(spec, scorer, i: int, device: torch.device) -> ScorerPlan:

@@ -151,7 +151,9 @@ class ModelSpec(StrictModel):
     @model_validator(mode="after")
     def _source_needs(self) -> ModelSpec:
         if self.source == "python":
-            if not self.factory or self.factory.count(":") != 1 or not all(self.factory.split(":")):
+            if not self.factory:
+                raise ValueError("source 'python' needs 'factory': 'file.py:function' or 'module:function'")
+            if self.factory.count(":") != 1 or not all(self.factory.split(":")):
                 raise ValueError(f"source 'python' needs 'factory' as 'file.py:function' or 'module:function'; "
                                  f"found {_show(self.factory)}")
         elif self.factory:
@@ -766,6 +768,12 @@ def load_spec(path: str | Path) -> LoadedSpec:
         raise SpecError(shown, [f"nested more than {MAX_DEPTH} levels deep"]) from None
     if raw is None:
         raise SpecError(shown, ["the file is empty; expected a mapping with at least 'models' and 'images'"])
+    return spec_from_mapping(raw, path, shown)
+
+
+def spec_from_mapping(raw: Any, path: Path, shown: str) -> LoadedSpec:
+    """A spec given as the mapping YAML would load, checked as a file's is: its size and nesting, then every key.
+    Relative paths in it are taken from path's folder, and the run is named after path's stem unless it says."""
     if not isinstance(raw, dict):
         raise SpecError(shown, [f"found a {type(raw).__name__} at the top level, expected a mapping of keys"])
     shape = _check_shape(raw)

