@@ -248,8 +248,9 @@ def _explain_tasks(plan: Plan, spec, inputs: Inputs, device: torch.device) -> No
                 plan.explain[(m.id, im.id, method)] = _explain_key(g, m, im, crop, pk, settings, method)
             if spec.evaluate is not None:
                 _evaluate_tasks(plan, spec, m, i, im, crop, pk, settings, methods)
+            # every setting of the sweep is compared with the one Grad-CAM map of the image
+            gradcam = _explain_key(g, m, im, crop, pk, settings, "gradcam") if plan.sweep_settings else None
             for k, lime in enumerate(plan.sweep_settings):
-                gradcam = _explain_key(g, m, im, crop, pk, settings, "gradcam")
                 plan.sweep[(m.id, im.id, k)] = g.add(
                     "lime-sweep", evaluate.sweep_task, f"LIME sweep {m.id} {im.id} setting {k + 1}",
                     {"lime": lime.model_dump(mode="json", exclude={"sweep"}), "seed": spec.seed,
