@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 # Labels come from users (model names, concepts, image ids): a '$' in them must print as a '$', not start
@@ -480,6 +481,9 @@ def _timing_chart(results: dict, names: dict, path: Path) -> None:
     ax.set_xticks(range(len(methods)), [METHOD_TITLES.get(m, m) for m in methods],
                   rotation=0 if len(methods) <= 5 else 40, ha="center" if len(methods) <= 5 else "right", fontsize=8)
     ax.set_yscale("log")
+    # a log axis labels its ticks in math mode ($10^{1}$), which is off for users' text: plain numbers instead
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylabel("seconds per image")
     ax.legend(frameon=False, fontsize=8)
     _save(fig, path, [ax])

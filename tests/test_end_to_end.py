@@ -412,3 +412,16 @@ def test_search_and_sort_work_in_chromium(run_dir):
     report = _dom((run_dir / "report.html").as_uri())
     assert 'class="toc"' in report and 'class="scripted"' in report
     assert re.search(r'<th[^>]*class="[^"]*\bsort\b', report)  # the script made the headers sortable
+
+
+def test_the_timing_chart_labels_its_log_axis_in_plain_numbers(run_dir, monkeypatch, tmp_path):
+    """Math mode is off for users' text, and the log axis printed '$\\mathdefault{10^{0}}$' as its tick labels."""
+    from report_builder import render
+
+    results = json.loads((run_dir / "results.json").read_text())
+    drawn = {}
+    monkeypatch.setattr(render, "_save", lambda fig, *args, **kwargs: drawn.update(fig=fig))
+    render._timing_chart(results, {m["id"]: m["display"] for m in results["models"]}, tmp_path / "t.png")
+    drawn["fig"].canvas.draw()
+    labels = [t.get_text() for t in drawn["fig"].axes[0].get_yticklabels() if t.get_text()]
+    assert labels and not any("$" in t or "mathdefault" in t for t in labels), labels
