@@ -341,11 +341,10 @@ class RayExecutor:
             out = {key: loaded[key] if key in loaded else ray.get(refs[key]) for key in wanted}
             computed = {t.key for t in submitted.values()}
         except ray.exceptions.RayTaskError as exc:
-            for r in pending:  # no force: killing a worker that is finishing trips Ray itself
-                try:
-                    ray.cancel(r)
-                except Exception:  # noqa: BLE001 - a task that already ended cannot be cancelled; fine
-                    pass
+            # The other tasks are not cancelled: ray.cancel racing a task's completion aborts the driver in Ray
+            # itself ("Tried to complete task that was not pending", ray-project/ray#54846). Tasks that need the
+            # failed one fail with it; the rest finish on their own and only fill the cache, and a Ray this run
+            # started is shut down on the way out, which stops them.
             cause = getattr(exc, "cause", None)
             if isinstance(cause, UserError):
                 raise cause from None

@@ -260,6 +260,13 @@ def test_a_user_error_inside_a_task_reads_the_same_on_ray(tmp_path, ckpt, ray_se
         assert code == 2 and "Traceback" not in err and not (tmp_path / executor).exists()
         messages.append(next(line for line in err.splitlines() if line.startswith("error:")))
     assert messages[0] == messages[1] and "cannot read image" in messages[0] and "broken.png" in messages[0]
+    # The session outlives the failed run (a notebook's would): its other tasks end on their own, and the
+    # driver is still alive and usable after them.
+    deadline = time.monotonic() + 120
+    while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, "tasks of the failed run were still holding CPUs after 2 minutes"
+        time.sleep(0.5)
+    assert ray_session.get(ray_session.put("still alive")) == "still alive"
 
 
 def _kill_one_worker(prefix: str, killed: list[int], stop: threading.Event) -> None:
