@@ -60,7 +60,7 @@ def probabilities(model: LoadedModel, images: np.ndarray | torch.Tensor, target:
     with torch.inference_mode():
         for i in range(0, len(images), settings.batch):
             x = model.preprocess.normalize(images[i : i + settings.batch], settings.device)
-            out.append(torch.softmax(model.module(x).float(), dim=1)[:, target].cpu())
+            out.append(torch.softmax(model.outputs(x).float(), dim=1)[:, target].cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -120,7 +120,7 @@ def road(model: LoadedModel, crop: np.ndarray, target: int, saliency: np.ndarray
     x = model.preprocess.normalize(crop[None], settings.device)
     torch.manual_seed(settings.seed)  # the imputer draws its noise from torch's global generator
     metric = ROADCombined(percentiles=list(settings.evaluate.road.percentiles))
-    score = metric(x, saliency[None].astype(np.float32), [ClassifierOutputSoftmaxTarget(target)], model.module)
+    score = metric(x, saliency[None].astype(np.float32), [ClassifierOutputSoftmaxTarget(target)], model.outputs)
     return {"road": float(score[0])}
 
 

@@ -6,6 +6,7 @@ CAM methods come from the `grad-cam` package, LIME from the `lime` package; each
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -44,7 +45,7 @@ def predict(model: LoadedModel, crops: np.ndarray | torch.Tensor, device: torch.
     with torch.inference_mode():
         for i in range(0, len(crops), batch_size):
             x = model.preprocess.normalize(crops[i : i + batch_size], device)
-            out.append(torch.softmax(model.module(x).float(), dim=1).cpu())
+            out.append(torch.softmax(model.outputs(x).float(), dim=1).cpu())
     return torch.cat(out).numpy()
 
 
@@ -117,8 +118,10 @@ def grad_cam(method: str) -> Callable[..., dict]:
         # IndexErrors, so its hooks are released here instead.
         cam = cam_class(model=model.module, target_layers=[] if entry.all_layers else [layer], **kwargs)
         try:
+            second_derivatives = entry.cls == "ShapleyCAM"
             with folded_tqdm(score_module, ablation_module, label=entry.cls, unit="batches"), \
-                    torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                    (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if second_derivatives
+                     else contextlib.nullcontext()):
                 if entry.cls == "ScoreCAM":
                     cam.batch_size = resolve_batch(settings.explain.cam.batch_size, settings.device.type)
                 if entry.own_targets:
@@ -341,14 +344,68 @@ def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     return {"map": cam[0].astype(np.float32), "seconds": time.perf_counter() - start, "implementation": "ours"}
 
 
+def score_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
+    """ScoreCAM with grad-cam's math, running each distinct masked image once.
+
+    grad-cam runs the model once per channel of the target layer, on the image times that channel's map
+    (upsampled bilinearly to the input, min-max normalised). Channels whose normalised maps are equal give the
+    same masked image and the same score: every constant channel (a dead unit among them) normalises to zero.
+    Each distinct map is run once and its score shared. Weights are the softmax of the scores over channels,
+    cam = ReLU(sum_c w_c A_c), scaled as grad-cam does. `passes` counts the model calls made, `channels` the
+    ones grad-cam would make."""
+    import hashlib
+
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
+    layout = model.layout(model.target_layer)
+    x = model.preprocess.normalize(crop[None], settings.device)
+    start = time.perf_counter()
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.inference_mode():
+        try:
+            model.module(x)
+        finally:
+            handle.remove()
+        acts = layout.maps(captured[0]).float()  # 1 x C x h x w, as grad-cam's reshape_transform gives it
+        # grad-cam's normalisation, in its order of operations, so equal channels stay bit-equal.
+        upsampled = torch.nn.functional.interpolate(acts, size=x.shape[-2:], mode="bilinear", align_corners=True)
+        flat = upsampled.view(1, upsampled.shape[1], -1)
+        maxs, mins = flat.max(dim=-1)[0][:, :, None, None], flat.min(dim=-1)[0][:, :, None, None]
+        masks = ((upsampled - mins) / (maxs - mins + 1e-8))[0]
+        first: dict[bytes, int] = {}  # digest of a normalised map -> the first channel with it
+        source = []  # per channel: the channel whose masked image is run for it
+        for c, m in enumerate(masks.cpu().numpy()):
+            rep = first.setdefault(hashlib.blake2b(m.tobytes(), digest_size=16).digest(), c)
+            source.append(rep if rep == c or torch.equal(masks[rep], masks[c]) else c)
+        distinct = sorted(set(source))
+        batch = resolve_batch(settings.explain.cam.batch_size, settings.device.type)
+        scores: dict[int, float] = {}
+        for i in current().track(range(0, len(distinct), batch), "ScoreCAM", unit="batches"):
+            channels = distinct[i : i + batch]
+            out = model.outputs(x * masks[channels][:, None])
+            scores.update(zip(channels, out[:, target].float().cpu().tolist()))
+    weights = torch.softmax(torch.tensor([scores[c] for c in source], dtype=torch.float32), dim=0).numpy()
+    activations = acts[0].cpu().numpy()
+    cam = np.maximum((weights[:, None, None] * activations).sum(axis=0), 0)[None]
+    size = (x.shape[-1], x.shape[-2])
+    cam = scale_cam_image(cam, size)  # as grad-cam's compute_cam_per_layer
+    cam = scale_cam_image(np.maximum(cam, 0))  # and its aggregate_multi_layers
+    _sync(settings.device)
+    return {"map": cam[0].astype(np.float32), "seconds": time.perf_counter() - start, "implementation": "ours",
+            "passes": 1 + len(distinct), "channels": len(source)}
+
+
 # The grad-cam package's own classes, for equivalence tests and benchmarks.
 PACKAGE_CAMS = {name: grad_cam(name) for name in CAMS}
 
 # Every method: grad-cam's classes, our AblationCAM (grad-cam's math, only the layers after the target re-run),
-# and LIME.
+# our ScoreCAM (grad-cam's math, each distinct masked image run once), and LIME.
 EXPLAINERS: dict[str, Callable[[LoadedModel, np.ndarray, int, Settings], dict]] = {
     **PACKAGE_CAMS,
     "ablationcam": ablation_cam,
+    "scorecam": score_cam,
     "lime": lime_explain,
 }
 
@@ -360,6 +417,8 @@ def identity(method: str, model: LoadedModel, image_sha: str, settings: Settings
         params = {"lime": settings.explain.lime.model_dump(mode="json", exclude={"sweep"}), "seed": settings.seed}
     elif method == "ablationcam":
         params["batch_size"] = ABLATION_BATCH
+    elif method == "scorecam":
+        params["distinct_masks_once"] = True  # our ScoreCAM: equal to grad-cam's within float rounding
     return {
         "method": method,
         "code_version": CODE_VERSION,

@@ -84,6 +84,10 @@ def test_every_cam_method_and_lime_explain_it(name, checkpoints, photo):
         assert np.isfinite(saliency).all() and 0 <= saliency.min() and saliency.max() <= 1, method
         if method == "ablationcam":  # the fast path needs layers that run in sequence after the target
             assert out["implementation"] == ("ours" if kind == "nchw" else "grad-cam")
+        if method == "scorecam":  # each distinct masked image once, on tokens and channels-last maps too
+            from report_builder.explain import PACKAGE_CAMS
+
+            assert np.abs(saliency - PACKAGE_CAMS["scorecam"](m, crop, 3, s)["map"]).max() < 1e-5
 
 
 def test_transformer_blocks_pool_over_patch_tokens(checkpoints):

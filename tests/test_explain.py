@@ -168,3 +168,44 @@ def test_fast_lime_with_a_hide_colour(tiny_model, tiny_crop):
     s = settings(hide_color=(0, 128, 255))
     assert np.array_equal(lime_explain(tiny_model, tiny_crop, 0, s)["mask"],
                           lime_package_explain(tiny_model, tiny_crop, 0, s)["mask"])
+
+
+class DeadAndTwinChannels(nn.Module):
+    """Eight channels at the target layer: 0-2 dead (always zero), 3 a constant 5, 4 and 5 the same map
+    (twins), 6 and 7 maps of their own. ScoreCAM's masks: one all-zero mask for 0-3, one for 4-5, and 6 and 7:
+    four distinct masked images."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        with torch.no_grad():
+            conv = self.features[0]
+            conv.weight[:4] = 0
+            conv.bias[:3] = -1.0
+            conv.bias[3] = 5.0
+            conv.weight[5] = conv.weight[4]
+            conv.bias[5] = conv.bias[4]
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+@pytest.mark.parametrize("net, batch", [("tiny", 32), ("tiny", 3), ("signed", 5), ("twins", 2)])
+def test_our_score_cam_equals_grad_cam(net, batch, tiny_crop):
+    from report_builder.explain import PACKAGE_CAMS, score_cam
+    from report_builder.spec import CamSpec
+
+    torch.manual_seed(3)
+    modules = {"tiny": lambda: __import__("conftest").TinyNet(), "signed": SignedNet, "twins": DeadAndTwinChannels}
+    model = wrap(modules[net]())
+    model.target_layer = "features"
+    s = Settings(ExplainSpec(cam=CamSpec(batch_size=batch)), seed=0, device=CPU)
+    for target in range(3):
+        ours = score_cam(model, tiny_crop, target, s)
+        reference = PACKAGE_CAMS["scorecam"](model, tiny_crop, target, s)["map"]
+        assert ours["map"].shape == reference.shape and np.abs(ours["map"] - reference).max() < 1e-5
+        assert ours["channels"] == 8
+    if net == "twins":  # the planted duplicates are run once: 1 pass for the activations, 4 masked images
+        assert ours["passes"] == 1 + 4

@@ -164,3 +164,63 @@ def test_empty_image_folder_and_unmatched_glob(tmp_path):
         load_images(ImagesSpec(source="folder", path=str(tmp_path / ".")))
     with pytest.raises(UserError, match="matches no files"):
         load_images(ImagesSpec(source="glob", pattern=str(tmp_path / "*.png")))
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_the_batchnorm_folded_copy_gives_the_models_outputs(name, chelsea, tmp_path):
+    import dataclasses
+
+    from torch import nn
+
+    if name == "resnet18":
+        torch.manual_seed(0)
+        net = torchvision.models.resnet18()
+        for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):  # statistics a trained net has
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.bias.data.uniform_(-0.2, 0.2)
+        torch.save(net.state_dict(), tmp_path / "r.pt")
+        spec = ModelSpec(id="m", source="checkpoint", name="resnet18", path=str(tmp_path / "r.pt"))
+    else:
+        spec = ModelSpec(id="m", source="packaged", name=name)
+    m = load_model(spec, "models[0]")
+    batchnorms = [n for n, x in m.outputs.named_modules() if isinstance(x, nn.BatchNorm2d)]
+    assert m.outputs is not m.module and batchnorms == []  # every one of them follows a convolution
+    x = m.preprocess.normalize(m.preprocess.crop(chelsea.image)[None])
+    with torch.inference_mode():
+        plain, fast = m.module(x), m.outputs(x)
+    assert torch.allclose(fast, plain, rtol=1e-4, atol=1e-4 * float(plain.abs().max()))
+    assert int(fast.argmax()) == int(plain.argmax())
+    # a model whose module was swapped (the sanity check randomises a copy) never runs the stale folded copy
+    assert dataclasses.replace(m, module=torchvision.models.resnet18().eval()).outputs is not m.outputs
+
+
+def test_a_convolution_that_feeds_more_than_its_batchnorm_is_not_folded():
+    from torch import nn
+
+    from report_builder.zoo import fold_batchnorm
+
+    class Shared(nn.Module):  # the convolution's output goes to the BatchNorm and around it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.fc((self.bn(y) + y).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    net = Shared().eval()
+    net.bn.running_mean.uniform_(-1, 1)
+    assert fold_batchnorm(net, 16, "cpu") is None
+
+
+def test_our_score_cam_on_a_folded_model_equals_grad_cam(chelsea):
+    from report_builder.explain import PACKAGE_CAMS, Settings, score_cam
+    from report_builder.spec import ExplainSpec
+
+    m = load_model(ModelSpec(id="m", source="packaged", name="efficientnet_lite0", target_layer="blocks.5"), "m")
+    assert m.outputs is not m.module
+    crop = m.preprocess.crop(chelsea.image)
+    s = Settings(ExplainSpec(), 0, torch.device("cpu"))
+    ours, reference = score_cam(m, crop, 281, s)["map"], PACKAGE_CAMS["scorecam"](m, crop, 281, s)["map"]
+    assert np.abs(ours - reference).max() < 1e-5
