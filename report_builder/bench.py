@@ -421,6 +421,39 @@ def bench_demo(out: Path) -> list[dict]:
     return [row("Whole demo spec: warm cache (rendering only)", times[1], times[0], "cold cache", "warm < 30 s")]
 
 
+def bench_demo_against(out: Path, rev: str) -> list[dict]:
+    """The cold demo with this code and with commit `rev`'s (its code and its specs/demo.yaml, checked out into a
+    temporary git worktree that is removed afterwards), one after the other, each with an empty cache of its own;
+    with both runs' stage times."""
+    import shutil
+
+    rows, seconds, stages = [], {}, {}
+    with tempfile.TemporaryDirectory(prefix="report-builder-bench-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            for label, root in ((rev, tree), ("this code", Path.cwd())):
+                run_dir = out.resolve() / f"demo-{'before' if root == tree else 'now'}"
+                cache = Path(tmp) / f"cache-{'before' if root == tree else 'now'}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                env = {**os.environ, "PYTHONPATH": str(root)}
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "report_builder", "--quiet", "run", str(root / "specs/demo.yaml"),
+                                "--out", str(run_dir), "--cache-dir", str(cache)], check=True, env=env, cwd=root,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                seconds[label] = time.perf_counter() - start
+                stages[label] = json.loads((run_dir / "results.json").read_text())["provenance"]["stage_seconds"]
+                print(f"  demo spec, cold, {label}: {seconds[label]:.1f} s", file=sys.stderr, flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows.append(row(f"Whole demo spec, cold: this code vs {rev}", seconds["this code"], seconds[rev],
+                    f"{rev}, cold", ">= 1.3x", stages={k: v for k, v in stages["this code"].items() if v >= 1},
+                    stages_before={k: v for k, v in stages[rev].items() if v >= 1}))
+    return rows
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -430,8 +463,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes, and no whole-demo run (a smoke test)")
     p.add_argument("--only", choices=("items", "scale", "demo"), action="append",
                    help="run only these sections (repeatable): the optimised items, the full-size scale runs, the demo")
+    p.add_argument("--demo-against", metavar="COMMIT",
+                   help="also time the cold demo with COMMIT's code (a git worktree), side by side with this code's")
     args = p.parse_args(argv)
     sections = set(args.only or ("items", "scale", "demo"))
+    if args.demo_against:  # checked now, not after an hour of other items
+        found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.demo_against}^{{commit}}"],
+                               capture_output=True, text=True)
+        if found.returncode != 0:
+            print(f"error: --demo-against: {args.demo_against!r} is not a commit of this repository", file=sys.stderr)
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     q = args.quick
@@ -472,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(_line(r), flush=True)
     if not q and "demo" in sections:
         print("[cpu] whole demo spec, cold then warm ...", file=sys.stderr, flush=True)
-        for r in bench_demo(args.out):
+        for r in bench_demo(args.out) + (bench_demo_against(args.out, args.demo_against) if args.demo_against else []):
             r["device"] = "cpu"
             rows.append(r)
             print(_line(r), flush=True)
@@ -499,7 +540,7 @@ def _line(r: dict) -> str:
     unit = r.get("unit", "s")  # seconds, unless the row measures something else (a file's size)
     line = (f"{r['device']:4} {r['item'][:62]:62} ours {r['ours_s']:8.2f} {unit}  {r['baseline'][:30]:30} "
             f"{r['baseline_s']:8.2f} {unit}  x{r['ratio']:.1f}  (target {r['target']}){extra}")
-    for name in ("stages", "bare_parts"):
+    for name in ("stages", "stages_before", "bare_parts"):
         if name in r:
             line += f"\n       {name.replace('_', ' ')}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r[name].items())
     if "gflops" in r:

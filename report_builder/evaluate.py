@@ -36,7 +36,7 @@ from . import agreement
 from .agreement import scale01
 from .progress import current
 from .spec import EvaluateSpec, ExplainSpec, resolve_batch
-from .zoo import LoadedModel, ModelRef, model_for
+from .zoo import LoadedModel, ModelRef, model_for, refold
 
 CODE_VERSION = 2  # 2: SSIM on maps scaled in float64
 BLUR_SIGMA = 5.0  # RISE's insertion baseline: a Gaussian blur of sigma 5 pixels at 224
@@ -244,6 +244,7 @@ def sanity_check(base: LoadedModel, crop: np.ndarray, method: str, explain: Expl
         for name in blocks[done:cut]:
             reinitialise(modules[name], seed + 1000 * (step + 1))
         done = cut
+        refold(randomised, device)  # forward-only calls run a folded copy of these weights, not the last step's
         new = EXPLAINERS[method](randomised, crop, target, settings)["map"]
         rows["layers"].append(blocks[cut - 1])
         rows["blocks"].append(cut)

@@ -106,7 +106,7 @@ class LoadedModel:
     def outputs(self) -> nn.Module:
         """The module to call when only the model's outputs are needed (LIME, ScoreCAM's masked images, predictions,
         faithfulness curves): the BatchNorm-folded copy while `module` is still the one it was made from, so a
-        model whose module was swapped (the sanity check's randomised copy) never uses stale weights."""
+        model whose module was swapped never uses stale weights. Weights changed in place need `refold`."""
         if self.folded is not None and self.folded[0] is self.module:
             return self.folded[1]
         return self.module
@@ -563,9 +563,15 @@ def load_model(spec: ModelSpec, where: str, device: torch.device | str = "cpu") 
     for j, layer in enumerate(spec.layers):
         get_layer(loaded, layer, f"{where.split('.versions')[0]}.layers[{j}]")
     loaded.layouts = measure_layouts(loaded, layers)
-    folded = fold_batchnorm(loaded.module, loaded.preprocess.input_size, device)
-    loaded.folded = (loaded.module, folded) if folded is not None else None
+    refold(loaded, device)
     return loaded
+
+
+def refold(model: LoadedModel, device: torch.device | str) -> None:
+    """Make `model.outputs` a fresh BatchNorm-folded copy of `model.module`: after loading, and after any change
+    to its weights in place (the sanity check's randomisation), which a copy made before would not see."""
+    folded = fold_batchnorm(model.module, model.preprocess.input_size, device)
+    model.folded = (model.module, folded) if folded is not None else None
 
 
 def fold_batchnorm(module: nn.Module, size: int, device: torch.device | str) -> nn.Module | None:

@@ -155,6 +155,45 @@ def test_randomising_a_model_changes_its_gradient_map_but_not_the_model(tiny_cro
     assert again["spearman"] == out["spearman"]  # seeded
 
 
+class BatchNormNet(nn.Module):
+    """Convolutions each followed by a BatchNorm, as real CNNs are: the kind whose forward-only calls run folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+        for bn in (self.features[1], self.features[4]):  # statistics a trained model has
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.bias.data.uniform_(-0.3, 0.3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def test_the_sanity_check_of_a_forward_only_method_sees_each_randomised_step(tiny_crop, monkeypatch):
+    """ScoreCAM's masked images run through the folded copy: it must be remade from the randomised weights at
+    every step, so the cascade gives what it gives with no folding at all."""
+    from report_builder import zoo
+    from report_builder.explain import EXPLAINERS, Settings
+
+    torch.manual_seed(0)
+    m = wrap(BatchNormNet())
+    zoo.refold(m, "cpu")
+    assert m.outputs is not m.module
+    explain = ExplainSpec()
+    original = EXPLAINERS["scorecam"](m, tiny_crop, 1, Settings(explain, 0, CPU))
+    spec = EvaluateSpec(sanity=SanitySpec(images=1, steps=3))
+    made, fold = [], zoo.fold_batchnorm
+    monkeypatch.setattr(zoo, "fold_batchnorm", lambda *a: made.append(fold(*a)) or made[-1])
+    folded = ev.sanity_check(m, tiny_crop, "scorecam", explain, spec, 0, "cpu", {**original, "target": 1})
+    assert len(made) == 3 and all(f is not None for f in made)  # a folded copy of each step's weights
+    monkeypatch.setattr(zoo, "fold_batchnorm", lambda *a: None)
+    plain = ev.sanity_check(m, tiny_crop, "scorecam", explain, spec, 0, "cpu", {**original, "target": 1})
+    assert np.abs(folded["maps"].astype(np.float32) - plain["maps"].astype(np.float32)).max() < 1e-3
+    assert np.allclose(folded["spearman"], plain["spearman"], atol=1e-4)
+
+
 def test_the_pareto_front_on_hand_made_points():
     points = [(0.5, 1.0), (0.6, 2.0), (0.4, 0.5), (0.5, 3.0), (0.6, 2.5), (0.2, 0.5)]
     # (0.5, 3.0) is beaten by (0.5, 1.0); (0.6, 2.5) by (0.6, 2.0); (0.2, 0.5) by (0.4, 0.5)
