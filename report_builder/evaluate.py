@@ -113,14 +113,77 @@ def deletion_insertion(model: LoadedModel, crop: np.ndarray, target: int, salien
 # ---------------------------------------------------------------- ROAD
 
 
+class LinearImputer:
+    """ROAD's noisy linear imputation (grad-cam's NoisyLinearImputer): each removed pixel becomes the weighted mean
+    of its 8 neighbours (1/6 for edges, 1/12 for corners), solved as one sparse linear system over all removed
+    pixels, plus N(0, 0.01) noise. grad-cam writes the system's entries one fancy-index at a time into a
+    lil_matrix, which took longer than the solve (0.44 s vs 0.29 s at 224 px); here the same entries are gathered
+    into arrays and assembled at once. Same matrix, same solver, same noise draws: the same image, bit for bit."""
+
+    noise = 0.01
+    # (row, column) offset of a neighbour, its weight; grad-cam's order, which fixes the right-hand side's sums
+    neighbours = (((1, 1), 1 / 12), ((0, 1), 1 / 6), ((-1, 1), 1 / 12), ((1, -1), 1 / 12), ((0, -1), 1 / 6),
+                  ((-1, -1), 1 / 12), ((1, 0), 1 / 6), ((-1, 0), 1 / 6))
+
+    def __call__(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.linalg import spsolve
+
+        h, w = mask.shape
+        known = mask.numpy().reshape(-1)
+        values = img.numpy().reshape(img.shape[0], -1)
+        removed = np.argwhere(known == 0).flatten()
+        n = len(removed)
+        unknown_id = np.zeros(len(known), dtype=int)
+        unknown_id[removed] = np.arange(n)
+        rhs = np.zeros((n, img.shape[0]))
+        weight_sum = np.ones(n)
+        rows, cols, weights = [np.arange(n)], [np.arange(n)], []
+        for (dy, dx), weight in self.neighbours:
+            y, x = removed // w + dy, removed % w + dx
+            inside = (y >= 0) & (x >= 0) & (y < h) & (x < w)
+            at = (removed + dy * w + dx)[inside]
+            which = np.argwhere(inside).flatten()
+            has_value = known[at] > 0.5
+            rhs[which[has_value], :] -= weight * values[:, at[has_value]].T
+            missing = known[at] < 0.5
+            rows.append(which[missing])
+            cols.append(unknown_id[at[missing]])
+            weights.append(np.full(int(missing.sum()), weight))
+            weight_sum[np.argwhere(~inside).flatten()] -= weight
+        system = coo_matrix((np.concatenate([-weight_sum, *weights]), (np.concatenate(rows), np.concatenate(cols))),
+                            shape=(n, n)).tocsc()
+        system.sort_indices()
+        solved = torch.tensor(spsolve(system, rhs), dtype=torch.float).reshape(n, -1)
+        filled = img.reshape(img.shape[0], -1).clone()
+        filled[:, removed] = solved.t() + self.noise * torch.randn_like(solved.t())
+        return filled.reshape_as(img)
+
+
+def road_score(model: torch.nn.Module, x: torch.Tensor, saliency: np.ndarray, targets: list,
+               percentiles: list[int], imputer: Callable[[], Callable] = LinearImputer) -> np.ndarray:
+    """grad-cam's ROADCombined, with the imputer as a parameter: (mean over percentiles of LeRF's confidence
+    change - the same for MoRF) / 2, LeRF first, as grad-cam draws the imputation noise."""
+    from pytorch_grad_cam.metrics.perturbation_confidence import (AveragerAcrossThresholds,
+                                                                   PerturbationConfidenceMetric,
+                                                                   RemoveLeastRelevantFirst,
+                                                                   RemoveMostRelevantFirst)
+
+    def averaged(removal):
+        return AveragerAcrossThresholds(lambda p: PerturbationConfidenceMetric(removal(p, imputer())), percentiles)
+
+    lerf = averaged(RemoveLeastRelevantFirst)(x, saliency, targets, model)
+    morf = averaged(RemoveMostRelevantFirst)(x, saliency, targets, model)
+    return (lerf - morf) / 2
+
+
 def road(model: LoadedModel, crop: np.ndarray, target: int, saliency: np.ndarray, objects, settings: Settings) -> dict:
-    from pytorch_grad_cam.metrics.road import ROADCombined
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     x = model.preprocess.normalize(crop[None], settings.device)
     torch.manual_seed(settings.seed)  # the imputer draws its noise from torch's global generator
-    metric = ROADCombined(percentiles=list(settings.evaluate.road.percentiles))
-    score = metric(x, saliency[None].astype(np.float32), [ClassifierOutputSoftmaxTarget(target)], model.outputs)
+    score = road_score(model.outputs, x, saliency[None].astype(np.float32), [ClassifierOutputSoftmaxTarget(target)],
+                       list(settings.evaluate.road.percentiles))
     return {"road": float(score[0])}
 
 

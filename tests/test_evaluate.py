@@ -228,3 +228,36 @@ def test_a_tiny_negative_score_reads_as_zero_not_minus_zero():
     assert analysis._f(-0.00004, 3) == render._fmt(-0.00004, 3) == "0.000"
     assert analysis._f(-0.02, 3) == render._fmt(-0.02, 3) == "-0.020"
     assert render._fmt(float("nan")) == analysis._f(None) == "—"
+
+
+@pytest.mark.parametrize("shape", ["blob", "scattered", "border", "everything"])
+def test_our_road_imputer_gives_grad_cams_images_bit_for_bit(shape):
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+
+    rng = np.random.default_rng(0)
+    img = torch.from_numpy(rng.random((3, 40, 48), dtype=np.float32))
+    keep = {"blob": lambda: ~((np.arange(40)[:, None] - 18) ** 2 + (np.arange(48)[None] - 30) ** 2 < 150),
+            "scattered": lambda: rng.random((40, 48)) > 0.5,
+            "border": lambda: np.pad(np.ones((38, 46), bool), 1),  # the edge pixels are removed: fewer neighbours
+            "everything": lambda: np.zeros((40, 48), bool)}[shape]()
+    mask = torch.from_numpy(keep.astype(np.float32))
+    torch.manual_seed(7)
+    theirs = NoisyLinearImputer()(img, mask)
+    torch.manual_seed(7)
+    ours = ev.LinearImputer()(img, mask)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours[:, mask.bool()], img[:, mask.bool()])  # kept pixels untouched
+
+
+def test_road_with_our_imputer_equals_grad_cams_road_combined(tiny_model, tiny_crop):
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    x = tiny_model.preprocess.normalize(tiny_crop[None])
+    saliency = np.random.default_rng(1).random((1, 32, 32)).astype(np.float32)
+    targets = [ClassifierOutputSoftmaxTarget(1)]
+    torch.manual_seed(0)
+    theirs = ROADCombined(percentiles=[20, 50, 80])(x, saliency, targets, tiny_model.module)
+    torch.manual_seed(0)
+    ours = ev.road_score(tiny_model.module, x, saliency, targets, [20, 50, 80])
+    assert np.array_equal(ours, theirs)
