@@ -29,7 +29,9 @@ def activations_task(model: ModelRef, layers: list[str], probe: ProbeSet, poolin
 def record(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: str, device: torch.device,
            batch_size: int, where: str) -> dict[str, torch.Tensor]:
     """One pass over the probe set with a forward hook on each layer; returns images x units per layer."""
-    modules = {name: get_layer(model, name, f"{where}.layers[{i}]") for i, name in enumerate(layers)}
+    for i, name in enumerate(layers):
+        get_layer(model, name, f"{where}.layers[{i}]")
+    network, modules = model.recording(layers)  # the BatchNorm-folded copy where it gives these layers' outputs
     layouts = {name: model.layout(name) for name in layers}
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     hooks = [
@@ -42,7 +44,7 @@ def record(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: str,
             for batch in current().track(probe.batches(batch_size), f"{model.id} activations",
                                          -(-len(probe) // batch_size), "batches"):
                 crops = np.stack([model.preprocess.crop(im) for im in batch])
-                model.module(model.preprocess.normalize(crops, device))
+                network(model.preprocess.normalize(crops, device))
     finally:
         for h in hooks:
             h.remove()

@@ -73,7 +73,9 @@ def model_input(model: LoadedModel, images: list[Image.Image], device: torch.dev
 def stream_maps(model: LoadedModel, layers: list[str], probe: PixelProbe, device: torch.device, batch_size: int,
                 label: str) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """(index of the batch's first image, every layer's maps N x C x h x w on `device`), batch by batch."""
-    modules = {name: get_layer(model, name, f"{model.where}.layers") for name in layers}
+    for name in layers:
+        get_layer(model, name, f"{model.where}.layers")
+    network, modules = model.recording(layers)  # the BatchNorm-folded copy where it gives these layers' outputs
     layouts = {name: model.layout(name) for name in layers}
     current_maps: dict[str, torch.Tensor] = {}
     hooks = [module.register_forward_hook(lambda _m, _i, o, name=name: current_maps.__setitem__(name, o))
@@ -83,7 +85,7 @@ def stream_maps(model: LoadedModel, layers: list[str], probe: PixelProbe, device
             start = 0
             for batch in current().track(probe.image_batches(batch_size), label, -(-len(probe) // batch_size),
                                          "batches"):
-                model.module(model_input(model, batch, device))
+                network(model_input(model, batch, device))
                 for name, value in current_maps.items():
                     if layouts[name].kind == "flat":
                         raise UserError(f"{model.where}: layer {name} gives outputs of shape {tuple(value.shape)}; "

@@ -224,3 +224,22 @@ def test_our_score_cam_on_a_folded_model_equals_grad_cam(chelsea):
     s = Settings(ExplainSpec(), 0, torch.device("cpu"))
     ours, reference = score_cam(m, crop, 281, s)["map"], PACKAGE_CAMS["scorecam"](m, crop, 281, s)["map"]
     assert np.abs(ours - reference).max() < 1e-5
+
+
+def test_hooks_record_the_same_activations_on_the_folded_copy(chelsea):
+    from report_builder.activations import record
+    from report_builder.probe import ProbeItem, ProbeSet
+
+    m = load_model(ModelSpec(id="m", source="packaged", name="efficientnet_lite0"), "models[0]")
+    blocks, conv = ["blocks.4", "blocks.5.0.bn1"], ["blocks.4", "blocks.5.0.conv_pw"]
+    assert m.recording(blocks)[0] is m.outputs  # a block's and a BatchNorm's outputs are the same there
+    assert m.recording(conv)[0] is m.module  # a convolution's output would include its BatchNorm: not folded
+    pixels = np.asarray(chelsea.image)
+    probe = ProbeSet("test", tuple(ProbeItem(i, "0", pixels=pixels) for i in "abc"))
+    for layers in (blocks, conv):
+        fast = record(m, layers, probe, "mean", torch.device("cpu"), 2, "models[0]")
+        m_plain = load_model(ModelSpec(id="m", source="packaged", name="efficientnet_lite0"), "models[0]")
+        m_plain.folded = None
+        plain = record(m_plain, layers, probe, "mean", torch.device("cpu"), 2, "models[0]")
+        for name in layers:
+            assert torch.allclose(fast[name], plain[name], rtol=1e-4, atol=1e-4 * float(plain[name].abs().max()))
