@@ -113,13 +113,18 @@ def bench_lime(device: torch.device, samples: int) -> list[dict]:
                 "forward passes only", "ours/bare <= 1.1", overhead=t_ours / t_bare)]
 
 
+def explained(name: str, layer: str, device: torch.device) -> tuple[LoadedModel, np.ndarray, int]:
+    """A model with `layer` as its target, the sample photo cropped for it, and its top-1 class there."""
+    m = random_model(name, device)
+    m.target_layer = layer
+    crop = photo(m)
+    return m, crop, int(predict(m, crop[None], device)[0].argmax())
+
+
 def bench_ablation(device: torch.device) -> list[dict]:
     out = []
     for name, layer in (("resnet18", "layer4"), ("efficientnet_lite0", "blocks.6")):
-        m = random_model(name, device)
-        m.target_layer = layer
-        crop = photo(m)
-        target = int(predict(m, crop[None], device)[0].argmax())
+        m, crop, target = explained(name, layer, device)
         s = Settings(ExplainSpec(cam=CamSpec(batch_size=32)), 0, device)
         t_ours, t_pkg, ours, ref = side_by_side(lambda: ablation_cam(m, crop, target, s),
                                                 lambda: PACKAGE_CAMS["ablationcam"](m, crop, target, s), device, 2)
@@ -133,10 +138,7 @@ def bench_scorecam(device: torch.device) -> list[dict]:
     trained EfficientNet-Lite0: passes saved, time, and how far the maps differ."""
     out = []
     for name, layer in (("resnet18", "layer4"), ("efficientnet_lite0", "blocks.6")):
-        m = random_model(name, device)
-        m.target_layer = layer
-        crop = photo(m)
-        target = int(predict(m, crop[None], device)[0].argmax())
+        m, crop, target = explained(name, layer, device)
         s = Settings(ExplainSpec(), 0, device)
         t_ours, t_pkg, ours, ref = side_by_side(lambda: score_cam(m, crop, target, s),
                                                 lambda: PACKAGE_CAMS["scorecam"](m, crop, target, s), device, 1)

@@ -288,6 +288,18 @@ def tail_after(model: LoadedModel, layer: str) -> Callable[[torch.Tensor], torch
     return tail
 
 
+def target_output(model: LoadedModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target layer's output and the model's logits, from one pass of the model itself (hooks need it)."""
+    layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        logits = model.module(x)
+    finally:
+        handle.remove()
+    return captured[0], logits
+
+
 def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
     """AblationCAM with grad-cam's math, recomputing only the network after the target layer.
 
@@ -303,17 +315,10 @@ def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     tail = tail_after(model, model.target_layer)
     if tail is None:  # the layers after the target do not run in sequence (a ViT): grad-cam's own AblationCAM
         return {**PACKAGE_CAMS["ablationcam"](model, crop, target, settings), "implementation": "grad-cam"}
-    layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
     x = model.preprocess.normalize(crop[None], settings.device)
     start = time.perf_counter()
-    captured: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
     with torch.inference_mode():
-        try:
-            logits = model.module(x)
-        finally:
-            handle.remove()
-        acts = captured[0]
+        acts, logits = target_output(model, x)
         if acts.dim() != 4 or not torch.allclose(tail(acts), logits, rtol=1e-4, atol=1e-4):
             return {**PACKAGE_CAMS["ablationcam"](model, crop, target, settings), "implementation": "grad-cam"}
         original = float(logits[0, target])
@@ -357,18 +362,11 @@ def score_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Setti
 
     from pytorch_grad_cam.utils.image import scale_cam_image
 
-    layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
     layout = model.layout(model.target_layer)
     x = model.preprocess.normalize(crop[None], settings.device)
     start = time.perf_counter()
-    captured: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
     with torch.inference_mode():
-        try:
-            model.module(x)
-        finally:
-            handle.remove()
-        acts = layout.maps(captured[0]).float()  # 1 x C x h x w, as grad-cam's reshape_transform gives it
+        acts = layout.maps(target_output(model, x)[0]).float()  # 1 x C x h x w, as grad-cam's reshape gives it
         # grad-cam's normalisation, in its order of operations, so equal channels stay bit-equal.
         upsampled = torch.nn.functional.interpolate(acts, size=x.shape[-2:], mode="bilinear", align_corners=True)
         flat = upsampled.view(1, upsampled.shape[1], -1)
