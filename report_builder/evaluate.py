@@ -307,7 +307,7 @@ def sanity_check(base: LoadedModel, crop: np.ndarray, method: str, explain: Expl
         for name in blocks[done:cut]:
             reinitialise(modules[name], seed + 1000 * (step + 1))
         done = cut
-        refold(randomised, device)  # forward-only calls run a folded copy of these weights, not the last step's
+        refold(randomised)  # forward-only calls fold these weights, not the last step's
         new = EXPLAINERS[method](randomised, crop, target, settings)["map"]
         rows["layers"].append(blocks[cut - 1])
         rows["blocks"].append(cut)

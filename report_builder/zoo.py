@@ -95,9 +95,10 @@ class LoadedModel:
     where: str = ""  # its key path in the spec, for messages
     layouts: dict[str, Layout] = field(default_factory=dict)  # layer -> how its output holds a spatial map
     code_hash: str = ""  # source: python: the factory's source file, which defines the forward pass
-    # (the module it was made from, a copy with BatchNorms folded into their convolutions, the names of those
-    # convolutions, whose outputs now include their BatchNorm): see `outputs` and `recording`
-    folded: tuple[nn.Module, nn.Module, frozenset[str]] | None = field(default=None, repr=False)
+    # (the module it was made from, a copy with BatchNorms folded into their convolutions or None when none folds,
+    # the names of those convolutions, whose outputs now include their BatchNorm), made when first needed: see
+    # `outputs` and `recording`
+    folded: tuple[nn.Module, nn.Module | None, frozenset[str]] | None = field(default=None, repr=False)
 
     @property
     def id(self) -> str:
@@ -106,11 +107,14 @@ class LoadedModel:
     @property
     def outputs(self) -> nn.Module:
         """The module to call when only the model's outputs are needed (LIME, ScoreCAM's masked images, predictions,
-        faithfulness curves): the BatchNorm-folded copy while `module` is still the one it was made from, so a
-        model whose module was swapped never uses stale weights. Weights changed in place need `refold`."""
-        if self.folded is not None and self.folded[0] is self.module:
-            return self.folded[1]
-        return self.module
+        faithfulness curves): a BatchNorm-folded copy of `module`, made on first use (a process that only loads
+        the model, to hash it, pays nothing) and again whenever `module` was swapped, so it never runs stale
+        weights. Weights changed in place need `refold`."""
+        if self.folded is None or self.folded[0] is not self.module:
+            device = next(self.module.parameters(), torch.empty(0)).device
+            made = fold_batchnorm(self.module, self.preprocess.input_size, device)
+            self.folded = (self.module, *made) if made is not None else (self.module, None, frozenset())
+        return self.module if self.folded[1] is None else self.folded[1]
 
     def recording(self, layers: list[str]) -> tuple[nn.Module, dict[str, nn.Module]]:
         """The module to run with hooks on `layers`, and those layers in it: the folded copy when every layer's
@@ -575,15 +579,13 @@ def load_model(spec: ModelSpec, where: str, device: torch.device | str = "cpu") 
     for j, layer in enumerate(spec.layers):
         get_layer(loaded, layer, f"{where.split('.versions')[0]}.layers[{j}]")
     loaded.layouts = measure_layouts(loaded, layers)
-    refold(loaded, device)
     return loaded
 
 
-def refold(model: LoadedModel, device: torch.device | str) -> None:
-    """Make `model.outputs` a fresh BatchNorm-folded copy of `model.module`: after loading, and after any change
-    to its weights in place (the sanity check's randomisation), which a copy made before would not see."""
-    folded = fold_batchnorm(model.module, model.preprocess.input_size, device)
-    model.folded = (model.module, *folded) if folded is not None else None
+def refold(model: LoadedModel) -> None:
+    """Let `model.outputs` fold `model.module` afresh when next used: after a change to its weights in place (the
+    sanity check's randomisation), which a copy made before would not see."""
+    model.folded = None
 
 
 def fold_batchnorm(module: nn.Module, size: int, device: torch.device | str) -> tuple[nn.Module, frozenset[str]] | None:

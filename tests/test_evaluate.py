@@ -179,7 +179,6 @@ def test_the_sanity_check_of_a_forward_only_method_sees_each_randomised_step(tin
 
     torch.manual_seed(0)
     m = wrap(BatchNormNet())
-    zoo.refold(m, "cpu")
     assert m.outputs is not m.module
     explain = ExplainSpec()
     original = EXPLAINERS["scorecam"](m, tiny_crop, 1, Settings(explain, 0, CPU))
