@@ -814,7 +814,7 @@ _EXPECTED = [
     (r"^Input should be a finite number$", "a finite number"),
     (r"^Input should be a valid boolean.*", "true or false"),
     (r"^Input should be a valid string$", "text"),
-    (r"^String should match pattern .*", f"letters, digits, '_', '.', '-' only, not starting with '.' or '-'"),
+    (r"^String should match pattern .*", "letters, digits, '_', '.', '-' only, not starting with '.' or '-'"),
     (r"^String should have at most (\d+) characters?$", r"at most \1 characters"),
     (r"^String should have at least (\d+) characters?$", r"at least \1 character(s)"),
     (r"^(Tuple|List|Dictionary) should have at least (\d+) items? after validation, not \d+$", r"at least \2 item(s)"),

