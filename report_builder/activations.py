@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .probe import ProbeSet
+from .probe import Pixels, ProbeSet, cut_batches
 from .progress import current
 from .zoo import LoadedModel, ModelRef, get_layer, model_for
 
@@ -18,17 +18,20 @@ def identity(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: st
             "probe": probe.manifest, "pooling": pooling, "code_version": CODE_VERSION}
 
 
-def activations_task(model: ModelRef, layers: list[str], probe: ProbeSet, pooling: str, device: str,
-                     batch_size: int) -> dict[str, np.ndarray]:
-    """Every listed layer's pooled activations on a probe shard, images x units, from one pass."""
+def activations_task(model: ModelRef, layers: list[str], pixels: dict[str, list[np.ndarray]], pooling: str,
+                     device: str, batch_size: int) -> dict[str, np.ndarray]:
+    """Every listed layer's pooled activations on a probe shard (cut by probe.pixels_task), images x units,
+    from one pass."""
     m = model_for(model, device)
     return {name: values.numpy() for name, values in
-            record(m, layers, probe, pooling, torch.device(device), batch_size, model.where).items()}
+            record(m, layers, pixels[m.preprocess.key], pooling, torch.device(device), batch_size,
+                   model.where).items()}
 
 
-def record(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: str, device: torch.device,
+def record(model: LoadedModel, layers: list[str], probe: Pixels, pooling: str, device: torch.device,
            batch_size: int, where: str) -> dict[str, torch.Tensor]:
-    """One pass over the probe set with a forward hook on each layer; returns images x units per layer."""
+    """One pass over the probe set (or its images cut already for this model) with a forward hook on each layer;
+    returns images x units per layer."""
     for i, name in enumerate(layers):
         get_layer(model, name, f"{where}.layers[{i}]")
     network, modules = model.recording(layers)  # the BatchNorm-folded copy where it gives these layers' outputs
@@ -41,10 +44,9 @@ def record(model: LoadedModel, layers: list[str], probe: ProbeSet, pooling: str,
     ]
     try:
         with torch.inference_mode():
-            for batch in current().track(probe.batches(batch_size), f"{model.id} activations",
+            for crops in current().track(cut_batches(probe, model.preprocess, batch_size), f"{model.id} activations",
                                          -(-len(probe) // batch_size), "batches"):
-                crops = np.stack([model.preprocess.crop(im) for im in batch])
-                network(model.preprocess.normalize(crops, device))
+                network(model.preprocess.normalize(np.stack(crops), device))
     finally:
         for h in hooks:
             h.remove()

@@ -10,12 +10,15 @@ import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Protocol, Sequence, Union
+
 import numpy as np
 from PIL import Image
 
 from .data import IMAGE_SUFFIXES, SAMPLES, open_image, pixel_hash, walk_files
 from .errors import UserError
 from .files import read_text
+from .progress import current
 from .spec import ProbeSpec, resolve_path  # resolve_path: an image list's lines, from the list's folder
 
 
@@ -59,6 +62,65 @@ class ProbeSet:
     def batches(self, size: int):
         for i in range(0, len(self.items), size):
             yield [item.load() for item in self.items[i : i + size]]
+
+
+# ---------------------------------------------------------------- pixels shared by a shard's consumers
+#
+# Several stages read the same probe shard: each dissected model's activations, the CLIP image embeddings, a
+# classifier scorer, the colour scorer. Each needs the images cut its own way (a Crop), and most of the cost is
+# decoding the files. So one task per shard decodes every image once and cuts it every way asked, one list per
+# distinct cut: models with the same preprocessing share a list. Cuts are exactly what each stage made for itself
+# before, so results do not change.
+
+
+class Crop(Protocol):
+    """A probe image -> the uint8 H x W x 3 pixels one stage reads (e.g. zoo.Preprocess, Thumbnail)."""
+
+    def crop(self, image: Image.Image) -> np.ndarray: ...
+
+    @property
+    def key(self) -> str: ...  # equal keys cut equally
+
+
+Pixels = Union[ProbeSet, Sequence[np.ndarray]]  # a shard to decode, or its images cut already
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """The whole image scaled to fit in size x size, aspect kept (the colour scorer's view)."""
+
+    size: int = 128
+
+    def crop(self, image: Image.Image) -> np.ndarray:
+        small = image.copy()
+        small.thumbnail((self.size, self.size))
+        return np.asarray(small)
+
+    @property
+    def key(self) -> str:
+        return f"thumbnail {self.size}"
+
+
+def pixels_task(probe: ProbeSet, crops: list[Crop]) -> dict[str, list[np.ndarray]]:
+    """Each image of a probe shard decoded once and cut every way asked: {crop key: one array per image}."""
+    cuts = list({c.key: c for c in crops}.values())
+    out: dict[str, list[np.ndarray]] = {c.key: [] for c in cuts}
+    for batch in current().track(probe.batches(64), "decoding", -(-len(probe) // 64), "batches"):
+        for image in batch:
+            for c in cuts:
+                out[c.key].append(c.crop(image))
+    return out
+
+
+def cut_batches(pixels: Pixels, crop: Crop, size: int) -> Iterator[list[np.ndarray]]:
+    """Batches of `size` images cut by `crop`: decoded here, one batch at a time, from a ProbeSet, or taken from
+    a list that pixels_task cut already (with the same crop)."""
+    if isinstance(pixels, ProbeSet):
+        for batch in pixels.batches(size):
+            yield [crop.crop(image) for image in batch]
+    else:
+        for i in range(0, len(pixels), size):
+            yield list(pixels[i : i + size])
 
 
 def _file_item(path: Path, root: Path, where: str) -> ProbeItem:

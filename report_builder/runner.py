@@ -26,7 +26,7 @@ from .cache import Cache
 from .data import SampleImage, load_images
 from .errors import UserError
 from .files import atomic_dir, check_output, write_json
-from .probe import ProbeSet
+from .probe import Crop, ProbeSet, pixels_task
 from .progress import Progress
 from .spec import METHOD_TITLES, LoadedSpec, resolve_batch
 from .tasks import Graph, executor_for
@@ -76,6 +76,7 @@ class ScorerPlan:
     clip: scorers.ClipRef | None = None
     model: ModelRef | None = None
     groups: list[list[int]] | None = None  # classifier: the class indices of each concept
+    view: Crop = scorers.COLOR_VIEW  # how it cuts the probe images it reads
 
 
 @dataclass
@@ -175,18 +176,18 @@ def _scorer_plan(spec, scorer, i: int, device: torch.device) -> ScorerPlan:
     where = f"dissect.scorers[{i}]"
     if scorer.kind == "clip":
         words = load_concepts(spec.dissect.concepts)
-        *_, wh = scorers.clip_for(scorer, device, where)
+        _, preprocess, _, wh = scorers.clip_for(scorer, device, where)
         return ScorerPlan("clip", f"CLIP {scorer.model}",
                           f"open_clip {scorer.model} ({scorer.path or scorer.pretrained}), prompt {scorer.prompt!r}, "
                           f"{len(words)} concepts from {', '.join(Path(c).name for c in spec.dissect.concepts)}",
-                          words, clip=scorers.ClipRef(scorer, where, wh))
+                          words, clip=scorers.ClipRef(scorer, where, wh), view=scorers.split_preprocess(preprocess)[0])
     if scorer.kind == "classifier":
         m = load_model(scorer.classifier, f"{where}.classifier", device)
         remember(m, device)
         concepts, groups = scorers.class_groups(m.class_names)
         return ScorerPlan("classifier", f"classifier {m.spec.display}",
                           f"{m.spec.display} class probabilities ({m.origin}) — an offline stand-in for CLIP",
-                          concepts, model=m.ref, groups=groups)
+                          concepts, model=m.ref, groups=groups, view=m.preprocess)
     return ScorerPlan("colors", "pixel colours",
                       "fraction of pixels nearest (in CIE Lab) to each of the 11 Broden colour names — an offline "
                       "stand-in for CLIP", list(BRODEN_COLORS))
@@ -325,7 +326,14 @@ def _dissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int
     ds = spec.dissect
     batch = resolve_batch(ds.batch_size, dev)
     shards = inputs.probe.shards(whole_batches(shard_images, batch))
-    probe_keys = [g.value("probe", f"probe images {i}", {"probe": s.manifest}, s) for i, s in enumerate(shards)]
+    dissected = [m for m in inputs.models if m.spec.layers]
+    # One task per shard decodes its images once, cut for every reader (transient: decoding is redone rather
+    # than stored). Its key is the shard's content alone, so a reader's cache key does not change with the others.
+    views = [sc.view for sc in inputs.scorers] + [m.preprocess for m in dissected]
+    pixel_keys = [g.add("probe-pixels", pixels_task, f"decoding probe images {j}", {"probe": s.manifest},
+                        {"crops": views},
+                        {"probe": g.value("probe", f"probe images {j}", {"probe": s.manifest}, s)}, cache=False)
+                  for j, s in enumerate(shards)]
     parts: dict[str, str | list[str]] = {}
     described = []
     for i, sc in enumerate(inputs.scorers):
@@ -333,38 +341,39 @@ def _dissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int
             ident = {"weights": sc.clip.weights_hash, "code_version": scorers.CODE_VERSION}
             parts[f"images_{i}"] = [
                 g.add("clip-image", scorers.clip_image_task, f"CLIP images {j}", {**ident, "probe": s.manifest},
-                      {"clip": sc.clip, "device": dev, "batch_size": batch}, {"probe": pk}, model=True, shape=np.ndarray)
-                for j, (s, pk) in enumerate(zip(shards, probe_keys))]
+                      {"clip": sc.clip, "view": sc.view.key, "device": dev, "batch_size": batch}, {"pixels": pk},
+                      model=True,
+                      shape=np.ndarray)
+                for j, (s, pk) in enumerate(zip(shards, pixel_keys))]
             parts[f"text_{i}"] = g.add(
                 "clip-text", scorers.clip_text_task, f"CLIP text, {len(sc.concepts)} concepts",
                 {**ident, "concepts": scorers.text_hash(sc.concepts), "prompt": sc.clip.spec.prompt},
                 {"clip": sc.clip, "concepts": sc.concepts, "device": dev}, model=True, shape=np.ndarray)
         elif sc.kind == "classifier":
-            ident = {"weights": sc.model.weights_hash, "code_version": scorers.CODE_VERSION}
+            ident = {"weights": sc.model.weights_hash, "preprocess": sc.view.as_dict(),
+                     "code_version": scorers.CODE_VERSION}
             parts[f"images_{i}"] = [
                 g.add("classifier-scores", scorers.classifier_task, f"{sc.label} scores {j}",
                       {**ident, "probe": s.manifest}, {"model": sc.model, "device": dev, "batch_size": batch},
-                      {"probe": pk}, model=True, shape=np.ndarray)
-                for j, (s, pk) in enumerate(zip(shards, probe_keys))]
+                      {"pixels": pk}, model=True, shape=np.ndarray)
+                for j, (s, pk) in enumerate(zip(shards, pixel_keys))]
         else:
             parts[f"images_{i}"] = [
                 g.add("color-scores", scorers.colors_task, f"colour scores {j}",
-                      {"probe": s.manifest, "code_version": scorers.CODE_VERSION}, {}, {"probe": pk}, shape=np.ndarray)
-                for j, (s, pk) in enumerate(zip(shards, probe_keys))]
+                      {"probe": s.manifest, "code_version": scorers.CODE_VERSION}, {}, {"pixels": pk}, shape=np.ndarray)
+                for j, (s, pk) in enumerate(zip(shards, pixel_keys))]
         described.append({"kind": sc.kind, "label": sc.label, "concepts": sc.concepts, "groups": sc.groups})
     scores = g.add("concept-scores", scorers.concept_scores_task, "concept scores",
                    {"scorers": [(d["kind"], d["label"], scorers.text_hash(d["concepts"])) for d in described]},
                    {"scorers": described}, parts, cache=False)
     params = similarity_params(spec)
-    for m in inputs.models:
-        if not m.spec.layers:
-            continue
+    for m in dissected:
         layers = list(m.spec.layers)
         acts = [g.add("activations", activations.activations_task, f"activations {m.id} {j}",
                       activations.identity(m, layers, s, ds.pooling),
                       {"model": m.ref, "layers": layers, "pooling": ds.pooling, "device": dev, "batch_size": batch},
-                      {"probe": pk}, model=True, shape=dict)
-                for j, (s, pk) in enumerate(zip(shards, probe_keys))]
+                      {"pixels": pk}, model=True, shape=dict)
+                for j, (s, pk) in enumerate(zip(shards, pixel_keys))]
         for layer in layers:
             plan.dissect[(m.id, layer)] = g.add(
                 "clip-dissect", dissect.clip_dissect_task, f"CLIP-Dissect {m.id} {layer}",

@@ -12,14 +12,15 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .concepts import BRODEN_COLORS, clean
 from .errors import UserError
-from .probe import ProbeSet
+from .probe import Pixels, ProbeSet, Thumbnail, cut_batches
 from .progress import current
 from .spec import ScorerSpec
 from .zoo import ModelRef, model_for, weights_hash
@@ -97,13 +98,48 @@ def clip_for(ref_or_spec: ClipRef | ScorerSpec, device: torch.device | str, wher
     return found
 
 
-def clip_image_task(clip: ClipRef, probe: ProbeSet, device: str, batch_size: int) -> np.ndarray:
-    """L2-normalised CLIP image embeddings of a probe shard, images x D."""
+@dataclass(frozen=True, eq=False)
+class ClipCrop:
+    """The steps of a CLIP model's preprocessing that work on PIL images (resize, centre crop, mode), as a Crop,
+    so that a probe shard is decoded once for CLIP and the dissected models (probe.pixels_task)."""
+
+    steps: tuple
+
+    def crop(self, image: Image.Image) -> np.ndarray:
+        for step in self.steps:
+            image = step(image)
+        return np.array(image, dtype=np.uint8)
+
+    @property
+    def key(self) -> str:
+        return "clip " + "; ".join(f"{type(s).__qualname__} {sorted((k, repr(v)) for k, v in vars(s).items())}"
+                                   for s in self.steps)
+
+
+def split_preprocess(preprocess) -> tuple[ClipCrop, Callable]:
+    """open_clip's preprocessing -> (its PIL steps as a Crop, the rest: PIL image -> tensor). They are split where
+    the image becomes a tensor; a preprocessing without such a step is all `rest`, after the plain decoded image."""
+    steps = list(getattr(preprocess, "transforms", [preprocess]))
+    split = next((i for i, s in enumerate(steps) if "ToTensor" in type(s).__name__), 0)
+    rest = steps[split:]
+    return ClipCrop(tuple(steps[:split])), lambda image: functools.reduce(lambda x, step: step(x), rest, image)
+
+
+def clip_image_task(clip: ClipRef, pixels: dict[str, list[np.ndarray]], view: str, device: str,
+                    batch_size: int) -> np.ndarray:
+    """L2-normalised CLIP image embeddings of a probe shard, images x D: from `pixels[view]`, the images cut by
+    probe.pixels_task with the driver's ClipCrop (its key is the driver's: a step's state may name addresses)."""
     model, preprocess, _, _ = clip_for(clip, device)
+    return clip_image_embeddings(model, preprocess, pixels[view], device, batch_size)
+
+
+def clip_image_embeddings(model, preprocess, pixels: Pixels, device: str, batch_size: int) -> np.ndarray:
+    crop, rest = split_preprocess(preprocess)
     out = []
     with torch.inference_mode():
-        for batch in current().track(probe.batches(batch_size), "CLIP images", -(-len(probe) // batch_size), "batches"):
-            x = torch.stack([preprocess(im) for im in batch]).to(device)
+        for batch in current().track(cut_batches(pixels, crop, batch_size), "CLIP images",
+                                     -(-len(pixels) // batch_size), "batches"):
+            x = torch.stack([rest(Image.fromarray(a)) for a in batch]).to(device)
             out.append(torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).cpu())
     return torch.cat(out).numpy()
 
@@ -117,8 +153,9 @@ def clip_text_task(clip: ClipRef, concepts: list[str], device: str) -> np.ndarra
 def clip_scores(spec: ScorerSpec, concepts: list[str], probe: ProbeSet, device: torch.device, batch_size: int,
                 where: str) -> torch.Tensor:
     """Cosines between L2-normalised image and text embeddings, images x concepts (both tasks, in this process)."""
-    ref = ClipRef(spec, where, clip_for(spec, device, where)[3])
-    img = clip_image_task(ref, probe, str(device), batch_size)
+    model, preprocess, _, weights = clip_for(spec, device, where)
+    ref = ClipRef(spec, where, weights)
+    img = clip_image_embeddings(model, preprocess, probe, str(device), batch_size)
     txt = clip_text_task(ref, concepts, str(device))
     return torch.from_numpy(img) @ torch.from_numpy(txt).T
 
@@ -166,16 +203,17 @@ def encode_texts(model, tokenizer, texts: list[str], device: torch.device, batch
 # ---------------------------------------------------------------- classifier
 
 
-def classifier_task(model: ModelRef, probe: ProbeSet, device: str, batch_size: int) -> np.ndarray:
-    """Softmax probabilities of a zoo model over its class names on a probe shard, images x classes."""
+def classifier_task(model: ModelRef, pixels: dict[str, list[np.ndarray]], device: str, batch_size: int) -> np.ndarray:
+    """Softmax probabilities of a zoo model over its class names on a probe shard (cut by probe.pixels_task),
+    images x classes."""
     from .explain import predict
 
     m = model_for(model, device)
+    crops = pixels[m.preprocess.key]
     out = []
-    for batch in current().track(probe.batches(batch_size), f"{model.id} scores", -(-len(probe) // batch_size),
-                                 "batches"):
-        crops = np.stack([m.preprocess.crop(im) for im in batch])
-        out.append(predict(m, crops, torch.device(device), batch_size))
+    for batch in current().track(cut_batches(crops, m.preprocess, batch_size), f"{model.id} scores",
+                                 -(-len(crops) // batch_size), "batches"):
+        out.append(predict(m, np.stack(batch), torch.device(device), batch_size))
     return np.concatenate(out).astype(np.float32)
 
 
@@ -221,19 +259,24 @@ def color_fractions(image: np.ndarray) -> np.ndarray:
     return np.bincount(nearest, minlength=len(BRODEN_COLORS)) / nearest.size
 
 
-def colors_task(probe: ProbeSet) -> np.ndarray:
-    """Per probe image, the fraction of its pixels named by each Broden colour (images x 11)."""
+COLOR_VIEW = Thumbnail(128)  # colours are counted on the whole image, scaled down
+
+
+def colors_task(pixels: dict[str, list[np.ndarray]]) -> np.ndarray:
+    """Per probe image (cut by probe.pixels_task), the fraction of its pixels named by each Broden colour
+    (images x 11)."""
+    return color_table(pixels[COLOR_VIEW.key])
+
+
+def color_table(pixels: Pixels) -> np.ndarray:
     rows = []
-    for batch in current().track(probe.batches(64), "colours", -(-len(probe) // 64), "batches"):
-        for im in batch:
-            small = im.copy()
-            small.thumbnail((128, 128))
-            rows.append(color_fractions(np.asarray(small)))
+    for batch in current().track(cut_batches(pixels, COLOR_VIEW, 64), "colours", -(-len(pixels) // 64), "batches"):
+        rows.extend(color_fractions(small) for small in batch)
     return np.stack(rows).astype(np.float32)
 
 
 def colors_scores(probe: ProbeSet) -> torch.Tensor:
-    return torch.from_numpy(colors_task(probe))
+    return torch.from_numpy(color_table(probe))
 
 
 # ---------------------------------------------------------------- all scorers

@@ -147,9 +147,14 @@ class LocalExecutor:
         todo = graph.plan(wanted, cache)
         clock = StageClock(graph, todo, progress)
         remaining = Counter(d for k in todo for d in graph.dep_keys(graph.tasks[k]))
+        readers: dict[str, list[str]] = defaultdict(list)
+        for k in todo:
+            for d in graph.dep_keys(graph.tasks[k]):
+                readers[d].append(k)
         keep = set(wanted)
         memo: dict[str, Any] = {}
         computed: set[str] = set()
+        underway: set[str] = set()
 
         def get(key: str) -> Any:
             if key in memo:
@@ -159,6 +164,7 @@ class LocalExecutor:
                 return t.value
             value = cache.load(t.stage, key, t.shape) if t.cache else None
             if value is None:
+                underway.add(key)
                 values = {name: get(d) if isinstance(d, str) else [get(x) for x in d] for name, d in t.deps.items()}
                 clock.start(t)
                 bar.doing(t.label)
@@ -175,7 +181,14 @@ class LocalExecutor:
                         memo.pop(d, None)  # its last consumer has run: let it go
                 if t.cache:
                     cache.save(t.stage, key, value)
+                underway.discard(key)
             memo[key] = value
+            if not t.cache:
+                # a value that is not stored (a shard's decoded pixels): its readers run now, one after the
+                # other, so it is let go before the next one is made, instead of all being held at once
+                for reader in readers[key]:
+                    if reader not in underway:
+                        get(reader)
             return value
 
         with progress.bar("tasks", len(todo)) as bar:
@@ -329,6 +342,8 @@ class RayExecutor:
         for key in wanted:
             if not value_of(key):
                 ref(key)
+        for key in set(refs) - set(wanted):
+            del refs[key]  # Ray frees an intermediate value (a shard's pixels) once its readers are done
         pending = list(submitted)
         try:
             with progress.bar("tasks", len(pending)) as bar:

@@ -79,6 +79,11 @@ class Preprocess:
             "interpolation": self.interpolation,
         }
 
+    @property
+    def key(self) -> str:
+        """Equal for models that cut their inputs alike, so a probe shard is cut once for all of them."""
+        return f"resize {self.resize_size} {self.interpolation}, crop {self.input_size}"
+
 
 @dataclass
 class LoadedModel:

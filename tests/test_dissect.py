@@ -229,6 +229,41 @@ def test_clip_scorer_loads_a_local_checkpoint_through_the_real_path(tmp_path):
     assert torch.allclose(P, img @ txt.T, atol=1e-5)
 
 
+def test_a_probe_shard_is_decoded_once_for_clip_the_models_and_the_colours(tmp_path, monkeypatch, tiny_model):
+    import dataclasses
+
+    import open_clip
+
+    from report_builder import probe as probe_module
+    from report_builder.scorers import COLOR_VIEW, clip_image_embeddings, color_table, split_preprocess
+
+    (tmp_path / "tiny-clip-test.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path / "tiny-clip-test.json")
+    torch.manual_seed(0)
+    clip, _, preprocess = open_clip.create_model_and_transforms("tiny-clip-test")
+    clip.eval()
+    rng = np.random.default_rng(0)
+    (tmp_path / "probe").mkdir()
+    for i in range(5):  # JPEGs and PNGs of different sizes and shapes
+        pic = Image.fromarray(rng.integers(0, 255, (int(rng.integers(40, 90)), int(rng.integers(40, 90)), 3), np.uint8))
+        pic.save(tmp_path / "probe" / f"{i}.{'jpg' if i % 2 else 'png'}")
+    probe = load_probe(ProbeSpec(source="folder", path=str(tmp_path / "probe")), seed=0)
+    clip_cut = split_preprocess(preprocess)[0]
+    twin = dataclasses.replace(tiny_model.preprocess, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # same cut
+    opened = []
+    decode = probe_module.open_image
+    monkeypatch.setattr(probe_module, "open_image", lambda path, where: opened.append(path) or decode(path, where))
+
+    pixels = probe_module.pixels_task(probe, [clip_cut, tiny_model.preprocess, twin, COLOR_VIEW])
+    assert len(opened) == 5 and len(pixels) == 3  # each file decoded once; the twin model shares the first's cut
+    # each reader gets exactly what it computed when it decoded the probe by itself
+    shared = clip_image_embeddings(clip, preprocess, pixels[clip_cut.key], "cpu", 2)
+    assert np.array_equal(shared, clip_image_embeddings(clip, preprocess, probe, "cpu", 2))
+    acts = record(tiny_model, ["features"], pixels[twin.key], "avg", CPU, 2, "m")["features"]
+    assert torch.equal(acts, record(tiny_model, ["features"], probe, "avg", CPU, 2, "m")["features"])
+    assert np.array_equal(color_table(pixels[COLOR_VIEW.key]), color_table(probe))
+
+
 def test_clip_without_weights_names_what_to_download(tmp_path, monkeypatch):
     import huggingface_hub.constants
 

@@ -125,6 +125,30 @@ def test_intermediate_values_are_dropped_after_their_last_consumer(tmp_path):
     assert out.values == {key: 60.0} and set(out.values) == {key}
 
 
+def test_a_value_that_is_not_stored_is_read_by_all_its_readers_before_the_next_is_made(tmp_path):
+    # a probe shard's decoded pixels: held for one shard at a time, not for the whole probe set
+    events, _add.calls = [], []
+
+    def decode(i: int) -> list[int]:
+        events.append(f"make {i}")
+        return [i, i]
+
+    def read(pixels: list[int], who: str) -> int:
+        events.append(f"{who} reads {pixels[0]}")
+        return sum(pixels)
+
+    g = Graph()
+    shared = [g.add("pixels", decode, f"pixels {i}", {"i": i}, {"i": i}, cache=False) for i in range(3)]
+    totals = [g.add("total", _add, f"total {who}", {"who": who}, {"a": 0}, {"parts": [
+        g.add("read", read, f"{who} {i}", {"who": who}, {"who": who}, {"pixels": k}) for i, k in enumerate(shared)]})
+        for who in ("a", "b")]
+    out = LocalExecutor().run(g, totals, Cache(tmp_path), Progress(quiet=True))
+    assert [out.values[t] for t in totals] == [6, 6]
+    # each shard is made, read by both readers (in either order), and only then is the next one made
+    assert [sorted(events[3 * i : 3 * i + 3]) for i in range(3)] == [
+        [f"a reads {i}", f"b reads {i}", f"make {i}"] for i in range(3)] and events[::3] == ["make 0", "make 1", "make 2"]
+
+
 # ---------------------------------------------------------------- sharding changes nothing
 
 
