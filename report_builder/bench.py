@@ -218,44 +218,88 @@ def bench_forward_throughput(device: torch.device, images: int) -> list[dict]:
     """Achieved GFLOP/s of forward passes, against the processor's peak: as the explainers made them before
     (`module`: channels-last weights, inputs as `Preprocess.normalize` gives them, batch "auto") and as they make
     them now (`outputs`: BatchNorms folded into their convolutions), each side by side with the first; plus
-    contiguous NCHW inputs (what channels-last is worth) and the folded model at half and four times the batch.
-    (torch.compile is left out: on 2 CPU cores its inductor spent over 20 minutes compiling ResNet18 without
-    finishing.)"""
+    contiguous NCHW inputs (what channels-last is worth), the folded model at half and four times the batch, on one
+    thread instead of all, and through torch.compile (its compile time measured apart, with the images it takes to
+    pay that back)."""
     peak, how = peak_gflops() if device.type == "cpu" else (None, "GPU: peak not computed")
     print(f"  peak: {how}", file=sys.stderr, flush=True)
-    out = []
-    for name in ("resnet18", "efficientnet_lite0", "efficientnet_lite2"):
-        m = random_model(name, device)
-        flops = forward_flops(m)
-        batch = resolve_batch("auto", device.type)
-        crops = np.repeat(photo(m)[None], images, axis=0)
+    with tempfile.TemporaryDirectory(prefix="report_builder-inductor-") as inductor:
+        return [_forward_row(name, device, images, peak, how, inductor)
+                for name in ("resnet18", "efficientnet_lite0", "efficientnet_lite2")]
 
-        def run(module, b: int, contiguous: bool = False):
-            def go():
-                with torch.inference_mode():
-                    for i in range(0, images, b):
-                        x = m.preprocess.normalize(crops[i : i + b], device)
-                        module(x.contiguous() if contiguous else x)
-            return go
 
-        def rate(seconds: float) -> float:
-            return images * flops / seconds / 1e9
+def _forward_row(name: str, device: torch.device, images: int, peak: float | None, how: str, inductor: str) -> dict:
+    m = random_model(name, device)
+    flops = forward_flops(m)
+    batch = resolve_batch("auto", device.type)
+    crops = np.repeat(photo(m)[None], images, axis=0)
 
-        before = run(m.module, batch)
-        variants = {"BatchNorm folded (used now)": run(m.outputs, batch),
-                    "contiguous NCHW input": run(m.module, batch, contiguous=True),
-                    f"folded, batch {batch // 2}": run(m.outputs, batch // 2),
-                    f"folded, batch {4 * batch}": run(m.outputs, 4 * batch)}
-        times = {k: side_by_side(fn, before, device, 3)[:2] for k, fn in variants.items()}
-        t_new, t_old = times["BatchNorm folded (used now)"]
-        t_before = statistics.median(t for _, t in times.values())
-        share = (lambda t: f" ({100 * rate(t) / peak:.0f}%)") if peak else (lambda t: "")
-        out.append(row(f"Forward, {name}: {rate(t_old):.0f}{share(t_old)} -> {rate(t_new):.0f}{share(t_new)} GFLOP/s",
-                       t_new, t_old, "unfolded, as before", "Lite >= 1.3x, ResNet18 no slower",
-                       gflops={f"before (batch {batch})": rate(t_before), **{k: rate(t) for k, (t, _) in times.items()}},
-                       gflop_per_image=flops / 1e9, peak_gflops=peak, peak_how=how,
-                       folded=m.outputs is not m.module))
-    return out
+    def run(module, b: int, contiguous: bool = False):
+        def go():
+            with torch.inference_mode():
+                for i in range(0, images, b):
+                    x = m.preprocess.normalize(crops[i : i + b], device)
+                    module(x.contiguous() if contiguous else x)
+        return go
+
+    def rate(seconds: float) -> float:
+        return images * flops / seconds / 1e9
+
+    def one_thread(go):
+        def single():
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                go()
+            finally:
+                torch.set_num_threads(threads)
+        return single
+
+    before = run(m.module, batch)
+    variants = {"BatchNorm folded (used now)": run(m.outputs, batch),
+                "contiguous NCHW input": run(m.module, batch, contiguous=True),
+                f"folded, batch {batch // 2}": run(m.outputs, batch // 2),
+                f"folded, batch {4 * batch}": run(m.outputs, 4 * batch),
+                "folded, 1 thread": one_thread(run(m.outputs, batch))}
+    fast, compile_s, why = compiled(m.outputs, m.preprocess.normalize(crops[:batch], device), inductor)
+    if fast is not None:
+        variants["folded, torch.compile"] = run(fast, batch)
+    times = {k: side_by_side(fn, before, device, 3)[:2] for k, fn in variants.items()}
+    t_new, t_old = times["BatchNorm folded (used now)"]
+    t_before = statistics.median(t for _, t in times.values())
+    share = (lambda t: f" ({100 * rate(t) / peak:.0f}%)") if peak else (lambda t: "")
+    compile_note = {"compile_s": compile_s, "compile_failed": why}
+    if fast is not None:  # images after which the compiled model has made up for its compile time, if ever
+        saved = (t_new - times["folded, torch.compile"][0]) / images
+        compile_note["compile_pays_back_after_images"] = compile_s / saved if saved > 0 else None
+    return row(f"Forward, {name}: {rate(t_old):.0f}{share(t_old)} -> {rate(t_new):.0f}{share(t_new)} GFLOP/s",
+               t_new, t_old, "unfolded, as before", "Lite >= 1.3x, ResNet18 no slower",
+               gflops={f"before (batch {batch})": rate(t_before), **{k: rate(t) for k, (t, _) in times.items()}},
+               gflop_per_image=flops / 1e9, peak_gflops=peak, peak_how=how,
+               folded=m.outputs is not m.module, **compile_note)
+
+
+def compiled(module: torch.nn.Module, example: torch.Tensor, cache_dir: str) -> tuple[object, float, str | None]:
+    """torch.compile(module) and the seconds its first call takes (the compiling), or None and why it failed:
+    a machine without a C++ compiler, for one. Inductor's files go to `cache_dir`, so each bench compiles afresh."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    try:
+        fast = torch.compile(module, dynamic=False)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            fast(example)
+        return fast, time.perf_counter() - start, None
+    except Exception as exc:  # noqa: BLE001 - any failure to compile means: measure without it
+        return None, 0.0, f"{type(exc).__name__}: {str(exc)[:200]}"
+    finally:
+        if saved is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
 
 
 def bench_clip_text(device: torch.device, words: int) -> list[dict]:
@@ -306,6 +350,55 @@ def bench_clip_images(device: torch.device, images: int) -> list[dict]:
     t_each, _ = timed(lambda: two_models(Cache(enabled=False)), device)
     return [row(f"CLIP ViT-B-16 image embeddings, {images} probe images, 2 models", t_shared, t_each,
                 "computed once per model", "computed once")]
+
+
+def bench_shared_decoding(device: torch.device, images: int) -> list[dict]:
+    """A dissection's readers of one probe shard (CLIP ViT-B-16 image embeddings, two ResNet18s' activations, the
+    colour scorer) on ImageNet-sized JPEGs: each file decoded once and cut once per distinct preprocessing
+    (probe.pixels_task, what a run does), against each reader decoding and cutting the files itself."""
+    from PIL import Image
+
+    from .probe import load_probe
+    from .spec import ProbeSpec
+
+    with tempfile.TemporaryDirectory(prefix="report_builder-probe-") as folder:
+        rng = np.random.default_rng(0)
+        for i in range(images):  # smooth random pictures, 500 x 375 like ImageNet's, saved as photos are
+            small = rng.integers(0, 255, (48, 64, 3), np.uint8)
+            Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(Path(folder) / f"{i:04d}.jpg", quality=90)
+        probe = load_probe(ProbeSpec(source="folder", path=folder), seed=0)
+        return _shared_decoding_rows(device, probe)
+
+
+def _shared_decoding_rows(device: torch.device, probe) -> list[dict]:
+    import open_clip
+
+    from .activations import record
+    from .probe import pixels_task
+    from .scorers import COLOR_VIEW, clip_image_embeddings, color_table, split_preprocess
+
+    images = len(probe)
+    torch.manual_seed(0)
+    clip, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained=None, device=device)
+    clip.eval()
+    nets = [random_model("resnet18", device) for _ in range(2)]
+    layers, batch = ["layer2", "layer3", "layer4"], resolve_batch("auto", device.type)
+    clip_cut = split_preprocess(preprocess)[0]
+
+    def readers(source) -> list:
+        pick = (lambda crop: source[crop.key]) if isinstance(source, dict) else (lambda crop: source)
+        out = [clip_image_embeddings(clip, preprocess, pick(clip_cut), str(device), batch)]
+        out += [record(m, layers, pick(m.preprocess), "avg", device, batch, "bench")[l].numpy()
+                for m in nets for l in layers]
+        return out + [color_table(pick(COLOR_VIEW))]
+
+    cuts = [clip_cut] + [m.preprocess for m in nets] + [COLOR_VIEW]  # 3 distinct: the ResNets share theirs
+    t_shared, t_each, ours, base = side_by_side(lambda: readers(pixels_task(probe, cuts)), lambda: readers(probe),
+                                                device, 1)
+    t_decode, _ = timed(lambda: pixels_task(probe, cuts), device)
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(ours, base))
+    return [row(f"Probe decoded once, {images} JPEGs: CLIP, 2 ResNet18, colours", t_shared, t_each,
+                "each reader decodes the files", "faster", max_abs_diff=diff, decode_s=t_decode)]
 
 
 def bench_activations(device: torch.device, images: int) -> list[dict]:
@@ -516,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             ("CLIP text", lambda: bench_clip_text(device, 20000 if cuda else (100 if q else 1000))),
             ("CLIP images", lambda: bench_clip_images(device, 16 if q else 64)),
             ("activations", lambda: bench_activations(device, 32 if q else 200)),
+            ("shared decoding", lambda: bench_shared_decoding(device, 16 if q else 64)),
             ("NetDissect", lambda: bench_netdissect(device, 100 if q else 2000)),
         ]
         if cuda:
@@ -571,6 +665,14 @@ def _line(r: dict) -> str:
     if "gflops" in r:
         line += "\n       GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in r["gflops"].items())
         line += f"\n       peak: {r['peak_how']}"
+    if r.get("compile_failed"):
+        line += f"\n       torch.compile failed, measured without it: {r['compile_failed']}"
+    elif "compile_s" in r:
+        back = r.get("compile_pays_back_after_images")
+        line += (f"\n       torch.compile: {r['compile_s']:.1f} s to compile, "
+                 + (f"paid back after {back:,.0f} images" if back else "never paid back (no faster)"))
+    if "decode_s" in r:
+        line += f"\n       decoding and cutting the images once, for all readers: {r['decode_s']:.1f} s"
     return line
 
 
