@@ -236,6 +236,7 @@ COLOR_PROTOTYPES = {
 
 
 @functools.cache
+@functools.lru_cache(maxsize=1)
 def _prototypes_lab() -> np.ndarray:
     """The colour prototypes in CIE Lab, computed once rather than for every probe image."""
     from skimage.color import rgb2lab
