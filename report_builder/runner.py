@@ -342,8 +342,7 @@ def _dissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int
             parts[f"images_{i}"] = [
                 g.add("clip-image", scorers.clip_image_task, f"CLIP images {j}", {**ident, "probe": s.manifest},
                       {"clip": sc.clip, "view": sc.view.key, "device": dev, "batch_size": batch}, {"pixels": pk},
-                      model=True,
-                      shape=np.ndarray)
+                      model=True, shape=np.ndarray)
                 for j, (s, pk) in enumerate(zip(shards, pixel_keys))]
             parts[f"text_{i}"] = g.add(
                 "clip-text", scorers.clip_text_task, f"CLIP text, {len(sc.concepts)} concepts",

@@ -146,11 +146,11 @@ class LocalExecutor:
         """The values of `wanted`, the keys computed (not loaded from the cache), and per stage the compute seconds."""
         todo = graph.plan(wanted, cache)
         clock = StageClock(graph, todo, progress)
-        remaining = Counter(d for k in todo for d in graph.dep_keys(graph.tasks[k]))
-        readers: dict[str, list[str]] = defaultdict(list)
+        readers: dict[str, list[str]] = defaultdict(list)  # key -> the planned tasks that read it
         for k in todo:
             for d in graph.dep_keys(graph.tasks[k]):
                 readers[d].append(k)
+        remaining = Counter({d: len(r) for d, r in readers.items()})
         keep = set(wanted)
         memo: dict[str, Any] = {}
         computed: set[str] = set()
