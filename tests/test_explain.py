@@ -170,10 +170,10 @@ def test_fast_lime_with_a_hide_colour(tiny_model, tiny_crop):
                           lime_package_explain(tiny_model, tiny_crop, 0, s)["mask"])
 
 
-class DeadAndTwinChannels(nn.Module):
-    """Eight channels at the target layer: 0-2 dead (always zero), 3 a constant 5, 4 and 5 the same map
-    (twins), 6 and 7 maps of their own. ScoreCAM's masks: one all-zero mask for 0-3, one for 4-5, and 6 and 7:
-    four distinct masked images."""
+class DeadAndTwinChannels(SignedNet):
+    """SignedNet's head on eight channels at the target layer: 0-2 dead (always zero), 3 a constant 5, 4 and 5 the
+    same map (twins), 6 and 7 maps of their own. ScoreCAM's masks: one all-zero mask for 0-3, one for 4-5, and 6
+    and 7: four distinct masked images."""
 
     def __init__(self):
         super().__init__()
@@ -185,11 +185,6 @@ class DeadAndTwinChannels(nn.Module):
             conv.bias[3] = 5.0
             conv.weight[5] = conv.weight[4]
             conv.bias[5] = conv.bias[4]
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc(self.pool(self.features(x)).flatten(1))
 
 
 @pytest.mark.parametrize("net, batch", [("tiny", 32), ("tiny", 3), ("signed", 5), ("twins", 2)])
