@@ -22,7 +22,8 @@ def open_run(path):
 
 
 def run(spec, out=None, **kwargs):
-    """Run a spec (a file, or a dict as the YAML would be) and open the run: see report_builder.api.run."""
+    """Run a spec (a file, or a dict as the YAML would be) and open the run: see report_builder.api.run. A spec that
+    names Python code (source: python) needs allow_code=True, or allow_code_from=[folder] for a file elsewhere."""
     from .api import run as _run
 
     return _run(spec, out, **kwargs)

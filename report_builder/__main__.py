@@ -8,6 +8,16 @@ from pathlib import Path
 from .errors import UserError
 
 
+def _code_flags(parser: argparse.ArgumentParser) -> None:
+    """--allow-code and --allow-code-from, for the commands that load a spec's models (see zoo.check_code)."""
+    parser.add_argument("--allow-code", action="store_true",
+                        help="run the Python code the spec names (source: python factories): a file in the spec's "
+                             "folder, or an installed module; refused without this flag")
+    parser.add_argument("--allow-code-from", action="append", default=[], type=Path, metavar="DIR",
+                        help="also run factory files under DIR, which may lie outside the spec's folder (repeatable; "
+                             "implies --allow-code for those files)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m report_builder",
@@ -32,12 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", metavar="ADDR",
                      help="with --executor ray: 'auto' or ray://host:port for an existing cluster; "
                           "default: a local Ray started for this run and stopped after it")
+    _code_flags(run)
 
     val = sub.add_parser("validate", help="check a spec without running it",
                          description="Validate a spec file and everything a run checks before it starts: images "
                                      "decoded, models and their layers loaded, probe sets and concept files found. "
                                      "Every problem is listed with its key path.")
     val.add_argument("spec", type=Path, help="the YAML spec file")
+    _code_flags(val)
 
     ren = sub.add_parser("render", help="re-render report.html and report.pdf from a run directory",
                          description="Re-render a run directory's report from its results.json; no model is loaded.")
@@ -65,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
             loaded = load_spec(args.spec)
             s = loaded.spec
-            inputs = preflight(loaded, pick_device(s.device), Progress(io.StringIO()))
+            inputs = preflight(loaded, pick_device(s.device), Progress(io.StringIO()), args.allow_code,
+                               args.allow_code_from)
             print(f"{args.spec}: ok — {len(inputs.models)} model(s), {len(inputs.images)} image(s), "
                   f"methods {', '.join(s.explain.methods)}; output/{loaded.run_name}")
             return 0
@@ -81,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("--ray-address: given without --executor ray")
             run(loaded, out, cache=Cache(args.cache_dir, enabled=not args.no_cache),
                 progress=Progress(quiet=args.quiet, verbose=args.verbose), executor=args.executor,
-                ray_address=args.ray_address)
+                ray_address=args.ray_address, allow_code=args.allow_code, allow_code_from=args.allow_code_from)
             return 0
         if args.command == "diff":
             from .diff import write_diff

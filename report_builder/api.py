@@ -173,10 +173,13 @@ def open_run(path: str | Path) -> Run:
 
 
 def run(spec: str | Path | dict[str, Any], out: str | Path | None = None, *, no_cache: bool = False,
-        cache_dir: str | Path | None = None, executor: str = "local", quiet: bool = False) -> Run:
+        cache_dir: str | Path | None = None, executor: str = "local", quiet: bool = False, allow_code: bool = False,
+        allow_code_from: tuple[str | Path, ...] | list[str | Path] = ()) -> Run:
     """Run a study and open it: `spec` is a spec file, or a dict written as the YAML would be (checked as a file
     is; its paths are taken from the current folder, and without run_name the run is called 'notebook'). The run
-    directory is `out`, else output/<run_name>."""
+    directory is `out`, else output/<run_name>. A spec that names Python code (source: python) runs it only with
+    `allow_code=True` (a factory file in the spec's folder, or an installed module) or when the file lies under a
+    folder of `allow_code_from`, as --allow-code and --allow-code-from do."""
     from .cache import Cache
     from .progress import Progress
     from .runner import run as run_spec
@@ -188,5 +191,6 @@ def run(spec: str | Path | dict[str, Any], out: str | Path | None = None, *, no_
         loaded = spec_from_mapping(spec, Path.cwd() / "notebook", "the spec dict")
     target = Path(out) if out is not None else Path("output") / loaded.run_name
     run_spec(loaded, target, cache=Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache),
-             progress=Progress(quiet=quiet), executor=executor)
+             progress=Progress(quiet=quiet), executor=executor, allow_code=allow_code,
+             allow_code_from=[Path(d) for d in allow_code_from])
     return open_run(target)

@@ -17,6 +17,7 @@ import platform
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,9 +29,9 @@ from .errors import UserError
 from .files import atomic_dir, check_output, write_json
 from .probe import Crop, ProbeSet, pixels_task
 from .progress import Progress
-from .spec import METHOD_TITLES, LoadedSpec, resolve_batch
+from .spec import CAM_METHODS, METHOD_TITLES, LoadedSpec, resolve_batch
 from .tasks import Graph, executor_for
-from .zoo import LoadedModel, ModelRef, get_layer, load_model, remember
+from .zoo import LoadedModel, ModelRef, check_code, default_target_layer, get_layer, load_model, remember
 
 PACKAGES = ("report_builder", "torch", "torchvision", "timm", "grad-cam", "lime", "numpy", "scikit-image",
             "scikit-learn", "matplotlib", "jinja2", "weasyprint", "pillow", "pydantic", "pyyaml", "ray")
@@ -90,11 +91,14 @@ class Inputs:
     pixel_probe: object | None = None
 
 
-def preflight(loaded: LoadedSpec, device: torch.device, progress: Progress) -> Inputs:
+def preflight(loaded: LoadedSpec, device: torch.device, progress: Progress, allow_code: bool = False,
+              allow_code_from: Sequence[Path] = ()) -> Inputs:
     """Everything a run needs from disk, checked before any work: images decoded, models loaded with their layers,
     scorers loaded, concept files read, probe sets listed and hashed. Every problem is reported at once: offline,
-    a user learns about all the files to fetch from one run, not one per run."""
+    a user learns about all the files to fetch from one run, not one per run. First of all, before anything is
+    imported, the Python code the spec names is announced and refused unless allowed (`check_code`)."""
     spec = loaded.spec
+    check_code(spec, loaded.path.absolute().parent, allow_code, allow_code_from)
     problems: list[str] = []
 
     def attempt(fn, *args):
@@ -116,6 +120,7 @@ def preflight(loaded: LoadedSpec, device: torch.device, progress: Progress) -> I
                 progress.say(f"  {m.id}: {m.origin}; target layer {m.target_layer}; weights {m.weights_hash[:12]}")
                 models.append(m)
     for m in models:
+        problems.extend(_target_problems(spec, m, device))
         problems.extend(_layer_problems(spec, m))
     inputs = Inputs(images, models)
     if spec.dissect is not None:
@@ -153,6 +158,21 @@ def _load_model(entry, device: torch.device) -> LoadedModel:
         get_layer(m, layer, f"{entry.where.split('.versions')[0]}.layers[{j}]")
     remember(m, device)
     return m
+
+
+def _target_problems(spec, m: LoadedModel, device: torch.device) -> list[str]:
+    """The CAM methods read a map off the target layer: one whose output is N x C (a classifier head, a layer after
+    the pooling: the last nn.Linear of a ViT or a Swin) has none, so a run would fail on it."""
+    cams = [k for k in spec.explain.methods if k in CAM_METHODS]
+    if not cams or m.layout(m.target_layer).kind != "flat":
+        return []
+    try:
+        suggestion = default_target_layer(m.module, m.preprocess.input_size, device)
+    except UserError:
+        suggestion = None
+    return [f"{m.where.split('.versions')[0]}.target_layer: found {m.target_layer!r}, whose output in {m.id} is "
+            f"N x C with no spatial map (the classifier head, or a layer after the pooling); the CAM methods "
+            f"({', '.join(cams)}) need a feature layer with a map" + (f", e.g. {suggestion!r} (the default)" if suggestion else " before the pooling")]
 
 
 def _layer_problems(spec, m: LoadedModel) -> list[str]:
@@ -449,8 +469,10 @@ def _netdissect_shards(g: Graph, m, ident: dict, common: dict, shards, firsts, p
 
 
 def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress: Progress | None = None,
-        executor: str = "local", ray_address: str | None = None) -> Path:
-    """Run a spec end to end; return the finished run directory."""
+        executor: str = "local", ray_address: str | None = None, allow_code: bool = False,
+        allow_code_from: Sequence[Path] = ()) -> Path:
+    """Run a spec end to end; return the finished run directory. The Python code a spec names runs only when
+    allowed (see `preflight`)."""
     from .render import render_run
 
     progress = progress or Progress()
@@ -464,7 +486,7 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed)
     progress.say(f"spec {loaded.path} -> {out_dir} on {device_description(device)}")
-    inputs = preflight(loaded, device, progress)
+    inputs = preflight(loaded, device, progress, allow_code, allow_code_from)
     plan = build_graph(loaded, inputs, device)
     with executor_for(executor, ray_address, gpu=device.type == "cuda") as ex:
         where = ex.describe() if hasattr(ex, "describe") else "local (this process)"

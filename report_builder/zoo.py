@@ -10,11 +10,12 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -490,62 +491,306 @@ def _checkpoint(spec: ModelSpec, where: str) -> LoadedModel:
     return LoadedModel(spec, model, pre, classes, f"{spec.name} from {path}")
 
 
+# ---------------------------------------------------------------- the user's own code (source: python)
+
+# Modules no factory may name, with or without --allow-code: their zero-argument callables (sys.exit, input,
+# os.getcwd, ...) are not model code, and report_builder's own are not the user's.
+NOT_MODEL_CODE = frozenset(sys.stdlib_module_names) | frozenset(sys.builtin_module_names) | {
+    "builtins", "__main__", "report_builder"}
+PREPROCESS_KEYS = ("input_size", "resize_size", "mean", "std", "interpolation")
+SIZE_RANGE = (8, 4096)  # input_size and resize_size, in pixels
+
+
+def python_models(spec) -> list[tuple[ModelSpec, str]]:
+    """Every model entry of a spec that names Python code, with its key path: the models, and the classifier of a
+    classifier scorer."""
+    out = [(m, f"models[{i}]") for i, m in enumerate(spec.models) if m.source == "python"]
+    if spec.dissect is not None:
+        out += [(s.classifier, f"dissect.scorers[{i}].classifier") for i, s in enumerate(spec.dissect.scorers)
+                if s.classifier is not None and s.classifier.source == "python"]
+    return out
+
+
+def check_code(spec, spec_dir: Path, allow_code: bool = False, allow_code_from: Sequence[Path] = (),
+               say: Callable[[str], None] | None = None) -> None:
+    """Announce the Python code a spec would run, and refuse it unless the user allowed it; nothing is imported
+    here. A factory file must lie (symlinks followed) inside the spec's folder, or inside a folder of
+    `allow_code_from`; inside the spec's folder it also needs `allow_code`. A module needs `allow_code`, and a module
+    of Python's standard library is refused always. Raises one UserError naming every refused factory."""
+    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    home = Path(spec_dir).resolve()
+    trusted = [Path(d).expanduser().resolve() for d in allow_code_from]
+    problems: list[str] = []
+    for m, where in python_models(spec):
+        key = f"{where}.factory"
+        target, function = (m.factory or ":").rsplit(":", 1)
+        if target.endswith(".py"):
+            file = Path(target).resolve()  # symlinks followed: a link beside the spec to a file elsewhere is elsewhere
+            say(f"note: {key}: this spec runs Python code: {function}() from {file}")
+            if any(file.is_relative_to(d) for d in trusted):
+                continue
+            if not file.is_relative_to(home):
+                problems.append(f"{key}: the file {file} ({function}()) is outside the spec's folder {home}; "
+                                "refused even with --allow-code. If you trust it, also pass --allow-code-from "
+                                f"{file.parent}")
+            elif not allow_code:
+                problems.append(f"{key}: the spec runs Python code from {file} ({function}()); nothing was run. "
+                                "Read it, and pass --allow-code if you trust it (allow_code=True in "
+                                "report_builder.run)")
+            continue
+        top = target.split(".")[0]
+        if top in NOT_MODEL_CODE:
+            problems.append(f"{key}: found {m.factory!r}, a function of {top}, which is "
+                            + ("report_builder itself" if top == "report_builder" else "Python's standard library")
+                            + "; a factory must be your own model code (a file beside the spec, or your installed "
+                            "package)")
+            continue
+        say(f"note: {key}: this spec runs Python code: {function}() from the installed module {target}"
+            + (f" ({origin})" if (origin := _module_origin(top)) else ""))
+        if not allow_code:
+            problems.append(f"{key}: the spec runs Python code from the installed module {target} ({function}()); "
+                            "nothing was run. Pass --allow-code if you trust it (allow_code=True in "
+                            "report_builder.run)")
+    if problems:
+        raise UserError("\n".join(problems))
+
+
+def _module_origin(top: str) -> str | None:
+    """Where a top-level module would be imported from, found without importing it (None when unknown)."""
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    return str(found.origin) if found is not None and found.origin else None
+
+
+class LogitsOf(nn.Module):
+    """The user's module with its output cut down to the logits tensor (a dict's 'logits', as Hugging Face models
+    give it, or a tuple's first element). It holds the user's module's own parameters, buffers and children, not
+    the module as a child, so every layer keeps its name (`body.2`, not `model.body.2`), the weights hash is the
+    module's, and hooks on its layers fire in the user's forward pass."""
+
+    def __init__(self, inner: nn.Module, pick: str):
+        super().__init__()
+        object.__setattr__(self, "inner", inner)  # not registered: its children are this module's children
+        for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+            object.__setattr__(self, name, getattr(inner, name))
+        self.pick = pick  # 'logits' or 'first'
+        self.training = inner.training
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        return out["logits"] if self.pick == "logits" else out[0]
+
+    def train(self, mode: bool = True) -> LogitsOf:
+        super().train(mode)
+        self.inner.training = mode
+        return self
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, name)  # e.g. a ViT's num_prefix_tokens, read to lay out its tokens
+
+
+def _user_call(key: str, what: str, fn: Callable, *args):
+    """Call the user's code; whatever it raises, SystemExit, KeyboardInterrupt and GeneratorExit included, is an
+    error of that code, naming `key`."""
+    try:
+        return fn(*args)
+    except UserError:
+        raise
+    except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
+        code = f" {exc.code!r}" if isinstance(exc, SystemExit) else ""
+        hint = " (if you pressed Ctrl-C, run again)" if isinstance(exc, KeyboardInterrupt) else ""
+        raise UserError(f"{key}: {what} raised {type(exc).__name__}{code}{hint}; a factory must return a model, "
+                        "not exit") from None
+    except BaseException as exc:  # noqa: BLE001 - the user's code can fail in any way; say where
+        raise UserError(f"{key}: {what} failed ({type(exc).__name__}: {str(exc)[:300]})") from None
+
+
+def _whole(value, key: str, made: str, least: int = SIZE_RANGE[0]) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float, np.floating)) or (
+            isinstance(value, (float, np.floating)) and not float(value).is_integer()):
+        raise UserError(f"{key}: {made} returned {_shown(value)}, expected a whole number of pixels")
+    if not least <= int(value) <= SIZE_RANGE[1]:
+        raise UserError(f"{key}: {made} returned {int(value)}, expected a whole number of pixels from {least} to "
+                        f"{SIZE_RANGE[1]}")
+    return int(value)
+
+
+def _three(value, key: str, made: str, positive: bool) -> tuple[float, float, float]:
+    expected = "3 finite numbers" + (" greater than 0" if positive else "") + ", one per channel (R, G, B)"
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    elif isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
+            isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in value):
+        raise UserError(f"{key}: {made} returned {_shown(value)}, expected {expected}")
+    out = tuple(float(v) for v in value)
+    if not all(math.isfinite(v) for v in out) or (positive and not all(v > 0 for v in out)):
+        raise UserError(f"{key}: {made} returned {_shown(value)}, expected {expected}")
+    return out
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return (text if len(text) <= 80 else text[:77] + "...") + (f" ({type(value).__name__})"
+                                                                 if not isinstance(value, str) else "")
+
+
+def user_preprocess(given, key: str, made: str) -> Preprocess:
+    """The 'preprocess' a factory returned, checked as a spec's numbers are (the defaults are ImageNet's)."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise UserError(f"{key} → preprocess: {made} returned {_shown(given)}, expected a dict with some of "
+                        f"{', '.join(PREPROCESS_KEYS)}")
+    unknown = [k for k in given if k not in PREPROCESS_KEYS]
+    if unknown:
+        raise UserError(f"{key} → preprocess: {made} returned the unknown key {unknown[0]!r}; expected some of "
+                        f"{', '.join(PREPROCESS_KEYS)}")
+    size = _whole(given.get("input_size", 224), f"{key} → preprocess.input_size", made)
+    resize = _whole(given.get("resize_size", 256), f"{key} → preprocess.resize_size", made)
+    if resize < size:
+        said = "" if "resize_size" in given else " (the default; return resize_size too)"
+        raise UserError(f"{key} → preprocess.resize_size: {made} gives {resize}{said}, expected at least input_size "
+                        f"{size}: the image is resized, then centre-cropped to input_size")
+    mean = _three(given.get("mean", IMAGENET_MEAN), f"{key} → preprocess.mean", made, positive=False)
+    std = _three(given.get("std", IMAGENET_STD), f"{key} → preprocess.std", made, positive=True)
+    interpolation = given.get("interpolation", "bilinear")
+    if interpolation not in _INTERPOLATION:
+        raise UserError(f"{key} → preprocess.interpolation: {made} returned {_shown(interpolation)}, expected one of "
+                        f"{', '.join(repr(k) for k in _INTERPOLATION)}")
+    return Preprocess(size, resize, mean, std, interpolation)
+
+
+def _user_classes(given, key: str, made: str) -> list[str]:
+    if not isinstance(given, (list, tuple)) or not given or not all(isinstance(c, str) for c in given):
+        raise UserError(f"{key} → classes: {made} returned {_shown(given)}, expected a list of class names (text), "
+                        "one per output of the model")
+    long = next((i for i, c in enumerate(given) if not c.strip() or len(c) > 200), None)
+    if long is not None:
+        raise UserError(f"{key} → classes[{long}]: {made} returned {_shown(given[long])}, expected a name of 1 to 200 "
+                        "characters")
+    return list(given)
+
+
+def _to_float32(model: nn.Module, key: str, made: str) -> None:
+    """A float16, bfloat16 or float64 model is run in float32, with a warning: the explanations' gradients and
+    LIME's regression need it, and the inputs are float32."""
+    other = sorted({str(t.dtype).removeprefix("torch.") for t in [*model.parameters(), *model.buffers()]
+                    if t.is_floating_point() and t.dtype != torch.float32})
+    if other:
+        print(f"warning: {key}: the model from {made} holds {', '.join(other)} weights; they are converted to "
+              "float32 for this run (explanations need float32 gradients)", file=sys.stderr, flush=True)
+        model.float()
+
+
+def _check_forward(model: nn.Module, pre: Preprocess, key: str, made: str) -> tuple[nn.Module, int]:
+    """Run the model once on a blank and a random image: its output must be N x classes and finite. A dict with
+    'logits' or a tuple/list whose first item is the logits is cut down to them (`LogitsOf`). Returns the module to
+    use and the number of classes."""
+    device = next(model.parameters(), torch.empty(0)).device
+    size = pre.input_size
+    x = torch.cat([torch.zeros(1, 3, size, size),
+                   torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))]).to(device)
+    shown = f"2 x 3 x {size} x {size}"
+    with torch.inference_mode():
+        out = _user_call(key, f"the forward pass of the model from {made} on a blank batch of {shown}", model, x)
+    pick = None
+    if isinstance(out, dict):
+        if not isinstance(out.get("logits"), torch.Tensor):
+            raise UserError(f"{key}: the model from {made} returns a dict with keys {', '.join(map(repr, out))[:200]}; "
+                            "expected a tensor of N x classes, or a dict with 'logits'")
+        out, pick = out["logits"], "logits"
+    elif isinstance(out, (tuple, list)):
+        if not out or not isinstance(out[0], torch.Tensor):
+            raise UserError(f"{key}: the model from {made} returns a {type(out).__name__} whose first item is "
+                            f"{type(out[0]).__name__ if out else 'missing'}; expected a tensor of N x classes (or a "
+                            "tuple whose first item is the logits)")
+        out, pick = out[0], "first"
+    elif not isinstance(out, torch.Tensor):
+        raise UserError(f"{key}: the model from {made} returns {type(out).__name__}; expected a tensor of N x classes")
+    if out.dim() != 2 or out.shape[0] != 2 or out.shape[1] < 1:
+        raise UserError(f"{key}: the model from {made} gives outputs of shape {' x '.join(map(str, out.shape)) or 'a scalar'} "
+                        f"for a batch of {shown}; expected 2 x classes (one score per class, per image)")
+    if not out.is_floating_point():
+        raise UserError(f"{key}: the model from {made} gives {str(out.dtype).removeprefix('torch.')} outputs; "
+                        "expected floating-point scores (logits)")
+    if not torch.isfinite(out).all():
+        raise UserError(f"{key}: the model from {made} gives outputs that are not finite (NaN or infinity) on a "
+                        f"blank and a random image ({shown}); expected finite scores")
+    return (LogitsOf(model, pick) if pick else model), int(out.shape[1])
+
+
 def _python(spec: ModelSpec, where: str) -> LoadedModel:
     """A model built by the user's own function: `file.py:function` (a file beside the spec) or `module:function`
     (an installed module). The function returns an nn.Module, or a dict with 'model' and, optionally, 'classes'
-    (class names) and 'preprocess' (input_size, resize_size, mean, std, interpolation)."""
+    (class names) and 'preprocess' (input_size, resize_size, mean, std, interpolation). Everything it returns is
+    checked as a spec is, and the model is run once on a blank input (`_check_forward`). `check_code` has allowed
+    the code before this runs."""
     target, function = (spec.factory or ":").rsplit(":", 1)
-    key = f"{where}.factory"
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.is_file():
-                raise UserError(f"{key}: file {path} does not exist")
-            name = f"report_builder_factory_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+    key = f"{where.split('.versions')[0]}.factory"
+    made = f"{spec.factory}()"
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise UserError(f"{key}: file {path} does not exist")
+        name = f"report_builder_factory_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+
+        def load():
             found = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(found)
             found.loader.exec_module(module)
-            source = path.read_bytes()
-        else:
-            module = importlib.import_module(target)
-            file = getattr(module, "__file__", None)
-            source = Path(file).read_bytes() if file else target.encode()
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's code can fail in any way; say where
-        raise UserError(f"{key}: importing {target} failed ({type(exc).__name__}: {str(exc)[:300]})") from None
+            return module
+
+        module = _user_call(key, f"importing {path}", load)
+        source = path.read_bytes()
+    else:
+        module = _user_call(key, f"importing {target}", importlib.import_module, target)
+        file = getattr(module, "__file__", None)
+        source = Path(file).read_bytes() if file else target.encode()
     build = getattr(module, function, None)
     if not callable(build):
         raise UserError(f"{key}: {target} has no function {function!r}")
-    try:
-        made = build()
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{key}: {spec.factory}() failed ({type(exc).__name__}: {str(exc)[:300]})") from None
-    extra = made if isinstance(made, dict) else {"model": made}
+    result = _user_call(key, made, build)
+    extra = result if isinstance(result, dict) else {"model": result}
     model = extra.get("model")
     if not isinstance(model, nn.Module):
-        raise UserError(f"{key}: {spec.factory}() returned {type(made).__name__}, expected an nn.Module or a dict "
+        raise UserError(f"{key}: {made} returned {type(result).__name__}, expected an nn.Module or a dict "
                         "with 'model' (and optionally 'classes' and 'preprocess')")
-    try:
-        pre = Preprocess(**{"input_size": 224, "resize_size": 256, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-                            **extra.get("preprocess", {})})
-        pre = Preprocess(int(pre.input_size), int(pre.resize_size), tuple(pre.mean), tuple(pre.std), pre.interpolation)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{key}: the 'preprocess' it returned is not usable ({exc}); expected input_size, "
-                        "resize_size, mean, std and interpolation") from None
+    unknown = [k for k in extra if k not in ("model", "classes", "preprocess")]
+    if unknown:
+        raise UserError(f"{key}: {made} returned a dict with the unknown key {unknown[0]!r}; expected 'model', "
+                        "'classes' and 'preprocess'")
+    pre = user_preprocess(extra.get("preprocess"), key, made)
+    given = _user_classes(extra["classes"], key, made) if extra.get("classes") is not None else None
     if spec.path:
         path = Path(spec.path)
         load_into(model, load_checkpoint(path, where), path, where)
+    _to_float32(model, key, made)
+    check_finite(model, key)
+    module, n = _check_forward(model.eval(), pre, key, made)
     if spec.classes:
         classes = class_names_for(spec, "imagenet", where)
-    elif extra.get("classes"):
-        classes = [str(c) for c in extra["classes"]]
+        if len(classes) != n:
+            raise UserError(f"{where}.classes: found {len(classes)} class names, but the model from {made} has {n} "
+                            "outputs; expected one name per output")
+    elif given is not None:
+        if len(given) != n:
+            raise UserError(f"{key} → classes: {made} returned {len(given)} class names, but the model has {n} "
+                            "outputs; expected one name per output")
+        classes = given
     else:
-        with torch.inference_mode():
-            n = model.eval()(torch.zeros(1, 3, pre.input_size, pre.input_size)).shape[-1]
         classes = imagenet_classes() if n == 1000 else [f"class {i}" for i in range(n)]
-    loaded = LoadedModel(spec, model, pre, classes, f"{spec.factory}" + (f" with {Path(spec.path).name}" if spec.path
-                                                                          else ""))
+    loaded = LoadedModel(spec, module, pre, classes, f"{spec.factory}" + (f" with {Path(spec.path).name}" if spec.path
+                                                                           else ""))
     loaded.code_hash = hashlib.sha256(source).hexdigest()
     return loaded
 

@@ -205,7 +205,7 @@ def test_a_model_from_the_users_own_code(tmp_path):
     spec = tmp_path / "py.yaml"
     spec.write_text(PY_SPEC.format(factory="model_def.py:build_model", path=""))
     out = tmp_path / "run"
-    assert main(["run", str(spec), "--out", str(out)]) == 0
+    assert main(["run", str(spec), "--out", str(out), "--allow-code"]) == 0
     r = json.loads((out / "results.json").read_text())
     (m,) = r["models"]
     assert m["target_layer"] == "body" and m["num_classes"] == 4 and m["preprocess"]["input_size"] == 64
@@ -243,7 +243,8 @@ def test_factory_problems_are_clear_errors(tmp_path, capsys, factory, expected):
     spec = tmp_path / "py.yaml"
     spec.write_text(PY_SPEC.format(factory=factory, path=""))
     for command in ("validate", "run"):
-        assert main([command, str(spec)] + (["--out", str(tmp_path / "out")] if command == "run" else [])) == 2
+        assert main([command, str(spec), "--allow-code"]
+                    + (["--out", str(tmp_path / "out")] if command == "run" else [])) == 2
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
