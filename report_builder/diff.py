@@ -253,7 +253,7 @@ def write_diff(dir_a: Path, dir_b: Path, out: Path, pairs: list[tuple[str, str]]
 
     check_output(Path(out), "diff", [dir_a, dir_b])
     result = clean_nan(diff_runs(dir_a, dir_b, pairs))
-    with atomic_dir(Path(out), "diff", [dir_a, dir_b]) as work:
+    with atomic_dir(Path(out), "diff", [dir_a, dir_b], first="diff.json") as work:
         write_json(work / "diff.json", result)
         render_diff(work, result)
     return Path(out)

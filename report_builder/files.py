@@ -1,10 +1,11 @@
 """Writing output: JSON with NaN as null, and folders that appear whole or not at all.
 
-A command writes only where it was told to. An output folder may be replaced only when it is absent,
-empty, or one of our own folders of the same kind holding nothing but what we write; anything else is
-refused before any work starts. Work happens in a hidden `.NAME.partial-PID` folder beside the target,
-which carries an owner file so that a later run can tell a partial folder of a dead process (removed)
-from one that is still being written (left alone).
+A command writes only where it was told to: into a folder that is absent, empty, or one of our own folders
+of the same kind, which its marker file says (with the list of every file we wrote there). Anything else is
+refused before any work starts. In a folder of ours, only the files the marker lists are replaced: what a
+user added (notes, a .git folder, an extra figure) stays. Work happens in a hidden `.NAME.partial-PID`
+folder beside the target, which carries an owner file so that a later run can tell a partial folder of a
+dead process (removed) from one that is still being written (left alone).
 """
 from __future__ import annotations
 
@@ -16,22 +17,16 @@ import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from .errors import UserError
 
-MARKER = ".report_builder"  # in every folder we write: {"kind": "run" | "diff"}
+MARKER = ".report_builder"  # in every folder we write: {"kind": "run" | "diff", "files": [what we wrote]}
+MAX_MARKER_BYTES = 64 * 1024 * 1024
 OWNER = ".owner"  # in a partial folder: {"host": ..., "pid": ...}
-# What our run and diff folders hold at their top level; anything else in a folder is someone else's.
-OUR_ENTRIES = {
-    "run": {MARKER, "results.json", "report.html", "report.pdf", "units.html", "agreement.csv", "evaluation.csv",
-            "dissection", "explanations", "netdissect", "figures", "sweep.csv"},
-    "diff": {MARKER, "diff.json", "report.html", "report.pdf", "figures"},
-}
-# Files that tell an older folder of ours (written before the marker existed) by its kind.
-KIND_FILES = {"run": "results.json", "diff": "diff.json"}
+KINDS = ("run", "diff")
 
 
 def clean_nan(value):
@@ -100,24 +95,56 @@ def read_text(path: Path, where: str, what: str, max_bytes: int = MAX_TEXT_BYTES
 # ---------------------------------------------------------------- which folders are ours
 
 
-def folder_kind(folder: Path) -> str | None:
-    """'run' or 'diff' for a folder we wrote, else None."""
-    folder = Path(folder)
-    marker = folder / MARKER
+def read_marker(folder: Path) -> dict | None:
+    """The marker of a folder we wrote: {"kind": "run" | "diff", "files": [every file we wrote there, relative]},
+    or None when the folder has no readable marker of ours. Only the marker makes a folder ours: another tool's
+    results.json is not enough."""
+    marker = Path(folder) / MARKER
     try:
-        if marker.is_file() and marker.stat().st_size < 4096:
-            kind = json.loads(marker.read_text(encoding="utf-8")).get("kind")
-            return kind if kind in KIND_FILES else None
-    except (OSError, ValueError, AttributeError):
+        if marker.is_symlink() or not marker.is_file() or marker.stat().st_size > MAX_MARKER_BYTES:
+            return None
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    for kind, name in KIND_FILES.items():  # folders written before the marker existed
-        if (folder / name).is_file():
-            return kind
-    return None
+    if not isinstance(data, dict) or data.get("kind") not in KINDS:
+        return None
+    files = data.get("files")
+    if files is not None and not (isinstance(files, list) and all(_plain_relative(f) for f in files)):
+        return None
+    return {"kind": data["kind"], "files": files}
+
+
+def _plain_relative(rel: object) -> bool:
+    """A relative path with no '..', no empty part and no hidden leading part: what our manifests hold."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def folder_kind(folder: Path) -> str | None:
+    """'run' or 'diff' for a folder whose marker says we wrote it, else None."""
+    marker = read_marker(folder)
+    return marker["kind"] if marker else None
+
+
+def write_marker(folder: Path, kind: str, files: Iterable[str]) -> None:
+    atomic_write(Path(folder) / MARKER, json.dumps({"kind": kind, "files": sorted(set(files))}).encode("utf-8"))
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file under `folder`, relative and '/'-separated, except our marker and owner files."""
+    out = []
+    for root, dirs, names in os.walk(folder):
+        rel_root = os.path.relpath(root, folder)
+        for name in names:
+            rel = name if rel_root == "." else f"{rel_root}/{name}".replace(os.sep, "/")
+            if rel not in (MARKER, OWNER):
+                out.append(rel)
+    return sorted(out)
 
 
 def check_output(out: Path, kind: str, inputs: Iterable[Path] = (), option: str = "--out") -> None:
-    """Refuse an output folder we may not replace, before any work starts (see the module docstring)."""
+    """Refuse an output folder we may not write into, before any work starts (see the module docstring)."""
     out = Path(out)
     if out.is_symlink():
         raise UserError(f"{option} {out}: is a symbolic link; give the folder itself")
@@ -135,23 +162,90 @@ def check_output(out: Path, kind: str, inputs: Iterable[Path] = (), option: str 
     if not out.exists():
         return
     try:
-        entries = sorted(p.name for p in out.iterdir())
+        entries = sorted(p.name for p in out.iterdir() if not _our_work_folder(p))
     except OSError as exc:
         raise UserError(f"{option} {out}: cannot read the folder ({exc.strerror})") from None
     if not entries:
         return
-    found = folder_kind(out)
-    if found is None:
+    marker = read_marker(out)
+    if marker is None:
         listing = ", ".join(entries[:5]) + (", …" if len(entries) > 5 else "")
         raise UserError(f"{option} {out}: the folder holds files that report_builder did not write ({listing}); "
                         "it is left untouched. Give an empty or new folder")
-    if found != kind:
-        raise UserError(f"{option} {out}: is a report_builder {found} folder, not a {kind} folder; it is left "
-                        f"untouched. Give another folder")
-    foreign = [name for name in entries if name not in OUR_ENTRIES[kind] and not name.startswith(".")]
-    if foreign:
-        raise UserError(f"{option} {out}: this {kind} folder also holds files that report_builder did not write "
-                        f"({', '.join(foreign[:5])}); move them out first, or give another folder")
+    if marker["kind"] != kind:
+        raise UserError(f"{option} {out}: is a report_builder {marker['kind']} folder, not a {kind} folder; it is "
+                        "left untouched. Give another folder")
+    if marker["files"] is None:
+        raise UserError(f"{option} {out}: was written by an older report_builder that kept no list of the files it "
+                        "wrote, so it cannot tell them from yours; it is left untouched. Move what you want to keep "
+                        "and delete the folder, or give another folder")
+
+
+def _symlinked_part(folder: Path, rel: str) -> str | None:
+    """The first part of `rel` under `folder` that is a symbolic link (then writing there could reach outside)."""
+    path = Path(folder)
+    for part in rel.split("/")[:-1]:
+        path = path / part
+        if path.is_symlink():
+            return str(path.relative_to(folder))
+    return None
+
+
+def _move(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+
+
+def _remove_empty_dirs(folder: Path, rels: Iterable[str]) -> None:
+    """Remove the folders that held `rels` once they are empty (a folder holding anything else stays)."""
+    dirs = {str(Path(r).parent) for r in rels} - {"."}
+    for d in sorted({p for d in dirs for p in [d, *map(str, Path(d).parents)] if p != "."}, key=len, reverse=True):
+        try:
+            (folder / d).rmdir()
+        except OSError:
+            pass
+
+
+def replace_ours(target: Path, work: Path, kind: str, scope: Callable[[str], bool] | None = None,
+                 first: str | None = None) -> None:
+    """Move every file of `work` into `target`, an existing folder that is empty or ours (check_output): the files
+    our marker lists (those `scope` selects, all by default) are replaced, and anything else in `target` — a
+    user's notes, a .git folder — stays where it is. `first`, the file that makes a folder readable (results.json),
+    goes out first and comes back last, so an interrupted replacement is never read as a whole run.
+
+    Crash safety: the marker first lists the old files and the new ones together, so whatever an interruption
+    leaves in `target` is still known to be ours; the old files wait in a hidden folder with an owner file, which
+    the next run removes (remove_stale)."""
+    marker = read_marker(target) or {"files": []}
+    old_files = [f for f in marker["files"] or [] if scope is None or scope(f)]
+    kept = [f for f in marker["files"] or [] if f not in old_files]
+    new_files = files_under(work)
+    ours = set(old_files) | set(kept)
+    theirs = [f for f in new_files if f not in ours and os.path.lexists(target / f)]
+    theirs += [f for f in new_files if f not in ours and any((target / p).is_file() and str(p) not in ours
+                                                             for p in Path(f).parents if str(p) != ".")]
+    if theirs:
+        raise UserError(f"{target}: holds files of yours where this {kind} writes its own ({', '.join(theirs[:5])}); "
+                        "nothing was replaced. Move them, or give another folder")
+    linked = next(filter(None, (_symlinked_part(target, f) for f in old_files + new_files)), None)
+    if linked:
+        raise UserError(f"{target}: {linked} is a symbolic link, where this {kind} writes its files; nothing was "
+                        "replaced. Replace the link by a folder, or give another folder")
+    order = sorted(old_files, key=lambda f: f != first)
+    write_marker(target, kind, ours | set(new_files))
+    old = target / f".{kind}.old-{os.getpid()}"
+    if old_files:
+        shutil.rmtree(old, ignore_errors=True)
+        owned_folder(old)
+    for f in order:
+        path = target / f
+        if os.path.lexists(path) and (path.is_symlink() or not path.is_dir()):  # a folder there now is the user's
+            _move(path, old / f)
+    _remove_empty_dirs(target, old_files)
+    for f in sorted(new_files, key=lambda f: f == first):
+        _move(work / f, target / f)
+    write_marker(target, kind, set(kept) | set(new_files))
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- atomic folders
@@ -187,6 +281,12 @@ def remove_stale(parent: Path, name: str) -> list[Path]:
     return removed
 
 
+def _our_work_folder(path: Path) -> bool:
+    """A `.NAME.partial-PID` or `.NAME.old-PID` folder with our owner file: a run's work in progress or its leftover."""
+    return (path.name.startswith(".") and (".partial-" in path.name or ".old-" in path.name) and path.is_dir()
+            and not path.is_symlink() and (path / OWNER).is_file())
+
+
 def _owned_by_this_pid(folder: Path) -> bool:
     try:
         owner = json.loads((folder / OWNER).read_text(encoding="utf-8"))
@@ -201,42 +301,52 @@ def owned_folder(path: Path) -> None:
     (path / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
 
 
-@contextmanager
-def atomic_dir(target: Path, kind: str, inputs: Iterable[Path] = ()) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `target`; on success it replaces `target`, on any failure it is
-    removed, so a failed run never leaves a half-written output folder. `target` is checked first with
-    `check_output`: a folder that is not ours is never replaced."""
-    target = Path(target)
-    check_output(target, kind, inputs)
-    parent = target.parent
+def partial_folder(parent: Path, name: str) -> Path:
+    """A fresh hidden work folder `.NAME.partial-PID` in `parent`, after removing those of ended processes."""
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(parent, target.name)
-        work = parent / f".{target.name}.partial-{os.getpid()}"
+        remove_stale(parent, name)
+        work = parent / f".{name}.partial-{os.getpid()}"
         if work.exists() and _owned_by_this_pid(work):
             shutil.rmtree(work)  # left by an ended process that had our pid: this one has not made it yet
         owned_folder(work)
     except OSError as exc:
         raise output_error(exc, parent) from None
+    return work
+
+
+@contextmanager
+def atomic_dir(target: Path, kind: str, inputs: Iterable[Path] = (), first: str | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success its files go into `target`, on any failure it is removed, so a
+    failed run never leaves a half-written output folder. `target` is checked first with `check_output`: a folder
+    that is not ours is never written into. A new target appears whole (its work folder, beside it, is renamed);
+    an existing one (empty, or ours) gets its work folder inside it, and only the files we wrote are replaced
+    (replace_ours): it never goes missing, and nothing is written outside it."""
+    target = Path(target)
+    check_output(target, kind, inputs)
+    existed = target.is_dir()
+    work = partial_folder(target, kind) if existed else partial_folder(target.parent, target.name)
     try:
         yield work
-        (work / MARKER).write_text(json.dumps({"kind": kind}))
-        (work / OWNER).unlink()
         check_output(target, kind, inputs)  # again: someone may have written there while we worked
-        old = parent / f".{target.name}.old-{os.getpid()}"
-        if target.exists():
-            _owned_folder_from(target, old)
-        work.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        (work / OWNER).unlink()
+        if existed or target.exists():
+            replace_ours(target, work, kind, first=first)
+        else:
+            write_marker(work, kind, files_under(work))
+            work.rename(target)
+    finally:
         shutil.rmtree(work, ignore_errors=True)
-        raise
 
 
-def _owned_folder_from(target: Path, old: Path) -> None:
-    """Move the folder being replaced aside, marked as ours, so that a crash before the end is cleaned up later."""
-    target.rename(old)
-    (old / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+def check_cache_apart(cache_root: Path, out: Path) -> None:
+    """The cache and a run's output must not hold one another: the run would list cache entries as its files, or
+    a rerun would replace cache entries."""
+    c, o = Path(cache_root).resolve(), Path(out).resolve()
+    if c == o or c.is_relative_to(o) or o.is_relative_to(c):
+        where = "is inside" if c.is_relative_to(o) and c != o else "holds" if c != o else "is"
+        raise UserError(f"--cache-dir {cache_root}: {where} the output folder {out}; keep the cache apart (the "
+                        "default, ~/.cache/report_builder, is)")
 
 
 # ---------------------------------------------------------------- messages for the disk's errors

@@ -25,13 +25,13 @@ from jinja2.exceptions import UndefinedError  # noqa: E402
 
 from . import analysis  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .files import atomic_write, output_error, owned_folder, remove_stale  # noqa: E402
+from .files import OWNER, atomic_write, check_output, output_error, partial_folder, replace_ours  # noqa: E402
 from .rundir import RunFormatError, inside, load_results  # noqa: E402
 from .spec import METHOD_TITLES  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 PALETTE = ["#3b6ea5", "#d1495b", "#edae49", "#00798c", "#66a182", "#8d6a9f"]
-REPORT_FILES = ("figures", "report.html", "report.pdf", "units.html")
+REPORT_FILES = ("report.html", "report.pdf", "units.html")
 
 
 def render_run(run_dir: Path, results: dict | None = None) -> None:
@@ -46,13 +46,8 @@ def render_run(run_dir: Path, results: dict | None = None) -> None:
         _render_into(run_dir, run_dir, results)
         return
     results = load_results(run_dir)
-    try:
-        remove_stale(run_dir, "render")
-        stage = run_dir / f".render.partial-{os.getpid()}"
-        shutil.rmtree(stage, ignore_errors=True)
-        owned_folder(stage)
-    except OSError as exc:
-        raise output_error(exc, run_dir) from None
+    check_output(run_dir, "run", option="render")  # only a folder whose marker lists what we wrote is written into
+    stage = partial_folder(run_dir, "run")
     try:
         try:
             _render_into(stage, run_dir, results)
@@ -60,17 +55,17 @@ def render_run(run_dir: Path, results: dict | None = None) -> None:
             raise RunFormatError(f"{run_dir / 'results.json'}: does not have the layout this report_builder writes "
                                  f"({type(exc).__name__}: {str(exc)[:200]}); re-run the spec, or render it with the "
                                  "version that wrote it") from None
-        for name in REPORT_FILES:
-            new, old = stage / name, run_dir / name
-            if not new.exists():
-                continue
-            if new.is_dir() and old.is_dir():
-                old.rename(stage / f"{name}.old")
-            os.replace(new, old)
+        (stage / OWNER).unlink()
+        replace_ours(run_dir, stage, "run", scope=_is_report_file)
     except OSError as exc:
         raise output_error(exc, run_dir) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _is_report_file(rel: str) -> bool:
+    """What rendering writes, and so what a re-render replaces: nothing else of the run is touched."""
+    return rel in REPORT_FILES or rel.split("/")[0] == "figures"
 
 
 def _render_into(out_dir: Path, run_dir: Path, results: dict) -> None:

@@ -184,6 +184,9 @@ def check_results(results: Any, run_dir: Path) -> dict:
 def load_results(run_dir: Path) -> dict:
     """results.json of a run directory, checked (see check_results)."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise UserError(f"{run_dir}: is a file, not a run directory; give the folder a run wrote (e.g. output/demo)"
+                        + (". To run a spec, use 'run'" if run_dir.suffix in (".yaml", ".yml") else ""))
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     path = run_dir / "results.json"

@@ -26,7 +26,7 @@ from . import activations, collect, dissect, evaluate, explain, netdissect, scor
 from .cache import Cache
 from .data import SampleImage, load_images
 from .errors import UserError
-from .files import atomic_dir, check_output, write_json
+from .files import atomic_dir, check_cache_apart, check_output, write_json
 from .probe import Crop, ProbeSet, pixels_task
 from .progress import Progress
 from .spec import CAM_METHODS, METHOD_TITLES, LoadedSpec, resolve_batch
@@ -480,6 +480,7 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
     cache.warn_to = lambda text: progress.say(f"warning: {text}")
     out_dir = Path(out_dir)
     check_output(out_dir, "run")  # before any work: a folder that is not ours is refused at once
+    check_cache_apart(cache.root, out_dir)
     spec = loaded.spec
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     device = pick_device(spec.device)
@@ -493,7 +494,7 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
         progress.say(f"{len(plan.graph.tasks)} tasks, executor {where}")
         with progress.stage("compute"):
             outcome = ex.run(plan.graph, plan.wanted, cache, progress)
-    with atomic_dir(out_dir, "run") as work:
+    with atomic_dir(out_dir, "run", first="results.json") as work:
         with progress.stage("write results"):
             results = collect.results(loaded, inputs, plan, outcome, work, progress, device.type)
         results["provenance"].update(started=started, device=device_description(device), device_type=device.type,

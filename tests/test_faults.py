@@ -417,25 +417,186 @@ def test_run_never_replaces_a_file(tmp_path, capsys, ckpt):
     assert code == 2 and "is inside" in err and "which is a file" in err
 
 
-def test_a_run_folder_with_a_users_file_inside_is_not_replaced(tmp_path, capsys, good_run):
-    run = tmp_path / "run"
-    shutil.copytree(good_run, run)
-    (run / "my-notes.md").write_text("mine")
-    spec = tmp_path / "spec.yaml"
-    shutil.copy(good_run.parent / "spec.yaml", spec)
-    code, err = run_cli(capsys, "run", spec, "--out", run)
-    assert code == 2 and "my-notes.md" in err
-    assert (run / "my-notes.md").read_text() == "mine"
+USERS_FILES = {".git/HEAD": "ref: refs/heads/main\n", ".notes.md": "mine", "my-notes.md": "mine too",
+               "figures/extra.png": "my own figure", "figures/my_notes.txt": "about the figures",
+               "explanations/net/keep.txt": "keep", ".env": "TOKEN=1"}
 
 
-def test_rerunning_into_our_own_run_folder_replaces_it(tmp_path, capsys, good_run):
+def _add_users_files(run: Path) -> None:
+    for rel, text in USERS_FILES.items():
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text(text)
+
+
+def _users_files(run: Path) -> dict[str, str]:
+    return {rel: (run / rel).read_text() for rel in USERS_FILES if (run / rel).is_file()}
+
+
+def test_a_rerun_replaces_only_what_it_wrote_and_keeps_the_users_files(tmp_path, capsys, good_run):
     run = tmp_path / "run"
     shutil.copytree(good_run, run)
+    _add_users_files(run)
     (run / "report.pdf").write_text("stale")
-    spec = good_run.parent / "spec.yaml"
-    code, _ = run_cli(capsys, "run", spec, "--out", run)
-    assert code == 0 and (run / "report.pdf").read_bytes().startswith(b"%PDF")
+    code, err = run_cli(capsys, "run", good_run.parent / "spec.yaml", "--out", run)
+    assert code == 0, err
+    assert _users_files(run) == USERS_FILES  # .git, hidden notes, a figure and a file among the explanations
+    assert (run / "report.pdf").read_bytes().startswith(b"%PDF")
+    marker = json.loads((run / ".report_builder").read_text())
+    assert marker["kind"] == "run" and "results.json" in marker["files"]
+    assert not set(USERS_FILES) & set(marker["files"])  # the user's files never become ours
+    hidden = {p.name for p in run.iterdir() if p.name.startswith(".")}
+    assert hidden == {".git", ".notes.md", ".env", ".report_builder"}  # no work folder left behind
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_render_replaces_only_its_own_files(tmp_path, capsys, good_run):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    _add_users_files(run)
+    ours = {rel: (run / rel).read_bytes() for rel in json.loads((run / ".report_builder").read_text())["files"]
+            if not rel.startswith("figures/") and rel not in ("report.html", "report.pdf", "units.html")}
+    code, err = run_cli(capsys, "render", run)
+    assert code == 0, err
+    assert _users_files(run) == USERS_FILES
+    assert {rel: (run / rel).read_bytes() for rel in ours} == ours  # results, CSVs, overlays: not touched
+    assert [p.name for p in run.iterdir() if ".partial-" in p.name or ".old-" in p.name] == []
+
+
+@pytest.mark.parametrize("found", ["results.json", "diff.json"])
+def test_another_tools_results_json_does_not_make_a_folder_ours(tmp_path, capsys, good_run, found):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / found).write_text(json.dumps({"schema_version": 1, "accuracy": 0.9}))
+    (other / ".env").write_text("SECRET=1")
+    (other / ".git").mkdir()
+    (other / ".git" / "HEAD").write_text("ref")
+    before = snapshot(other)
+    if found == "results.json":
+        code, err = run_cli(capsys, "run", good_run.parent / "spec.yaml", "--out", other)
+    else:
+        code, err = run_cli(capsys, "diff", good_run, good_run, "--out", other)
+    assert code == 2 and "did not write" in err and "left untouched" in err
+    assert snapshot(other) == before
+
+
+def test_a_run_folder_of_an_older_version_without_a_file_list_is_left_alone(tmp_path, capsys, good_run):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    (run / ".report_builder").write_text(json.dumps({"kind": "run"}))  # what versions before the manifest wrote
+    (run / "explanations" / "net" / "keep.txt").write_text("keep")
+    before = snapshot(run)
+    code, err = run_cli(capsys, "run", good_run.parent / "spec.yaml", "--out", run)
+    assert code == 2 and "kept no list of the files it wrote" in err
+    code, err = run_cli(capsys, "render", run)
+    assert code == 2 and "kept no list" in err
+    assert snapshot(run) == before
+
+
+def _ours(folder: Path, files: dict[str, str], kind: str = "run") -> None:
+    from report_builder.files import write_marker
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    write_marker(folder, kind, files)
+
+
+def test_replacing_refuses_to_write_over_a_users_file(tmp_path):
+    from report_builder.files import replace_ours
+
+    target, work = tmp_path / "run", tmp_path / "work"
+    _ours(target, {"results.json": "old", "a/x.png": "old"})
+    (target / "a" / "y.png").write_text("the user's")  # where the new run writes a file of its own
+    (target / "b").write_text("the user's file, where the new run makes a folder")
+    before = snapshot(target)
+    for rel in ("results.json", "a/x.png", "a/y.png", "b/z.png"):
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text("new")
+    with pytest.raises(UserError, match=r"holds files of yours where this run writes its own \(a/y.png, b/z.png\)"):
+        replace_ours(target, work, "run", first="results.json")
+    assert snapshot(target) == before
+
+
+def test_replacing_never_follows_a_link_out_of_the_run(tmp_path):
+    from report_builder.files import replace_ours
+
+    target, work, elsewhere = tmp_path / "run", tmp_path / "work", tmp_path / "elsewhere"
+    _ours(target, {"results.json": "old", "figures/x.png": "old"})
+    shutil.rmtree(target / "figures")
+    elsewhere.mkdir()
+    (elsewhere / "x.png").write_text("someone else's")
+    (target / "figures").symlink_to(elsewhere)
+    (work / "figures").mkdir(parents=True)
+    (work / "figures" / "x.png").write_text("new")
+    (work / "results.json").write_text("new")
+    with pytest.raises(UserError, match="figures is a symbolic link"):
+        replace_ours(target, work, "run")
+    assert (elsewhere / "x.png").read_text() == "someone else's"
+
+
+def test_a_replacement_cut_short_loses_nothing_and_the_next_one_completes(tmp_path, monkeypatch):
+    """A kill in the middle of replacing a run (simulated: the fifth move fails): the target is still there, every
+    file in it is one the marker calls ours or the user's own, and the next run finishes the job."""
+    from report_builder import files
+
+    target = tmp_path / "run"
+    _ours(target, {"results.json": "old", "report.html": "old", "figures/a.png": "old", "figures/b.png": "old"})
+    (target / "figures" / "mine.txt").write_text("the user's")
+
+    def new_work() -> Path:
+        work = tmp_path / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        for rel in ("results.json", "report.html", "figures/a.png", "figures/c.png"):
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            (work / rel).write_text("new")
+        return work
+
+    real_move, moves = files._move, []
+
+    def dying_move(src, dst):
+        moves.append(src)
+        if len(moves) == 5:
+            raise KeyboardInterrupt
+        real_move(src, dst)
+
+    monkeypatch.setattr(files, "_move", dying_move)
+    with pytest.raises(KeyboardInterrupt):
+        files.replace_ours(target, new_work(), "run", first="results.json")
+    monkeypatch.setattr(files, "_move", real_move)
+    assert target.is_dir() and not (target / "results.json").exists()  # never read as a whole run
+    listed = set(json.loads((target / ".report_builder").read_text())["files"])
+    present = {rel for rel in files.files_under(target) if not rel.startswith(".")}
+    assert present - listed == {"figures/mine.txt"}
+    leftover = next(target.glob(".run.old-*"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (leftover / ".owner").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid}))
+    work = files.partial_folder(target, "run")  # as the next run does: it removes the ended run's leftovers
+    assert not leftover.exists()
+    shutil.rmtree(work)
+    files.replace_ours(target, new_work(), "run", first="results.json")
+    assert {rel: (target / rel).read_text() for rel in files.files_under(target)} == {
+        "results.json": "new", "report.html": "new", "figures/a.png": "new", "figures/c.png": "new",
+        "figures/mine.txt": "the user's"}
+    assert json.loads((target / ".report_builder").read_text())["files"] == [
+        "figures/a.png", "figures/c.png", "report.html", "results.json"]
+
+
+def test_out_dot_in_an_empty_folder_and_a_cache_inside_the_output(tmp_path, capsys, ckpt, monkeypatch):
+    spec = spec_file(tmp_path, ckpt)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    start = time.perf_counter()
+    code, err = run_cli(capsys, "run", spec, "--out", ".", "--cache-dir", "cache")
+    assert code == 2 and "--cache-dir cache: is inside the output folder ." in err
+    assert time.perf_counter() - start < 10 and list(here.iterdir()) == []  # refused before any work
+    code, err = run_cli(capsys, "run", spec, "--out", ".", "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    assert (here / "report.pdf").is_file() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    code, err = run_cli(capsys, "render", spec)
+    assert code == 2 and "is a file, not a run directory" in err and "use 'run'" in err
 
 
 @pytest.mark.parametrize("where", ["A itself", "inside A", "B itself", "an existing run"])
@@ -693,7 +854,7 @@ def test_render_that_fails_leaves_the_run_as_it_was(tmp_path, capsys, good_run, 
     monkeypatch.setattr(render, "render_html", broken)
     code, err = run_cli(capsys, "render", run)
     assert code == 2 and "does not have the layout" in err
-    assert snapshot(run) == before and [p.name for p in run.iterdir() if p.name.startswith(".render")] == []
+    assert snapshot(run) == before and [p.name for p in run.iterdir() if ".partial-" in p.name] == []
 
 
 def test_diff_with_malformed_provenance_or_truncated_maps(tmp_path, capsys, good_run):
