@@ -11,7 +11,7 @@ On the command line: `report-builder --help` (or `python -m report_builder --hel
 each (spec, zoo, data, probe, concepts, scorers, activations, dissect, netdissect, explain, agreement, evaluate,
 analysis, tasks, runner, collect, render, diff, api, bench).
 """
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def open_run(path):

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, signals_interrupt
 
 
 def _code_flags(parser: argparse.ArgumentParser) -> None:
@@ -18,15 +19,32 @@ def _code_flags(parser: argparse.ArgumentParser) -> None:
                              "implies --allow-code for those files)")
 
 
+def _output_flags(parser: argparse.ArgumentParser, default) -> None:
+    """-q/-v. Given before the command they set the default; after it (default SUPPRESS) they override it."""
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="print only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="also print a line per task and per image")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m report_builder",
         description="Explain what image classifiers learn: network dissection (CLIP-Dissect), Grad-CAM, "
                     "AblationCAM, ScoreCAM and LIME, their agreement, and a report in HTML and PDF.",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
-    p.add_argument("-v", "--verbose", action="store_true", help="also print a line per task and per image")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"report_builder {__version__}")
+    _output_flags(p, default=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = sub.add_parser
+
+    def with_output_flags(*args, **kwargs):  # -q and -v after the command too: `run spec.yaml -q`
+        parser = add_parser(*args, **kwargs)
+        _output_flags(parser, default=argparse.SUPPRESS)
+        return parser
+
+    sub.add_parser = with_output_flags
 
     run = sub.add_parser("run", help="run a spec end to end and write its run directory and report",
                          description="Run a spec: load models and images, dissect the listed layers, explain "
@@ -40,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", choices=("local", "ray"), default="local",
                      help="local: every task in this process (default); ray: the same tasks on Ray")
     run.add_argument("--ray-address", metavar="ADDR",
-                     help="with --executor ray: 'auto' or ray://host:port for an existing cluster; "
-                          "default: a local Ray started for this run and stopped after it")
+                     help="with --executor ray: 'auto', host:port or ray://host:port for an existing cluster "
+                          "(refused within about 10 s when nothing answers there); default: a local Ray "
+                          "started for this run and stopped after it")
     _code_flags(run)
 
     val = sub.add_parser("validate", help="check a spec without running it",
@@ -68,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    with signals_interrupt():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "validate":
             import io
@@ -92,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or Path("output") / loaded.run_name
             if args.ray_address and args.executor != "ray":
                 raise UserError("--ray-address: given without --executor ray")
+            if args.ray_address:  # before any model loads: an address with nothing behind it fails in seconds
+                from .tasks import check_ray_address
+
+                check_ray_address(args.ray_address)
             run(loaded, out, cache=Cache(args.cache_dir, enabled=not args.no_cache),
                 progress=Progress(quiet=args.quiet, verbose=args.verbose), executor=args.executor,
                 ray_address=args.ray_address, allow_code=args.allow_code, allow_code_from=args.allow_code_from)
@@ -120,12 +148,50 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the machine said no: a full or read-only disk, a permission
         from .files import os_error_text
 
-        print(f"error: {os_error_text(exc)}; any output of this command was left out", file=sys.stderr)
+        print(f"error: {os_error_text(exc, _places(args))}; any output of this command was left out", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; no output was written", file=sys.stderr)
-        return 130
+    except (MemoryError, ImportError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        print(f"error: {_memory_text(exc)}; any output of this command was left out", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        terminated = getattr(exc, "signum", None) == signal.SIGTERM
+        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; no output was written", file=sys.stderr)
+        return 143 if terminated else 130
     return 1
+
+
+def _places(args: argparse.Namespace) -> str:
+    """The folders a command writes, to name in a message about the disk that has no filename of its own."""
+    if args.command == "run":
+        from .cache import default_root
+
+        out = args.out or "output/<run_name>"
+        return f"the output folder {out} or the cache {args.cache_dir or default_root()}"
+    if args.command == "diff":
+        return f"the output folder {args.out or 'output/diff-A-vs-B'}"
+    if args.command == "render":
+        return f"the run directory {args.run_dir}"
+    return "the current folder"
+
+
+_MEMORY_WORDS = ("can't allocate memory", "cannot allocate memory", "out of memory", "failed to map segment",
+                 "not enough memory")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or any(w in str(exc).lower() for w in _MEMORY_WORDS)
+
+
+def _memory_text(exc: BaseException) -> str:
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    cap = f"; this process may use at most {limit / 2**30:.1f} GiB of address space (ulimit -v)" \
+        if limit != resource.RLIM_INFINITY else ""
+    return (f"out of memory ({type(exc).__name__}: {str(exc)[:120]}){cap}. Give it more memory, or lower "
+            "batch_size, the number of images or the probe set")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +21,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .files import process_alive
+
 MAGIC = b"report_builder-cache 2\n"
+def _writer() -> str:
+    """Who writes a temporary file, in its name: host and pid (the dots of a host name would split the name)."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+    return True
 
 
 def default_root() -> Path:
@@ -157,7 +164,7 @@ class Cache:
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_writer()}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(MAGIC + header + b"\n" + payload)
             os.replace(tmp, path)
@@ -169,6 +176,22 @@ class Cache:
         finally:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def remove_stale_temporaries(self) -> int:
+        """Remove the half-written entries that ended processes left (a kill -9 in the middle of a write): each
+        temporary file names its writer's host and pid. Another live process's temporaries are left alone."""
+        removed = 0
+        if not self.enabled:
+            return removed
+        for tmp in self.root.glob("*/*/.*.tmp"):
+            host, _, pid = tmp.name[1:].split(".", 1)[0].rpartition("-")
+            if host == socket.gethostname().replace(".", "_") and pid.isdigit() and not process_alive(int(pid)):
+                try:
+                    tmp.unlink()
+                    removed += 1
+                except OSError:
+                    pass
+        return removed
 
     def get_or_compute(self, stage: str, parts: dict[str, Any], compute: Callable[[], Any],
                        shape: Any = Any) -> tuple[Any, bool]:

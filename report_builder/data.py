@@ -13,6 +13,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .files import folder_kind
+from .progress import current
 from .spec import ImagesSpec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -280,6 +282,10 @@ def walk_files(root: Path, where: str) -> list[Path]:
                 continue
             try:
                 if entry.is_dir():
+                    kind = folder_kind(Path(entry.path))
+                    if kind:  # e.g. output/ written inside the image folder by an earlier run: not photos
+                        current().say(f"warning: {where}: skipped {entry.path}, a report_builder {kind} folder")
+                        continue
                     stack.append(Path(entry.path))
                 elif entry.is_file():
                     est = entry.stat()
@@ -377,6 +383,8 @@ def load_images(spec: ImagesSpec, where: str = "images") -> list[SampleImage]:
     files = files[: spec.limit] if spec.limit else files
     masks = Path(spec.masks) if spec.masks else None
     if masks is not None and not masks.is_dir():
+        if masks.exists():
+            raise UserError(f"{where}.masks: {masks} is a file; expected a folder of masks named like the images")
         raise UserError(f"{where}.masks: folder {masks} does not exist")
     out = []
     for image_id, path in zip(_unique_ids(files, root), files):

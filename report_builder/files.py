@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, raise_if_interrupted
 
 MARKER = ".report_builder"  # in every folder we write: {"kind": "run" | "diff", "files": [what we wrote]}
 MAX_MARKER_BYTES = 64 * 1024 * 1024
@@ -251,7 +251,7 @@ def replace_ours(target: Path, work: Path, kind: str, scope: Callable[[str], boo
 # ---------------------------------------------------------------- atomic folders
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -265,7 +265,7 @@ def _owner_gone(folder: Path) -> bool:
     """True for a partial folder of ours whose process, on this machine, has ended."""
     try:
         owner = json.loads((folder / OWNER).read_text(encoding="utf-8"))
-        return owner["host"] == socket.gethostname() and not _alive(int(owner["pid"]))
+        return owner["host"] == socket.gethostname() and not process_alive(int(owner["pid"]))
     except (OSError, ValueError, KeyError, TypeError):
         return False  # not ours to judge: leave it
 
@@ -328,6 +328,7 @@ def atomic_dir(target: Path, kind: str, inputs: Iterable[Path] = (), first: str 
     work = partial_folder(target, kind) if existed else partial_folder(target.parent, target.name)
     try:
         yield work
+        raise_if_interrupted()  # a Ctrl-C that a callback swallowed still stops the commit
         check_output(target, kind, inputs)  # again: someone may have written there while we worked
         (work / OWNER).unlink()
         if existed or target.exists():
@@ -363,7 +364,10 @@ def output_error(exc: OSError, where: Path | str) -> UserError:
     return UserError(f"cannot write {name}: {what}. Nothing was written; free space or choose another folder")
 
 
-def os_error_text(exc: OSError) -> str:
-    """Any OSError that reached the command line, as one sentence naming the file."""
+def os_error_text(exc: OSError, places: str = "") -> str:
+    """Any OSError that reached the command line, as one sentence naming the file (or, when the error names none,
+    the folders the command writes: `places`)."""
     what = _DISK_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))
-    return f"{exc.filename}: {what}" if exc.filename else what
+    if exc.filename:
+        return f"{exc.filename}: {what}"
+    return f"{what} (writing {places})" if places else what

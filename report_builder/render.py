@@ -24,7 +24,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from jinja2.exceptions import UndefinedError  # noqa: E402
 
 from . import analysis  # noqa: E402
-from .errors import UserError  # noqa: E402
+from .errors import UserError, raise_if_interrupted  # noqa: E402
 from .files import OWNER, atomic_write, check_output, output_error, partial_folder, replace_ours  # noqa: E402
 from .rundir import RunFormatError, inside, load_results  # noqa: E402
 from .spec import METHOD_TITLES  # noqa: E402
@@ -56,6 +56,7 @@ def render_run(run_dir: Path, results: dict | None = None) -> None:
                                  f"({type(exc).__name__}: {str(exc)[:200]}); re-run the spec, or render it with the "
                                  "version that wrote it") from None
         (stage / OWNER).unlink()
+        raise_if_interrupted()  # a Ctrl-C that landed in a callback during rendering is not lost
         replace_ours(run_dir, stage, "run", scope=_is_report_file)
     except OSError as exc:
         raise output_error(exc, run_dir) from None

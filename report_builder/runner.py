@@ -480,7 +480,9 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
     cache.warn_to = lambda text: progress.say(f"warning: {text}")
     out_dir = Path(out_dir)
     check_output(out_dir, "run")  # before any work: a folder that is not ours is refused at once
-    check_cache_apart(cache.root, out_dir)
+    if cache.enabled:
+        check_cache_apart(cache.root, out_dir)
+    cache.remove_stale_temporaries()
     spec = loaded.spec
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     device = pick_device(spec.device)

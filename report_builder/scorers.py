@@ -20,6 +20,7 @@ from PIL import Image
 
 from .concepts import BRODEN_COLORS, clean
 from .errors import UserError
+from .network import cache_only, hub_offline
 from .probe import Pixels, ProbeSet, Thumbnail, cut_batches
 from .progress import current
 from .spec import ScorerSpec
@@ -53,16 +54,21 @@ def load_clip(spec: ScorerSpec, device: torch.device, where: str):
         pretrained = str(source)
     else:
         pretrained = spec.pretrained
+    offline = hub_offline() if not spec.path and pretrained else None
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=pretrained, device=device)
+        with cache_only(offline is not None):
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.model, pretrained=pretrained,
+                                                                         device=device)
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all need the same advice
         url = ""
         try:
             url = open_clip.get_pretrained_url(spec.model, spec.pretrained or "") or ""
         except Exception:  # noqa: BLE001
             pass
+        why = (f"the weights are not in the local cache and {offline}" if offline else
+               f"{type(exc).__name__}: {str(exc)[:200]}")
         raise UserError(
-            f"{where}: could not load CLIP {spec.model} / {pretrained} ({type(exc).__name__}: {str(exc)[:200]}).\n"
+            f"{where}: could not load CLIP {spec.model} / {pretrained} ({why}).\n"
             f"  On a machine with a network, download the weights{f' ({url})' if url else ''} and set "
             f"{where}.path to the file."
         ) from None

@@ -205,6 +205,12 @@ class ImagesSpec(StrictModel):
             raise ValueError(f"source {self.source!r} needs {needs[0]!r} ({needs[1]})")
         if self.names and self.source != "samples":
             raise ValueError("'names' picks among the built-in samples; use it with source 'samples'")
+        twice = next((n for i, n in enumerate(self.names) if n in self.names[:i]), None)
+        if twice:
+            raise ValueError(f"'names' lists {twice!r} twice; list each sample once (one id, one set of files each)")
+        if self.masks and self.source == "samples":
+            raise ValueError("'masks' is a folder of object masks for your own images; the samples that have "
+                             "masks (voc, arc2017) bring their own, so drop 'masks' or use source 'folder'")
         return self
 
 
@@ -573,6 +579,12 @@ class Spec(StrictModel):
         for key in ("dissect", "netdissect"):
             if getattr(self, key) is not None and not any(m.layers for m in self.models):
                 raise ValueError(f"'{key}' is set but no model lists 'layers' to dissect")
+        if self.dissect is None and self.netdissect is None:
+            listed = next((i for i, m in enumerate(self.models) if m.layers), None)
+            if listed is not None:
+                raise ValueError(f"models[{listed}].layers: given, but the spec has neither 'dissect' (CLIP-Dissect) "
+                                 "nor 'netdissect' (pixel labels), so nothing would read them; add one, or drop "
+                                 "'layers'")
         rotation = self.netdissect.rotation if self.netdissect else None
         if rotation and rotation.layer:
             missing = [m.id for m in self.models if m.layers and rotation.layer not in m.layers]
@@ -668,7 +680,11 @@ class _KeyProblem(yaml.constructor.ConstructorError):
 
 def _construct_mapping(loader: _SpecLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: set[str] = set()
-    for key_node, _ in node.value:
+    merge = "tag:yaml.org,2002:merge"
+    own = [(k, v) for k, v in node.value if k.tag != merge]  # keys written here; a merge key `<<` brings defaults
+    if len(own) != len(node.value):
+        loader.flatten_mapping(node)  # YAML's merge: merged keys first, then those written here, which override them
+    for key_node, _ in own:
         if isinstance(key_node, (yaml.SequenceNode, yaml.MappingNode)):
             kind = "a list" if isinstance(key_node, yaml.SequenceNode) else "a mapping"
             raise _KeyProblem(None, None, f"found {kind} as a key, expected keys that are text", key_node.start_mark)

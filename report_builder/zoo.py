@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import UserError
+from .network import cache_only, hub_offline
 from .files import read_text
 from .spec import ModelSpec
 
@@ -177,10 +178,23 @@ def model_for(ref: ModelRef, device: torch.device | str) -> LoadedModel:
         return _LOADED[key]
     model = load_model(ref.spec, ref.where, torch.device(device))
     if model.weights_hash != ref.weights_hash:
-        raise UserError(f"{ref.where}: the weights of {ref.id} changed while the run was going (their hash is "
-                        f"{model.weights_hash[:12]}, not {ref.weights_hash[:12]}); run again")
+        raise UserError(weights_differ(ref, model.weights_hash))
     remember(model, device)
     return model
+
+
+def weights_differ(ref: ModelRef, found: str) -> str:
+    """Why a model built again (in a Ray worker, or after the driver let it go) has other weights, and what to do."""
+    hashes = f"weights hash {ref.weights_hash[:12]} when the driver loaded it, {found[:12]} when built again here"
+    if ref.spec.source == "python" and not ref.spec.path:
+        return (f"{ref.where}: the weights of model {ref.id!r} differ between processes ({hashes}): its factory "
+                f"{ref.spec.factory} makes new random weights each time it runs, and every process that runs "
+                "the model (each Ray worker) builds it again, so running again fails the same way. Seed the "
+                "factory (call torch.manual_seed(0) in it before it builds the model) or load trained weights "
+                f"from a file ({ref.where}.path)")
+    return (f"{ref.where}: the weights of model {ref.id!r} differ between processes ({hashes}): the file they "
+            "come from changed while the run was going, or is not the same file on every machine of the "
+            "cluster. Make it the same everywhere, then run again")
 
 
 # ---------------------------------------------------------------- layer outputs as maps
@@ -459,13 +473,15 @@ def _timm(spec: ModelSpec, where: str) -> LoadedModel:
         load_into(model, load_checkpoint(path, where), path, where)
         origin = f"timm {spec.name} from {path}"
     else:
+        offline = hub_offline()
         try:
-            model = timm.create_model(spec.name, pretrained=True, num_classes=len(classes))
+            with cache_only(offline is not None):
+                model = timm.create_model(spec.name, pretrained=True, num_classes=len(classes))
         except Exception as exc:  # noqa: BLE001 - hub and network errors vary by version
+            why = f"not in the local cache and {offline}" if offline else type(exc).__name__
             raise UserError(
                 f"{where}: could not fetch pretrained weights for timm model {spec.name!r} "
-                f"({type(exc).__name__}). Download them on a machine with a network and set {where}.path "
-                "to the file"
+                f"({why}). Download them on a machine with a network and set {where}.path to the file"
             ) from None
         origin = f"timm {spec.name} pretrained"
     pre = timm_preprocess(model)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -157,6 +158,12 @@ BAD_SPECS = [
     ("unknown pooling", WITH_LAYER
      + "dissect: {probe: {source: samples-augmented}, scorers: [colors], pooling: mean}\n",
      "dissect.pooling: found 'mean', expected 'avg', 'max' or 'cls'"),
+    ("a sample named twice", MINIMAL.replace("images: samples", "images: {source: samples, names: [chelsea, chelsea]}"),
+     "images: 'names' lists 'chelsea' twice"),
+    ("masks the samples cannot use", MINIMAL.replace("images: samples", "images: {source: samples, masks: masks}"),
+     "images: 'masks' is a folder of object masks for your own images"),
+    ("layers with nothing to dissect them", WITH_LAYER,
+     "models[0].layers: given, but the spec has neither 'dissect' (CLIP-Dissect) nor 'netdissect'"),
 ]
 
 
@@ -179,6 +186,23 @@ def test_a_huge_bad_id_is_cut_in_the_message(tmp_path, capsys):
     spec.write_text(MINIMAL.replace("id: m", "id: '" + "x y" * 50_000 + "'"))
     code, err = run_cli(capsys, "validate", spec)
     assert code == 2 and "models[0].id" in err and "characters)" in err and len(err) < 1000
+
+
+def test_yaml_merge_keys_are_read_as_yaml_defines_them(tmp_path, capsys, ckpt):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"""
+title: merged
+models:
+  - &net {{id: a, source: checkpoint, name: mobilenet_v3_small, path: {ckpt}}}
+  - {{<<: *net, id: b}}
+images: {{source: samples, names: [coffee]}}
+""")
+    from report_builder.spec import load_spec
+
+    code, err = run_cli(capsys, "validate", spec)
+    assert code == 0, err
+    assert [(m.id, m.name) for m in load_spec(spec).spec.models] == [("a", "mobilenet_v3_small"),
+                                                                     ("b", "mobilenet_v3_small")]
 
 
 def test_a_spec_file_too_large_is_refused_before_parsing(tmp_path, capsys):
@@ -318,6 +342,30 @@ def test_bad_input_files_are_clear_errors_before_any_work(tmp_path, capsys, ckpt
             code, err = run_cli(capsys, command, spec, *(["--out", tmp_path / "out"] if command == "run" else []))
             assert code == 2 and where in err and what in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_masks_naming_a_file_says_it_is_a_file(tmp_path, capsys, ckpt):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (64, 64), "red").save(photos / "a.png")
+    (tmp_path / "masks.png").write_bytes(b"not a folder")
+    spec = spec_file(tmp_path, ckpt, images=f"{{source: folder, path: {photos}, masks: {tmp_path / 'masks.png'}}}")
+    code, err = run_cli(capsys, "validate", spec)
+    assert code == 2 and f"images.masks: {tmp_path / 'masks.png'} is a file; expected a folder of masks" in err
+
+
+def test_an_image_folder_holding_a_run_skips_it(tmp_path, capsys, ckpt):
+    """A second run over a folder that now holds the first run's output: the output is not explained as photos."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photos / "a.png")
+    spec = spec_file(tmp_path, ckpt, images=f"{{source: folder, path: {photos}}}")
+    code, err = run_cli(capsys, "run", spec, "--out", photos / "output")
+    assert code == 0, err
+    code, err = run_cli(capsys, "run", spec, "--out", photos / "output")
+    assert code == 0, err
+    assert f"warning: images.path: skipped {photos / 'output'}, a report_builder run folder" in err
+    assert [im["id"] for im in json.loads((photos / "output" / "results.json").read_text())["images"]] == ["a"]
 
 
 @pytest.mark.parametrize("case", ["missing folder", "no mask named like an image", "mask of another size",
@@ -674,6 +722,156 @@ def test_a_read_only_output_folder_simulated(tmp_path, capsys, ckpt, monkeypatch
     monkeypatch.setattr(files, "owned_folder", read_only)
     code, err = run_cli(capsys, "run", spec_file(tmp_path, ckpt), "--out", tmp_path / "run")
     assert code == 2 and "the file system is read-only" in err and not (tmp_path / "run").exists()
+
+
+def test_quiet_and_verbose_after_the_command_and_a_version(tmp_path, capsys, ckpt):
+    spec = spec_file(tmp_path, ckpt, images="{source: samples, names: [coffee]}")
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("report_builder ")
+    code, err = run_cli(capsys, "run", spec, "--out", tmp_path / "run", "-q")
+    assert code == 0 and err == ""
+    code, err = run_cli(capsys, "-q", "run", spec, "--out", tmp_path / "run")
+    assert code == 0 and err == ""
+    code, err = run_cli(capsys, "validate", spec, "-v")
+    assert code == 0
+
+
+def test_a_full_disk_that_names_no_file_names_the_folders(tmp_path, capsys, ckpt, monkeypatch):
+    import errno
+
+    from report_builder import collect
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write() on an open file says it
+
+    monkeypatch.setattr(collect, "results", full)
+    code, err = run_cli(capsys, "run", spec_file(tmp_path, ckpt), "--out", tmp_path / "run", "--cache-dir",
+                        tmp_path / "cache")
+    assert code == 2 and "the disk is full" in err
+    assert f"the output folder {tmp_path / 'run'} or the cache {tmp_path / 'cache'}" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_little_memory_is_a_clear_exit_2(tmp_path, capsys, ckpt, monkeypatch):
+    from report_builder import runner
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 4000000000 bytes")
+
+    monkeypatch.setattr(runner, "build_graph", no_memory)
+    code, err = run_cli(capsys, "run", spec_file(tmp_path, ckpt), "--out", tmp_path / "run")
+    assert code == 2 and "error: out of memory" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a shell's ulimit")
+def test_a_memory_cap_too_small_for_torch_is_exit_2(tmp_path):
+    p = subprocess.run(["bash", "-c", f"ulimit -v 1500000; exec {sys.executable} -m report_builder run "
+                        f"{REPO / 'specs' / 'demo.yaml'} --out {tmp_path / 'run'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "out of memory" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_ctrl_c_that_lands_in_a_callback_still_stops_render(tmp_path, capsys, good_run, monkeypatch):
+    """Python drops an exception raised in a weakref callback (it prints 'Exception ignored'); the signal is
+    recorded, and render stops before it replaces the report."""
+    import weakref
+
+    from report_builder import errors, render
+
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    before = snapshot(run)
+    real = render.make_figures
+
+    class Thing:
+        pass
+
+    def figures_then_signal(*args, **kwargs):
+        out = real(*args, **kwargs)
+        thing = Thing()
+        ref = weakref.ref(thing, lambda _: errors._on_signal(signal.SIGINT, None))
+        del thing  # the callback runs now, and its KeyboardInterrupt is swallowed
+        assert ref() is None
+        return out
+
+    monkeypatch.setattr(render, "make_figures", figures_then_signal)
+    code, err = run_cli(capsys, "render", run)
+    assert code == 130 and "interrupted" in err
+    assert snapshot(run) == before
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, ckpt, good_run):
+    spec = good_run.parent / "spec.yaml"
+    out, cache = tmp_path / "out" / "run", tmp_path / "cache"
+    p = _launch(spec, out, cache)
+    deadline = time.monotonic() + 240
+    for line in p.stderr:
+        if "] render report ..." in line:  # the partial folder is being written
+            break
+        assert time.monotonic() < deadline
+    assert [q.name for q in out.parent.iterdir()][0].startswith(".run.partial-")
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err, err
+    assert list(out.parent.iterdir()) == []  # no .run.partial-PID left behind
+
+
+def test_a_half_written_cache_entry_of_a_killed_run_is_removed(tmp_path):
+    cache = Cache(tmp_path)
+    cache.save("stage", "ab" * 32, {"x": 1})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = next((tmp_path / "stage").iterdir())
+    host = os.uname().nodename.replace(".", "_")
+    stale = folder / f".{host}-{dead.pid}.abc123.tmp"
+    stale.write_bytes(b"x" * 1000)
+    live = folder / f".{host}-{os.getppid()}.def456.tmp"  # another run, still writing
+    live.write_bytes(b"y")
+    foreign = folder / ".otherhost-1.xyz.tmp"  # another machine's: not ours to judge
+    foreign.write_bytes(b"z")
+    assert cache.remove_stale_temporaries() == 1
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert cache.load("stage", "ab" * 32) == {"x": 1}
+
+
+def test_offline_start_up_names_each_missing_file_within_seconds(tmp_path, capsys, monkeypatch):
+    """No weights in the cache and no network: one line per missing file, no retries (huggingface_hub would try
+    five times with back-off), whether HF_HUB_OFFLINE is set or the hub simply does not answer."""
+    from report_builder import network
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(WITH_LAYER.replace("source: packaged, name: efficientnet_lite0",
+                                       "source: timm, name: resnet18.a1_in1k")
+                    .replace("layers: [blocks.6]", "layers: [layer4]")
+                    + "dissect: {probe: {source: samples-augmented, per_image: 1}, "
+                      "scorers: [{kind: clip, model: RN50, pretrained: openai}]}\n")
+    for offline in (True, False):
+        network._decided.clear()
+        if offline:
+            monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        else:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        start = time.perf_counter()
+        code, err = run_cli(capsys, "validate", spec)
+        assert code == 2 and time.perf_counter() - start < 30, err
+        assert "Retrying" not in err and "WARNING" not in err and "ERROR:" not in err
+        reason = "HF_HUB_OFFLINE is set" if offline else "huggingface.co cannot be reached"
+        assert f"models[0]: could not fetch pretrained weights for timm model 'resnet18.a1_in1k' (not in the local " \
+               f"cache and {reason})" in err
+        assert f"dissect.scorers[0]: could not load CLIP RN50 / openai (the weights are not in the local cache and " \
+               f"{reason})" in err
+
+
+def test_the_readme_names_exactly_the_methods_the_spec_takes():
+    from report_builder.spec import ALL_METHODS
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("`explain.methods` takes any of")
+    listed = re.findall(r"`([a-z+]+)`", text[start : text.index("or `all`", start)])
+    assert sorted(listed) == sorted(ALL_METHODS)
 
 
 # ---------------------------------------------------------------- the cache
