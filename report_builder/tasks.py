@@ -14,11 +14,15 @@ cluster), with a GPU for the tasks that run a model when the run's device is CUD
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import raywatch
 from .cache import Cache, stage_key
 from .errors import UserError
 from .progress import Progress
@@ -234,7 +238,122 @@ def run_remote(call_: TaskCall, layout: list[tuple[str, int | None]], *values: A
 
 
 RAY_MISSING = ("--executor ray needs Ray, which is not installed: pip install 'report_builder[ray]' "
-               "(or pip install ray), then run again")
+               "(or pip install 'ray[client]'), then run again")
+RAY_CONNECT_S = 5.0  # how long --ray-address has to accept a connection, and again to answer as Ray
+RAY_CLIENT_PORT = 10001  # ray://host without a port: Ray Client's default
+RAY_GCS_PORT = 6379  # host without a port: `ray start --head`'s default
+
+
+def _bad_address(address: str) -> UserError:
+    return UserError(f"--ray-address: found {address!r}, expected 'auto', host:port (a Ray head's GCS, as "
+                     "`ray start --head` prints it) or ray://host:port (Ray Client)")
+
+
+def _split_address(address: str, default_port: int) -> tuple[str, int]:
+    """host:port (or [v6]:port, or host alone) -> (host, port)."""
+    host, sep, port = address.rpartition(":") if not address.endswith("]") else (address, "", "")
+    if not sep:
+        host, port = address, str(default_port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _bad_address(address)
+    return host, int(port)
+
+
+def _auto_address() -> str:
+    """What 'auto' means on this machine: $RAY_ADDRESS, else the cluster `ray start` last recorded here, else a
+    running GCS found among this machine's processes (Ray's own lookup, which ray.init would make)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private import services
+
+        found = services.canonicalize_bootstrap_address("auto")
+    except ConnectionError:
+        found = None
+    except Exception:  # noqa: BLE001 - Ray's private lookup moved or failed: let ray.init look for itself
+        return "auto"
+    if not found:
+        raise UserError("--ray-address auto: no running Ray cluster was found on this machine ($RAY_ADDRESS is "
+                        "not set, and no Ray head runs here). Start one with `ray start --head`, or give the "
+                        "address of one (host:port, or ray://host:port for Ray Client); without --ray-address "
+                        "the run starts a local Ray of its own and stops it after")
+    return found
+
+
+def check_ray_address(address: str) -> str:
+    """The address to give ray.init, once something that speaks Ray answers there; a UserError within about
+    2 x RAY_CONNECT_S otherwise (ray.init itself retries an address with nothing behind it for many minutes)."""
+    import socket
+
+    given = address
+    if address == "auto":
+        address = _auto_address()
+        if address == "auto":
+            return address
+    client = address.startswith("ray://")
+    if "://" in address and not client:
+        raise _bad_address(given)
+    if client:
+        try:
+            import grpc  # noqa: F401 - Ray Client needs it, and ray[client] brings it
+        except ImportError:
+            raise UserError(f"--ray-address {given}: ray:// addresses need Ray Client, which is not installed: "
+                            "pip install 'report_builder[ray]' (or pip install 'ray[client]')") from None
+    try:
+        host, port = _split_address(address[len("ray://"):] if client else address,
+                                    RAY_CLIENT_PORT if client else RAY_GCS_PORT)
+    except UserError:
+        raise _bad_address(given) from None
+    named = f"--ray-address {given}" + (f" ({address})" if given != address else "")
+    what = "Ray Client server" if client else "Ray head (its GCS)"
+    todo = (f"Start Ray there (`ray start --head --port={port}`" if not client else
+            f"Start Ray there (`ray start --head --ray-client-server-port={port}`")
+    todo += (", on that machine), or check the address; without --ray-address the run starts a local Ray of its "
+             "own and stops it after")
+    try:
+        with socket.create_connection((host, port), timeout=RAY_CONNECT_S):
+            pass
+    except socket.gaierror as exc:
+        raise UserError(f"{named}: no machine is called {host!r} ({exc.strerror}). Check the address") from None
+    except ConnectionRefusedError:
+        raise UserError(f"{named}: nothing is listening there (connection refused), so there is no {what} to "
+                        f"connect to. {todo}") from None
+    except (socket.timeout, TimeoutError):
+        raise UserError(f"{named}: no answer within {RAY_CONNECT_S:g} s (a firewall, or no such machine on the "
+                        f"network). {todo}") from None
+    except OSError as exc:
+        raise UserError(f"{named}: cannot connect ({exc.strerror or exc}). {todo}") from None
+    try:
+        import grpc
+    except ImportError:  # plain Ray without Ray Client: the connection answered, let ray.init speak to it
+        return address
+    if os.environ.get("RAY_USE_TLS", "0") not in ("", "0"):
+        return address
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=RAY_CONNECT_S)
+    except grpc.FutureTimeoutError:
+        channel.close()
+        raise UserError(f"{named}: something is listening there but does not answer as a {what} within "
+                        f"{RAY_CONNECT_S:g} s. {todo}") from None
+    # A cluster with token authentication (`ray start` turns it on when ~/.ray/auth_token exists) refuses a
+    # driver that sends no token; ray.init then takes half a minute to say only that it could not connect.
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        method = "/ray.rpc.RayletDriver/ClusterInfo" if client else "/ray.rpc.NodeInfoGcsService/GetClusterId"
+        call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+        try:
+            call(b"", timeout=RAY_CONNECT_S)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                channel.close()
+                raise UserError(f"{named}: the Ray cluster there uses token authentication and this run sent "
+                                "no token. Set RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token "
+                                "(or $RAY_AUTH_TOKEN), then run again") from None
+        except Exception:  # noqa: BLE001 - only a clear refusal is worth a message; ray.init says the rest
+            pass
+    channel.close()
+    return address
 
 
 class RayExecutor:
@@ -259,6 +378,7 @@ class RayExecutor:
         self.cpus_per_task = cpus_per_task or torch.get_num_threads()
         self._ray = None
         self._started = False
+        self._watchdog: subprocess.Popen | None = None
 
     def __enter__(self) -> RayExecutor:
         try:
@@ -271,21 +391,56 @@ class RayExecutor:
             return self
         kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "configure_logging": True,
                                   "logging_level": "ERROR"}
-        if self.address:
-            kwargs["address"] = self.address
-        else:
+        local = self.address in (None, "", "local")
+        if local:
             kwargs["num_cpus"] = self.num_cpus or os.cpu_count() or 1
+            self._watch()
+        else:
+            kwargs["address"] = check_ray_address(self.address)
+            if kwargs["address"].startswith("ray://"):  # Ray Client takes none of the local-only options
+                kwargs = {"address": kwargs["address"], "logging_level": "ERROR"}
         try:
             ray.init(**kwargs)
         except (ConnectionError, ValueError, RuntimeError) as exc:
-            where = self.address or "a local Ray"
-            raise UserError(f"--ray-address: could not connect to {where} ({str(exc)[:300]})") from None
+            self._unwatch()
+            where = f"--ray-address {self.address}" if self.address else "--executor ray (a local Ray)"
+            raise UserError(f"{where}: could not start or connect to Ray ({str(exc)[:300]})") from None
+        finally:
+            if local:
+                os.environ.pop(raywatch.MARK_VARIABLE, None)  # Ray's processes have it; nothing else this starts
         self._started = True
         return self
+
+    def _watch(self) -> None:
+        """Start the watchdog that stops this run's Ray if the driver dies without stopping it (see raywatch),
+        and mark the environment the Ray processes started next inherit."""
+        mark = uuid.uuid4().hex
+        env = {k: v for k, v in os.environ.items() if k != raywatch.MARK_VARIABLE}
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "report_builder.raywatch", mark, str(os.getpid())], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(raywatch.__file__))))
+        except OSError:  # no watchdog: the run still works, as it did before there was one
+            self._watchdog = None
+            return
+        os.environ[raywatch.MARK_VARIABLE] = mark
+
+    def _unwatch(self) -> None:
+        """Tell the watchdog the run is over (it sweeps what ray.shutdown left) and reap it."""
+        dog, self._watchdog = self._watchdog, None
+        if dog is None:
+            return
+        dog.stdin.close()
+        try:
+            dog.wait(timeout=raywatch.GRACE_S + 5)
+        except subprocess.TimeoutExpired:
+            pass  # it finishes on its own
 
     def __exit__(self, *exc) -> None:
         if self._started:
             self._ray.shutdown()
+        self._unwatch()
 
     def describe(self) -> str:
         ray = self._ray
@@ -373,5 +528,5 @@ def executor_for(name: str, address: str | None = None, gpu: bool = False):
             raise UserError("--ray-address: given with --executor local; add --executor ray")
         return LocalExecutor()
     if name == "ray":
-        return RayExecutor(address, gpu=gpu)
+        return RayExecutor(address or None, gpu=gpu)
     raise UserError(f"--executor: found {name!r}, expected local or ray")
