@@ -68,13 +68,33 @@ def load_run(path: Path) -> dict:
     return load_results(path)
 
 
-def _maps(run_dir: Path, record: dict) -> dict[str, np.ndarray]:
+def _maps(run_dir: Path, record: dict, classes: int) -> dict[str, np.ndarray]:
+    """The saved maps of one explanation, with the arrays diff reads checked: `probabilities` (indexed with the
+    target class) one per class of the model, from 0 to 1; the Grad-CAM map a finite 2-D array."""
     path = inside(run_dir, record["maps"], f"maps of {record['model']} on {record['image']}")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
         raise RunFormatError(f"{path}: cannot read the saved maps ({type(exc).__name__}: {exc})") from None
+    p = arrays.get("probabilities")
+    if p is not None and not (p.shape == (classes,) and p.dtype.kind == "f" and np.isfinite(p).all()
+                              and 0 <= p.min() and p.max() <= 1 + 1e-6):
+        raise RunFormatError(f"{path}: probabilities: found {_describe(p)}, expected {classes} probabilities from 0 "
+                             f"to 1, one per class of {record['model']}")
+    g = arrays.get("gradcam")
+    if g is not None and not (g.ndim == 2 and g.size and g.dtype.kind in "fiu" and np.isfinite(g).all()):
+        raise RunFormatError(f"{path}: gradcam: found {_describe(g)}, expected a finite 2-D map")
+    return arrays
+
+
+def _describe(a: np.ndarray) -> str:
+    what = f"an array of shape {a.shape} ({a.dtype})"
+    if a.dtype.kind in "fc" and a.size and not np.isfinite(a).all():
+        return what + " with NaN or infinite values"
+    if a.dtype.kind in "fiu" and a.size:
+        return what + f" from {a.min():.3g} to {a.max():.3g}"
+    return what
 
 
 def _resize(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -97,10 +117,12 @@ def compare_predictions_and_maps(dir_a: Path, dir_b: Path, ra: dict, rb: dict, m
     if differ:
         notices.append(f"images with the same id but other pixels in the two runs, not compared: {', '.join(differ)}")
         shared = [i for i in shared if i not in differ]
+    classes_a = next(m["num_classes"] for m in ra["models"] if m["id"] == ma)
+    classes_b = next(m["num_classes"] for m in rb["models"] if m["id"] == mb)
     rows, map_rows = [], []
     for image in shared:
         a, b = ea[image], eb[image]
-        za, zb = _maps(dir_a, a), _maps(dir_b, b)
+        za, zb = _maps(dir_a, a, classes_a), _maps(dir_b, b, classes_b)
         cls = a["target_class"]
         pa = float(za["probabilities"][cls]) if "probabilities" in za else a["predictions"][0]["probability"]
         pb = float(zb["probabilities"][cls]) if "probabilities" in zb and len(zb["probabilities"]) > cls else None
