@@ -287,6 +287,8 @@ def check_ray_address(address: str) -> str:
     import socket
 
     given = address
+    if address == "local":  # Ray's word for a new local Ray, as no address gives
+        return address
     if address == "auto":
         address = _auto_address()
         if address == "auto":

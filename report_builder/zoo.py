@@ -185,7 +185,7 @@ def model_for(ref: ModelRef, device: torch.device | str) -> LoadedModel:
 
 def weights_differ(ref: ModelRef, found: str) -> str:
     """Why a model built again (in a Ray worker, or after the driver let it go) has other weights, and what to do."""
-    hashes = f"weights hash {ref.weights_hash[:12]} when the driver loaded it, {found[:12]} when built again here"
+    hashes = f"weights hash {ref.weights_hash[:12]} when the driver loaded it, {found[:12]} built again for a task"
     if ref.spec.source == "python" and not ref.spec.path:
         return (f"{ref.where}: the weights of model {ref.id!r} differ between processes ({hashes}): its factory "
                 f"{ref.spec.factory} makes new random weights each time it runs, and every process that runs "
