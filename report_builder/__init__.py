@@ -15,16 +15,16 @@ __version__ = "0.3.0"
 
 
 def open_run(path):
-    """A run directory as pandas tables: see report_builder.api.Run."""
-    from .api import open_run as _open_run
+    """A run directory as pandas tables: see report_builder.report.api.Run."""
+    from report_builder.report.api import open_run as _open_run
 
     return _open_run(path)
 
 
 def run(spec, out=None, **kwargs):
-    """Run a spec (a file, or a dict as the YAML would be) and open the run: see report_builder.api.run. A spec that
+    """Run a spec (a file, or a dict as the YAML would be) and open the run: see report_builder.report.api.run. A spec that
     names Python code (source: python) needs allow_code=True, or allow_code_from=[folder] for a file elsewhere."""
-    from .api import run as _run
+    from report_builder.report.api import run as _run
 
     return _run(spec, out, **kwargs)
 

@@ -6,7 +6,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import UserError, signals_interrupt
+from report_builder.errors import UserError, signals_interrupt
 
 
 def _code_flags(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Explain what image classifiers learn: network dissection (CLIP-Dissect), Grad-CAM, "
                     "AblationCAM, ScoreCAM and LIME, their agreement, and a report in HTML and PDF.",
     )
-    from . import __version__
+    from report_builder import __version__
 
     p.add_argument("--version", action="version", version=f"report_builder {__version__}")
     _output_flags(p, default=False)
@@ -96,8 +96,8 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "validate":
             import io
 
-            from .runner import Progress, pick_device, preflight
-            from .spec import load_spec
+            from report_builder.pipeline.runner import Progress, pick_device, preflight
+            from report_builder.spec.schema import load_spec
 
             loaded = load_spec(args.spec)
             s = loaded.spec
@@ -107,17 +107,17 @@ def _main(args: argparse.Namespace) -> int:
                   f"methods {', '.join(s.explain.methods)}; output/{loaded.run_name}")
             return 0
         if args.command == "run":
-            from .cache import Cache
-            from .progress import Progress
-            from .runner import run
-            from .spec import load_spec
+            from report_builder.pipeline.cache import Cache
+            from report_builder.pipeline.progress import Progress
+            from report_builder.pipeline.runner import run
+            from report_builder.spec.schema import load_spec
 
             loaded = load_spec(args.spec)
             out = args.out or Path("output") / loaded.run_name
             if args.ray_address and args.executor != "ray":
                 raise UserError("--ray-address: given without --executor ray")
             if args.ray_address:  # before any model loads: an address with nothing behind it fails in seconds
-                from .tasks import check_ray_address
+                from report_builder.pipeline.tasks import check_ray_address
 
                 check_ray_address(args.ray_address)
             run(loaded, out, cache=Cache(args.cache_dir, enabled=not args.no_cache),
@@ -125,7 +125,7 @@ def _main(args: argparse.Namespace) -> int:
                 ray_address=args.ray_address, allow_code=args.allow_code, allow_code_from=args.allow_code_from)
             return 0
         if args.command == "diff":
-            from .diff import write_diff
+            from report_builder.report.diff import write_diff
 
             pairs = []
             for item in args.pair:
@@ -137,7 +137,7 @@ def _main(args: argparse.Namespace) -> int:
             print(f"wrote {out}/diff.json, {out}/report.html and {out}/report.pdf")
             return 0
         if args.command == "render":
-            from .render import render_run
+            from report_builder.report.render import render_run
 
             render_run(args.run_dir)
             print(f"wrote {args.run_dir}/report.html and {args.run_dir}/report.pdf")
@@ -146,7 +146,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # the machine said no: a full or read-only disk, a permission
-        from .files import os_error_text
+        from report_builder.files import os_error_text
 
         print(f"error: {os_error_text(exc, _places(args))}; any output of this command was left out", file=sys.stderr)
         return 2
@@ -165,7 +165,7 @@ def _main(args: argparse.Namespace) -> int:
 def _places(args: argparse.Namespace) -> str:
     """The folders a command writes, to name in a message about the disk that has no filename of its own."""
     if args.command == "run":
-        from .cache import default_root
+        from report_builder.pipeline.cache import default_root
 
         out = args.out or "output/<run_name>"
         return f"the output folder {out} or the cache {args.cache_dir or default_root()}"

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import UserError, raise_if_interrupted
+from report_builder.errors import UserError, raise_if_interrupted
 
 MARKER = ".report_builder"  # in every folder we write: {"kind": "run" | "diff", "files": [what we wrote]}
 MAX_MARKER_BYTES = 64 * 1024 * 1024

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from report_builder.spec import ModelSpec
-from report_builder.zoo import LoadedModel, Preprocess, weights_hash
+from report_builder.spec.schema import ModelSpec
+from report_builder.models.zoo import LoadedModel, Preprocess, weights_hash
 
 REPO = Path(__file__).resolve().parent.parent
 

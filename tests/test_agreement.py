@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from report_builder.agreement import compare, iou, threshold_mask, top_n_mask
+from report_builder.explanation.agreement import compare, iou, threshold_mask, top_n_mask
 
 
 def test_iou_of_overlapping_squares():

@@ -11,10 +11,10 @@ import timm
 import torch
 
 from report_builder.__main__ import main
-from report_builder.data import SAMPLES
-from report_builder.explain import EXPLAINERS, Settings
-from report_builder.spec import CAM_METHODS, ExplainSpec, LimeSpec, ModelSpec, ProbeSpec
-from report_builder.zoo import Layout, load_model
+from report_builder.data.images import SAMPLES
+from report_builder.explanation.methods import EXPLAINERS, Settings
+from report_builder.spec.schema import CAM_METHODS, ExplainSpec, LimeSpec, ModelSpec, ProbeSpec
+from report_builder.models.zoo import Layout, load_model
 
 CPU = torch.device("cpu")
 
@@ -69,7 +69,7 @@ def test_every_cam_method_and_lime_explain_it(name, checkpoints, photo):
     assert m.layout(layer).kind == kind
     crop = m.preprocess.crop(photo)
     s = Settings(ExplainSpec(cam={"batch_size": 64}, lime=LimeSpec(num_samples=20, batch_size=20)), 0, CPU)
-    from report_builder.explain import not_applicable
+    from report_builder.explanation.methods import not_applicable
 
     for method in [*CAM_METHODS, "lime"]:
         reason = not_applicable(method, m)
@@ -85,14 +85,14 @@ def test_every_cam_method_and_lime_explain_it(name, checkpoints, photo):
         if method == "ablationcam":  # the fast path needs layers that run in sequence after the target
             assert out["implementation"] == ("ours" if kind == "nchw" else "grad-cam")
         if method == "scorecam":  # each distinct masked image once, on tokens and channels-last maps too
-            from report_builder.explain import PACKAGE_CAMS
+            from report_builder.explanation.methods import PACKAGE_CAMS
 
             assert np.abs(saliency - PACKAGE_CAMS["scorecam"](m, crop, 3, s)["map"]).max() < 1e-5
 
 
 def test_transformer_blocks_pool_over_patch_tokens(checkpoints):
-    from report_builder.activations import record
-    from report_builder.probe import load_probe
+    from report_builder.dissection.activations import record
+    from report_builder.data.probe import load_probe
 
     name = "deit_tiny_distilled_patch16_224"
     m = load_model(ModelSpec(id="m", source="timm", name=name, path=str(checkpoints[name]), layers=("blocks.3",)),

@@ -1,7 +1,7 @@
 """The benchmark's items run and their optimised paths agree with the baselines (timings are never asserted)."""
 import torch
 
-from report_builder.bench import bench_activations, bench_soft_wpmi
+from report_builder.bench.rows import bench_activations, bench_soft_wpmi
 
 
 def test_activations_in_one_pass_equal_one_pass_per_layer():

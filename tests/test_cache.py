@@ -1,7 +1,7 @@
 """The content-keyed cache: hits on equal content, misses on any change, recovers from damage."""
 import numpy as np
 
-from report_builder.cache import Cache, key_of
+from report_builder.pipeline.cache import Cache, key_of
 
 
 def test_same_parts_hit_changed_parts_miss(tmp_path):

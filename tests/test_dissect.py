@@ -11,13 +11,13 @@ from torch import nn
 
 from conftest import wrap
 from report_builder.__main__ import main
-from report_builder.activations import record
-from report_builder.concepts import load_concepts
-from report_builder.dissect import SIMILARITY, label_units
+from report_builder.dissection.activations import record
+from report_builder.data.concepts import load_concepts
+from report_builder.dissection.clip_dissect import SIMILARITY, label_units
 from report_builder.errors import UserError
-from report_builder.probe import load_probe
-from report_builder.scorers import clip_scores, color_fractions
-from report_builder.spec import ProbeSpec, ScorerSpec
+from report_builder.data.probe import load_probe
+from report_builder.dissection.scorers import clip_scores, color_fractions
+from report_builder.spec.schema import ProbeSpec, ScorerSpec
 
 CPU = torch.device("cpu")
 
@@ -175,8 +175,8 @@ def test_planted_colour_units_through_probe_scorer_and_activations(tmp_path):
     model.layer_names.append("features")
     probe = load_probe(ProbeSpec(source="folder", path=str(tmp_path / "probe")), seed=0)
     acts = record(model, ["features"], probe, "avg", CPU, 16, "models[0]")
-    from report_builder.scorers import colors_scores
-    from report_builder.concepts import BRODEN_COLORS
+    from report_builder.dissection.scorers import colors_scores
+    from report_builder.data.concepts import BRODEN_COLORS
 
     P = colors_scores(probe)
     S = SIMILARITY["soft_wpmi"](P, acts["features"], top_k=10)
@@ -188,7 +188,7 @@ def test_color_fractions_of_a_two_colour_image():
     img = np.zeros((10, 10, 3), np.uint8)
     img[:, :7] = (250, 0, 0)
     img[:, 7:] = (0, 0, 250)
-    from report_builder.concepts import BRODEN_COLORS
+    from report_builder.data.concepts import BRODEN_COLORS
 
     frac = dict(zip(BRODEN_COLORS, color_fractions(img)))
     assert frac["red"] == pytest.approx(0.7) and frac["blue"] == pytest.approx(0.3)
@@ -234,8 +234,8 @@ def test_a_probe_shard_is_decoded_once_for_clip_the_models_and_the_colours(tmp_p
 
     import open_clip
 
-    from report_builder import probe as probe_module
-    from report_builder.scorers import COLOR_VIEW, clip_image_embeddings, color_table, split_preprocess
+    from report_builder.data import probe as probe_module
+    from report_builder.dissection.scorers import COLOR_VIEW, clip_image_embeddings, color_table, split_preprocess
 
     (tmp_path / "tiny-clip-test.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(tmp_path / "tiny-clip-test.json")
@@ -276,9 +276,9 @@ def test_clip_without_weights_names_what_to_download(tmp_path, monkeypatch):
 
 
 def test_activation_identity_follows_weights_layers_probe_and_pooling(tiny_model):
-    from report_builder.activations import identity
-    from report_builder.cache import key_of
-    from report_builder.zoo import weights_hash
+    from report_builder.dissection.activations import identity
+    from report_builder.pipeline.cache import key_of
+    from report_builder.models.zoo import weights_hash
 
     probe = load_probe(ProbeSpec(source="samples-augmented", per_image=1), seed=0)
     other_probe = load_probe(ProbeSpec(source="samples-augmented", per_image=1), seed=1)
@@ -359,7 +359,7 @@ dissect:
 def test_truncated_text_encoding_equals_the_full_context(tmp_path):
     import open_clip
 
-    from report_builder.scorers import encode_texts
+    from report_builder.dissection.scorers import encode_texts
 
     (tmp_path / "tiny-clip-trunc.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(tmp_path / "tiny-clip-trunc.json")

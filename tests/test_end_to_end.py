@@ -12,7 +12,7 @@ from pypdf import PdfReader
 
 from report_builder.__main__ import main
 from report_builder.errors import UserError
-from report_builder.rundir import without_timings
+from report_builder.report.rundir import without_timings
 
 SPEC = """
 title: "End-to-end check"
@@ -286,7 +286,7 @@ def test_q1_redrawn_in_five_lines(run_dir):
 
 
 def test_pandas_summaries_equal_the_loops_they_replaced(run_dir):
-    from report_builder import analysis
+    from report_builder.report import analysis
 
     r = json.loads((run_dir / "results.json").read_text())
 
@@ -416,7 +416,7 @@ def test_search_and_sort_work_in_chromium(run_dir):
 
 def test_the_timing_chart_labels_its_log_axis_in_plain_numbers(run_dir, monkeypatch, tmp_path):
     """Math mode is off for users' text, and the log axis printed '$\\mathdefault{10^{0}}$' as its tick labels."""
-    from report_builder import render
+    from report_builder.report import render
 
     results = json.loads((run_dir / "results.json").read_text())
     drawn = {}

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from conftest import TinyNet, wrap
-from report_builder import evaluate as ev
-from report_builder.data import ObjectLabels, same_object
-from report_builder.spec import DeletionSpec, EvaluateSpec, ExplainSpec, LimeSpec, RoadSpec, SanitySpec, SweepSpec
-from report_builder.zoo import weights_hash
+from report_builder.evaluation import metrics as ev
+from report_builder.data.images import ObjectLabels, same_object
+from report_builder.spec.schema import DeletionSpec, EvaluateSpec, ExplainSpec, LimeSpec, RoadSpec, SanitySpec, SweepSpec
+from report_builder.models.zoo import weights_hash
 
 CPU = torch.device("cpu")
 
@@ -142,7 +142,7 @@ def test_randomising_a_model_changes_its_gradient_map_but_not_the_model(tiny_cro
     torch.manual_seed(0)
     m = wrap(TinyNet())
     before = weights_hash(m.module)
-    from report_builder.explain import EXPLAINERS, Settings
+    from report_builder.explanation.methods import EXPLAINERS, Settings
 
     explain = ExplainSpec()
     original = EXPLAINERS["gradcam"](m, tiny_crop, 1, Settings(explain, 0, CPU))
@@ -174,8 +174,8 @@ class BatchNormNet(nn.Module):
 def test_the_sanity_check_of_a_forward_only_method_sees_each_randomised_step(tiny_crop, monkeypatch):
     """ScoreCAM's masked images run through the folded copy: it must be remade from the randomised weights at
     every step, so the cascade gives what it gives with no folding at all."""
-    from report_builder import zoo
-    from report_builder.explain import EXPLAINERS, Settings
+    from report_builder.models import zoo
+    from report_builder.explanation.methods import EXPLAINERS, Settings
 
     torch.manual_seed(0)
     m = wrap(BatchNormNet())
@@ -211,7 +211,7 @@ def test_sweep_settings_are_every_combination():
 
 
 def test_a_sweep_setting_is_deterministic(tiny_model, tiny_crop):
-    from report_builder.explain import EXPLAINERS, Settings
+    from report_builder.explanation.methods import EXPLAINERS, Settings
 
     explain = ExplainSpec(lime=LimeSpec(num_samples=30, batch_size=30))
     gradcam = {**EXPLAINERS["gradcam"](tiny_model, tiny_crop, 1, Settings(explain, 0, CPU)), "target": 1}
@@ -222,7 +222,8 @@ def test_a_sweep_setting_is_deterministic(tiny_model, tiny_crop):
 
 def test_a_tiny_negative_score_reads_as_zero_not_minus_zero():
     """ROAD scores near 0 came out as '-0.000' in the report's table and findings."""
-    from report_builder import analysis, render
+    from report_builder.report import analysis
+    from report_builder.report import render
 
     assert analysis._f(-0.00004, 3) == render._fmt(-0.00004, 3) == "0.000"
     assert analysis._f(-0.02, 3) == render._fmt(-0.02, 3) == "-0.020"

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from conftest import wrap
-from report_builder.agreement import iou, top_n_mask
-from report_builder.explain import EXPLAINERS, Settings, predict, top_k
-from report_builder.spec import ExplainSpec, LimeSpec
+from report_builder.explanation.agreement import iou, top_n_mask
+from report_builder.explanation.methods import EXPLAINERS, Settings, predict, top_k
+from report_builder.spec.schema import ExplainSpec, LimeSpec
 
 CPU = torch.device("cpu")
 
@@ -104,8 +104,8 @@ class SignedNet(nn.Module):
 
 @pytest.mark.parametrize("net, batch", [("tiny", 32), ("tiny", 3), ("signed", 32), ("signed", 3)])
 def test_fast_ablation_cam_equals_grad_cam(net, batch, tiny_crop):
-    from report_builder.explain import PACKAGE_CAMS, ablation_cam
-    from report_builder.spec import CamSpec
+    from report_builder.explanation.methods import PACKAGE_CAMS, ablation_cam
+    from report_builder.spec.schema import CamSpec
 
     torch.manual_seed(3)
     model = wrap(__import__("conftest").TinyNet() if net == "tiny" else SignedNet())
@@ -116,7 +116,7 @@ def test_fast_ablation_cam_equals_grad_cam(net, batch, tiny_crop):
 
 
 def test_fast_ablation_cam_inside_a_sequential_block(tiny_model, tiny_crop):
-    from report_builder.explain import PACKAGE_CAMS, ablation_cam, tail_after
+    from report_builder.explanation.methods import PACKAGE_CAMS, ablation_cam, tail_after
 
     tiny_model.target_layer = "features.2"  # the last conv, before the block's final ReLU
     assert tail_after(tiny_model, "features.2") is not None
@@ -138,7 +138,7 @@ class Branchy(nn.Module):
 
 
 def test_fast_ablation_cam_falls_back_outside_sequential_containers(tiny_crop):
-    from report_builder.explain import PACKAGE_CAMS, ablation_cam, tail_after
+    from report_builder.explanation.methods import PACKAGE_CAMS, ablation_cam, tail_after
 
     torch.manual_seed(0)
     model = wrap(Branchy(), classes=2, layer="block.a")
@@ -151,7 +151,7 @@ def test_fast_ablation_cam_falls_back_outside_sequential_containers(tiny_crop):
                                           {"algorithm": "slic", "n_segments": 12},
                                           {"algorithm": "felzenszwalb", "scale": 20}])
 def test_fast_lime_equals_the_lime_package(segmentation, tiny_model, tiny_crop):
-    from report_builder.explain import lime_explain, lime_package_explain
+    from report_builder.explanation.methods import lime_explain, lime_package_explain
 
     s = settings(segmentation=segmentation)
     ours = lime_explain(tiny_model, tiny_crop, 1, s)
@@ -163,7 +163,7 @@ def test_fast_lime_equals_the_lime_package(segmentation, tiny_model, tiny_crop):
 
 
 def test_fast_lime_with_a_hide_colour(tiny_model, tiny_crop):
-    from report_builder.explain import lime_explain, lime_package_explain
+    from report_builder.explanation.methods import lime_explain, lime_package_explain
 
     s = settings(hide_color=(0, 128, 255))
     assert np.array_equal(lime_explain(tiny_model, tiny_crop, 0, s)["mask"],
@@ -189,8 +189,8 @@ class DeadAndTwinChannels(SignedNet):
 
 @pytest.mark.parametrize("net, batch", [("tiny", 32), ("tiny", 3), ("signed", 5), ("twins", 2)])
 def test_our_score_cam_equals_grad_cam(net, batch, tiny_crop):
-    from report_builder.explain import PACKAGE_CAMS, score_cam
-    from report_builder.spec import CamSpec
+    from report_builder.explanation.methods import PACKAGE_CAMS, score_cam
+    from report_builder.spec.schema import CamSpec
 
     torch.manual_seed(3)
     modules = {"tiny": lambda: __import__("conftest").TinyNet(), "signed": SignedNet, "twins": DeadAndTwinChannels}

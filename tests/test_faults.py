@@ -24,11 +24,11 @@ import torchvision
 from PIL import Image
 
 from report_builder.__main__ import main
-from report_builder.cache import Cache, stage_key
-from report_builder.data import load_images, unique_ids
+from report_builder.pipeline.cache import Cache, stage_key
+from report_builder.data.images import load_images, unique_ids
 from report_builder.errors import SpecError, UserError
-from report_builder.rundir import without_timings
-from report_builder.spec import ImagesSpec
+from report_builder.report.rundir import without_timings
+from report_builder.spec.schema import ImagesSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -197,7 +197,7 @@ models:
   - {{<<: *net, id: b}}
 images: {{source: samples, names: [coffee]}}
 """)
-    from report_builder.spec import load_spec
+    from report_builder.spec.schema import load_spec
 
     code, err = run_cli(capsys, "validate", spec)
     assert code == 0, err
@@ -429,8 +429,8 @@ def test_nan_weights_are_refused(tmp_path, capsys):
 
 
 def test_a_broden_index_cannot_read_outside_its_folder(tmp_path):
-    from report_builder.pixel_labels import load_pixel_probe
-    from report_builder.spec import NetDissectSpec
+    from report_builder.data.pixel_labels import load_pixel_probe
+    from report_builder.spec.schema import NetDissectSpec
 
     root = tmp_path / "broden"
     (root / "images").mkdir(parents=True)
@@ -688,7 +688,7 @@ def test_stale_partial_folders_of_ended_runs_are_removed(tmp_path, capsys, ckpt)
 def test_a_full_disk_while_rendering_leaves_nothing_behind(tmp_path, capsys, ckpt, monkeypatch):
     import errno
 
-    from report_builder import render
+    from report_builder.report import render
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "report.pdf"))
@@ -740,7 +740,7 @@ def test_quiet_and_verbose_after_the_command_and_a_version(tmp_path, capsys, ckp
 def test_a_full_disk_that_names_no_file_names_the_folders(tmp_path, capsys, ckpt, monkeypatch):
     import errno
 
-    from report_builder import collect
+    from report_builder.pipeline import collect
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")  # as a write() on an open file says it
@@ -754,7 +754,7 @@ def test_a_full_disk_that_names_no_file_names_the_folders(tmp_path, capsys, ckpt
 
 
 def test_too_little_memory_is_a_clear_exit_2(tmp_path, capsys, ckpt, monkeypatch):
-    from report_builder import runner
+    from report_builder.pipeline import runner
 
     def no_memory(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
@@ -779,7 +779,8 @@ def test_a_ctrl_c_that_lands_in_a_callback_still_stops_render(tmp_path, capsys, 
     recorded, and render stops before it replaces the report."""
     import weakref
 
-    from report_builder import errors, render
+    from report_builder import errors
+    from report_builder.report import render
 
     run = tmp_path / "run"
     shutil.copytree(good_run, run)
@@ -866,7 +867,7 @@ def test_offline_start_up_names_each_missing_file_within_seconds(tmp_path, capsy
 
 
 def test_the_readme_names_exactly_the_methods_the_spec_takes():
-    from report_builder.spec import ALL_METHODS
+    from report_builder.spec.schema import ALL_METHODS
 
     text = (REPO / "README.md").read_text()
     start = text.index("`explain.methods` takes any of")
@@ -1040,7 +1041,7 @@ def test_render_and_diff_refuse_a_tampered_run(tmp_path, capsys, good_run, case,
 
 
 def test_render_that_fails_leaves_the_run_as_it_was(tmp_path, capsys, good_run, monkeypatch):
-    from report_builder import render
+    from report_builder.report import render
 
     run = tmp_path / "run"
     shutil.copytree(good_run, run)

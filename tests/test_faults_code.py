@@ -323,8 +323,8 @@ def test_the_adapter_keeps_the_users_names_weights_and_hash(tmp_path):
 
     import torch
 
-    from report_builder.spec import ModelSpec
-    from report_builder.zoo import LogitsOf, load_model, weights_hash
+    from report_builder.spec.schema import ModelSpec
+    from report_builder.models.zoo import LogitsOf, load_model, weights_hash
 
     (tmp_path / "model.py").write_text(NET + TUPLE_AND_DICT)
     loaded = load_model(ModelSpec(id="a", source="python", factory=f"{tmp_path}/model.py:hf"), "models[0]")

@@ -20,7 +20,8 @@ import pytest
 import torch
 import torchvision
 
-from report_builder import raywatch, tasks
+from report_builder.pipeline import raywatch
+from report_builder.pipeline import tasks
 from report_builder.__main__ import main
 from report_builder.errors import UserError
 
@@ -250,7 +251,7 @@ def test_the_watchdog_stops_only_the_processes_of_its_run(tmp_path):
                 for name, extra in [("ours", {raywatch.MARK_VARIABLE: mark}),
                                     ("another run's", {raywatch.MARK_VARIABLE: other}), ("the user's", {})]}
     try:
-        dog = subprocess.Popen([sys.executable, "-m", "report_builder.raywatch", mark, str(os.getpid())],
+        dog = subprocess.Popen([sys.executable, "-m", "report_builder.pipeline.raywatch", mark, str(os.getpid())],
                                stdin=subprocess.PIPE, cwd=REPO)
         time.sleep(0.5)
         assert dog.poll() is None  # waits while the driver lives

@@ -24,9 +24,9 @@ import torchvision
 
 from report_builder import open_run
 from report_builder.__main__ import main
-from report_builder.api import Run
+from report_builder.report.api import Run
 from report_builder.errors import UserError
-from report_builder.rundir import RunFormatError, check_results
+from report_builder.report.rundir import RunFormatError, check_results
 
 SPEC = """
 title: "Run directory check"
@@ -258,7 +258,7 @@ def test_the_untampered_run_opens_and_every_table_is_a_frame(tmp_path, capsys, g
 
 def test_checking_a_big_run_stays_linear(tmp_path, good_run):
     """2 models x 896 units in both dissections (ResNet18 layer2-4): the check is one pass, well under a second."""
-    from report_builder.collect import write_dissection_csvs, write_netdissect_csvs
+    from report_builder.pipeline.collect import write_dissection_csvs, write_netdissect_csvs
 
     run = _copy(tmp_path, good_run)
     r = json.loads((run / "results.json").read_text())

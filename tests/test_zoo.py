@@ -6,11 +6,11 @@ import pytest
 import torch
 import torchvision
 
-from report_builder.data import load_images
+from report_builder.data.images import load_images
 from report_builder.errors import UserError
-from report_builder.explain import predict
-from report_builder.spec import ImagesSpec, ModelSpec
-from report_builder.zoo import PLACES365_URL, get_layer, load_model, places365_classes
+from report_builder.explanation.methods import predict
+from report_builder.spec.schema import ImagesSpec, ModelSpec
+from report_builder.models.zoo import PLACES365_URL, get_layer, load_model, places365_classes
 
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 
@@ -196,7 +196,7 @@ def test_the_batchnorm_folded_copy_gives_the_models_outputs(name, chelsea, tmp_p
 def test_a_convolution_that_feeds_more_than_its_batchnorm_is_not_folded():
     from torch import nn
 
-    from report_builder.zoo import fold_batchnorm
+    from report_builder.models.zoo import fold_batchnorm
 
     class Shared(nn.Module):  # the convolution's output goes to the BatchNorm and around it
         def __init__(self):
@@ -215,8 +215,8 @@ def test_a_convolution_that_feeds_more_than_its_batchnorm_is_not_folded():
 
 
 def test_our_score_cam_on_a_folded_model_equals_grad_cam(chelsea):
-    from report_builder.explain import PACKAGE_CAMS, Settings, score_cam
-    from report_builder.spec import ExplainSpec
+    from report_builder.explanation.methods import PACKAGE_CAMS, Settings, score_cam
+    from report_builder.spec.schema import ExplainSpec
 
     m = load_model(ModelSpec(id="m", source="packaged", name="efficientnet_lite0", target_layer="blocks.5"), "m")
     assert m.outputs is not m.module
@@ -227,8 +227,8 @@ def test_our_score_cam_on_a_folded_model_equals_grad_cam(chelsea):
 
 
 def test_hooks_record_the_same_activations_on_the_folded_copy(chelsea):
-    from report_builder.activations import record
-    from report_builder.probe import ProbeItem, ProbeSet
+    from report_builder.dissection.activations import record
+    from report_builder.data.probe import ProbeItem, ProbeSet
 
     m = load_model(ModelSpec(id="m", source="packaged", name="efficientnet_lite0"), "models[0]")
     blocks, conv = ["blocks.4", "blocks.5.0.bn1"], ["blocks.4", "blocks.5.0.conv_pw"]

@@ -1,0 +1,450 @@
+"""Explanations of one model's prediction on one image.
+
+CAM methods come from the `grad-cam` package, LIME from the `lime` package; each is an entry of
+`EXPLAINERS`, a function (model, crop, target class, settings) -> a result dict with
+`map` (HxW float32 in [0, 1], at the model's input resolution) and `seconds`.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from report_builder.errors import UserError
+from report_builder.pipeline.progress import current, folded_tqdm
+from report_builder.spec.schema import ExplainSpec, resolve_batch
+from report_builder.models.zoo import LoadedModel, ModelRef, get_layer, model_for
+
+# Bump when a change alters what an explainer computes, so cached maps are recomputed.
+CODE_VERSION = 3
+
+# grad-cam's AblationCAM default batch. Its ablation values depend on the row within a batch when the
+# activations can be negative (see ablation_cam), so the batch is fixed: the same maps on any device.
+ABLATION_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Settings:
+    explain: ExplainSpec
+    seed: int
+    device: torch.device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def predict(model: LoadedModel, crops: np.ndarray | torch.Tensor, device: torch.device, batch_size: int = 8) -> np.ndarray:
+    """Softmax probabilities, N x classes, for uint8 crops N x H x W x 3 (a NumPy array or a tensor)."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(crops), batch_size):
+            x = model.preprocess.normalize(crops[i : i + batch_size], device)
+            out.append(torch.softmax(model.outputs(x).float(), dim=1).cpu())
+    return torch.cat(out).numpy()
+
+
+def top_k(probs: np.ndarray, names: list[str], k: int) -> list[dict]:
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [
+        {"rank": r + 1, "class_index": int(c), "class_name": names[c], "probability": float(probs[c])}
+        for r, c in enumerate(order)
+    ]
+
+
+@dataclass(frozen=True)
+class Cam:
+    """How grad-cam's class for a method is called: one registry entry per method."""
+
+    cls: str  # the class in pytorch_grad_cam
+    own_targets: bool = False  # FinerCAM picks the classes it contrasts the target with; it is told the target
+    all_layers: bool = False  # FullGrad uses every bias layer, not the target layer
+
+
+CAMS: dict[str, Cam] = {
+    "gradcam": Cam("GradCAM"), "gradcamplusplus": Cam("GradCAMPlusPlus"), "xgradcam": Cam("XGradCAM"),
+    "hirescam": Cam("HiResCAM"), "gradcamelementwise": Cam("GradCAMElementWise"), "layercam": Cam("LayerCAM"),
+    "eigencam": Cam("EigenCAM"), "eigengradcam": Cam("EigenGradCAM"), "kpcacam": Cam("KPCA_CAM"), "fem": Cam("FEM"),
+    "shapleycam": Cam("ShapleyCAM"), "finercam": Cam("FinerCAM", own_targets=True),
+    "fullgrad": Cam("FullGrad", all_layers=True), "scorecam": Cam("ScoreCAM"), "ablationcam": Cam("AblationCAM"),
+}
+
+
+def not_applicable(method: str, model: LoadedModel) -> str | None:
+    """Why `method` cannot explain `model` (None: it can)."""
+    kind = model.layout(model.target_layer).kind
+    if method == "fullgrad" and kind != "nchw":
+        return ("FullGrad sums every bias layer's gradient maps, and grad-cam reads them off convolutional layers "
+                "only; this model's layers hold tokens")
+    if method == "shapleycam" and kind != "nchw":
+        return ("grad-cam's ShapleyCAM keeps the target layer's raw output for its second derivatives and cannot "
+                "reshape tokens to a grid")
+    return None
+
+
+def grad_cam(method: str) -> Callable[..., dict]:
+    """The explainer that runs grad-cam's own class for `method` on the model's target layer, for its top-1 class.
+    Token outputs (ViT, Swin) are reshaped to their grid for grad-cam (`Layout.maps`)."""
+    entry = CAMS[method]
+
+    def run(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
+        import pytorch_grad_cam
+        from pytorch_grad_cam import ablation_cam as ablation_module
+        from pytorch_grad_cam import score_cam as score_module
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        cam_class = getattr(pytorch_grad_cam, entry.cls, None)
+        if cam_class is None:
+            from importlib import metadata
+
+            raise UserError(f"explain.methods: {method} needs grad-cam's {entry.cls}, which the installed grad-cam "
+                            f"{metadata.version('grad-cam')} does not have; upgrade it (pip install -U grad-cam)")
+        layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
+        layout = model.layout(model.target_layer)
+        kwargs: dict = {"reshape_transform": None if layout.kind == "nchw" else layout.maps}
+        if entry.cls == "AblationCAM":
+            kwargs["batch_size"] = ABLATION_BATCH
+            if layout.kind in ("tokens", "nhwc"):  # channels in the last dimension: grad-cam's ViT ablation layer
+                kwargs["ablation_layer"] = pytorch_grad_cam.AblationLayerVit()
+        x = model.preprocess.normalize(crop[None], settings.device)
+        start = time.perf_counter()
+        # grad-cam draws tqdm bars of its own; ours take their place. Second derivatives (ShapleyCAM) need the
+        # plain attention kernel: the fused ones have no double backward. grad-cam's own context manager swallows
+        # IndexErrors, so its hooks are released here instead.
+        cam = cam_class(model=model.module, target_layers=[] if entry.all_layers else [layer], **kwargs)
+        try:
+            second_derivatives = entry.cls == "ShapleyCAM"
+            with folded_tqdm(score_module, ablation_module, label=entry.cls, unit="batches"), \
+                    (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if second_derivatives
+                     else contextlib.nullcontext()):
+                if entry.cls == "ScoreCAM":
+                    cam.batch_size = resolve_batch(settings.explain.cam.batch_size, settings.device.type)
+                if entry.own_targets:
+                    saliency = cam(input_tensor=x, targets=None, target_idx=target)[0]
+                else:
+                    saliency = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise UserError(f"{model.where}: grad-cam's {entry.cls} failed on {model.id} ({type(exc).__name__}: "
+                            f"{str(exc)[:300]}); leave {method} out of explain.methods for this model") from None
+        finally:
+            _release_safely(cam)
+            getattr(cam, "base_cam", cam).activations_and_grads.release()
+        _sync(settings.device)
+        seconds = time.perf_counter() - start
+        return {"map": np.nan_to_num(np.asarray(saliency, dtype=np.float32)), "seconds": seconds}
+
+    return run
+
+
+def _release_safely(cam) -> None:
+    """grad-cam detaches its stored tensors in place when it lets go of them, which fails for tensors that are views
+    (ShapleyCAM keeps gradients attached, and a permuted layer output such as ConvNeXt's makes them views):
+    hand it copies."""
+    store = getattr(getattr(cam, "base_cam", cam), "activations_and_grads", None)
+    if store is not None:
+        store.gradients = [g.detach().clone() if isinstance(g, torch.Tensor) else g for g in store.gradients]
+        store.activations = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in store.activations]
+
+
+def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
+    """LIME on the model's input crop, fully seeded, with the `lime` package's math.
+
+    The same steps as `LimeImageExplainer.explain_instance`: the segmentation, the fill image (each
+    superpixel's mean colour, or `hide_color`), one draw of `num_samples x superpixels` on/off bits
+    from the explainer's seeded `random_state` (first row all on), cosine distances to the first row,
+    and lime's own weighted ridge regression (`explainer.base`). What differs is only the speed: the
+    perturbed images are built as whole batches with array indexing instead of a Python loop per
+    sample and per superpixel, so the cost is the model's forward passes. `random_seed` of lime seeds
+    only the segmentation; the explainer's `random_state` draws the perturbations, so both are seeded
+    and two runs give identical masks.
+    """
+    from lime import lime_image
+    from sklearn.metrics import pairwise_distances
+
+    cfg = settings.explain.lime
+    explainer = lime_image.LimeImageExplainer(random_state=settings.seed)
+    start = time.perf_counter()
+    segments = lime_segmenter(settings)(crop)
+    fill = lime_fill_image(crop, segments, cfg.hide_color)
+    n_features = np.unique(segments).shape[0]
+    data = explainer.random_state.randint(0, 2, cfg.num_samples * n_features).reshape((cfg.num_samples, n_features))
+    data[0, :] = 1
+    # lime hides superpixel z when bit z is 0, matching bits to segment values; a segment value with
+    # no bit (segmentations that start at 1) is never hidden, as in lime.
+    column = torch.from_numpy(np.minimum(segments, n_features - 1).astype(np.int64))
+    never_hidden = torch.from_numpy(segments >= n_features)
+    bits = torch.from_numpy(data.astype(bool))
+    crop_t, fill_t = torch.from_numpy(crop), torch.from_numpy(fill)
+    labels = []
+    batch = resolve_batch(cfg.batch_size, settings.device.type)
+    for i in current().track(range(0, cfg.num_samples, batch), "LIME", unit="batches"):
+        keep = bits[i : i + batch][:, column] | never_hidden  # batch x H x W: which pixels show the image
+        images = torch.where(keep[..., None], crop_t, fill_t)
+        labels.append(predict(model, images, settings.device, batch_size=len(images)))
+    labels = np.concatenate(labels)
+    distances = pairwise_distances(data, data[0].reshape(1, -1), metric="cosine").ravel()
+    explanation = lime_image.ImageExplanation(crop, segments)
+    (explanation.intercept[target], explanation.local_exp[target], explanation.score,
+     explanation.local_pred) = explainer.base.explain_instance_with_data(
+        data, labels, distances, target, cfg.num_features, model_regressor=None,
+        feature_selection=explainer.feature_selection)
+    _sync(settings.device)
+    seconds = time.perf_counter() - start
+    return _lime_result(explanation, target, cfg.num_features, seconds)
+
+
+def lime_segmenter(settings: Settings):
+    """lime's segmentation wrapper with the spec's algorithm and parameters; quickshift is seeded."""
+    from lime.wrappers.scikit_image import SegmentationAlgorithm
+
+    seg = settings.explain.lime.segmentation
+    params = dict(seg.params)
+    if seg.algorithm == "quickshift":
+        params["random_seed"] = settings.seed
+    return SegmentationAlgorithm(seg.algorithm, **params)
+
+
+def lime_fill_image(crop: np.ndarray, segments: np.ndarray, hide_color) -> np.ndarray:
+    """What a hidden superpixel shows: its mean colour (truncated to uint8, as lime does) or `hide_color`."""
+    fill = crop.copy()
+    if hide_color is None:
+        for x in np.unique(segments):
+            fill[segments == x] = crop[segments == x].mean(axis=0)
+    else:
+        fill[:] = hide_color
+    return fill
+
+
+def lime_package_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings,
+                         batch_size: int | None = None) -> dict:
+    """The `lime` package's own `explain_instance`, for equivalence tests and benchmarks."""
+    from lime import lime_image
+
+    cfg = settings.explain.lime
+    explainer = lime_image.LimeImageExplainer(random_state=settings.seed)
+    hide = list(cfg.hide_color) if isinstance(cfg.hide_color, tuple) else cfg.hide_color
+    quiet = lime_image.tqdm
+    lime_image.tqdm = lambda rows: rows  # lime draws a progress bar per call; keep the bench output readable
+    start = time.perf_counter()
+    try:
+        explanation = explainer.explain_instance(
+            crop, lambda images: predict(model, images, settings.device, batch_size=len(images)),
+            labels=(target,), top_labels=None, hide_color=hide, num_features=cfg.num_features,
+            num_samples=cfg.num_samples, batch_size=batch_size or resolve_batch(cfg.batch_size, settings.device.type),
+            segmentation_fn=lime_segmenter(settings), random_seed=settings.seed)
+    finally:
+        lime_image.tqdm = quiet
+    return _lime_result(explanation, target, cfg.num_features, time.perf_counter() - start)
+
+
+def _lime_result(explanation, target: int, num_features: int, seconds: float) -> dict:
+    _, mask = explanation.get_image_and_mask(target, positive_only=True, num_features=num_features, hide_rest=False)
+    segments = explanation.segments
+    weights = dict(explanation.local_exp[target])
+    weight_map = np.vectorize(lambda s: weights.get(s, 0.0), otypes=[np.float32])(segments)
+    peak = float(np.abs(weight_map).max()) or 1.0
+    return {
+        "map": np.clip(weight_map / peak, 0.0, 1.0).astype(np.float32),
+        "mask": mask.astype(bool),
+        "segments": segments.astype(np.int32),
+        "score": float(explanation.score),
+        "num_segments": int(len(np.unique(segments))),
+        "seconds": seconds,
+    }
+
+
+def tail_after(model: LoadedModel, layer: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The part of the network after `layer`, as a function of that layer's output.
+
+    `layer` is a top-level child (`layer4`) or a path through nn.Sequential containers (`blocks.6`):
+    the later siblings at each level run in order, innermost first, then the top-level children after
+    it, with a flatten before the first Linear. That is the forward of ResNets, VGGs and timm
+    EfficientNets; callers check the tail against the full model before trusting it. None when the
+    path leaves nn.Sequential containers.
+    """
+    parent: torch.nn.Module = model.module
+    stages: list[list[torch.nn.Module]] = []
+    for depth, name in enumerate(layer.split(".")):
+        children = list(parent.named_children())
+        names = [n for n, _ in children]
+        if name not in names or (depth > 0 and not isinstance(parent, torch.nn.Sequential)):
+            return None
+        stages.append([m for _, m in children[names.index(name) + 1 :]])
+        parent = children[names.index(name)][1]
+    rest = [m for stage in reversed(stages) for m in stage]
+
+    def tail(x: torch.Tensor) -> torch.Tensor:
+        for m in rest:
+            if isinstance(m, torch.nn.Linear) and x.dim() > 2:
+                x = torch.flatten(x, 1)
+            x = m(x)
+        return x
+
+    return tail
+
+
+def target_output(model: LoadedModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target layer's output and the model's logits, from one pass of the model itself (hooks need it)."""
+    layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        logits = model.module(x)
+    finally:
+        handle.remove()
+    return captured[0], logits
+
+
+def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
+    """AblationCAM with grad-cam's math, recomputing only the network after the target layer.
+
+    grad-cam re-runs the whole model for every ablated channel (its ablation layer replaces the target
+    layer's output, but the layers before it still run). Here the target layer's activations are
+    recorded once and each batch of ablated copies goes through the tail only. The ablation values are
+    grad-cam's: 0 when the activations' minimum is 0, else the running minimum minus 1e7 per row of a
+    batch (its AblationLayer lowers the minimum with every row), so the batch is grad-cam's default. Weights (s - s_c) / s, cam = ReLU(Σ_c w_c A_c), min-max scaled and resized as grad-cam does.
+    Falls back to grad-cam's AblationCAM when the tail does not reproduce the model's output.
+    """
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    tail = tail_after(model, model.target_layer)
+    if tail is None:  # the layers after the target do not run in sequence (a ViT): grad-cam's own AblationCAM
+        return {**PACKAGE_CAMS["ablationcam"](model, crop, target, settings), "implementation": "grad-cam"}
+    x = model.preprocess.normalize(crop[None], settings.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        acts, logits = target_output(model, x)
+        if acts.dim() != 4 or not torch.allclose(tail(acts), logits, rtol=1e-4, atol=1e-4):
+            return {**PACKAGE_CAMS["ablationcam"](model, crop, target, settings), "implementation": "grad-cam"}
+        original = float(logits[0, target])
+        channels = acts.shape[1]
+        batch = ABLATION_BATCH
+        minimum = acts.min()
+        scores = []
+        for first in range(0, channels, batch):
+            rows = min(batch, channels - first)
+            ablated = acts.repeat(rows, 1, 1, 1)
+            values = torch.zeros(rows, dtype=acts.dtype, device=acts.device)
+            if minimum != 0:  # grad-cam's running minimum, row by row, in the activations' dtype
+                running = minimum.clone()
+                for r in range(rows):
+                    running = running - 1e7
+                    values[r] = running
+            idx = torch.arange(rows, device=acts.device)
+            ablated[idx, first + idx] = values[:, None, None]
+            scores.append(tail(ablated)[:, target].float().cpu())
+        scores = torch.cat(scores).numpy()
+    weights = (np.float32(original) - scores.astype(np.float32)) / np.float32(original)
+    activations = acts[0].float().cpu().numpy()
+    cam = np.maximum((weights[:, None, None] * activations).sum(axis=0), 0)[None]
+    size = (x.shape[-1], x.shape[-2])
+    cam = scale_cam_image(cam, size)  # as grad-cam's compute_cam_per_layer
+    cam = scale_cam_image(np.maximum(cam, 0))  # and its aggregate_multi_layers
+    _sync(settings.device)
+    return {"map": cam[0].astype(np.float32), "seconds": time.perf_counter() - start, "implementation": "ours"}
+
+
+def score_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
+    """ScoreCAM with grad-cam's math, running each distinct masked image once.
+
+    grad-cam runs the model once per channel of the target layer, on the image times that channel's map
+    (upsampled bilinearly to the input, min-max normalised). Channels whose normalised maps are equal give the
+    same masked image and the same score: every constant channel (a dead unit among them) normalises to zero.
+    Each distinct map is run once and its score shared. Weights are the softmax of the scores over channels,
+    cam = ReLU(sum_c w_c A_c), scaled as grad-cam does. `passes` counts the model calls made, `channels` the
+    ones grad-cam would make."""
+    import hashlib
+
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    layout = model.layout(model.target_layer)
+    x = model.preprocess.normalize(crop[None], settings.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        acts = layout.maps(target_output(model, x)[0]).float()  # 1 x C x h x w, as grad-cam's reshape gives it
+        # grad-cam's normalisation, in its order of operations, so equal channels stay bit-equal.
+        upsampled = torch.nn.functional.interpolate(acts, size=x.shape[-2:], mode="bilinear", align_corners=True)
+        flat = upsampled.view(1, upsampled.shape[1], -1)
+        maxs, mins = flat.max(dim=-1)[0][:, :, None, None], flat.min(dim=-1)[0][:, :, None, None]
+        masks = ((upsampled - mins) / (maxs - mins + 1e-8))[0]
+        first: dict[bytes, int] = {}  # digest of a normalised map -> the first channel with it
+        source = []  # per channel: the channel whose masked image is run for it
+        for c, m in enumerate(masks.cpu().numpy()):
+            rep = first.setdefault(hashlib.blake2b(m.tobytes(), digest_size=16).digest(), c)
+            source.append(rep if rep == c or torch.equal(masks[rep], masks[c]) else c)
+        distinct = sorted(set(source))
+        batch = resolve_batch(settings.explain.cam.batch_size, settings.device.type)
+        scores: dict[int, float] = {}
+        for i in current().track(range(0, len(distinct), batch), "ScoreCAM", unit="batches"):
+            channels = distinct[i : i + batch]
+            out = model.outputs(x * masks[channels][:, None])
+            scores.update(zip(channels, out[:, target].float().cpu().tolist()))
+    weights = torch.softmax(torch.tensor([scores[c] for c in source], dtype=torch.float32), dim=0).numpy()
+    activations = acts[0].cpu().numpy()
+    cam = np.maximum((weights[:, None, None] * activations).sum(axis=0), 0)[None]
+    size = (x.shape[-1], x.shape[-2])
+    cam = scale_cam_image(cam, size)  # as grad-cam's compute_cam_per_layer
+    cam = scale_cam_image(np.maximum(cam, 0))  # and its aggregate_multi_layers
+    _sync(settings.device)
+    return {"map": cam[0].astype(np.float32), "seconds": time.perf_counter() - start, "implementation": "ours",
+            "passes": 1 + len(distinct), "channels": len(source)}
+
+
+# The grad-cam package's own classes, for equivalence tests and benchmarks.
+PACKAGE_CAMS = {name: grad_cam(name) for name in CAMS}
+
+# Every method: grad-cam's classes, our AblationCAM (grad-cam's math, only the layers after the target re-run),
+# our ScoreCAM (grad-cam's math, each distinct masked image run once), and LIME.
+EXPLAINERS: dict[str, Callable[[LoadedModel, np.ndarray, int, Settings], dict]] = {
+    **PACKAGE_CAMS,
+    "ablationcam": ablation_cam,
+    "scorecam": score_cam,
+    "lime": lime_explain,
+}
+
+
+def identity(method: str, model: LoadedModel, image_sha: str, settings: Settings) -> dict:
+    """Everything that determines an explanation (with its prediction task's key, which fixes the target)."""
+    params: dict = {"target_layer": model.target_layer}
+    if method == "lime":
+        params = {"lime": settings.explain.lime.model_dump(mode="json", exclude={"sweep"}), "seed": settings.seed}
+    elif method == "ablationcam":
+        params["batch_size"] = ABLATION_BATCH
+    elif method == "scorecam":
+        params["distinct_masks_once"] = True  # our ScoreCAM: equal to grad-cam's within float rounding
+    return {
+        "method": method,
+        "code_version": CODE_VERSION,
+        "weights": model.weights_hash,
+        "preprocess": model.preprocess.as_dict(),
+        "image": image_sha,
+        "params": params,
+        "device": settings.device.type,
+    }
+
+
+RESULT_SHAPE = {"map": np.ndarray, "seconds": float, "target": int}
+
+
+def predict_task(model: ModelRef, crops: np.ndarray, device: str) -> np.ndarray:
+    """Softmax probabilities of every sample image, images x classes."""
+    probs = predict(model_for(model, device), crops, torch.device(device))
+    if not np.isfinite(probs).all():
+        bad = sorted({int(i) for i in np.argwhere(~np.isfinite(probs))[:, 0]})
+        raise UserError(f"{model.where}: the outputs of {model.id} are not finite (NaN or infinity) on images "
+                        f"{', '.join(str(i + 1) for i in bad[:5])}: its weights or inputs make it overflow")
+    return probs.astype(np.float32)
+
+
+def explain_task(model: ModelRef, crop: np.ndarray, index: int, method: str, explain: ExplainSpec, seed: int,
+                 device: str, predictions: np.ndarray) -> dict:
+    """One method's explanation of the model's top-1 class on one image."""
+    m = model_for(model, device)
+    target = int(np.argsort(-predictions[index], kind="stable")[0])
+    value = EXPLAINERS[method](m, crop, target, Settings(explain, seed, torch.device(device)))
+    return {**value, "target": target}

@@ -1,0 +1,375 @@
+"""Task values -> results.json's sections and the run directory's files (overlays, maps, CSVs, galleries).
+
+Bookkeeping only: the numbers come from the tasks, the agreement module and the analysis module.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from report_builder.explanation import agreement as agree
+from report_builder.report import analysis
+from report_builder.explanation import overlays
+from report_builder.data.images import SampleImage, manifest_hash
+from report_builder.explanation.methods import top_k
+from report_builder.files import clean_nan
+from report_builder.pipeline.progress import Progress
+from report_builder.report.rundir import SCHEMA_VERSION, TIMING_KEYS
+from report_builder.spec.schema import CAM_METHODS, METHOD_TITLES, LoadedSpec
+from report_builder.models.zoo import LoadedModel
+
+
+def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Progress, device_type: str) -> dict:
+    """Everything the report needs, with the files it refers to written under `work`."""
+    from report_builder.pipeline.runner import explain_settings
+
+    spec = loaded.spec
+    explanations, agreement_rows = [], []
+    for m in inputs.models:
+        for record, rows in explanation_records(m, inputs.images, spec, plan, outcome, work, progress):
+            explanations.append(record)
+            agreement_rows.extend(rows)
+    out = {
+        "schema_version": SCHEMA_VERSION,
+        "run_name": loaded.run_name,
+        "title": spec.title,
+        "authors": list(spec.authors),
+        "spec": loaded.written.model_dump(mode="json"),
+        "spec_file": str(loaded.path),
+        "methods": [{"id": k, "title": METHOD_TITLES[k]} for k in spec.explain.methods],
+        "not_applicable": plan.not_applicable,
+        "explain_settings": explain_settings(spec, device_type).model_dump(mode="json"),  # batch sizes resolved
+        "models": [model_record(m) for m in inputs.models],
+        "images": [image_record(im) for im in inputs.images],
+        "explanations": explanations,
+        "agreement": {"definition": agree.DEFINITION, "thresholds": list(spec.agreement.thresholds),
+                      "rows": agreement_rows},
+        "reproducibility": {
+            "timing_keys": list(TIMING_KEYS),
+            "note": "Two runs of the same spec on the same device give the same results.json except for these keys: "
+                    "wall-clock timings, the cache's state, and the findings marked timing: true.",
+        },
+        "provenance": {
+            "seed": spec.seed,
+            "weights_sha256": {m.id: m.weights_hash for m in inputs.models},
+            "images_sha256": manifest_hash(inputs.images),
+            "tasks": len(plan.graph.tasks),
+        },
+    }
+    if spec.dissect is not None:
+        out["dissection"] = dissection_section(spec, inputs, plan, outcome)
+        write_dissection_csvs(work / "dissection", out["dissection"])
+        out["dissection"]["summary"] = analysis.dissection_summary(out)
+    if spec.netdissect is not None:
+        out["netdissect"] = netdissect_section(spec, inputs, plan, outcome, work)
+        write_netdissect_csvs(work / "dissection", out["netdissect"])
+        out["netdissect"]["agreement"] = analysis.method_agreement(out)
+    if spec.evaluate is not None:
+        out["evaluation"] = evaluation_section(spec, inputs, plan, outcome, work)
+        write_evaluation_csv(work / "evaluation.csv", out["evaluation"])
+    if plan.sweep_settings:
+        out["lime_sweep"] = sweep_section(inputs, plan, outcome)
+    out["versions"] = analysis.versions_summary(out)
+    out["agreement"]["summary"] = analysis.agreement_summary(out)
+    out["timings"] = analysis.timing_summary(out)
+    if "evaluation" in out:
+        out["evaluation"]["summary"] = analysis.evaluation_summary(out)
+    if "lime_sweep" in out:
+        out["lime_sweep"].update(analysis.sweep_summary(out))
+    out["findings"] = analysis.findings(out)
+    out = clean_nan(out)
+    write_agreement_csv(work / "agreement.csv", out["agreement"]["rows"], spec.agreement.thresholds)
+    return out
+
+
+# ---------------------------------------------------------------- explanations
+
+
+def explanation_records(m: LoadedModel, images: list[SampleImage], spec, plan, outcome, work: Path,
+                        progress: Progress):
+    """Per image: the record (predictions, each method's overlay and time), its maps file, and LIME-vs-CAM rows."""
+    folder = work / "explanations" / m.id
+    folder.mkdir(parents=True, exist_ok=True)
+    for im in images:
+        probs = outcome.values[plan.predict[(m.id, im.id)]][0]
+        preds = top_k(probs, m.class_names, spec.explain.top_k)
+        methods = [k for k in spec.explain.methods if (m.id, im.id, k) in plan.explain]  # those that apply to m
+        values = {method: outcome.values[plan.explain[(m.id, im.id, method)]] for method in methods}
+        computed = {method: plan.explain[(m.id, im.id, method)] in outcome.computed for method in methods}
+        target = preds[0]["class_index"]
+        record = {
+            "model": m.id,
+            "image": im.id,
+            "target_class": target,
+            "target_name": preds[0]["class_name"],
+            "predictions": preds,
+            "original": f"explanations/{m.id}/{im.id}_input.png",
+            "maps": f"explanations/{m.id}/{im.id}.npz",
+            "methods": {},
+        }
+        crop = m.preprocess.crop(im.image)
+        overlays.save_input(crop, work / record["original"])
+        arrays = {}
+        for method, value in values.items():
+            rel = f"explanations/{m.id}/{im.id}_{method}.png"
+            entry = {"seconds": round(float(value["seconds"]), 4), "cached": not computed[method], "overlay": rel}
+            if "implementation" in value:
+                entry["implementation"] = value["implementation"]
+            if method == "lime":
+                overlays.save_lime(crop, value["mask"], value["segments"], work / rel)
+                entry.update(score=value["score"], num_segments=value["num_segments"],
+                             mask_pixels=int(value["mask"].sum()))
+                arrays["lime_mask"] = value["mask"]
+            else:
+                overlays.save_cam(crop, value["map"], work / rel)
+            arrays[method] = value["map"]
+            record["methods"][method] = entry
+        arrays["probabilities"] = probs.astype(np.float32)  # the full softmax, for diffs between runs
+        np.savez_compressed(work / record["maps"], **arrays)
+        took = ", ".join(f"{METHOD_TITLES[k]} {v['seconds']:.1f}s{'' if computed[k] else ' (cached)'}"
+                         for k, v in values.items())
+        progress.say(f"  {m.id} {im.id}: {preds[0]['class_name']} ({preds[0]['probability']:.2f}); {took}", detail=True)
+        rows = []
+        if "lime" in values:
+            for method in (k for k in CAM_METHODS if k in values):
+                numbers = agree.compare(values["lime"]["mask"], values[method]["map"], spec.agreement.thresholds)
+                rows.append({"image": im.id, "model": m.id, "method_a": "lime", "method_b": method, **numbers})
+        yield record, rows
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+EVALUATION_METRICS = ("deletion_auc", "insertion_auc", "road", "pointing_hit", "energy")
+
+
+def evaluation_section(spec, inputs, plan, outcome, work: Path) -> dict:
+    """Per model, image and method (and the random map): the metrics; the deletion and insertion curves; the
+    sanity check's similarities per step, with its maps in evaluation/<model>/<image>_sanity.npz."""
+    ev = spec.evaluate
+    rows, curves, sanity = [], [], []
+    methods = list(spec.explain.methods) + (["random"] if ev.random_baseline else [])
+    for m in inputs.models:
+        for im in inputs.images:
+            for method in methods:
+                if (m.id, im.id, method) not in plan.evaluation:  # the method does not apply to this model
+                    continue
+                v = outcome.values[plan.evaluation[(m.id, im.id, method)]]
+                rows.append({"model": m.id, "image": im.id, "method": method,
+                             **{k: v.get(k) for k in EVALUATION_METRICS}, "object": v.get("object")})
+                if "deletion_curve" in v:
+                    curves.append({"model": m.id, "image": im.id, "method": method,
+                                   "deletion": [float(x) for x in v["deletion_curve"]],
+                                   "insertion": [float(x) for x in v["insertion_curve"]]})
+            maps = {}
+            for method in spec.explain.methods:
+                key = plan.sanity.get((m.id, im.id, method))
+                if key is None:
+                    continue
+                v = outcome.values[key]
+                maps[method] = v["maps"]
+                sanity.append({"model": m.id, "image": im.id, "method": method, "layers": v["layers"],
+                               "blocks": [int(b) for b in v["blocks"]], "total_blocks": int(v["total_blocks"]),
+                               "spearman": v["spearman"], "ssim": v["ssim"]})
+            if maps:
+                rel = f"evaluation/{m.id}/{im.id}_sanity.npz"
+                (work / rel).parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(work / rel, **maps)
+                for entry in sanity[-len(maps):]:
+                    entry["maps"] = rel
+    return {"settings": ev.model_dump(mode="json"), "methods": methods, "rows": rows, "curves": curves,
+            "sanity": sanity}
+
+
+def write_evaluation_csv(path: Path, evaluation: dict) -> None:
+    """evaluation.csv: model, image, method, metric, value; the sanity check's similarities per randomised block."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "image", "method", "metric", "value"])
+        for r in evaluation["rows"]:
+            for k in EVALUATION_METRICS:
+                if r.get(k) is not None:
+                    w.writerow([r["model"], r["image"], r["method"], k, f"{r[k]:.6g}"])
+        for s in evaluation["sanity"]:
+            for layer, rho, ssim in zip(s["layers"], s["spearman"], s["ssim"]):
+                w.writerow([s["model"], s["image"], s["method"], f"sanity_spearman@{layer}",
+                            "" if rho is None or rho != rho else f"{rho:.6g}"])
+                w.writerow([s["model"], s["image"], s["method"], f"sanity_ssim@{layer}", f"{ssim:.6g}"])
+
+
+def sweep_section(inputs, plan, outcome) -> dict:
+    """Per model and LIME setting: each image's IoU with Grad-CAM and LIME's seconds."""
+    settings = [{"index": k, "label": lime.describe(), "lime": lime.model_dump(mode="json", exclude={"sweep", "batch_size"})}
+                for k, lime in enumerate(plan.sweep_settings)]
+    rows = []
+    for m in inputs.models:
+        for k in range(len(plan.sweep_settings)):
+            for im in inputs.images:
+                v = outcome.values[plan.sweep[(m.id, im.id, k)]]
+                rows.append({"model": m.id, "setting": k, "image": im.id, "iou": v["iou"],
+                             "seconds": round(float(v["seconds"]), 4)})
+    return {"settings": settings, "rows": rows}
+
+
+# ---------------------------------------------------------------- CLIP-Dissect
+
+
+def dissection_section(spec, inputs, plan, outcome) -> dict:
+    from report_builder.pipeline.runner import similarity_params
+
+    ds = spec.dissect
+    out_models = []
+    for m in inputs.models:
+        if not m.spec.layers:
+            continue
+        layers = [outcome.values[plan.dissect[(m.id, layer)]] for layer in m.spec.layers]
+        out_models.append({"model": m.id, "layers": layers})
+    probe = inputs.probe
+    return {
+        "similarity": ds.similarity,
+        "similarity_params": similarity_params(spec),
+        "pooling": ds.pooling,
+        "probe": {"description": probe.description, "images": len(probe), "sha256": probe.manifest},
+        "scorers": {s.label: s.description for s in inputs.scorers},
+        "concepts": sum(len(s.concepts) for s in inputs.scorers),
+        "models": out_models,
+    }
+
+
+def write_dissection_csvs(folder: Path, dissection: dict) -> None:
+    """dissection/<model>.csv: CLIP-Dissect's first columns (layer, unit, description, similarity), then more."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in dissection["models"]:
+        with open(folder / f"{entry['model']}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["layer", "unit", "description", "similarity", "alt_1", "alt_1_similarity", "alt_2",
+                        "alt_2_similarity", "alt_3", "alt_3_similarity", "scorer"])
+            for layer in entry["layers"]:
+                for u in layer["labels"]:
+                    alts = [x for a in u["alternatives"] for x in (a["label"], f"{a['similarity']:.6g}")]
+                    alts += [""] * (6 - len(alts))
+                    w.writerow([layer["layer"], u["unit"], u["label"], f"{u['similarity']:.6g}", *alts, u["scorer"]])
+
+
+# ---------------------------------------------------------------- Network Dissection
+
+
+def netdissect_section(spec, inputs, plan, outcome, work: Path) -> dict:
+    """Per model and layer: unit rows, counts, galleries; the rotation curve; the probe's categories."""
+    from report_builder.dissection import netdissect as nd
+
+    ns = spec.netdissect
+    probe = inputs.pixel_probe
+    settings = nd.Settings(ns.quantile, ns.threshold, ns.iou_threshold, ns.top_images, spec.seed)
+    categories = probe.category_names
+    alphas = [a for a in (ns.rotation.alphas if ns.rotation else ()) if a > 0]
+    out_models = []
+    label_area = None
+    thumbs: dict[int, Image.Image] = {}
+    for m in inputs.models:
+        if not m.spec.layers:
+            continue
+        rotated = (ns.rotation.layer or m.spec.layers[-1]) if ns.rotation else None
+        layers_out, counted = [], {}
+        for layer in m.spec.layers:
+            result = outcome.values[plan.netdissect[(m.id, layer, 0.0)]]
+            rows = nd.unit_rows(result, probe, ns.iou_threshold)
+            write_gallery(work, m.id, layer, rows, result, probe, thumbs)
+            counts = counted[layer] = nd.layer_counts(rows, categories)
+            layers_out.append({"layer": layer, "threshold_method": result["threshold_method"], **counts,
+                               "unit_labels": rows})
+            label_area = result["label_area"]  # the same for every model and layer
+        rotation_out = None
+        if rotated:
+            points = [counted[rotated]] + [
+                nd.layer_counts(nd.unit_rows(outcome.values[plan.netdissect[(m.id, rotated, a)]], probe,
+                                             ns.iou_threshold), categories) for a in alphas]
+            rotation_out = {"layer": rotated, "seed": spec.seed, "alphas": [0.0] + alphas,
+                            "detectors": [p["detectors"] for p in points], "unique": [p["unique"] for p in points],
+                            "per_category": [p["per_category"] for p in points]}
+        out_models.append({"model": m.id, "layers": layers_out, "rotation": rotation_out})
+    return {
+        "settings": {**settings.as_dict(), "colors": ns.colors, "label_size": ns.label_size,
+                     "pdf_units": ns.pdf_units, "rotation": ns.rotation.model_dump() if ns.rotation else None},
+        "probe": {"description": probe.description, "images": len(probe), "sha256": probe.manifest,
+                  "sources": list(probe.sources), "categories": category_stats(probe, label_area)},
+        "categories": categories,
+        "models": out_models,
+    }
+
+
+def category_stats(probe, label_area) -> list[dict]:
+    """Per category: images with labels of it, and concepts that occur at least once."""
+    out = []
+    for c in probe.category_names:
+        ids = [i for i, cat in enumerate(probe.categories) if cat == c]
+        present = [i for i in ids if label_area is None or label_area[i] > 0]
+        out.append({"category": c, "images": sum(c in item.categories for item in probe.items),
+                    "concepts": len(present), "examples": [probe.names[i] for i in present[:8]]})
+    return out
+
+
+def write_gallery(work: Path, model_id: str, layer: str, rows: list[dict], result: dict, probe, thumbs: dict) -> None:
+    """netdissect/<model>/<layer>/unit_<k>.jpg: each unit's top images with its mask; paths go into the rows."""
+    folder = work / "netdissect" / model_id / layer
+    folder.mkdir(parents=True, exist_ok=True)
+    for row, top, maps in zip(rows, result["top_images"], result["top_maps"]):
+        images = []
+        for i in top:
+            if int(i) not in thumbs:
+                thumbs[int(i)] = probe.items[int(i)].image.load().convert("RGB").resize((80, 80), Image.BILINEAR)
+            images.append(thumbs[int(i)])
+        rel = f"netdissect/{model_id}/{layer}/unit_{row['unit']:04d}.jpg"
+        overlays.unit_strip(images, maps, row["threshold"]).save(work / rel, quality=75)
+        row["gallery"] = rel
+        row["top_images"] = [probe.items[int(i)].id for i in top]
+
+
+def write_netdissect_csvs(folder: Path, netdissection: dict) -> None:
+    """dissection/<model>-netdissect.csv: unit, layer, category, label, iou, then detector and threshold."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in netdissection["models"]:
+        with open(folder / f"{entry['model']}-netdissect.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["unit", "layer", "category", "label", "iou", "detector", "threshold"])
+            for layer in entry["layers"]:
+                for u in layer["unit_labels"]:
+                    w.writerow([u["unit"], layer["layer"], u["category"], u["label"], f"{u['iou']:.6g}",
+                                int(u["detector"]), f"{u['threshold']:.6g}"])
+
+
+# ---------------------------------------------------------------- models, images, agreement
+
+
+def model_record(m: LoadedModel) -> dict:
+    return {
+        "id": m.id,
+        "display": m.spec.display,
+        "source": m.spec.source,
+        "name": m.spec.name,
+        "origin": m.origin,
+        "target_layer": m.target_layer,
+        "num_classes": len(m.class_names),
+        "preprocess": m.preprocess.as_dict(),
+        "weights_sha256": m.weights_hash,
+        "parameters": int(sum(p.numel() for p in m.module.parameters())),
+        "group": m.group,
+        "version": m.version,
+    }
+
+
+def image_record(im: SampleImage) -> dict:
+    return {"id": im.id, "source": im.source, "width": im.size[0], "height": im.size[1], "sha256": im.sha256}
+
+
+def write_agreement_csv(path: Path, rows: list[dict], thresholds: tuple[float, ...]) -> None:
+    columns = ["image", "model", "method_a", "method_b", "iou", *[f"iou@{t:g}" for t in thresholds],
+               "lime_pixels", "flat_cam"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})

@@ -1,0 +1,710 @@
+"""Results -> summaries and findings: the numbers, and the sentences that state them.
+
+Every sentence is built from numbers in `results`; each finding carries those numbers too, so a
+reader (or a test) can check the sentence against the tables.
+"""
+from __future__ import annotations
+
+import re
+import statistics
+from collections import Counter, defaultdict
+
+import numpy as np
+import pandas as pd
+
+from report_builder.spec.schema import METHOD_TITLES
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and v == v]
+    return sum(values) / len(values) if values else None
+
+
+def _display(results: dict) -> dict[str, str]:
+    return {m["id"]: m["display"] for m in results["models"]}
+
+
+def agreement_summary(results: dict) -> list[dict]:
+    """Per model and CAM method: mean IoU with LIME (top-n and at each threshold), best and worst image."""
+    thresholds = [f"{t:g}" for t in results["agreement"]["thresholds"]]
+    rows = pd.DataFrame(results["agreement"]["rows"])
+    if rows.empty:
+        return []
+    times = timing_table(results)
+    lime_seconds = times[times.method == "lime"].groupby("model", sort=False).seconds.agg(list)
+    out = []
+    for (model, method), group in rows.groupby(["model", "method_b"], sort=False):
+        defined = group[group.iou.notna()]
+        best = defined.loc[defined.iou.idxmax()] if len(defined) else None  # the first of equal IoUs, as max() gives
+        worst = defined.loc[defined.iou.idxmin()] if len(defined) else None
+        out.append({
+            "model": model,
+            "method_a": "lime",
+            "method_b": method,
+            "images": len(group),
+            "images_defined": len(defined),
+            "mean_iou": _mean(group.iou.tolist()),
+            "mean_iou_at": {t: _mean(group[f"iou@{t}"].tolist()) for t in thresholds},
+            "best_image": None if best is None else best.image,
+            "best_iou": None if best is None else float(best.iou),
+            "worst_image": None if worst is None else worst.image,
+            "worst_iou": None if worst is None else float(worst.iou),
+            "mean_lime_seconds": _mean(lime_seconds.get(model, [])),
+        })
+    return out
+
+
+def timing_table(results: dict) -> pd.DataFrame:
+    """Every method's time on every image: model, image, method, seconds, cached."""
+    return pd.DataFrame([{"model": e["model"], "image": e["image"], "method": method, "seconds": entry["seconds"],
+                          "cached": bool(entry.get("cached"))}
+                         for e in results["explanations"] for method, entry in e["methods"].items()],
+                        columns=["model", "image", "method", "seconds", "cached"])
+
+
+def timing_summary(results: dict) -> list[dict]:
+    """Per model and method: mean, median, min and max wall time per image, and how many came from the cache."""
+    table = timing_table(results)
+    if table.empty:
+        return []
+    summary = table.groupby(["model", "method"], sort=False).agg(
+        images=("seconds", "size"), mean_seconds=("seconds", statistics.fmean),
+        median_seconds=("seconds", statistics.median), min_seconds=("seconds", "min"),
+        max_seconds=("seconds", "max"), cached=("cached", "sum"))
+    return [{k: _plain(v) for k, v in row.items()} for row in summary.reset_index().to_dict("records")]
+
+
+def _plain(value):
+    """NumPy scalars (from pandas) as Python numbers, so results.json and comparisons see plain values."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def findings(results: dict) -> list[dict]:
+    out: list[dict] = []
+    for fn in (dissection_findings, netdissect_findings, versions_findings, evaluation_findings, _agreement_findings,
+               _cam_ranking_findings, _speed_findings, sweep_findings, _prediction_findings, _confidence_findings,
+               _lime_fit_findings):
+        out.extend(fn(results))
+    for f in out:
+        f.setdefault("question", None)
+        f.setdefault("timing", False)  # computed from wall-clock times: differs between runs (see rundir.TIMING_KEYS)
+    return out
+
+
+def _same_concept(label: str) -> str:
+    """A label in a comparable form: lower case, '_' and '-' as spaces, Broden's '-c' style suffix dropped."""
+    text = re.sub(r"-[a-z]$", "", label.strip().lower())
+    return " ".join(re.split(r"[\s_-]+", text)).strip()
+
+
+def method_agreement(results: dict) -> list[dict]:
+    """Per model and layer dissected both ways: how often a NetDissect detector's label is CLIP-Dissect's too (a join
+    of the two unit tables on model, layer and unit)."""
+    if "dissection" not in results or "netdissect" not in results:
+        return []
+    clip = pd.DataFrame([{"model": m["model"], "layer": x["layer"], "unit": u["unit"], "clip": u["label"],
+                          "similarity": u["similarity"], "scorer": u["scorer"],
+                          "top": {_same_concept(t) for t in [u["label"]] + [a["label"] for a in u["alternatives"]]}}
+                         for m in results["dissection"]["models"] for x in m["layers"] for u in x["labels"]],
+                        columns=["model", "layer", "unit", "clip", "similarity", "scorer", "top"])
+    detectors = pd.DataFrame([{"model": m["model"], "layer": x["layer"], "unit": u["unit"], "netdissect": u["label"],
+                               "category": u["category"], "iou": u["iou"]}
+                              for m in results["netdissect"]["models"] for x in m["layers"] for u in x["unit_labels"]
+                              if u["detector"]], columns=["model", "layer", "unit", "netdissect", "category", "iou"])
+    pairs = detectors.merge(clip, on=["model", "layer", "unit"], how="inner")
+    # Bracket access throughout: "clip" and "top" are also DataFrame methods.
+    mine = pairs["netdissect"].map(_same_concept)
+    pairs["same"] = mine == pairs["clip"].map(_same_concept)
+    pairs["in_top"] = [m in top for m, top in zip(mine, pairs["top"])]
+    dissected = set(zip(clip.model, clip.layer))
+    rows = []
+    for m in results["netdissect"]["models"]:
+        for x in m["layers"]:
+            if (m["model"], x["layer"]) not in dissected:
+                continue
+            mine_ = pairs[(pairs.model == m["model"]) & (pairs.layer == x["layer"])].sort_values("iou", ascending=False,
+                                                                                               kind="stable")
+            examples = pd.concat([mine_[mine_["in_top"]], mine_[~mine_["in_top"]]]).head(6)
+            rows.append({"model": m["model"], "layer": x["layer"], "units": x["units"], "detectors": len(mine_),
+                         "same": int(mine_["same"].sum()), "in_top": int(mine_["in_top"].sum()),
+                         "examples": [{k: _plain(v) for k, v in e.items()} for e in examples.drop(
+                             columns=["model", "layer", "top"]).to_dict("records")]})
+    return rows
+
+
+def netdissect_findings(results: dict) -> list[dict]:
+    if "netdissect" not in results:
+        return []
+    nd = results["netdissect"]
+    names = _display(results)
+    out = []
+    for m in nd["models"]:
+        layers = m["layers"]
+        parts = [f"{x['layer']} has {x['detectors']} detectors of {x['units']} units ({_pct(x['detectors'], x['units'])}) "
+                 f"covering {x['unique']} unique concepts" for x in layers]
+        best = max(layers, key=lambda x: x["unique"])
+        text = (f"With pixel labels, {names[m['model']]}'s " + "; ".join(parts) +
+                f". The most unique detectors are in {best['layer']} ({best['unique']}).")
+        out.append({"id": f"netdissect-{m['model']}", "section": "netdissect", "text": text,
+                    "numbers": {x["layer"]: {"detectors": x["detectors"], "unique": x["unique"]} for x in layers}})
+        totals: dict[str, int] = defaultdict(int)
+        for x in layers:
+            for c, n in x["per_category"].items():
+                totals[c] += n
+        if sum(totals.values()):
+            order = sorted(totals, key=lambda c: -totals[c])
+            text = (f"By category, {names[m['model']]}'s detectors are " +
+                    ", ".join(f"{totals[c]} {c}" for c in order) + " over all dissected layers.")
+            out.append({"id": f"netdissect-categories-{m['model']}", "section": "netdissect", "text": text,
+                        "numbers": dict(totals)})
+        r = m.get("rotation")
+        if r and r["alphas"][-1] > 0:
+            base, full = r["unique"][0], r["unique"][-1]
+            change = (full - base) / base if base else None
+            drop = "—" if change is None else f"{abs(100 * change):.0f}% {'fewer' if change <= 0 else 'more'}"
+            text = (f"Rotating {names[m['model']]}'s {r['layer']} by a random rotation (alpha {r['alphas'][-1]:g}) "
+                    f"changes its unique detectors from {base} to {full} ({drop}) and its detectors from "
+                    f"{r['detectors'][0]} to {r['detectors'][-1]}; Bau et al. saw about 80% fewer unique detectors "
+                    "under a full rotation.")
+            out.append({"id": f"rotation-{m['model']}", "section": "netdissect", "text": text,
+                        "numbers": {"alphas": r["alphas"], "unique": r["unique"], "detectors": r["detectors"]}})
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for a in nd.get("agreement", []):
+        by_model[a["model"]].append(a)
+    for model, rows in by_model.items():
+        detectors = sum(a["detectors"] for a in rows)
+        if not detectors:
+            continue
+        same, in_top = sum(a["same"] for a in rows), sum(a["in_top"] for a in rows)
+        text = (f"Of {names[model]}'s {detectors} NetDissect detectors, {same} have the same label under CLIP-Dissect "
+                f"and {in_top} have it among CLIP-Dissect's four best concepts (" +
+                "; ".join(f"{a['layer']}: {a['same']} and {a['in_top']} of {a['detectors']}" for a in rows) + ").")
+        out.append({"id": f"methods-{model}", "section": "netdissect", "text": text,
+                    "numbers": {"detectors": detectors, "same": same, "in_top": in_top}})
+    return out
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "—"
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000" for a tiny negative
+
+
+def _agreement_findings(results: dict) -> list[dict]:
+    names = _display(results)
+    out = []
+    for s in results["agreement"]["summary"]:
+        if s["method_b"] != "gradcam" or s["mean_iou"] is None:
+            continue
+        text = (
+            f"On {names[s['model']]}, LIME and Grad-CAM agree most on {s['best_image']} (IoU {_f(s['best_iou'])}) "
+            f"and least on {s['worst_image']} (IoU {_f(s['worst_iou'])}); the mean IoU over "
+            f"{s['images_defined']} images is {_f(s['mean_iou'])}."
+        )
+        out.append({"id": f"agreement-{s['model']}", "section": "agreement", "question": "q6", "text": text,
+                    "numbers": {k: s[k] for k in ("best_iou", "worst_iou", "mean_iou")}})
+    return out
+
+
+def _cam_ranking_findings(results: dict) -> list[dict]:
+    names = _display(results)
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for s in results["agreement"]["summary"]:
+        if s["mean_iou"] is not None:
+            by_model[s["model"]].append(s)
+    out = []
+    for model, rows in by_model.items():
+        if len(rows) < 2:
+            continue
+        rows = sorted(rows, key=lambda r: -r["mean_iou"])
+        text = (
+            f"Among the CAM methods on {names[model]}, {METHOD_TITLES[rows[0]['method_b']]} agrees best with LIME "
+            f"(mean IoU {_f(rows[0]['mean_iou'])}) and {METHOD_TITLES[rows[-1]['method_b']]} least "
+            f"({_f(rows[-1]['mean_iou'])})."
+        )
+        out.append({"id": f"cam-ranking-{model}", "section": "agreement", "question": "q5", "text": text,
+                    "numbers": {r["method_b"]: r["mean_iou"] for r in rows}})
+    return out
+
+
+def _speed_findings(results: dict) -> list[dict]:
+    """Which method is fastest, with the spread behind it. Timings change from run to run and with the machine's
+    load, so these findings are marked `timing` and say when the order is within the noise."""
+    per_method: dict[str, list[float]] = defaultdict(list)
+    for e in results["explanations"]:
+        for method, entry in e["methods"].items():
+            if not entry.get("cached"):  # a cached result's time was measured in another run
+                per_method[method].append(entry["seconds"])
+    if not per_method:
+        for e in results["explanations"]:
+            for method, entry in e["methods"].items():
+                per_method[method].append(entry["seconds"])
+    if len(per_method) < 2:
+        return []
+    stats = {m: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": len(v)}
+             for m, v in per_method.items()}
+    order = sorted(stats, key=lambda m: stats[m]["median"])
+    fastest, second, slowest = order[0], order[1], order[-1]
+
+    def spread(m: str) -> str:
+        s = stats[m]
+        return f"{_f(s['median'])} s per image (median of {s['runs']}; {_f(s['min'])}–{_f(s['max'])} s)"
+
+    overlap = stats[second]["min"] <= stats[fastest]["max"]
+    if overlap:
+        text = (f"{METHOD_TITLES[fastest]} and {METHOD_TITLES[second]} are about equally fast: {spread(fastest)} "
+                f"against {spread(second)}; their ranges overlap, so their order can change from run to run.")
+    else:
+        text = f"{METHOD_TITLES[fastest]} is the fastest method: {spread(fastest)}."
+    ratio = stats[slowest]["median"] / stats[fastest]["median"] if stats[fastest]["median"] > 0 else None
+    if slowest not in (fastest, second) or not overlap:
+        text += f" {METHOD_TITLES[slowest]} is the slowest: {spread(slowest)}"
+        text += f", about {ratio:.0f} times the fastest." if ratio else "."
+    lime = [(e["model"], e["methods"]["lime"]["seconds"]) for e in results["explanations"] if "lime" in e["methods"]]
+    out = [{"id": "speed", "section": "timings", "question": "q5", "timing": True, "text": text,
+            "numbers": {"median_seconds": {m: stats[m]["median"] for m in order}, "ratio": ratio,
+                        "ranges_overlap": overlap}}]
+    if lime:
+        names = _display(results)
+        per_model = defaultdict(list)
+        for model, seconds in lime:
+            per_model[model].append(seconds)
+        text = "LIME took " + "; ".join(
+            f"{_f(statistics.median(v), 1)} s per image on {names[m]} ({_f(min(v), 1)}–{_f(max(v), 1)} s)"
+            for m, v in per_model.items()) + " (medians and ranges; wall-clock times vary between runs)."
+        out.append({"id": "lime-time", "section": "agreement", "question": "q6", "timing": True, "text": text,
+                    "numbers": {m: statistics.median(v) for m, v in per_model.items()}})
+    return out
+
+
+def _prediction_findings(results: dict) -> list[dict]:
+    names = _display(results)
+    models = [m["id"] for m in results["models"]]
+    if len(models) < 2:
+        return []
+    top1: dict[str, dict[str, str]] = defaultdict(dict)
+    for e in results["explanations"]:
+        top1[e["image"]][e["model"]] = e["target_name"]
+    images = [i for i, by in top1.items() if len(by) == len(models)]
+    same = [i for i in images if len(set(top1[i].values())) == 1]
+    differ = [i for i in images if i not in same]
+    text = f"The {len(models)} models give the same top-1 class on {len(same)} of {len(images)} images"
+    if differ:
+        example = differ[0]
+        detail = ", ".join(f"{names[m]}: {top1[example][m]}" for m in models)
+        text += f"; on {example} they differ ({detail})."
+    else:
+        text += "."
+    return [{"id": "top1-agreement", "section": "predictions", "text": text,
+             "numbers": {"same": len(same), "images": len(images), "differ": differ}}]
+
+
+def _confidence_findings(results: dict) -> list[dict]:
+    names = _display(results)
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for e in results["explanations"]:
+        by_model[e["model"]].append(e)
+    out = []
+    for model, rows in by_model.items():
+        hi = max(rows, key=lambda e: e["predictions"][0]["probability"])
+        lo = min(rows, key=lambda e: e["predictions"][0]["probability"])
+        p_hi, p_lo = hi["predictions"][0]["probability"], lo["predictions"][0]["probability"]
+        text = (
+            f"{names[model]} is most confident on {hi['image']} ({hi['target_name']}, p = {_f(p_hi)}) and least on "
+            f"{lo['image']} ({lo['target_name']}, p = {_f(p_lo)})."
+        )
+        out.append({"id": f"confidence-{model}", "section": "predictions", "text": text,
+                    "numbers": {"max_p": p_hi, "min_p": p_lo}})
+    return out
+
+
+def _lime_fit_findings(results: dict) -> list[dict]:
+    names = _display(results)
+    by_model: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for e in results["explanations"]:
+        if "lime" in e["methods"]:
+            by_model[e["model"]].append((e["image"], e["methods"]["lime"]["score"]))
+    out = []
+    for model, rows in by_model.items():
+        best = max(rows, key=lambda r: r[1])
+        worst = min(rows, key=lambda r: r[1])
+        mean = statistics.fmean(r[1] for r in rows)
+        text = (
+            f"LIME's linear surrogate on {names[model]} fits best on {best[0]} (R² {_f(best[1])}) and worst on "
+            f"{worst[0]} (R² {_f(worst[1])}); mean R² {_f(mean)}. A low R² means the superpixel explanation "
+            "captures little of the model's local behaviour."
+        )
+        out.append({"id": f"lime-fit-{model}", "section": "agreement", "text": text,
+                    "numbers": {"best_r2": best[1], "worst_r2": worst[1], "mean_r2": mean}})
+    return out
+
+
+# ---------------------------------------------------------------- dissection (the assignment's four questions)
+
+
+def dissection_summary(results: dict) -> dict:
+    """Counts behind Q1-Q4: concepts per model and layer, overlaps between models, confident units."""
+    d = results["dissection"]
+    models = []
+    for entry in d["models"]:
+        all_labels = [u for layer in entry["layers"] for u in layer["labels"]]
+        layers = []
+        for layer in entry["layers"]:
+            counts = Counter(u["label"] for u in layer["labels"])
+            best = max(layer["labels"], key=lambda u: u["similarity"])
+            sims = [u["similarity"] for u in layer["labels"]]
+            layers.append({
+                "layer": layer["layer"],
+                "units": layer["units"],
+                "unique": len(counts),
+                "top": [{"concept": c, "units": n} for c, n in counts.most_common(10)],
+                "over3": [{"concept": c, "units": n} for c, n in counts.most_common() if n > 3],
+                "best": {"unit": best["unit"], "concept": best["label"], "similarity": best["similarity"]},
+                "mean_similarity": statistics.fmean(sims),
+                "median_similarity": statistics.median(sims),
+                "scorers": dict(Counter(u["scorer"] for u in layer["labels"])),
+            })
+        counts = Counter(u["label"] for u in all_labels)
+        confident = sorted(
+            ({"layer": layer["layer"], **u} for layer in entry["layers"] for u in layer["labels"]),
+            key=lambda u: -u["similarity"],
+        )[:50]
+        models.append({
+            "model": entry["model"],
+            "units": len(all_labels),
+            "unique": len(counts),
+            "top": [{"concept": c, "units": n} for c, n in counts.most_common(10)],
+            "layers": layers,
+            "confident": [{"layer": u["layer"], "unit": u["unit"], "concept": u["label"],
+                           "similarity": u["similarity"]} for u in confident],
+            "confident_concepts": [{"concept": c, "units": n}
+                                   for c, n in Counter(u["label"] for u in confident).most_common(10)],
+            "scorers": dict(Counter(u["scorer"] for u in all_labels)),
+        })
+    return {"models": models, "comparisons": _comparisons(d)}
+
+
+def _label_sets(entry: dict) -> tuple[Counter, dict[str, Counter]]:
+    overall = Counter(u["label"] for layer in entry["layers"] for u in layer["labels"])
+    per_layer = {layer["layer"]: Counter(u["label"] for u in layer["labels"]) for layer in entry["layers"]}
+    return overall, per_layer
+
+
+def _overlap(a: Counter, b: Counter) -> dict:
+    shared = set(a) & set(b)
+    union = set(a) | set(b)
+    return {
+        "shared": len(shared),
+        "only_a": len(set(a) - set(b)),
+        "only_b": len(set(b) - set(a)),
+        "jaccard": len(shared) / len(union) if union else None,
+        "top_shared": [c for c, _ in sorted(((c, a[c] + b[c]) for c in shared), key=lambda x: (-x[1], x[0]))[:8]],
+        "top_only_a": [c for c, _ in sorted(((c, a[c]) for c in set(a) - set(b)), key=lambda x: (-x[1], x[0]))[:8]],
+        "top_only_b": [c for c, _ in sorted(((c, b[c]) for c in set(b) - set(a)), key=lambda x: (-x[1], x[0]))[:8]],
+    }
+
+
+def _comparisons(d: dict) -> list[dict]:
+    """Q2 for every pair of dissected models: overall, and per layer for the layers both have."""
+    out = []
+    entries = d["models"]
+    for i in range(len(entries)):
+        for j in range(i + 1, len(entries)):
+            a, b = entries[i], entries[j]
+            oa, la = _label_sets(a)
+            ob, lb = _label_sets(b)
+            layers = [{"layer": name, **_overlap(la[name], lb[name])} for name in la if name in lb]
+            out.append({"a": a["model"], "b": b["model"], "overall": _overlap(oa, ob), "layers": layers})
+    return out
+
+
+def dissection_findings(results: dict) -> list[dict]:
+    if "dissection" not in results:
+        return []
+    names = _display(results)
+    summary = results["dissection"]["summary"]
+    out: list[dict] = []
+    for m in summary["models"]:
+        name = names[m["model"]]
+        top = m["top"]
+        rest = ", ".join(f"'{t['concept']}' ({t['units']})" for t in top[1:3])
+        text = (f"In {name}, the concept learned by the most units is '{top[0]['concept']}' ({top[0]['units']} of "
+                f"{m['units']} units, {100 * top[0]['units'] / m['units']:.1f}%)"
+                + (f", followed by {rest}." if rest else "."))
+        out.append({"id": f"q1-{m['model']}", "section": "dissection", "question": "q1", "text": text,
+                    "numbers": {"top": top[:3], "units": m["units"]}})
+    for c in summary["comparisons"]:
+        o = c["overall"]
+        a, b = names[c["a"]], names[c["b"]]
+        text = (f"{a} and {b} share {o['shared']} concepts (Jaccard {_f(o['jaccard'])}); {o['only_a']} concepts "
+                f"appear only in {a}" + (f" (most frequent: {', '.join(o['top_only_a'][:3])})" if o["top_only_a"] else "")
+                + f" and {o['only_b']} only in {b}"
+                + (f" (most frequent: {', '.join(o['top_only_b'][:3])})." if o["top_only_b"] else "."))
+        out.append({"id": f"q2-{c['a']}-{c['b']}", "section": "dissection", "question": "q2", "text": text,
+                    "numbers": {k: o[k] for k in ("shared", "only_a", "only_b", "jaccard")}})
+        if len(c["layers"]) > 1:
+            hi = max(c["layers"], key=lambda x: x["jaccard"] or 0)
+            lo = min(c["layers"], key=lambda x: x["jaccard"] or 0)
+            text = (f"Layer by layer, {a} and {b} overlap most in {hi['layer']} (Jaccard {_f(hi['jaccard'])}, "
+                    f"{hi['shared']} shared concepts) and least in {lo['layer']} (Jaccard {_f(lo['jaccard'])}).")
+            out.append({"id": f"q2-layers-{c['a']}-{c['b']}", "section": "dissection", "question": "q2",
+                        "text": text, "numbers": {"max": hi["jaccard"], "min": lo["jaccard"]}})
+    for m in summary["models"]:
+        name = names[m["model"]]
+        per_layer = "; ".join(f"{x['layer']} {x['unique']} of {x['units']}" for x in m["layers"])
+        richest = max(m["layers"], key=lambda x: x["unique"] / x["units"])
+        text = (f"{name} learns {m['unique']} unique concepts over {m['units']} units ({per_layer}); relative to its "
+                f"size, {richest['layer']} is the most diverse ({100 * richest['unique'] / richest['units']:.0f}% of its "
+                "units have distinct concepts).")
+        out.append({"id": f"q3-{m['model']}", "section": "dissection", "question": "q3", "text": text,
+                    "numbers": {"unique": m["unique"], "units": m["units"],
+                                "per_layer": {x["layer"]: x["unique"] for x in m["layers"]}}})
+    if len(summary["models"]) >= 2:
+        a, b = summary["models"][0], summary["models"][1]
+        more = a if a["unique"] >= b["unique"] else b
+        text = (f"Overall, {names[more['model']]} has the more varied vocabulary: {a['unique']} unique concepts for "
+                f"{names[a['model']]} against {b['unique']} for {names[b['model']]}.")
+        out.append({"id": "q3-compare", "section": "dissection", "question": "q3", "text": text,
+                    "numbers": {a["model"]: a["unique"], b["model"]: b["unique"]}})
+    for m in summary["models"]:
+        name = names[m["model"]]
+        layers = m["layers"]
+        if len(layers) >= 2:
+            first, last = layers[0], layers[-1]
+            text = (f"Along the hierarchy of {name}, {first['layer']} is dominated by "
+                    f"'{first['top'][0]['concept']}' ({first['top'][0]['units']} units) and {last['layer']} by "
+                    f"'{last['top'][0]['concept']}' ({last['top'][0]['units']} units); the mean similarity goes from "
+                    f"{_f(first['mean_similarity'])} to {_f(last['mean_similarity'])}.")
+            out.append({"id": f"q4-hierarchy-{m['model']}", "section": "dissection", "question": "q4", "text": text,
+                        "numbers": {"first": first["mean_similarity"], "last": last["mean_similarity"]}})
+        by_layer = Counter(u["layer"] for u in m["confident"])
+        layer, n = by_layer.most_common(1)[0]
+        cc = m["confident_concepts"][0]
+        text = (f"Of the {len(m['confident'])} most confident units of {name}, {n} are in {layer}, and their most "
+                f"common concept is '{cc['concept']}' ({cc['units']} units).")
+        out.append({"id": f"q4-confident-{m['model']}", "section": "dissection", "question": "q4", "text": text,
+                    "numbers": {"layer": layer, "count": n, "concept": cc}})
+        if len(m["scorers"]) > 1:
+            shares = ", ".join(f"{k} {100 * v / m['units']:.0f}%" for k, v in sorted(m["scorers"].items(), key=lambda x: -x[1]))
+            out.append({"id": f"q4-scorers-{m['model']}", "section": "dissection", "question": "q4",
+                        "text": f"The labels of {name} come from these scorers: {shares}.",
+                        "numbers": m["scorers"]})
+    return out
+
+
+# ---------------------------------------------------------------- versions of one model
+
+
+def versions_summary(results: dict) -> list[dict]:
+    """Per spec entry with several versions: unique concepts and relabelled units per layer, top-1 changes,
+    each version against the previous one."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for m in results["models"]:
+        if m.get("group"):
+            groups[m["group"]].append(m)
+    dissected = {e["model"]: e for e in results.get("dissection", {}).get("models", [])}
+    top1 = {(e["model"], e["image"]): e["target_name"] for e in results["explanations"]}
+    images = [im["id"] for im in results["images"]]
+    out = []
+    for group, members in groups.items():
+        ids = [m["id"] for m in members]
+        layers = []
+        if all(i in dissected for i in ids):
+            for k, first in enumerate(dissected[ids[0]]["layers"]):
+                per_version = [dissected[i]["layers"][k] for i in ids]
+                labels = [[u["label"] for u in x["labels"]] for x in per_version]
+                layers.append({
+                    "layer": first["layer"],
+                    "units": first["units"],
+                    "unique": [len(set(lab)) for lab in labels],
+                    "relabelled": [None] + [sum(a != b for a, b in zip(labels[v - 1], labels[v])) / len(labels[v])
+                                            for v in range(1, len(labels))],
+                })
+        out.append({
+            "group": group,
+            "display": members[0]["display"].rsplit(" (", 1)[0],
+            "versions": [m["version"] for m in members],
+            "models": ids,
+            "layers": layers,
+            "images": len(images),
+            "top1_changes": [None] + [sum(top1.get((ids[v], i)) != top1.get((ids[v - 1], i)) for i in images)
+                                      for v in range(1, len(ids))],
+        })
+    return out
+
+
+def versions_findings(results: dict) -> list[dict]:
+    out = []
+    for g in results.get("versions", []):
+        first, last = g["versions"][0], g["versions"][-1]
+        for x in g["layers"]:
+            a, b = x["unique"][0], x["unique"][-1]
+            trend = "rise" if b > a else "fall" if b < a else "stay"
+            text = (f"Across the {len(g['versions'])} versions of {g['display']}, the unique concepts of {x['layer']} "
+                    f"{trend} from {a} ({first}) to {b} ({last}) of {x['units']} units"
+                    + (f"; {100 * x['relabelled'][-1]:.0f}% of its units change label between the last two versions."
+                       if len(g["versions"]) > 1 else "."))
+            out.append({"id": f"versions-{g['group']}-{x['layer']}", "section": "versions", "text": text,
+                        "numbers": {"unique": x["unique"], "relabelled": x["relabelled"]}})
+        changes = [c for c in g["top1_changes"] if c is not None]
+        if changes:
+            out.append({"id": f"versions-{g['group']}-top1", "section": "versions",
+                        "text": f"From one version of {g['display']} to the next, the top-1 class changes on "
+                                f"{', '.join(str(c) for c in changes)} of {g['images']} images.",
+                        "numbers": {"top1_changes": changes}})
+    return out
+
+
+# ---------------------------------------------------------------- which explanations can we trust
+
+
+def _title(method: str) -> str:
+    return "the random map" if method == "random" else METHOD_TITLES.get(method, method)
+
+
+def evaluation_summary(results: dict) -> list[dict]:
+    """Per model and method (the random map included): mean deletion and insertion AUC, ROAD, pointing-game hits,
+    energy, and the sanity check's mean similarity at each step and after the last one."""
+    ev = results["evaluation"]
+    out = []
+    for m in results["models"]:
+        for method in ev["methods"]:
+            rows = [r for r in ev["rows"] if r["model"] == m["id"] and r["method"] == method]
+            pointed = [r["pointing_hit"] for r in rows if r.get("pointing_hit") is not None]
+            sanity = [s for s in ev["sanity"] if s["model"] == m["id"] and s["method"] == method]
+            entry = {
+                "model": m["id"], "method": method, "images": len(rows),
+                "deletion_auc": _mean([r.get("deletion_auc") for r in rows]),
+                "insertion_auc": _mean([r.get("insertion_auc") for r in rows]),
+                "road": _mean([r.get("road") for r in rows]),
+                "pointing_hits": int(sum(pointed)) if pointed else None, "pointing_images": len(pointed),
+                "energy": _mean([r.get("energy") for r in rows]),
+                "sanity_images": len(sanity),
+            }
+            if sanity:
+                steps = len(sanity[0]["spearman"])
+                entry["sanity_layers"] = sanity[0]["layers"]
+                entry["sanity_spearman"] = [_mean([s["spearman"][k] for s in sanity]) for k in range(steps)]
+                entry["sanity_ssim"] = [_mean([s["ssim"][k] for s in sanity]) for k in range(steps)]
+                entry["spearman_final"], entry["ssim_final"] = entry["sanity_spearman"][-1], entry["sanity_ssim"][-1]
+            out.append(entry)
+    return out
+
+
+SANITY_PASS = 0.5  # a map still rank-correlated above this with the original after every block is re-initialised fails
+
+
+def evaluation_findings(results: dict) -> list[dict]:
+    if "evaluation" not in results:
+        return []
+    names = _display(results)
+    out = []
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for e in results["evaluation"]["summary"]:
+        by_model[e["model"]].append(e)
+    for model, rows in by_model.items():
+        name = names[model]
+        methods = [r for r in rows if r["method"] != "random"]
+        random = next((r for r in rows if r["method"] == "random"), None)
+        scored = [r for r in methods if r["deletion_auc"] is not None]
+        if scored:
+            d = min(scored, key=lambda r: r["deletion_auc"])
+            i = max(scored, key=lambda r: r["insertion_auc"])
+            text = (f"On {name}, removing the pixels {_title(d['method'])} ranks first lowers the top-1 probability "
+                    f"fastest (deletion AUC {_f(d['deletion_auc'], 3)}, lower is better), and revealing "
+                    f"{_title(i['method'])}'s first raises it fastest (insertion AUC {_f(i['insertion_auc'], 3)}, "
+                    "higher is better)")
+            if random and random["deletion_auc"] is not None:
+                beat = [r for r in scored if r["deletion_auc"] < random["deletion_auc"]
+                        and r["insertion_auc"] > random["insertion_auc"]]
+                lose = [r for r in scored if r not in beat]
+                text += (f"; the random map scores {_f(random['deletion_auc'], 3)} and "
+                         f"{_f(random['insertion_auc'], 3)}. ")
+                text += ("Every method beats chance on both." if not lose else
+                         f"{', '.join(_title(r['method']) for r in lose)} "
+                         f"{'does' if len(lose) == 1 else 'do'} not beat chance on both.")
+            else:
+                text += "."
+            out.append({"id": f"faithfulness-{model}", "section": "trust", "question": "q5", "text": text,
+                        "numbers": {r["method"]: {"deletion_auc": r["deletion_auc"], "insertion_auc": r["insertion_auc"]}
+                                    for r in rows}})
+        road = [r for r in methods if r["road"] is not None]
+        if road:
+            best = max(road, key=lambda r: r["road"])
+            text = (f"By ROAD on {name}, {_title(best['method'])} ranks pixels best ({_f(best['road'], 3)}; "
+                    + ", ".join(f"{_title(r['method'])} {_f(r['road'], 3)}" for r in road if r is not best)
+                    + (f"; the random map {_f(random['road'], 3)}" if random and random["road"] is not None else "")
+                    + ").")
+            out.append({"id": f"road-{model}", "section": "trust", "question": "q5", "text": text,
+                        "numbers": {r["method"]: r["road"] for r in rows}})
+        sane = [r for r in methods if r.get("spearman_final") is not None]
+        if sane:
+            fails = [r for r in sane if r["spearman_final"] >= SANITY_PASS]
+            parts = ", ".join(f"{_title(r['method'])} ρ = {_f(r['spearman_final'])}" for r in
+                              sorted(sane, key=lambda r: -r["spearman_final"]))
+            text = (f"With every block of {name} re-initialised, the maps' rank correlation with the originals is: "
+                    f"{parts} (mean over {sane[0]['sanity_images']} image(s)). ")
+            text += ("Every method's map changes with the model, as it should." if not fails else
+                     f"{', '.join(_title(r['method']) for r in fails)} still "
+                     f"{'resembles' if len(fails) == 1 else 'resemble'} the original (ρ ≥ {SANITY_PASS}), so "
+                     f"{'it fails' if len(fails) == 1 else 'they fail'} the sanity check.")
+            out.append({"id": f"sanity-{model}", "section": "trust", "question": "q5", "text": text,
+                        "numbers": {r["method"]: r["spearman_final"] for r in sane}})
+        pointed = [r for r in methods if r["pointing_images"]]
+        if pointed:
+            n = pointed[0]["pointing_images"]
+            text = (f"On the {n} image(s) of {name} with object labels, the maps' maximum falls on the object: "
+                    + ", ".join(f"{_title(r['method'])} {r['pointing_hits']} of {n} (energy {_f(r['energy'])})"
+                                for r in pointed)
+                    + (f"; the random map {random['pointing_hits']} of {n} (energy {_f(random['energy'])})"
+                       if random and random["pointing_images"] else "") + ".")
+            out.append({"id": f"pointing-{model}", "section": "trust", "text": text,
+                        "numbers": {r["method"]: [r["pointing_hits"], r["energy"]] for r in pointed}})
+    return out
+
+
+def sweep_summary(results: dict) -> dict:
+    """Per model and LIME setting: mean IoU with Grad-CAM and mean seconds; the Pareto front of (IoU, time); the best
+    setting (the highest mean IoU, the faster on a tie) with its leaderboard line."""
+    from report_builder.evaluation.metrics import pareto_front
+
+    sw = results["lime_sweep"]
+    summary, fronts, best = [], {}, {}
+    for m in results["models"]:
+        points = []
+        for setting in sw["settings"]:
+            rows = [r for r in sw["rows"] if r["model"] == m["id"] and r["setting"] == setting["index"]]
+            entry = {"model": m["id"], "setting": setting["index"], "label": setting["label"],
+                     "mean_iou": _mean([r["iou"] for r in rows]), "mean_seconds": _mean([r["seconds"] for r in rows]),
+                     "images": len(rows)}
+            summary.append(entry)
+            points.append((entry["mean_iou"] if entry["mean_iou"] is not None else -1.0, entry["mean_seconds"]))
+        fronts[m["id"]] = pareto_front(points)
+        top = max(range(len(points)), key=lambda k: (points[k][0], -points[k][1]))
+        best[m["id"]] = top
+    return {"summary": summary, "pareto": fronts, "best": best}
+
+
+def sweep_findings(results: dict) -> list[dict]:
+    if "lime_sweep" not in results:
+        return []
+    names = _display(results)
+    sw = results["lime_sweep"]
+    out = []
+    for model, k in sw["best"].items():
+        entry = next(e for e in sw["summary"] if e["model"] == model and e["setting"] == k)
+        front = [next(e for e in sw["summary"] if e["model"] == model and e["setting"] == j) for j in sw["pareto"][model]]
+        text = (f"Of the {len(sw['settings'])} LIME settings tried on {names[model]}, {entry['label']} agrees best with "
+                f"Grad-CAM: leaderboard line mean IoU {_f(entry['mean_iou'], 3)}, {_f(entry['mean_seconds'], 2)} s per "
+                f"image over {entry['images']} images. The Pareto front of IoU against time holds "
+                + "; ".join(f"{e['label']} ({_f(e['mean_iou'], 3)}, {_f(e['mean_seconds'], 2)} s)" for e in front)
+                + ". Times vary between runs and machines.")
+        out.append({"id": f"sweep-{model}", "section": "agreement", "question": "q6", "timing": True, "text": text,
+                    "numbers": {"best": k, "mean_iou": entry["mean_iou"], "mean_seconds": entry["mean_seconds"],
+                                "pareto": sw["pareto"][model]}})
+    return out

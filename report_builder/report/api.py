@@ -1,0 +1,196 @@
+"""A run in a notebook: `open_run(path)` hands back its tables as pandas DataFrames, and `run(spec)` runs a study.
+
+Everything is read from the run directory alone (results.json, checked as render and diff check it, and the .npz
+maps), read-only and only when asked for: a table is built the first time it is used.
+
+    from report_builder import open_run
+    r = open_run("output/demo")
+    r.units.groupby("model").label.value_counts().groupby(level=0).head(10)   # Q1, per model
+    r.maps("lite0", "chelsea", "gradcam")                                    # the raw map, a NumPy array
+"""
+from __future__ import annotations
+
+import functools
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from report_builder.errors import UserError
+from report_builder.report.rundir import RunFormatError, check_id, inside, load_results
+
+ALTERNATIVES = 3  # next-best concepts per unit, as in dissection/<model>.csv
+
+
+class Run:
+    """One run directory, read-only. Tables are pandas DataFrames; `spec` and `provenance` are dicts."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._results = load_results(self.path)
+
+    def __repr__(self) -> str:
+        r = self._results
+        return (f"<report_builder run {r['run_name']!r} at {self.path}: {len(r['models'])} model(s), "
+                f"{len(r['images'])} image(s), methods {', '.join(m['id'] for m in r['methods'])}>")
+
+    # ---------------------------------------------------------------- plain data
+
+    @property
+    def results(self) -> dict:
+        """results.json as a dict (every number in the report)."""
+        return self._results
+
+    @property
+    def spec(self) -> dict:
+        return self._results["spec"]
+
+    @property
+    def provenance(self) -> dict:
+        return self._results["provenance"]
+
+    @property
+    def findings(self) -> list[str]:
+        return [f["text"] for f in self._results["findings"]]
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def units_path(self) -> Path:
+        return self.path / "units.html"
+
+    # ---------------------------------------------------------------- tables
+
+    @functools.cached_property
+    def models(self) -> pd.DataFrame:
+        return pd.DataFrame([{k: v for k, v in m.items() if k != "preprocess"} for m in self._results["models"]])
+
+    @functools.cached_property
+    def images(self) -> pd.DataFrame:
+        return pd.DataFrame(self._results["images"])
+
+    @functools.cached_property
+    def units(self) -> pd.DataFrame:
+        """CLIP-Dissect: one row per dissected unit (model, layer, unit, label, similarity, the next-best concepts
+        alt_1..alt_3 with their similarities, scorer); empty without a dissection."""
+        rows = []
+        for m in self._results.get("dissection", {}).get("models", []):
+            for x in m["layers"]:
+                for u in x["labels"]:
+                    row = {"model": m["model"], "layer": x["layer"], "unit": u["unit"], "label": u["label"],
+                           "similarity": u["similarity"], "scorer": u["scorer"]}
+                    for k in range(ALTERNATIVES):
+                        alt = u["alternatives"][k] if k < len(u["alternatives"]) else {}
+                        row[f"alt_{k + 1}"] = alt.get("label")
+                        row[f"alt_{k + 1}_similarity"] = alt.get("similarity")
+                    rows.append(row)
+        return _frame(rows, ["model", "layer", "unit", "label", "similarity", "scorer",
+                             *[f"alt_{k}{s}" for k in range(1, ALTERNATIVES + 1) for s in ("", "_similarity")]])
+
+    @functools.cached_property
+    def netdissect(self) -> pd.DataFrame:
+        """Network Dissection: one row per unit (model, layer, unit, category, label, iou, detector, threshold)."""
+        rows = [{"model": m["model"], "layer": x["layer"], "unit": u["unit"], "category": u["category"],
+                 "label": u["label"], "iou": u["iou"], "detector": u["detector"], "threshold": u["threshold"]}
+                for m in self._results.get("netdissect", {}).get("models", []) for x in m["layers"]
+                for u in x["unit_labels"]]
+        return _frame(rows, ["model", "layer", "unit", "category", "label", "iou", "detector", "threshold"])
+
+    @functools.cached_property
+    def predictions(self) -> pd.DataFrame:
+        """Top-k predictions: model, image, rank, class, class_index, probability."""
+        rows = [{"model": e["model"], "image": e["image"], "rank": p["rank"], "class": p["class_name"],
+                 "class_index": p["class_index"], "probability": p["probability"]}
+                for e in self._results["explanations"] for p in e["predictions"]]
+        return _frame(rows, ["model", "image", "rank", "class", "class_index", "probability"])
+
+    @functools.cached_property
+    def timings(self) -> pd.DataFrame:
+        """Each method's wall time per image (cached: measured when the result was first computed)."""
+        rows = [{"model": e["model"], "image": e["image"], "method": method, "seconds": v["seconds"],
+                 "cached": bool(v.get("cached"))}
+                for e in self._results["explanations"] for method, v in e["methods"].items()]
+        return _frame(rows, ["model", "image", "method", "seconds", "cached"])
+
+    @functools.cached_property
+    def agreement(self) -> pd.DataFrame:
+        """LIME against each CAM: the IoU of their masks (top-n) and at each threshold, as agreement.csv."""
+        return _frame(self._results["agreement"]["rows"], ["image", "model", "method_a", "method_b", "iou"])
+
+    @functools.cached_property
+    def evaluation(self) -> pd.DataFrame:
+        """Faithfulness and localisation per model, image and method (the random map included); empty when the
+        run had no `evaluate:`."""
+        rows = self._results.get("evaluation", {}).get("rows", [])
+        return _frame(rows, ["model", "image", "method", "deletion_auc", "insertion_auc", "road", "pointing_hit",
+                             "energy", "object"])
+
+    @functools.cached_property
+    def sanity(self) -> pd.DataFrame:
+        """The sanity check: per model, image, method and randomisation step, the similarity to the original map."""
+        rows = [{"model": s["model"], "image": s["image"], "method": s["method"], "step": k + 1, "layer": layer,
+                 "spearman": rho, "ssim": ssim}
+                for s in self._results.get("evaluation", {}).get("sanity", [])
+                for k, (layer, rho, ssim) in enumerate(zip(s["layers"], s["spearman"], s["ssim"]))]
+        return _frame(rows, ["model", "image", "method", "step", "layer", "spearman", "ssim"])
+
+    # ---------------------------------------------------------------- maps
+
+    def maps(self, model: str, image: str, method: str) -> np.ndarray:
+        """The raw map of `method` (H x W, float32 in [0, 1]) at the model's input resolution; 'lime_mask' gives
+        LIME's boolean mask, 'probabilities' the model's full softmax on the image."""
+        source = self.path / "results.json"
+        check_id(model, "model", source)
+        check_id(image, "image", source)
+        record = next((e for e in self._results["explanations"] if e["model"] == model and e["image"] == image), None)
+        if record is None:
+            raise UserError(f"{self.path}: no explanation of image {image!r} by model {model!r}; images: "
+                            f"{', '.join(sorted({e['image'] for e in self._results['explanations']}))}")
+        path = inside(self.path, record["maps"], f"maps of {model} on {image}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if method not in z.files:
+                    raise UserError(f"{path}: no map {method!r}; it holds {', '.join(z.files)}")
+                return z[method]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise RunFormatError(f"{path}: cannot read the saved maps ({type(exc).__name__}: {exc})") from None
+
+
+def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
+    """A DataFrame with at least `columns`, in that order, then any others (empty tables keep their columns)."""
+    frame = pd.DataFrame(rows)
+    extra = [c for c in frame.columns if c not in columns]
+    return frame.reindex(columns=columns + extra)
+
+
+def open_run(path: str | Path) -> Run:
+    """A run directory as pandas tables (see Run). Raises UserError for a folder that is not a run of ours."""
+    return Run(path)
+
+
+def run(spec: str | Path | dict[str, Any], out: str | Path | None = None, *, no_cache: bool = False,
+        cache_dir: str | Path | None = None, executor: str = "local", quiet: bool = False, allow_code: bool = False,
+        allow_code_from: tuple[str | Path, ...] | list[str | Path] = ()) -> Run:
+    """Run a study and open it: `spec` is a spec file, or a dict written as the YAML would be (checked as a file
+    is; its paths are taken from the current folder, and without run_name the run is called 'notebook'). The run
+    directory is `out`, else output/<run_name>. A spec that names Python code (source: python) runs it only with
+    `allow_code=True` (a factory file in the spec's folder, or an installed module) or when the file lies under a
+    folder of `allow_code_from`, as --allow-code and --allow-code-from do."""
+    from report_builder.pipeline.cache import Cache
+    from report_builder.pipeline.progress import Progress
+    from report_builder.pipeline.runner import run as run_spec
+    from report_builder.spec.schema import load_spec, spec_from_mapping
+
+    if isinstance(spec, (str, Path)):
+        loaded = load_spec(spec)
+    else:
+        loaded = spec_from_mapping(spec, Path.cwd() / "notebook", "the spec dict")
+    target = Path(out) if out is not None else Path("output") / loaded.run_name
+    run_spec(loaded, target, cache=Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache),
+             progress=Progress(quiet=quiet), executor=executor, allow_code=allow_code,
+             allow_code_from=[Path(d) for d in allow_code_from])
+    return open_run(target)

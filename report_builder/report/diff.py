@@ -1,0 +1,311 @@
+"""Diff two run directories: what changed between two runs, e.g. two versions of a model.
+
+Reads only the run directories (results.json, the .npz maps, nothing else): no model is loaded.
+What cannot be compared (another probe set, concept set or scorer, images missing from one run)
+is named in a notice, never silently compared.
+"""
+from __future__ import annotations
+
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from report_builder.explanation.agreement import iou, top_n_mask
+from report_builder.errors import UserError
+from report_builder.files import atomic_dir, clean_nan, write_json
+from report_builder.report.rundir import RunFormatError, inside, load_results
+
+SCHEMA_VERSION = 1
+GRADCAM_TOP_FRACTION = 0.2
+MAP_DEFINITION = (
+    f"Grad-CAM maps of the two runs are compared by the IoU of their top {int(GRADCAM_TOP_FRACTION * 100)}% pixels "
+    "(both masks cover the same area, so the IoU measures where the maps point). A map of another size is "
+    "resized bilinearly to run A's size first."
+)
+
+
+def flatten(value, prefix: str = "") -> dict[str, object]:
+    """{'models': [{'id': 'a'}]} -> {'models[0].id': 'a'}: key paths as the spec errors write them."""
+    out: dict[str, object] = {}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out.update(flatten(v, f"{prefix}[{i}]"))
+        if not value:
+            out[prefix] = []
+    else:
+        out[prefix] = value
+    return out
+
+
+def _changes(a: dict, b: dict) -> list[dict]:
+    fa, fb = flatten(a), flatten(b)
+    return [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _run_facts(path: Path, r: dict) -> dict:
+    p = r["provenance"]
+    stages = {k: v for k, v in _mapping(p.get("stage_seconds")).items() if isinstance(v, (int, float))}
+    return {"path": str(path), "run_name": r.get("run_name"), "title": r.get("title"), "started": p.get("started"),
+            "device": p.get("device"), "stage_seconds": stages, "weights": _weights(r),
+            "images_sha256": p.get("images_sha256")}
+
+
+def _weights(r: dict) -> dict[str, str]:
+    return {k: v for k, v in _mapping(r["provenance"].get("weights_sha256")).items() if isinstance(v, str)}
+
+
+def load_run(path: Path) -> dict:
+    return load_results(path)
+
+
+def _maps(run_dir: Path, record: dict, classes: int) -> dict[str, np.ndarray]:
+    """The saved maps of one explanation, with the arrays diff reads checked: `probabilities` (indexed with the
+    target class) one per class of the model, from 0 to 1; the Grad-CAM map a finite 2-D array."""
+    path = inside(run_dir, record["maps"], f"maps of {record['model']} on {record['image']}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise RunFormatError(f"{path}: cannot read the saved maps ({type(exc).__name__}: {exc})") from None
+    p = arrays.get("probabilities")
+    if p is not None and not (p.shape == (classes,) and p.dtype.kind == "f" and np.isfinite(p).all()
+                              and 0 <= p.min() and p.max() <= 1 + 1e-6):
+        raise RunFormatError(f"{path}: probabilities: found {_describe(p)}, expected {classes} probabilities from 0 "
+                             f"to 1, one per class of {record['model']}")
+    g = arrays.get("gradcam")
+    if g is not None and not (g.ndim == 2 and g.size and g.dtype.kind in "fiu" and np.isfinite(g).all()):
+        raise RunFormatError(f"{path}: gradcam: found {_describe(g)}, expected a finite 2-D map")
+    return arrays
+
+
+def _describe(a: np.ndarray) -> str:
+    what = f"an array of shape {a.shape} ({a.dtype})"
+    if a.dtype.kind in "fc" and a.size and not np.isfinite(a).all():
+        return what + " with NaN or infinite values"
+    if a.dtype.kind in "fiu" and a.size:
+        return what + f" from {a.min():.3g} to {a.max():.3g}"
+    return what
+
+
+def _resize(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if m.shape == shape:
+        return m
+    return np.asarray(Image.fromarray(m.astype(np.float32)).resize(shape[::-1], Image.BILINEAR))
+
+
+def compare_predictions_and_maps(dir_a: Path, dir_b: Path, ra: dict, rb: dict, ma: str, mb: str,
+                                 notices: list[str]) -> tuple[dict, dict]:
+    ea = {e["image"]: e for e in ra["explanations"] if e["model"] == ma}
+    eb = {e["image"]: e for e in rb["explanations"] if e["model"] == mb}
+    shared = [i for i in ea if i in eb]
+    for side, only in (("A", sorted(set(ea) - set(eb))), ("B", sorted(set(eb) - set(ea)))):
+        if only:
+            notices.append(f"{ma if side == 'A' else mb}: images only in run {side}, not compared: {', '.join(only)}")
+    imgs_a = {im["id"]: im["sha256"] for im in ra["images"]}
+    imgs_b = {im["id"]: im["sha256"] for im in rb["images"]}
+    differ = [i for i in shared if imgs_a.get(i) != imgs_b.get(i)]
+    if differ:
+        notices.append(f"images with the same id but other pixels in the two runs, not compared: {', '.join(differ)}")
+        shared = [i for i in shared if i not in differ]
+    classes_a = next(m["num_classes"] for m in ra["models"] if m["id"] == ma)
+    classes_b = next(m["num_classes"] for m in rb["models"] if m["id"] == mb)
+    rows, map_rows = [], []
+    for image in shared:
+        a, b = ea[image], eb[image]
+        za, zb = _maps(dir_a, a, classes_a), _maps(dir_b, b, classes_b)
+        cls = a["target_class"]
+        pa = float(za["probabilities"][cls]) if "probabilities" in za else a["predictions"][0]["probability"]
+        pb = float(zb["probabilities"][cls]) if "probabilities" in zb and len(zb["probabilities"]) > cls else None
+        rows.append({"image": image, "a_top1": a["target_name"], "b_top1": b["target_name"],
+                     "changed": a["target_class"] != b["target_class"] or a["target_name"] != b["target_name"],
+                     "a_probability": a["predictions"][0]["probability"], "b_probability": b["predictions"][0]["probability"],
+                     "a_class_probability_in_b": pb, "delta": None if pb is None else pb - pa})
+        row = {"image": image, "gradcam_iou": None, "lime_gradcam_a": None, "lime_gradcam_b": None}
+        if "gradcam" in za and "gradcam" in zb:
+            ga = za["gradcam"]
+            gb = _resize(zb["gradcam"], ga.shape)
+            n = int(round(GRADCAM_TOP_FRACTION * ga.size))
+            row["gradcam_iou"] = iou(top_n_mask(ga, n), top_n_mask(gb, n))
+        for side, r, model in (("a", ra, ma), ("b", rb, mb)):
+            for x in r["agreement"]["rows"]:
+                if x["model"] == model and x["image"] == image and x["method_b"] == "gradcam":
+                    row[f"lime_gradcam_{side}"] = x["iou"]
+        if row["lime_gradcam_a"] is not None and row["lime_gradcam_b"] is not None:
+            row["lime_gradcam_delta"] = row["lime_gradcam_b"] - row["lime_gradcam_a"]
+        map_rows.append(row)
+    defined = [r["gradcam_iou"] for r in map_rows if r["gradcam_iou"] is not None and r["gradcam_iou"] == r["gradcam_iou"]]
+    predictions = {"images": len(rows), "top1_changed": sum(r["changed"] for r in rows), "rows": rows}
+    maps = {"rows": map_rows, "mean_gradcam_iou": sum(defined) / len(defined) if defined else None}
+    return predictions, maps
+
+
+def dissection_comparable(ra: dict, rb: dict) -> list[str]:
+    """Why two runs' dissections cannot be compared unit by unit (empty: they can)."""
+    da, db = ra.get("dissection"), rb.get("dissection")
+    if da is None or db is None:
+        return ["a run has no dissection"] if (da or db) else []
+    reasons = []
+    if da["probe"]["sha256"] != db["probe"]["sha256"]:
+        reasons.append(f"another probe set (A: {da['probe']['description']}; B: {db['probe']['description']})")
+    if da["scorers"] != db["scorers"]:
+        reasons.append("other concept scorers or concept sets")
+    if da["concepts"] != db["concepts"]:
+        reasons.append(f"another number of concepts (A: {da['concepts']}, B: {db['concepts']})")
+    for key in ("similarity", "similarity_params", "pooling"):
+        if da[key] != db[key]:
+            reasons.append(f"another {key.replace('_', ' ')} (A: {da[key]}, B: {db[key]})")
+    return reasons
+
+
+def compare_dissection(ra: dict, rb: dict, ma: str, mb: str, notices: list[str]) -> dict | None:
+    da, db = ra.get("dissection"), rb.get("dissection")
+    if not da or not db:
+        return None
+    la = next((m for m in da["models"] if m["model"] == ma), None)
+    lb = next((m for m in db["models"] if m["model"] == mb), None)
+    if la is None or lb is None:
+        return None
+    reasons = dissection_comparable(ra, rb)
+    if reasons:
+        notices.append(f"dissection of {ma} not compared: {'; '.join(reasons)}")
+        return {"compared": False, "reasons": reasons, "layers": []}
+    layers_b = {x["layer"]: x for x in lb["layers"]}
+    out = []
+    for xa in la["layers"]:
+        xb = layers_b.get(xa["layer"])
+        if xb is None:
+            notices.append(f"{ma}: layer {xa['layer']} is only dissected in run A")
+            continue
+        if xa["units"] != xb["units"]:
+            notices.append(f"{ma}: layer {xa['layer']} has {xa['units']} units in A and {xb['units']} in B; not compared")
+            continue
+        labels_a = [u["label"] for u in xa["labels"]]
+        labels_b = [u["label"] for u in xb["labels"]]
+        changed = [{"unit": k, "a": a, "b": b} for k, (a, b) in enumerate(zip(labels_a, labels_b)) if a != b]
+        ca, cb = Counter(labels_a), Counter(labels_b)
+        rank_a = {c: i + 1 for i, (c, _) in enumerate(ca.most_common())}
+        rank_b = {c: i + 1 for i, (c, _) in enumerate(cb.most_common())}
+        top = [c for c, _ in ca.most_common(10)] + [c for c, _ in cb.most_common(10) if rank_a.get(c, 99) > 10]
+        out.append({
+            "layer": xa["layer"], "units": xa["units"], "changed": len(changed),
+            "share": len(changed) / xa["units"], "changed_units": changed,
+            "unique_a": len(ca), "unique_b": len(cb), "unique_delta": len(cb) - len(ca),
+            "gained": sorted(set(cb) - set(ca), key=lambda c: (-cb[c], c)),
+            "lost": sorted(set(ca) - set(cb), key=lambda c: (-ca[c], c)),
+            "top10": [{"concept": c, "rank_a": rank_a.get(c), "rank_b": rank_b.get(c), "units_a": ca.get(c, 0),
+                       "units_b": cb.get(c, 0)} for c in top],
+        })
+    for name in layers_b:
+        if name not in {x["layer"] for x in la["layers"]}:
+            notices.append(f"{mb}: layer {name} is only dissected in run B")
+    return {"compared": True, "reasons": [], "layers": out}
+
+
+def diff_runs(dir_a: Path, dir_b: Path, pairs: list[tuple[str, str]] | None = None) -> dict:
+    dir_a, dir_b = Path(dir_a), Path(dir_b)
+    ra, rb = load_run(dir_a), load_run(dir_b)
+    try:
+        return _diff(dir_a, dir_b, ra, rb, pairs)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+        raise RunFormatError(f"{dir_a} or {dir_b}: results.json does not have the layout this report_builder writes "
+                             f"({type(exc).__name__}: {str(exc)[:200]}); re-run the specs") from None
+
+
+def _diff(dir_a: Path, dir_b: Path, ra: dict, rb: dict, pairs: list[tuple[str, str]] | None) -> dict:
+    ids_a = [m["id"] for m in ra["models"]]
+    ids_b = [m["id"] for m in rb["models"]]
+    if pairs:
+        for a, b in pairs:
+            if a not in ids_a:
+                raise UserError(f"--pair {a}={b}: run A has no model {a!r} (it has {', '.join(ids_a)})")
+            if b not in ids_b:
+                raise UserError(f"--pair {a}={b}: run B has no model {b!r} (it has {', '.join(ids_b)})")
+    else:
+        pairs = [(m, m) for m in ids_a if m in ids_b]
+    notices: list[str] = []
+    if not pairs:
+        notices.append(f"no model is in both runs (A: {', '.join(ids_a)}; B: {', '.join(ids_b)}); "
+                       "name pairs with --pair A_ID=B_ID")
+    wa, wb = _weights(ra), _weights(rb)
+    models_a = {m["id"]: m for m in ra["models"]}
+    models_b = {m["id"]: m for m in rb["models"]}
+    out_pairs = []
+    for a, b in pairs:
+        predictions, maps = compare_predictions_and_maps(dir_a, dir_b, ra, rb, a, b, notices)
+        out_pairs.append({
+            "a": a, "b": b, "display_a": models_a[a]["display"], "display_b": models_b[b]["display"],
+            "weights_changed": wa.get(a) != wb.get(b), "weights_a": wa.get(a), "weights_b": wb.get(b),
+            "predictions": predictions, "maps": maps,
+            "dissection": compare_dissection(ra, rb, a, b, notices),
+        })
+    pa, pb = _mapping(ra["provenance"].get("packages")), _mapping(rb["provenance"].get("packages"))
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "a": _run_facts(dir_a, ra),
+        "b": _run_facts(dir_b, rb),
+        "spec_changes": _changes(ra.get("spec", {}), rb.get("spec", {})),
+        "package_changes": [{"package": k, "a": pa.get(k), "b": pb.get(k)} for k in sorted(set(pa) | set(pb))
+                            if pa.get(k) != pb.get(k)],
+        "pairs": out_pairs,
+        "unmatched": {"a": [m for m in ids_a if m not in {p[0] for p in pairs}],
+                      "b": [m for m in ids_b if m not in {p[1] for p in pairs}]},
+        "notices": notices,
+        "map_definition": MAP_DEFINITION,
+    }
+    result["findings"] = diff_findings(result)
+    return result
+
+
+
+def write_diff(dir_a: Path, dir_b: Path, out: Path, pairs: list[tuple[str, str]] | None = None) -> Path:
+    """Compute the diff and write diff.json, report.html and report.pdf into `out`, atomically."""
+    from report_builder.report.render import render_diff
+
+    from report_builder.files import check_output
+
+    check_output(Path(out), "diff", [dir_a, dir_b])
+    result = clean_nan(diff_runs(dir_a, dir_b, pairs))
+    with atomic_dir(Path(out), "diff", [dir_a, dir_b], first="diff.json") as work:
+        write_json(work / "diff.json", result)
+        render_diff(work, result)
+    return Path(out)
+
+
+def diff_findings(result: dict) -> list[str]:
+    """The diff in sentences, each computed from the numbers above."""
+    out = []
+    if not result["spec_changes"] and all(not p["weights_changed"] for p in result["pairs"]):
+        out.append("The two runs have the same spec and the same weights.")
+    for p in result["pairs"]:
+        name = p["display_a"] if p["a"] == p["b"] else f"{p['display_a']} → {p['display_b']}"
+        pr = p["predictions"]
+        if pr["images"]:
+            deltas = [r["delta"] for r in pr["rows"] if r["delta"] is not None]
+            biggest = max(pr["rows"], key=lambda r: abs(r["delta"] or 0))
+            text = f"{name}: the top-1 class changes on {pr['top1_changed']} of {pr['images']} shared images"
+            if deltas and biggest["delta"] is not None:
+                text += (f"; the largest probability change of run A's top-1 class is {biggest['delta']:+.2f} "
+                         f"on {biggest['image']} ({biggest['a_top1']})")
+            out.append(text + ".")
+        if p["maps"]["mean_gradcam_iou"] is not None:
+            out.append(f"{name}: the two runs' Grad-CAM maps overlap with a mean IoU of {p['maps']['mean_gradcam_iou']:.2f} "
+                       f"(1 = the same top {int(GRADCAM_TOP_FRACTION * 100)}% of pixels).")
+        d = p["dissection"]
+        if d and d["compared"]:
+            for x in d["layers"]:
+                text = (f"{name}, {x['layer']}: {x['changed']} of {x['units']} units ({100 * x['share']:.0f}%) change "
+                        f"their label; unique concepts go from {x['unique_a']} to {x['unique_b']}")
+                if x["gained"] or x["lost"]:
+                    text += f" ({len(x['gained'])} gained, {len(x['lost'])} lost)"
+                out.append(text + ".")
+    return out
