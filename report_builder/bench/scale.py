@@ -133,7 +133,7 @@ def bare_forwards(n_probe: int, words: list[str], images: int, samples: int) -> 
 
 
 def _ablation_seconds() -> float:
-    from report_builder.bench.rows import photo, random_model
+    from report_builder.bench.synthetic import photo, random_model
     from report_builder.explanation.methods import Settings, ablation_cam
     from report_builder.spec.schema import ExplainSpec
 

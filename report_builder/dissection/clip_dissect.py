@@ -9,6 +9,7 @@ All functions follow the formulas of the paper's code, vectorised over units in 
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -161,3 +162,11 @@ def label_units(S: torch.Tensor, concepts: list[str], scorers: list[str], altern
         best = [(concepts[int(c)], float(v), scorers[int(c)]) for v, c in zip(vals[unit], idx[unit])]
         out.append(UnitLabel(unit, best[0][0], best[0][1], best[0][2], tuple(best[1:])))
     return out
+
+
+def similarity_params(dissect_spec, seed: int) -> dict:
+    """A spec's similarity parameters, with the run's seed for the functions that draw at random."""
+    params = dict(dissect_spec.similarity_params)
+    if "seed" in inspect.signature(SIMILARITY[dissect_spec.similarity]).parameters:
+        params.setdefault("seed", seed)
+    return params

@@ -18,14 +18,13 @@ from report_builder.explanation.methods import top_k
 from report_builder.files import clean_nan
 from report_builder.pipeline.progress import Progress
 from report_builder.report.rundir import SCHEMA_VERSION, TIMING_KEYS
-from report_builder.spec.schema import CAM_METHODS, METHOD_TITLES, LoadedSpec
+from report_builder.explanation.registry import CAM_NAMES, METHODS, TITLES
+from report_builder.spec.schema import LoadedSpec
 from report_builder.models.zoo import LoadedModel
 
 
 def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Progress, device_type: str) -> dict:
     """Everything the report needs, with the files it refers to written under `work`."""
-    from report_builder.pipeline.runner import explain_settings
-
     spec = loaded.spec
     explanations, agreement_rows = [], []
     for m in inputs.models:
@@ -39,9 +38,9 @@ def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Pro
         "authors": list(spec.authors),
         "spec": loaded.written.model_dump(mode="json"),
         "spec_file": str(loaded.path),
-        "methods": [{"id": k, "title": METHOD_TITLES[k]} for k in spec.explain.methods],
+        "methods": [{"id": k, "title": TITLES[k]} for k in spec.explain.methods],
         "not_applicable": plan.not_applicable,
-        "explain_settings": explain_settings(spec, device_type).model_dump(mode="json"),  # batch sizes resolved
+        "explain_settings": spec.explain.for_device(device_type).model_dump(mode="json"),  # batch sizes resolved
         "models": [model_record(m) for m in inputs.models],
         "images": [image_record(im) for im in inputs.images],
         "explanations": explanations,
@@ -118,25 +117,26 @@ def explanation_records(m: LoadedModel, images: list[SampleImage], spec, plan, o
             entry = {"seconds": round(float(value["seconds"]), 4), "cached": not computed[method], "overlay": rel}
             if "implementation" in value:
                 entry["implementation"] = value["implementation"]
-            if method == "lime":
+            if METHODS[method].kind == "superpixels":
                 overlays.save_lime(crop, value["mask"], value["segments"], work / rel)
                 entry.update(score=value["score"], num_segments=value["num_segments"],
                              mask_pixels=int(value["mask"].sum()))
-                arrays["lime_mask"] = value["mask"]
+                arrays[f"{method}_mask"] = value["mask"]
             else:
                 overlays.save_cam(crop, value["map"], work / rel)
             arrays[method] = value["map"]
             record["methods"][method] = entry
         arrays["probabilities"] = probs.astype(np.float32)  # the full softmax, for diffs between runs
         np.savez_compressed(work / record["maps"], **arrays)
-        took = ", ".join(f"{METHOD_TITLES[k]} {v['seconds']:.1f}s{'' if computed[k] else ' (cached)'}"
+        took = ", ".join(f"{TITLES[k]} {v['seconds']:.1f}s{'' if computed[k] else ' (cached)'}"
                          for k, v in values.items())
         progress.say(f"  {m.id} {im.id}: {preds[0]['class_name']} ({preds[0]['probability']:.2f}); {took}", detail=True)
         rows = []
-        if "lime" in values:
-            for method in (k for k in CAM_METHODS if k in values):
-                numbers = agree.compare(values["lime"]["mask"], values[method]["map"], spec.agreement.thresholds)
-                rows.append({"image": im.id, "model": m.id, "method_a": "lime", "method_b": method, **numbers})
+        # each superpixel mask (LIME's) against every CAM's map
+        for masked in (k for k in METHODS if k in values and METHODS[k].kind == "superpixels"):
+            for method in (k for k in CAM_NAMES if k in values):
+                numbers = agree.compare(values[masked]["mask"], values[method]["map"], spec.agreement.thresholds)
+                rows.append({"image": im.id, "model": m.id, "method_a": masked, "method_b": method, **numbers})
         yield record, rows
 
 
@@ -218,7 +218,7 @@ def sweep_section(inputs, plan, outcome) -> dict:
 
 
 def dissection_section(spec, inputs, plan, outcome) -> dict:
-    from report_builder.pipeline.runner import similarity_params
+    from report_builder.dissection.clip_dissect import similarity_params
 
     ds = spec.dissect
     out_models = []
@@ -230,7 +230,7 @@ def dissection_section(spec, inputs, plan, outcome) -> dict:
     probe = inputs.probe
     return {
         "similarity": ds.similarity,
-        "similarity_params": similarity_params(spec),
+        "similarity_params": similarity_params(spec.dissect, spec.seed),
         "pooling": ds.pooling,
         "probe": {"description": probe.description, "images": len(probe), "sha256": probe.manifest},
         "scorers": {s.label: s.description for s in inputs.scorers},

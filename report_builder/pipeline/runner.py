@@ -35,7 +35,8 @@ from report_builder.errors import UserError
 from report_builder.files import atomic_dir, check_cache_apart, check_output, write_json
 from report_builder.data.probe import Crop, ProbeSet, pixels_task
 from report_builder.pipeline.progress import Progress
-from report_builder.spec.schema import CAM_METHODS, METHOD_TITLES, LoadedSpec, resolve_batch
+from report_builder.explanation.registry import CAM_NAMES, TITLES
+from report_builder.spec.schema import LoadedSpec, resolve_batch
 from report_builder.pipeline.tasks import Graph, executor_for
 from report_builder.models.zoo import LoadedModel, ModelRef, check_code, default_target_layer, get_layer, load_model, remember
 
@@ -169,7 +170,7 @@ def _load_model(entry, device: torch.device) -> LoadedModel:
 def _target_problems(spec, m: LoadedModel, device: torch.device) -> list[str]:
     """The CAM methods read a map off the target layer: one whose output is N x C (a classifier head, a layer after
     the pooling: the last nn.Linear of a ViT or a Swin) has none, so a run would fail on it."""
-    cams = [k for k in spec.explain.methods if k in CAM_METHODS]
+    cams = [k for k in spec.explain.methods if k in CAM_NAMES]
     if not cams or m.layout(m.target_layer).kind != "flat":
         return []
     try:
@@ -257,7 +258,7 @@ def build_graph(loaded: LoadedSpec, inputs: Inputs, device: torch.device, shard_
 
 def _explain_tasks(plan: Plan, spec, inputs: Inputs, device: torch.device) -> None:
     g, dev = plan.graph, device.type
-    settings = explain.Settings(explain_settings(spec, dev), spec.seed, device)
+    settings = explain.Settings(spec.explain.for_device(dev), spec.seed, device)
     sweep = settings.explain.lime.sweep
     plan.sweep_settings = sweep.combinations(settings.explain.lime) if sweep else []
     for m in inputs.models:
@@ -288,7 +289,7 @@ def _explain_tasks(plan: Plan, spec, inputs: Inputs, device: torch.device) -> No
 
 def _explain_key(g: Graph, m, im, crop, pk: str, settings, method: str) -> str:
     """The key of an explanation task (added if the spec did not ask for the method: the sweep needs Grad-CAM)."""
-    return g.add("explain", explain.explain_task, f"explain {m.id} {im.id} {METHOD_TITLES[method]}",
+    return g.add("explain", explain.explain_task, f"explain {m.id} {im.id} {TITLES[method]}",
                  explain.identity(method, m, im.sha256, settings),
                  {"model": m.ref, "crop": crop, "index": 0, "method": method, "explain": settings.explain,
                   "seed": settings.seed, "device": settings.device.type},
@@ -305,12 +306,12 @@ def _evaluate_tasks(plan: Plan, spec, m, i: int, im, crop, pk: str, settings, me
             "image_sha": im.sha256}
     for method in methods:
         plan.evaluation[(m.id, im.id, method)] = g.add(
-            "evaluate", evaluate.evaluate_task, f"evaluate {m.id} {im.id} {METHOD_TITLES[method]}", ident, args,
+            "evaluate", evaluate.evaluate_task, f"evaluate {m.id} {im.id} {TITLES[method]}", ident, args,
             {"predictions": pk, "explanation": plan.explain[(m.id, im.id, method)]}, model=True,
             shape=evaluate.RESULT_SHAPE)
         if ev.sanity is not None and i < ev.sanity.images:
             plan.sanity[(m.id, im.id, method)] = g.add(
-                "sanity", evaluate.sanity_task, f"sanity {m.id} {im.id} {METHOD_TITLES[method]}",
+                "sanity", evaluate.sanity_task, f"sanity {m.id} {im.id} {TITLES[method]}",
                 {"sanity": ev.sanity.model_dump(mode="json"), "code_version": evaluate.CODE_VERSION},
                 {"model": m.ref, "crop": crop, "method": method, "explain": settings.explain, "evaluate": ev,
                  "seed": spec.seed, "device": dev}, {"explanation": plan.explain[(m.id, im.id, method)]},
@@ -319,15 +320,6 @@ def _evaluate_tasks(plan: Plan, spec, m, i: int, im, crop, pk: str, settings, me
         plan.evaluation[(m.id, im.id, "random")] = g.add(
             "evaluate", evaluate.evaluate_task, f"evaluate {m.id} {im.id} random map", {**ident, "random": True},
             args, {"predictions": pk}, model=True, shape=evaluate.RESULT_SHAPE)
-
-
-def explain_settings(spec, device_type: str):
-    """The spec's explain section with its batch sizes resolved for the device."""
-    e = spec.explain
-    return e.model_copy(update={
-        "cam": e.cam.model_copy(update={"batch_size": resolve_batch(e.cam.batch_size, device_type)}),
-        "lime": e.lime.model_copy(update={"batch_size": resolve_batch(e.lime.batch_size, device_type)}),
-    })
 
 
 def whole_batches(images: int, batch: int) -> int:
@@ -391,7 +383,7 @@ def _dissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int
     scores = g.add("concept-scores", scorers.concept_scores_task, "concept scores",
                    {"scorers": [(d["kind"], d["label"], scorers.text_hash(d["concepts"])) for d in described]},
                    {"scorers": described}, parts, cache=False)
-    params = similarity_params(spec)
+    params = dissect.similarity_params(spec.dissect, spec.seed)
     for m in dissected:
         layers = list(m.spec.layers)
         acts = [g.add("activations", activations.activations_task, f"activations {m.id} {j}",
@@ -405,17 +397,6 @@ def _dissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int
                 {"layer": layer, "similarity": ds.similarity, "params": params, "code_version": dissect.CODE_VERSION},
                 {"layer": layer, "similarity": ds.similarity, "params": params},
                 {"scores": scores, "activations": acts}, shape=dissect.RESULT_SHAPE)
-
-
-def similarity_params(spec) -> dict:
-    """The spec's similarity parameters, with the run's seed for the functions that draw at random."""
-    import inspect
-
-    ds = spec.dissect
-    params = dict(ds.similarity_params)
-    if "seed" in inspect.signature(dissect.SIMILARITY[ds.similarity]).parameters:
-        params.setdefault("seed", spec.seed)
-    return params
 
 
 def _netdissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int) -> None:

@@ -22,14 +22,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import report_builder
 from report_builder.pipeline import raywatch
 from report_builder.pipeline.cache import Cache, stage_key
 from report_builder.errors import UserError
 from report_builder.pipeline.progress import Progress
 
 # The folder that holds the report_builder package: where a helper process started with -m finds it.
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(report_builder.__file__)))
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass(eq=False)

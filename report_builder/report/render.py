@@ -26,8 +26,9 @@ from jinja2.exceptions import UndefinedError  # noqa: E402
 from report_builder.report import analysis  # noqa: E402
 from report_builder.errors import UserError, raise_if_interrupted  # noqa: E402
 from report_builder.files import OWNER, atomic_write, check_output, output_error, partial_folder, replace_ours  # noqa: E402
+from report_builder.report.sections import sections_of  # noqa: E402
 from report_builder.report.rundir import RunFormatError, inside, load_results  # noqa: E402
-from report_builder.spec.schema import METHOD_TITLES  # noqa: E402
+from report_builder.explanation.registry import TITLES as METHOD_TITLES  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"  # package data: installed with the code
 PALETTE = ["#3b6ea5", "#d1495b", "#edae49", "#00798c", "#66a182", "#8d6a9f"]
@@ -559,15 +560,7 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], sc
         findings_by_section[f["section"]].append(f)
     css = (TEMPLATES / "report.css").read_text()
     cams = [m["id"] for m in results["methods"] if m["id"] != "lime"]
-    sections = [("questions", "Assignment questions")] if "dissection" in results else []
-    sections += [("summary", "Summary"), ("setup", "Setup")]
-    sections += [("dissection", "Network dissection")] if "dissection" in results else []
-    sections += [("netdissect", "Network Dissection with pixel labels")] if "netdissect" in results else []
-    sections += [("versions", "Model versions")] if results.get("versions") else []
-    sections += [("explanations", "Explanations side by side"), ("predictions", "Predictions"), ("timings", "Timings"),
-                 ("agreement", "LIME vs Grad-CAM agreement")]
-    sections += [("trust", "Which explanations can we trust?")] if "evaluation" in results else []
-    sections += [("findings", "Findings"), ("provenance", "Provenance")]
+    sections = [(section.id, section.title) for section in sections_of(results)]
     numbers = {sid: i + 1 for i, (sid, _) in enumerate(sections)}
     return env.get_template("report.html").render(
         r=results,

@@ -17,20 +17,10 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, Strict, Vali
                       model_validator)
 
 from report_builder.errors import SpecError
+# The explanation methods' names: every one ('all') and the default (the assignment's four), from their registry.
+from report_builder.explanation.registry import DEFAULT as METHODS, NAMES as ALL_METHODS
 
 SOURCES = ("packaged", "torchvision", "places365", "timm", "checkpoint", "python")
-# Every CAM method of grad-cam that explains a classifier, by name, with its title (explain.CAMS says how each runs).
-# grad-cam's RandomCAM is left out: the evaluation's seeded random map is the chance baseline.
-CAM_TITLES = {
-    "gradcam": "Grad-CAM", "gradcamplusplus": "Grad-CAM++", "xgradcam": "XGrad-CAM", "hirescam": "HiResCAM",
-    "gradcamelementwise": "Grad-CAM Element-Wise", "layercam": "LayerCAM", "eigencam": "EigenCAM",
-    "eigengradcam": "EigenGrad-CAM", "kpcacam": "KPCA-CAM", "fem": "FEM", "shapleycam": "ShapleyCAM",
-    "finercam": "Finer-CAM", "fullgrad": "FullGrad", "scorecam": "ScoreCAM", "ablationcam": "AblationCAM",
-}
-CAM_METHODS = tuple(CAM_TITLES)
-METHOD_TITLES = {**CAM_TITLES, "lime": "LIME"}
-ALL_METHODS = CAM_METHODS + ("lime",)
-METHODS = ("gradcam", "ablationcam", "scorecam", "lime")  # the default: the assignment's four
 
 # Bounds on the file itself, checked before and while parsing.
 MAX_SPEC_BYTES = 1024 * 1024
@@ -349,6 +339,13 @@ class ExplainSpec(StrictModel):
     cam: CamSpec = CamSpec()
     lime: LimeSpec = LimeSpec()
 
+    def for_device(self, device_type: str) -> ExplainSpec:
+        """This section with its batch sizes resolved for the device ('auto' becomes a number)."""
+        return self.model_copy(update={
+            "cam": self.cam.model_copy(update={"batch_size": resolve_batch(self.cam.batch_size, device_type)}),
+            "lime": self.lime.model_copy(update={"batch_size": resolve_batch(self.lime.batch_size, device_type)}),
+        })
+
     @field_validator("methods", mode="before")
     @classmethod
     def _known(cls, v: Any) -> Any:
@@ -359,8 +356,8 @@ class ExplainSpec(StrictModel):
         if not v:
             raise ValueError("found an empty list, expected at least one method")
         for i, name in enumerate(v):
-            if name not in METHOD_TITLES:
-                close = _closest(str(name), list(METHOD_TITLES))
+            if name not in ALL_METHODS:
+                close = _closest(str(name), list(ALL_METHODS))
                 raise ValueError(f"found {_show(name)} at position {i}{f' (did you mean {close!r}?)' if close else ''}, "
                                  f"expected one of {', '.join(ALL_METHODS)}, or 'all'")
         if len(set(v)) != len(v):
