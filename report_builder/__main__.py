@@ -8,6 +8,8 @@ from pathlib import Path
 
 from report_builder.errors import UserError, signals_interrupt
 
+DEMO_SPEC = Path(__file__).resolve().parent / "demo.yaml"  # package data: the spec `make report` runs
+
 
 def _code_flags(parser: argparse.ArgumentParser) -> None:
     """--allow-code and --allow-code-from, for the commands that load a spec's models (see zoo.check_code)."""
@@ -24,6 +26,21 @@ def _output_flags(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", default=default, help="print only warnings and errors")
     parser.add_argument("-v", "--verbose", action="store_true", default=default,
                         help="also print a line per task and per image")
+
+
+def _run_flags(parser: argparse.ArgumentParser) -> None:
+    """The options of `run`, which `demo` shares."""
+    parser.add_argument("--out", type=Path, help="run directory to write (default: output/<run_name>)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute everything instead of reusing cached results")
+    parser.add_argument("--cache-dir", type=Path, help="where cached results live (default: $REPORT_BUILDER_CACHE "
+                                                    "or ~/.cache/report_builder)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: every task in this process (default); ray: the same tasks on Ray")
+    parser.add_argument("--ray-address", metavar="ADDR",
+                     help="with --executor ray: 'auto', host:port or ray://host:port for an existing cluster "
+                          "(refused within about 10 s when nothing answers there); default: a local Ray "
+                          "started for this run and stopped after it")
+    _code_flags(parser)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,17 +68,11 @@ def _parser() -> argparse.ArgumentParser:
                                      "predictions, measure agreement, and render report.html and report.pdf into "
                                      "the run directory.")
     run.add_argument("spec", type=Path, help="the YAML spec file")
-    run.add_argument("--out", type=Path, help="run directory to write (default: output/<run_name>)")
-    run.add_argument("--no-cache", action="store_true", help="recompute everything instead of reusing cached results")
-    run.add_argument("--cache-dir", type=Path, help="where cached results live (default: $REPORT_BUILDER_CACHE "
-                                                    "or ~/.cache/report_builder)")
-    run.add_argument("--executor", choices=("local", "ray"), default="local",
-                     help="local: every task in this process (default); ray: the same tasks on Ray")
-    run.add_argument("--ray-address", metavar="ADDR",
-                     help="with --executor ray: 'auto', host:port or ray://host:port for an existing cluster "
-                          "(refused within about 10 s when nothing answers there); default: a local Ray "
-                          "started for this run and stopped after it")
-    _code_flags(run)
+    _run_flags(run)
+    demo = sub.add_parser("demo", help="run the offline demo that ships with report_builder (no network needed)",
+                          description="Run the packaged demo spec (two EfficientNet-Lite models on packaged photos; "
+                                      "the spec `make report` runs from a clone) and write its report.")
+    _run_flags(demo)
 
     val = sub.add_parser("validate", help="check a spec without running it",
                          description="Validate a spec file and everything a run checks before it starts: images "
@@ -106,13 +117,13 @@ def _main(args: argparse.Namespace) -> int:
             print(f"{args.spec}: ok — {len(inputs.models)} model(s), {len(inputs.images)} image(s), "
                   f"methods {', '.join(s.explain.methods)}; output/{loaded.run_name}")
             return 0
-        if args.command == "run":
+        if args.command in ("run", "demo"):
             from report_builder.pipeline.cache import Cache
             from report_builder.pipeline.progress import Progress
             from report_builder.pipeline.runner import run
             from report_builder.spec.schema import load_spec
 
-            loaded = load_spec(args.spec)
+            loaded = load_spec(DEMO_SPEC if args.command == "demo" else args.spec)
             out = args.out or Path("output") / loaded.run_name
             if args.ray_address and args.executor != "ray":
                 raise UserError("--ray-address: given without --executor ray")
@@ -164,7 +175,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def _places(args: argparse.Namespace) -> str:
     """The folders a command writes, to name in a message about the disk that has no filename of its own."""
-    if args.command == "run":
+    if args.command in ("run", "demo"):
         from report_builder.pipeline.cache import default_root
 
         out = args.out or "output/<run_name>"
