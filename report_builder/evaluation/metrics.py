@@ -19,7 +19,9 @@ tested against the model itself and against ground truth.
   again; its Spearman rank correlation (0 for a map gone flat) and SSIM with the original say how much it still
   resembles it. A map that stays similar while the model is destroyed does not explain the model.
 
-Each metric is an entry of `METRICS`: f(model, crop, target, saliency, objects, settings) -> numbers.
+Each metric is an entry of the registry (evaluation/registry.py: its columns, titles, directions, ranges, rule), and
+its function is bound here by the metric's name in CALCULATIONS: f(model, crop, target, saliency, objects, settings)
+-> numbers (the sanity check, with its steps, is a task of its own: sanity_task).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from report_builder.evaluation import registry
 from report_builder.explanation import agreement
 from report_builder.explanation.agreement import scale01
 from report_builder.pipeline.progress import current
@@ -213,11 +216,11 @@ def localisation(model: LoadedModel, crop: np.ndarray, target: int, saliency: np
     return {**out, "object": what, "object_pixels": int(region.sum())}
 
 
-# The metrics computed on each map: name -> (is it on in this spec?, the function).
-METRICS: dict[str, tuple[Callable[[EvaluateSpec], bool], Callable[..., dict]]] = {
-    "deletion": (lambda e: e.deletion is not None, deletion_insertion),
-    "road": (lambda e: e.road is not None, road),
-    "localisation": (lambda e: e.localisation is not None, localisation),
+# The function of each metric computed on each map, by its name in the registry (on when its spec key is set).
+CALCULATIONS: dict[str, Callable[..., dict]] = {
+    "deletion": deletion_insertion,
+    "road": road,
+    "localisation": localisation,
 }
 
 
@@ -240,9 +243,9 @@ def evaluate_task(model: ModelRef, crop: np.ndarray, objects, evaluate: Evaluate
         full, what = objects.region(m.class_names[target])
         region = (m.preprocess.crop_mask(full), what)
     out: dict = {"target": target}
-    for name, (enabled, fn) in METRICS.items():
-        if enabled(evaluate):
-            out.update(fn(m, crop, target, saliency, region, settings))
+    for metric in registry.METRICS:
+        if not metric.per_step and getattr(evaluate, metric.spec_key) is not None:
+            out.update(CALCULATIONS[metric.name](m, crop, target, saliency, region, settings))
     return out
 
 
@@ -340,22 +343,10 @@ def small(m: np.ndarray) -> np.ndarray:
 
 
 RESULT_SHAPE = {"target": int}
-SANITY_SHAPE = {"layers": [str], "spearman": [float], "ssim": [float], "maps": np.ndarray}
+SANITY_SHAPE = {"layers": [str], **{c.name: [float] for _, c in registry.per_step()}, "maps": np.ndarray}
 
 
 # ---------------------------------------------------------------- the LIME sweep
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats: higher IoU (first) at no more time (second), or less time at
-    no lower IoU. Sorted by time."""
-    front = []
-    for i, (iou_i, t_i) in enumerate(points):
-        dominated = any((iou_j >= iou_i and t_j <= t_i) and (iou_j > iou_i or t_j < t_i)
-                        for j, (iou_j, t_j) in enumerate(points) if j != i)
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: (points[i][1], -points[i][0]))
 
 
 def sweep_task(model: ModelRef, crop: np.ndarray, lime, explain: ExplainSpec, seed: int, device: str,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation import agreement as agree
 from report_builder.report import analysis
 from report_builder.explanation import overlays
@@ -143,13 +144,12 @@ def explanation_records(m: LoadedModel, images: list[SampleImage], spec, plan, o
 # ---------------------------------------------------------------- evaluation
 
 
-EVALUATION_METRICS = ("deletion_auc", "insertion_auc", "road", "pointing_hit", "energy")
-
-
 def evaluation_section(spec, inputs, plan, outcome, work: Path) -> dict:
     """Per model, image and method (and the random map): the metrics; the deletion and insertion curves; the
     sanity check's similarities per step, with its maps in evaluation/<model>/<image>_sanity.npz."""
     ev = spec.evaluate
+    per_map = [c.name for _, c in metric_registry.per_map()]
+    per_step = [c.name for _, c in metric_registry.per_step()]
     rows, curves, sanity = [], [], []
     methods = list(spec.explain.methods) + (["random"] if ev.random_baseline else [])
     for m in inputs.models:
@@ -159,7 +159,7 @@ def evaluation_section(spec, inputs, plan, outcome, work: Path) -> dict:
                     continue
                 v = outcome.values[plan.evaluation[(m.id, im.id, method)]]
                 rows.append({"model": m.id, "image": im.id, "method": method,
-                             **{k: v.get(k) for k in EVALUATION_METRICS}, "object": v.get("object")})
+                             **{k: v.get(k) for k in per_map}, "object": v.get("object")})
                 if "deletion_curve" in v:
                     curves.append({"model": m.id, "image": im.id, "method": method,
                                    "deletion": [float(x) for x in v["deletion_curve"]],
@@ -173,7 +173,7 @@ def evaluation_section(spec, inputs, plan, outcome, work: Path) -> dict:
                 maps[method] = v["maps"]
                 sanity.append({"model": m.id, "image": im.id, "method": method, "layers": v["layers"],
                                "blocks": [int(b) for b in v["blocks"]], "total_blocks": int(v["total_blocks"]),
-                               "spearman": v["spearman"], "ssim": v["ssim"]})
+                               **{k: v[k] for k in per_step}})
             if maps:
                 rel = f"evaluation/{m.id}/{im.id}_sanity.npz"
                 (work / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -190,14 +190,15 @@ def write_evaluation_csv(path: Path, evaluation: dict) -> None:
         w = csv.writer(f)
         w.writerow(["model", "image", "method", "metric", "value"])
         for r in evaluation["rows"]:
-            for k in EVALUATION_METRICS:
-                if r.get(k) is not None:
-                    w.writerow([r["model"], r["image"], r["method"], k, f"{r[k]:.6g}"])
+            for metric, column in metric_registry.per_map():
+                if r.get(column.name) is not None:
+                    w.writerow([r["model"], r["image"], r["method"], metric.csv_metric(column), f"{r[column.name]:.6g}"])
         for s in evaluation["sanity"]:
-            for layer, rho, ssim in zip(s["layers"], s["spearman"], s["ssim"]):
-                w.writerow([s["model"], s["image"], s["method"], f"sanity_spearman@{layer}",
-                            "" if rho is None or rho != rho else f"{rho:.6g}"])
-                w.writerow([s["model"], s["image"], s["method"], f"sanity_ssim@{layer}", f"{ssim:.6g}"])
+            for step, layer in enumerate(s["layers"]):
+                for metric, column in metric_registry.per_step():
+                    value = s[column.name][step]
+                    w.writerow([s["model"], s["image"], s["method"], metric.csv_metric(column, layer),
+                                "" if value is None or value != value else f"{value:.6g}"])
 
 
 def sweep_section(inputs, plan, outcome) -> dict:

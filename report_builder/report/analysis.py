@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pandas as pd
 
+from report_builder.evaluation import registry as metric_registry
 from report_builder.spec.schema import METHOD_TITLES
 
 
@@ -568,111 +569,167 @@ def _title(method: str) -> str:
 
 
 def evaluation_summary(results: dict) -> list[dict]:
-    """Per model and method (the random map included): mean deletion and insertion AUC, ROAD, pointing-game hits,
-    energy, and the sanity check's mean similarity at each step and after the last one."""
+    """Per model and method (the random map included): each per-map column of the metrics registry over the images
+    (its mean; for a hit, the hits and the images scored: pointing_hits of pointing_images), and each per-step column's
+    mean at each step of the sanity check (sanity_spearman) and after the last one (spearman_final)."""
     ev = results["evaluation"]
     out = []
     for m in results["models"]:
         for method in ev["methods"]:
             rows = [r for r in ev["rows"] if r["model"] == m["id"] and r["method"] == method]
-            pointed = [r["pointing_hit"] for r in rows if r.get("pointing_hit") is not None]
             sanity = [s for s in ev["sanity"] if s["model"] == m["id"] and s["method"] == method]
-            entry = {
-                "model": m["id"], "method": method, "images": len(rows),
-                "deletion_auc": _mean([r.get("deletion_auc") for r in rows]),
-                "insertion_auc": _mean([r.get("insertion_auc") for r in rows]),
-                "road": _mean([r.get("road") for r in rows]),
-                "pointing_hits": int(sum(pointed)) if pointed else None, "pointing_images": len(pointed),
-                "energy": _mean([r.get("energy") for r in rows]),
-                "sanity_images": len(sanity),
-            }
+            entry = {"model": m["id"], "method": method, "images": len(rows)}
+            for _, column in metric_registry.per_map():
+                values = [r.get(column.name) for r in rows]
+                if column.aggregate == "hits":
+                    scored = [v for v in values if v is not None]
+                    entry[column.hits_key] = int(sum(scored)) if scored else None
+                    entry[column.images_key] = len(scored)
+                else:
+                    entry[column.name] = _mean(values)
+            entry["sanity_images"] = len(sanity)
             if sanity:
-                steps = len(sanity[0]["spearman"])
+                steps = len(sanity[0]["layers"])
                 entry["sanity_layers"] = sanity[0]["layers"]
-                entry["sanity_spearman"] = [_mean([s["spearman"][k] for s in sanity]) for k in range(steps)]
-                entry["sanity_ssim"] = [_mean([s["ssim"][k] for s in sanity]) for k in range(steps)]
-                entry["spearman_final"], entry["ssim_final"] = entry["sanity_spearman"][-1], entry["sanity_ssim"][-1]
+                per_step = metric_registry.per_step()
+                for metric, column in per_step:
+                    entry[metric.steps_key(column)] = [_mean([s[column.name][k] for s in sanity]) for k in range(steps)]
+                for metric, column in per_step:
+                    entry[metric.final_key(column)] = entry[metric.steps_key(column)][-1]
             out.append(entry)
     return out
 
 
-SANITY_PASS = 0.5  # a map still rank-correlated above this with the original after every block is re-initialised fails
+# ---- each metric's sentence: f(model, its display name, its summary rows) -> a finding, or None when it has no numbers
+
+
+def _best(rows: list[dict], key: str, name: str) -> dict:
+    """The row with the best value of `key`, by the direction of the registry's column `name`."""
+    pick = min if metric_registry.column(name).direction == "lower" else max
+    return pick(rows, key=lambda r: r[key])
+
+
+def _split(rows: list[dict]) -> tuple[list[dict], dict | None]:
+    """The methods' rows and the random map's."""
+    return [r for r in rows if r["method"] != "random"], next((r for r in rows if r["method"] == "random"), None)
+
+
+def _faithfulness_finding(model: str, name: str, rows: list[dict]) -> dict | None:
+    methods, random = _split(rows)
+    deletion, insertion = metric_registry.column("deletion_auc"), metric_registry.column("insertion_auc")
+    scored = [r for r in methods if r["deletion_auc"] is not None]
+    if not scored:
+        return None
+    d, i = _best(scored, "deletion_auc", "deletion_auc"), _best(scored, "insertion_auc", "insertion_auc")
+    text = (f"On {name}, removing the pixels {_title(d['method'])} ranks first lowers the top-1 probability "
+            f"fastest (deletion AUC {_f(d['deletion_auc'], deletion.digits)}, {deletion.better}), and revealing "
+            f"{_title(i['method'])}'s first raises it fastest (insertion AUC "
+            f"{_f(i['insertion_auc'], insertion.digits)}, {insertion.better})")
+    if random and random["deletion_auc"] is not None:
+        beat = [r for r in scored if r["deletion_auc"] < random["deletion_auc"]
+                and r["insertion_auc"] > random["insertion_auc"]]
+        lose = [r for r in scored if r not in beat]
+        text += (f"; the random map scores {_f(random['deletion_auc'], deletion.digits)} and "
+                 f"{_f(random['insertion_auc'], insertion.digits)}. ")
+        text += ("Every method beats chance on both." if not lose else
+                 f"{', '.join(_title(r['method']) for r in lose)} "
+                 f"{'does' if len(lose) == 1 else 'do'} not beat chance on both.")
+    else:
+        text += "."
+    return {"id": f"faithfulness-{model}", "section": "trust", "question": "q5", "text": text,
+            "numbers": {r["method"]: {"deletion_auc": r["deletion_auc"], "insertion_auc": r["insertion_auc"]}
+                        for r in rows}}
+
+
+def _road_finding(model: str, name: str, rows: list[dict]) -> dict | None:
+    methods, random = _split(rows)
+    digits = metric_registry.column("road").digits
+    road = [r for r in methods if r["road"] is not None]
+    if not road:
+        return None
+    best = _best(road, "road", "road")
+    text = (f"By ROAD on {name}, {_title(best['method'])} ranks pixels best ({_f(best['road'], digits)}; "
+            + ", ".join(f"{_title(r['method'])} {_f(r['road'], digits)}" for r in road if r is not best)
+            + (f"; the random map {_f(random['road'], digits)}" if random and random["road"] is not None else "")
+            + ").")
+    return {"id": f"road-{model}", "section": "trust", "question": "q5", "text": text,
+            "numbers": {r["method"]: r["road"] for r in rows}}
+
+
+def _sanity_finding(model: str, name: str, rows: list[dict]) -> dict | None:
+    methods, _ = _split(rows)
+    rule = metric_registry.BY_NAME["sanity"].rule
+    final = metric_registry.Metric.final_key(metric_registry.column(rule.column))  # spearman_final
+    digits = metric_registry.column(rule.column).digits
+    sane = [r for r in methods if r.get(final) is not None]
+    if not sane:
+        return None
+    fails = [r for r in sane if rule.fails(r[final])]
+    parts = ", ".join(f"{_title(r['method'])} ρ = {_f(r[final], digits)}" for r in
+                      sorted(sane, key=lambda r: -r[final]))
+    text = (f"With every block of {name} re-initialised, the maps' rank correlation with the originals is: "
+            f"{parts} (mean over {sane[0]['sanity_images']} image(s)). ")
+    text += ("Every method's map changes with the model, as it should." if not fails else
+             f"{', '.join(_title(r['method']) for r in fails)} still "
+             f"{'resembles' if len(fails) == 1 else 'resemble'} the original (ρ {rule.fails_if} {rule.shown}), so "
+             f"{'it fails' if len(fails) == 1 else 'they fail'} the sanity check.")
+    return {"id": f"sanity-{model}", "section": "trust", "question": "q5", "text": text,
+            "numbers": {r["method"]: r[final] for r in sane}}
+
+
+def _pointing_finding(model: str, name: str, rows: list[dict]) -> dict | None:
+    methods, random = _split(rows)
+    digits = metric_registry.column("energy").digits
+    pointed = [r for r in methods if r["pointing_images"]]
+    if not pointed:
+        return None
+    n = pointed[0]["pointing_images"]
+    text = (f"On the {n} image(s) of {name} with object labels, the maps' maximum falls on the object: "
+            + ", ".join(f"{_title(r['method'])} {r['pointing_hits']} of {n} (energy {_f(r['energy'], digits)})"
+                        for r in pointed)
+            + (f"; the random map {random['pointing_hits']} of {n} (energy {_f(random['energy'], digits)})"
+               if random and random["pointing_images"] else "") + ".")
+    return {"id": f"pointing-{model}", "section": "trust", "text": text,
+            "numbers": {r["method"]: [r["pointing_hits"], r["energy"]] for r in pointed}}
+
+
+# Each metric's sentence, by the metric's name in the registry (tests/test_registries.py checks they agree).
+SENTENCES = {"deletion": _faithfulness_finding, "road": _road_finding, "sanity": _sanity_finding,
+             "localisation": _pointing_finding}
 
 
 def evaluation_findings(results: dict) -> list[dict]:
+    """Per model, each metric's sentence, in the registry's order."""
     if "evaluation" not in results:
         return []
     names = _display(results)
-    out = []
     by_model: dict[str, list[dict]] = defaultdict(list)
     for e in results["evaluation"]["summary"]:
         by_model[e["model"]].append(e)
+    out = []
     for model, rows in by_model.items():
-        name = names[model]
-        methods = [r for r in rows if r["method"] != "random"]
-        random = next((r for r in rows if r["method"] == "random"), None)
-        scored = [r for r in methods if r["deletion_auc"] is not None]
-        if scored:
-            d = min(scored, key=lambda r: r["deletion_auc"])
-            i = max(scored, key=lambda r: r["insertion_auc"])
-            text = (f"On {name}, removing the pixels {_title(d['method'])} ranks first lowers the top-1 probability "
-                    f"fastest (deletion AUC {_f(d['deletion_auc'], 3)}, lower is better), and revealing "
-                    f"{_title(i['method'])}'s first raises it fastest (insertion AUC {_f(i['insertion_auc'], 3)}, "
-                    "higher is better)")
-            if random and random["deletion_auc"] is not None:
-                beat = [r for r in scored if r["deletion_auc"] < random["deletion_auc"]
-                        and r["insertion_auc"] > random["insertion_auc"]]
-                lose = [r for r in scored if r not in beat]
-                text += (f"; the random map scores {_f(random['deletion_auc'], 3)} and "
-                         f"{_f(random['insertion_auc'], 3)}. ")
-                text += ("Every method beats chance on both." if not lose else
-                         f"{', '.join(_title(r['method']) for r in lose)} "
-                         f"{'does' if len(lose) == 1 else 'do'} not beat chance on both.")
-            else:
-                text += "."
-            out.append({"id": f"faithfulness-{model}", "section": "trust", "question": "q5", "text": text,
-                        "numbers": {r["method"]: {"deletion_auc": r["deletion_auc"], "insertion_auc": r["insertion_auc"]}
-                                    for r in rows}})
-        road = [r for r in methods if r["road"] is not None]
-        if road:
-            best = max(road, key=lambda r: r["road"])
-            text = (f"By ROAD on {name}, {_title(best['method'])} ranks pixels best ({_f(best['road'], 3)}; "
-                    + ", ".join(f"{_title(r['method'])} {_f(r['road'], 3)}" for r in road if r is not best)
-                    + (f"; the random map {_f(random['road'], 3)}" if random and random["road"] is not None else "")
-                    + ").")
-            out.append({"id": f"road-{model}", "section": "trust", "question": "q5", "text": text,
-                        "numbers": {r["method"]: r["road"] for r in rows}})
-        sane = [r for r in methods if r.get("spearman_final") is not None]
-        if sane:
-            fails = [r for r in sane if r["spearman_final"] >= SANITY_PASS]
-            parts = ", ".join(f"{_title(r['method'])} ρ = {_f(r['spearman_final'])}" for r in
-                              sorted(sane, key=lambda r: -r["spearman_final"]))
-            text = (f"With every block of {name} re-initialised, the maps' rank correlation with the originals is: "
-                    f"{parts} (mean over {sane[0]['sanity_images']} image(s)). ")
-            text += ("Every method's map changes with the model, as it should." if not fails else
-                     f"{', '.join(_title(r['method']) for r in fails)} still "
-                     f"{'resembles' if len(fails) == 1 else 'resemble'} the original (ρ ≥ {SANITY_PASS}), so "
-                     f"{'it fails' if len(fails) == 1 else 'they fail'} the sanity check.")
-            out.append({"id": f"sanity-{model}", "section": "trust", "question": "q5", "text": text,
-                        "numbers": {r["method"]: r["spearman_final"] for r in sane}})
-        pointed = [r for r in methods if r["pointing_images"]]
-        if pointed:
-            n = pointed[0]["pointing_images"]
-            text = (f"On the {n} image(s) of {name} with object labels, the maps' maximum falls on the object: "
-                    + ", ".join(f"{_title(r['method'])} {r['pointing_hits']} of {n} (energy {_f(r['energy'])})"
-                                for r in pointed)
-                    + (f"; the random map {random['pointing_hits']} of {n} (energy {_f(random['energy'])})"
-                       if random and random["pointing_images"] else "") + ".")
-            out.append({"id": f"pointing-{model}", "section": "trust", "text": text,
-                        "numbers": {r["method"]: [r["pointing_hits"], r["energy"]] for r in pointed}})
+        for metric in metric_registry.METRICS:
+            finding = SENTENCES[metric.name](model, names[model], rows)
+            if finding is not None:
+                out.append(finding)
     return out
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: higher IoU (first) at no more time (second), or less time at
+    no lower IoU. Sorted by time."""
+    front = []
+    for i, (iou_i, t_i) in enumerate(points):
+        dominated = any((iou_j >= iou_i and t_j <= t_i) and (iou_j > iou_i or t_j < t_i)
+                        for j, (iou_j, t_j) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][1], -points[i][0]))
 
 
 def sweep_summary(results: dict) -> dict:
     """Per model and LIME setting: mean IoU with Grad-CAM and mean seconds; the Pareto front of (IoU, time); the best
     setting (the highest mean IoU, the faster on a tie) with its leaderboard line."""
-    from report_builder.evaluation.metrics import pareto_front
-
     sw = results["lime_sweep"]
     summary, fronts, best = [], {}, {}
     for m in results["models"]:

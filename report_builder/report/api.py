@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from report_builder.errors import UserError
+from report_builder.evaluation import registry as metric_registry
 from report_builder.report.rundir import RunFormatError, check_id, inside, load_results
 
 ALTERNATIVES = 3  # next-best concepts per unit, as in dissection/<model>.csv
@@ -123,20 +124,20 @@ class Run:
 
     @functools.cached_property
     def evaluation(self) -> pd.DataFrame:
-        """Faithfulness and localisation per model, image and method (the random map included); empty when the
-        run had no `evaluate:`."""
+        """Faithfulness and localisation per model, image and method (the random map included): a column per
+        metric of the registry (evaluation/registry.py); empty when the run had no `evaluate:`."""
         rows = self._results.get("evaluation", {}).get("rows", [])
-        return _frame(rows, ["model", "image", "method", "deletion_auc", "insertion_auc", "road", "pointing_hit",
-                             "energy", "object"])
+        return _frame(rows, evaluation_columns())
 
     @functools.cached_property
     def sanity(self) -> pd.DataFrame:
         """The sanity check: per model, image, method and randomisation step, the similarity to the original map."""
+        per_step = [c.name for _, c in metric_registry.per_step()]
         rows = [{"model": s["model"], "image": s["image"], "method": s["method"], "step": k + 1, "layer": layer,
-                 "spearman": rho, "ssim": ssim}
+                 **{name: s[name][k] for name in per_step}}
                 for s in self._results.get("evaluation", {}).get("sanity", [])
-                for k, (layer, rho, ssim) in enumerate(zip(s["layers"], s["spearman"], s["ssim"]))]
-        return _frame(rows, ["model", "image", "method", "step", "layer", "spearman", "ssim"])
+                for k, layer in enumerate(s["layers"])]
+        return _frame(rows, sanity_columns())
 
     # ---------------------------------------------------------------- maps
 
@@ -158,6 +159,16 @@ class Run:
                 return z[method]
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise RunFormatError(f"{path}: cannot read the saved maps ({type(exc).__name__}: {exc})") from None
+
+
+def evaluation_columns() -> list[str]:
+    """open_run().evaluation's columns: the metrics registry's per-map columns between the keys and the object."""
+    return ["model", "image", "method", *(c.name for _, c in metric_registry.per_map()), "object"]
+
+
+def sanity_columns() -> list[str]:
+    """open_run().sanity's columns: the registry's per-step columns after the step and its layer."""
+    return ["model", "image", "method", "step", "layer", *(c.name for _, c in metric_registry.per_step())]
 
 
 def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:

@@ -20,13 +20,15 @@ matplotlib.use("Agg")
 # matplotlib's math mode (an odd number of them crashed the renderer).
 matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape  # noqa: E402
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, pass_environment, select_autoescape  # noqa: E402
 from jinja2.exceptions import UndefinedError  # noqa: E402
+from markupsafe import Markup  # noqa: E402
 
 from report_builder.report import analysis  # noqa: E402
 from report_builder.errors import UserError, raise_if_interrupted  # noqa: E402
 from report_builder.files import OWNER, atomic_write, check_output, output_error, partial_folder, replace_ours  # noqa: E402
 from report_builder.report.sections import sections_of  # noqa: E402
+from report_builder.evaluation import registry as metric_registry  # noqa: E402
 from report_builder.report.rundir import RunFormatError, inside, load_results  # noqa: E402
 from report_builder.explanation.registry import TITLES as METHOD_TITLES  # noqa: E402
 
@@ -544,7 +546,17 @@ def environment() -> Environment:
     env.filters["fmt"] = _fmt
     env.filters["seconds"] = _seconds
     env.filters["short"] = lambda h, n=12: (h or "")[:n]
+    env.globals["evaluation_metrics"] = metric_registry.METRICS
+    env.globals["describe"] = _describe
     return env
+
+
+@pass_environment
+def _describe(env: Environment, metric: metric_registry.Metric, settings: dict) -> Markup:
+    """A metric's row in the trust section: its description (Jinja text in the registry) given its settings, each
+    column's direction of better and its rule; the settings' values are escaped as everywhere."""
+    better = {c.name: c.better for c in metric.columns}
+    return Markup(env.from_string(metric.description).render(s=settings, better=better, rule=metric.rule))
 
 
 def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], scripts: bool = True) -> str:

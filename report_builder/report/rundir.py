@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from report_builder.errors import UserError
+from report_builder.evaluation import registry as metric_registry
 
 SCHEMA_VERSION = 1
 MAX_RESULTS_BYTES = 512 * 1024 * 1024
@@ -423,6 +424,19 @@ def _scorers(scorers, where, ctx):
 
 _IOU = _compile(Null("probability"))
 
+
+def _in_range(lo: float, hi: float) -> str:
+    """The kind of a number from lo to hi (a metric's value_range), float32 rounding allowed past a bound that is not
+    0: from 0 to 1 is "probability", from -1 to 1 "correlation"."""
+    name = f"from {lo:g} to {hi:g}"
+    _KINDS.setdefault(name, _ranged(lo - SLACK if lo else lo, hi + SLACK if hi else hi, f"a number {name}"))
+    return name
+
+
+# The evaluation's numbers are the metrics registry's columns, each in its value_range.
+_PER_MAP = {c.name: Null(_in_range(*c.value_range)) for _, c in metric_registry.per_map()}
+_PER_STEP = {c.name: [Null(_in_range(*c.value_range))] for _, c in metric_registry.per_step()}
+
 MODEL = {"id": "id", "display": "text", "num_classes": "positive"}
 IMAGE = {"id": "id", "sha256": "text"}
 METHOD = {"id": "id", "title": "text"}
@@ -441,12 +455,10 @@ AGREEMENT = {
 # the dissections list name folders of galleries: ids.
 EVALUATION = {
     "sanity": [Then({"maps?": "path", "model": "model", "image": "image", "method": "method", "layers": ["text"],
-                     "spearman": [Null("correlation")], "ssim": [Null("correlation")], "blocks?": ["count"],
-                     "total_blocks?": "count"}, _same_lengths("layers", "spearman", "ssim"))],
+                     **_PER_STEP, "blocks?": ["count"], "total_blocks?": "count"},
+                    _same_lengths("layers", *_PER_STEP))],
     "methods": Then(["id"], _eval_methods),
-    "rows": [{"model": "model", "image": "image", "method": "eval_method", "deletion_auc": Null("probability"),
-              "insertion_auc": Null("probability"), "road": Null("correlation"), "pointing_hit": Null("probability"),
-              "energy": Null("probability"), "object": Null("text")}],
+    "rows": [{"model": "model", "image": "image", "method": "eval_method", **_PER_MAP, "object": Null("text")}],
 }
 NETDISSECT = Then({
     "models": Then([{"model": "model", "layers": Then([Then({
@@ -490,7 +502,9 @@ _check_results = _compile(RESULTS)
 # spreadsheet and the report's readers take the numbers from these files as they are.
 
 
-EVALUATION_METRICS = ("deletion_auc", "insertion_auc", "road", "pointing_hit", "energy")  # as collect.py writes them
+# evaluation.csv's metrics: one value per map, and per randomisation step (sanity_spearman@<layer>)
+EVALUATION_METRICS = tuple(m.csv_metric(c) for m, c in metric_registry.per_map())
+EVALUATION_STEPS = tuple(m.csv_metric(c, "") for m, c in metric_registry.per_step())
 
 
 def _number_cell(lo: float = -MAX_FLOAT, hi: float = MAX_FLOAT, empty: bool = False, nan: bool = False,
@@ -539,14 +553,14 @@ def _text_cell(text: str, ctx: _Ctx, model: str | None) -> bool:
 
 
 def _metric_cell(text: str, ctx: _Ctx, model: str | None) -> bool:
-    return text in EVALUATION_METRICS or text.startswith(("sanity_spearman@", "sanity_ssim@"))
+    return text in EVALUATION_METRICS or text.startswith(EVALUATION_STEPS)
 
 
 _count_cell.expected = "a whole number, 0 or more"
 _count_or_empty_cell.expected = "a whole number, 0 or more, or empty"
 _layer_cell.expected = "one of the layers results.json lists for this model"
 _text_cell.expected = "text"
-_metric_cell.expected = f"{', '.join(EVALUATION_METRICS)}, sanity_spearman@LAYER or sanity_ssim@LAYER"
+_metric_cell.expected = f"{', '.join(EVALUATION_METRICS)}, {' or '.join(f'{s}LAYER' for s in EVALUATION_STEPS)}"
 
 _NUMBER = _number_cell(nan=True)
 _ALT_NUMBER = _number_cell(empty=True, nan=True)

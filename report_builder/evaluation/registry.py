@@ -1,0 +1,164 @@
+"""The evaluation metrics: one entry each, holding everything the rest of the program needs to know about it.
+
+A metric is one calculation switched on by one key of the spec's `evaluate:` (deletion, road, sanity,
+localisation). It produces one or more columns: numbers with a name (the key in results.json's evaluation rows,
+the column of open_run()'s table, the `metric` of evaluation.csv), a direction of better, the digits the report
+prints and the range a run directory's checks allow. Its function is bound by the metric's name in
+evaluation/metrics.py (CALCULATIONS; the sanity check, with its steps, is a task of its own), and its sentence in
+report/analysis.py (SENTENCES). collect, the run directory's checks (rundir), the notebook API, the findings and the
+trust section of the report loop over METRICS; tests/test_registries.py fails, naming the metric and the field,
+when an entry is incomplete or a table disagrees with it.
+
+Torch-free: the report side reads it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ARROWS = {"higher": "↑", "lower": "↓"}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One number a metric produces, per map (or per randomisation step, for a per-step metric)."""
+
+    name: str  # results.json's key, open_run()'s column, evaluation.csv's metric (see Metric.csv_metric)
+    title: str  # its heading in the report's table (with the arrow of `direction`)
+    direction: Literal["higher", "lower"]  # which way is better
+    digits: int  # decimals the report prints
+    value_range: tuple[float, float]  # what a run directory's checks allow (float32 rounding aside)
+    aggregate: Literal["mean", "hits"] = "mean"  # over images: the mean, or (a 0/1 hit) the count of hits
+
+    @property
+    def better(self) -> str:
+        return f"{self.direction} is better"
+
+    @property
+    def heading(self) -> str:
+        """The report table's heading: the title with the arrow of better; a count of hits ('k / n') has none."""
+        return self.title if self.aggregate == "hits" else f"{self.title} {ARROWS[self.direction]}"
+
+    @property
+    def hits_key(self) -> str:
+        """A hits column <x>_hit sums, per model and method, into <x>_hits of <x>_images (the images scored)."""
+        return f"{self.name}s"
+
+    @property
+    def images_key(self) -> str:
+        return f"{self.name.removesuffix('_hit')}_images"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """When a method fails the metric: its value of `column` (after the last step, for a per-step metric) `fails_if`
+    the threshold."""
+
+    column: str
+    fails_if: Literal["≥", "≤"]
+    threshold: float
+
+    def fails(self, value: float) -> bool:
+        return value >= self.threshold if self.fails_if == "≥" else value <= self.threshold
+
+    @property
+    def shown(self) -> str:
+        """The threshold as the report writes it."""
+        return f"{self.threshold:g}"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # the key of its function in metrics.CALCULATIONS and of its sentence in analysis.SENTENCES
+    spec_key: str  # the key of `evaluate:` that switches it on and holds its settings
+    columns: tuple[Column, ...]
+    title: str  # its row in the report's table of methods
+    description: str  # that row's text: Jinja, given s (its settings), better (column -> 'lower is better'), rule
+    citation: str
+    per_step: bool = False  # values per randomisation step (evaluation.sanity), not per map (evaluation.rows)
+    rule: Rule | None = None  # pass or fail, where the metric has a threshold
+
+    def csv_metric(self, column: Column, layer: str | None = None) -> str:
+        """evaluation.csv's `metric` for a value of `column`: its name; per step, '<metric>_<column>@<layer>'."""
+        return f"{self.name}_{column.name}@{layer}" if self.per_step else column.name
+
+    def steps_key(self, column: Column) -> str:
+        """A per-step column's mean at each step in the evaluation summary (sanity_spearman)."""
+        return f"{self.name}_{column.name}"
+
+    @staticmethod
+    def final_key(column: Column) -> str:
+        """A per-step column's mean after the last step in the evaluation summary (spearman_final)."""
+        return f"{column.name}_final"
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric(
+        name="deletion",
+        spec_key="deletion",
+        columns=(Column("deletion_auc", "Deletion AUC", "lower", 3, (0.0, 1.0)),
+                 Column("insertion_auc", "Insertion AUC", "higher", 3, (0.0, 1.0))),
+        title="Deletion, insertion",
+        description="Petsiuk et al. (RISE, 2018): the pixels are removed (or revealed) in the map's order in "
+                    "{{ s.steps }} steps, a removed pixel showing {{ {'blur': 'a blurred copy of the image', "
+                    "'mean': \"the image's mean colour\", 'zero': 'black'}[s.baseline] }}; the area under the top-1 "
+                    "probability's curve. Deletion: {{ better.deletion_auc }}; insertion: {{ better.insertion_auc }}.",
+        citation="V. Petsiuk, A. Das, K. Saenko. RISE: Randomized Input Sampling for Explanation of Black-box Models. "
+                 "BMVC 2018",
+    ),
+    Metric(
+        name="road",
+        spec_key="road",
+        columns=(Column("road", "ROAD", "higher", 3, (-1.0, 1.0)),),
+        title="ROAD",
+        description="Rong et al. (2022), through grad-cam's <code>ROADCombined</code>: (LeRF drop − MoRF drop) / 2 "
+                    "in the top-1 probability, the pixels imputed by noisy linear interpolation, averaged over "
+                    "percentiles {{ s.percentiles|join(\", \") }}. {{ better.road|capitalize }}.",
+        citation="Y. Rong, T. Leemann, V. Borisov, G. Kasneci, E. Kasneci. A Consistent and Efficient Evaluation "
+                 "Strategy for Attribution Methods. ICML 2022",
+    ),
+    Metric(
+        name="sanity",
+        spec_key="sanity",
+        columns=(Column("spearman", "Randomised ρ", "lower", 2, (-1.0, 1.0)),
+                 Column("ssim", "SSIM", "lower", 2, (-1.0, 1.0))),
+        title="Sanity check",
+        description="Adebayo et al. (2018), cascading randomisation: the model's blocks are re-initialised from the "
+                    "output down in {{ s.steps }} steps and the map for the same class is made again, on the first "
+                    "{{ s.images }} image(s). ρ is the Spearman rank correlation with the original map after the last "
+                    "step (every block random): a method whose ρ stays above {{ rule.shown }} fails.",
+        citation="J. Adebayo, J. Gilmer, M. Muelly, I. Goodfellow, M. Hardt, B. Kim. Sanity Checks for Saliency Maps. "
+                 "NeurIPS 2018",
+        per_step=True,
+        rule=Rule("spearman", "≥", 0.5),
+    ),
+    Metric(
+        name="localisation",
+        spec_key="localisation",
+        columns=(Column("pointing_hit", "Pointing game", "higher", 0, (0.0, 1.0), aggregate="hits"),
+                 Column("energy", "Energy", "higher", 2, (0.0, 1.0))),
+        title="Localisation",
+        description="On images with object labels: the pointing game (Zhang et al., 2016; the map's maximum within "
+                    "{{ s.tolerance }} pixels of the object of the explained class, or of any labelled object when no "
+                    "label names it) and energy (the share of the map's mass on the object).",
+        citation="J. Zhang, S. A. Bargal, Z. Lin, J. Brandt, X. Shen, S. Sclaroff. Top-down Neural Attention by "
+                 "Excitation Backprop. ECCV 2016 (the pointing game); H. Wang et al. Score-CAM: Score-Weighted Visual "
+                 "Explanations for Convolutional Neural Networks. CVPR Workshops 2020 (energy)",
+    ),
+)
+BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
+
+
+def per_map() -> list[tuple[Metric, Column]]:
+    """The columns of evaluation.rows (one value per map), in order: collect, rundir and open_run's evaluation."""
+    return [(m, c) for m in METRICS if not m.per_step for c in m.columns]
+
+
+def per_step() -> list[tuple[Metric, Column]]:
+    """The columns of evaluation.sanity (one value per randomisation step), in order."""
+    return [(m, c) for m in METRICS if m.per_step for c in m.columns]
+
+
+def column(name: str) -> Column:
+    """The column called `name` (deletion_auc, spearman, ...)."""
+    return next(c for m in METRICS for c in m.columns if c.name == name)
