@@ -13,13 +13,16 @@ from conftest import wrap
 from report_builder.__main__ import main
 from report_builder.dissection.activations import record
 from report_builder.data.concepts import load_concepts
-from report_builder.dissection.clip_dissect import SIMILARITY, label_units
+from report_builder.dissection.clip_dissect import label_units
 from report_builder.errors import UserError
 from report_builder.data.probe import load_probe
-from report_builder.dissection.scorers import clip_scores, color_fractions
+from report_builder.data.colors import color_fractions
+from report_builder.dissection.scorers.clip import clip_scores
+from report_builder.dissection.similarity import SIMILARITIES
 from report_builder.spec.schema import ProbeSpec, ScorerSpec
 
 CPU = torch.device("cpu")
+SIMILARITY = {name: s.function for name, s in SIMILARITIES.items()}  # name -> f(P, A, **params)
 
 
 def close(S: torch.Tensor, expected, atol: float = 1e-6) -> bool:
@@ -175,7 +178,7 @@ def test_planted_colour_units_through_probe_scorer_and_activations(tmp_path):
     model.layer_names.append("features")
     probe = load_probe(ProbeSpec(source="folder", path=str(tmp_path / "probe")), seed=0)
     acts = record(model, ["features"], probe, "avg", CPU, 16, "models[0]")
-    from report_builder.dissection.scorers import colors_scores
+    from report_builder.dissection.scorers.colors import colors_scores
     from report_builder.data.concepts import BRODEN_COLORS
 
     P = colors_scores(probe)
@@ -235,7 +238,8 @@ def test_a_probe_shard_is_decoded_once_for_clip_the_models_and_the_colours(tmp_p
     import open_clip
 
     from report_builder.data import probe as probe_module
-    from report_builder.dissection.scorers import COLOR_VIEW, clip_image_embeddings, color_table, split_preprocess
+    from report_builder.dissection.scorers.clip import clip_image_embeddings, split_preprocess
+    from report_builder.dissection.scorers.colors import COLOR_VIEW, color_table
 
     (tmp_path / "tiny-clip-test.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(tmp_path / "tiny-clip-test.json")
@@ -359,7 +363,7 @@ dissect:
 def test_truncated_text_encoding_equals_the_full_context(tmp_path):
     import open_clip
 
-    from report_builder.dissection.scorers import encode_texts
+    from report_builder.dissection.scorers.clip import encode_texts
 
     (tmp_path / "tiny-clip-trunc.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(tmp_path / "tiny-clip-trunc.json")

@@ -388,3 +388,299 @@ def test_an_incomplete_metric_is_named_with_its_field(monkeypatch):
     monkeypatch.setitem(registry.BY_NAME, "road", dataclasses.replace(registry.BY_NAME["road"], citation=" "))
     with pytest.raises(AssertionError, match="metric 'road': field citation is missing"):
         test_every_evaluation_metric_is_complete("road")
+
+
+# ---------------------------------------------------------------- concept scorers, similarity functions, model sources
+
+
+def _incomplete(entry, fields: tuple[str, ...]) -> list[str]:
+    """The fields of a registry entry left empty."""
+    return [f for f in fields if getattr(entry, f) in (None, "", ())]
+
+
+def _scorer_problems(name: str) -> list[str]:
+    import importlib
+    import inspect
+
+    from report_builder.dissection import scorers
+    from report_builder.spec.schema import ScorerSpec
+
+    entry = scorers.SCORERS[name]
+    problems = [f"scorer {name!r}: field {f} is missing" for f in _incomplete(entry, ("name", "title", "module"))]
+    if entry.name != name:
+        problems.append(f"scorer {name!r}: its entry is named {entry.name!r}")
+    for function, params in (("plan", ["spec", "scorer", "where", "device"]),
+                             ("tasks", ["g", "sc", "shards", "pixel_keys", "dev", "batch"]),
+                             ("combine", ["scorer", "images", "parts"])):
+        fn = getattr(importlib.import_module(entry.module), function, None)
+        if not callable(fn):
+            problems.append(f"scorer {name!r}: field {function} is missing ({entry.module} defines no {function}())")
+        elif len(inspect.signature(fn).parameters) != len(params):
+            problems.append(f"scorer {name!r}: {function}() takes {list(inspect.signature(fn).parameters)}, "
+                            f"expected {params}")
+    keys = set(ScorerSpec.model_fields) - {"kind"}
+    problems += [f"scorer {name!r}: allows {k!r}, which is no key of a scorer entry" for k in entry.allows - keys]
+    problems += [f"scorer {name!r}: needs {k!r}, which it does not allow" for k in set(entry.needs) - entry.allows]
+    problems += [f"scorer {name!r}: needs {k!r} without saying what it is" for k, what in entry.needs.items()
+                 if not what.strip()]
+    return problems
+
+
+def _similarity_problems(name: str) -> list[str]:
+    """An entry against its function's signature: every parameter listed is a keyword of the function, with a
+    default inside its range (a whole number where it must be), and every keyword of the function is listed."""
+    import inspect
+
+    from report_builder.dissection import similarity
+
+    entry = similarity.SIMILARITIES[name]
+    problems = [f"similarity {name!r}: field {f} is missing" for f in _incomplete(entry, ("name", "title", "implementation"))]
+    if entry.name != name:
+        problems.append(f"similarity {name!r}: its entry is named {entry.name!r}")
+    try:
+        fn = entry.function
+    except (ImportError, AttributeError, ValueError) as exc:
+        return problems + [f"similarity {name!r}: field implementation {entry.implementation!r} does not resolve ({exc})"]
+    signature = inspect.signature(fn).parameters
+    positional = list(signature)[:2]
+    if positional != ["P", "A"]:
+        problems.append(f"similarity {name!r}: {entry.implementation} takes {positional} first, expected (P, A)")
+    keywords = {k: p for k, p in list(signature.items())[2:]}
+    for key, param in entry.params.items():
+        if not isinstance(param, similarity.Param) or not param.low <= param.high:
+            problems.append(f"similarity {name!r}: parameter {key!r} has no range (low <= high)")
+            continue
+        if key not in keywords:
+            problems.append(f"similarity {name!r}: parameter {key!r} is not a keyword of {entry.implementation}")
+            continue
+        default = keywords[key].default
+        if default is inspect.Parameter.empty:
+            problems.append(f"similarity {name!r}: parameter {key!r} has no default in {entry.implementation}")
+        elif (not isinstance(default, (int, float)) or isinstance(default, bool)
+              or (param.whole and not isinstance(default, int)) or not param.low <= default <= param.high):
+            problems.append(f"similarity {name!r}: parameter {key!r} defaults to {default!r}, outside its range "
+                            f"{param.low:g} to {param.high:g}{' (whole numbers)' if param.whole else ''}")
+    problems += [f"similarity {name!r}: keyword {k!r} of {entry.implementation} is not registered"
+                 for k in keywords if k not in entry.params]
+    return problems
+
+
+def _source_problems(name: str) -> list[str]:
+    import inspect
+
+    from report_builder.models import sources
+    from report_builder.spec.schema import ModelSpec
+
+    entry = sources.SOURCES[name]
+    problems = [f"source {name!r}: field {f} is missing" for f in _incomplete(entry, ("name", "description", "loader"))]
+    if entry.name != name:
+        problems.append(f"source {name!r}: its entry is named {entry.name!r}")
+    try:
+        loader = sources.resolve(entry.loader)
+    except (ImportError, AttributeError, ValueError) as exc:
+        problems.append(f"source {name!r}: field loader {entry.loader!r} does not resolve ({exc})")
+    else:
+        if list(inspect.signature(loader).parameters) != ["spec", "where"]:
+            problems.append(f"source {name!r}: {entry.loader} takes {list(inspect.signature(loader).parameters)}, "
+                            "expected (spec, where)")
+    if not entry.needs:
+        problems.append(f"source {name!r}: field needs is missing (the key that says which model: name or factory)")
+    keys = set(sources.SOURCE_KEYS)
+    problems += [f"source {name!r}: allows {k!r}, which is not in SOURCE_KEYS" for k in entry.allows - keys]
+    problems += [f"source {name!r}: needs {k!r}, which it does not allow" for k in set(entry.needs) - entry.allows]
+    problems += [f"source {name!r}: gives a reason to refuse {k!r}, which it allows" for k in set(entry.refused) & entry.allows]
+    if entry.names and "name" not in entry.allows:
+        problems.append(f"source {name!r}: lists names but does not allow 'name'")
+    problems += [f"SOURCE_KEYS: {k!r} is no key of a model entry" for k in keys - set(ModelSpec.model_fields)]
+    return problems
+
+
+def _scorer_names() -> list[str]:
+    from report_builder.dissection.scorers import SCORERS
+
+    return list(SCORERS)
+
+
+def _similarity_names(with_params: bool = False) -> list[str]:
+    from report_builder.dissection.similarity import SIMILARITIES
+
+    return [k for k, s in SIMILARITIES.items() if s.params or not with_params]
+
+
+def _source_names() -> list[str]:
+    from report_builder.models.sources import SOURCES
+
+    return list(SOURCES)
+
+
+@pytest.mark.parametrize("name", _scorer_names())
+def test_every_concept_scorer_is_complete(name):
+    problems = _scorer_problems(name)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", _similarity_names())
+def test_every_similarity_function_is_complete_and_agrees_with_its_signature(name):
+    problems = _similarity_problems(name)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", _source_names())
+def test_every_model_source_is_complete(name):
+    problems = _source_problems(name)
+    assert not problems, "\n".join(problems)
+
+
+def _spec_disagreements() -> list[str]:
+    """The values the spec takes (the Literal of each field, built when the spec was imported) against the keys of
+    the registries, read now: a registry that lost or gained an entry since disagrees here, by name."""
+    import typing
+
+    from report_builder.dissection import scorers, similarity
+    from report_builder.models import sources
+    from report_builder.spec.schema import DissectSpec, ModelSpec, ScorerSpec
+
+    problems = []
+    for what, field, registry in (("dissect.scorers[i].kind", ScorerSpec.model_fields["kind"], scorers.SCORERS),
+                                  ("dissect.similarity", DissectSpec.model_fields["similarity"], similarity.SIMILARITIES),
+                                  ("models[i].source", ModelSpec.model_fields["source"], sources.SOURCES)):
+        taken = typing.get_args(field.annotation)
+        problems += [f"{what}: the spec takes {v!r}, which the registry lacks" for v in taken if v not in registry]
+        problems += [f"{what}: the registry has {v!r}, which the spec refuses" for v in registry if v not in taken]
+        if list(taken) != [v for v in registry if v in taken]:
+            problems.append(f"{what}: the spec lists {list(taken)}, the registry {list(registry)} (messages follow the order)")
+    # every key of a scorer entry belongs to some kind, every source-specific key of a model entry to some source
+    read = set().union(*(s.allows for s in scorers.SCORERS.values()))
+    problems += [f"dissect.scorers[i].{k}: no scorer reads it" for k in set(ScorerSpec.model_fields) - {"kind"} - read]
+    read = set().union(*(s.allows for s in sources.SOURCES.values()))
+    problems += [f"models[i].{k}: no source reads it" for k in set(sources.SOURCE_KEYS) - read]
+    return problems
+
+
+def test_the_spec_takes_exactly_the_registered_scorers_similarities_and_sources():
+    problems = _spec_disagreements()
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("registry, attribute, name", [
+    *[("report_builder.dissection.scorers", "SCORERS", n) for n in _scorer_names()],
+    *[("report_builder.dissection.similarity", "SIMILARITIES", n) for n in _similarity_names()],
+    *[("report_builder.models.sources", "SOURCES", n) for n in _source_names()],
+])
+def test_an_entry_removed_from_a_registry_is_named(registry, attribute, name, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(registry)
+    trimmed = {k: v for k, v in getattr(module, attribute).items() if k != name}
+    monkeypatch.setattr(module, attribute, trimmed)
+    problems = _spec_disagreements()
+    assert any(f"{name!r}, which the registry lacks" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("name", _similarity_names(with_params=True))
+def test_a_parameter_missing_from_a_similarity_entry_is_named(name, monkeypatch):
+    import dataclasses
+
+    from report_builder.dissection import similarity
+
+    entry = similarity.SIMILARITIES[name]
+    dropped = next(iter(entry.params))
+    monkeypatch.setitem(similarity.SIMILARITIES, name, dataclasses.replace(
+        entry, params={k: v for k, v in entry.params.items() if k != dropped}))
+    assert f"similarity {name!r}: keyword {dropped!r} of {entry.implementation} is not registered" in \
+        _similarity_problems(name)
+    monkeypatch.setitem(similarity.SIMILARITIES, name, dataclasses.replace(
+        entry, params={**entry.params, "nonsense": similarity.Param(0, 1)}))
+    assert any("'nonsense' is not a keyword" in p for p in _similarity_problems(name))
+
+
+def test_a_similarity_default_outside_its_range_is_named(monkeypatch):
+    import dataclasses
+
+    from report_builder.dissection import similarity
+
+    entry = similarity.SIMILARITIES["soft_wpmi"]  # top_k defaults to 100
+    monkeypatch.setitem(similarity.SIMILARITIES, "soft_wpmi", dataclasses.replace(
+        entry, params={**entry.params, "top_k": similarity.Param(1, 10, True)}))
+    assert any("'top_k' defaults to 100, outside its range 1 to 10" in p for p in _similarity_problems("soft_wpmi"))
+
+
+def test_an_incomplete_scorer_or_source_is_named_with_its_field(monkeypatch):
+    import dataclasses
+
+    from report_builder.dissection import scorers
+    from report_builder.models import sources
+
+    monkeypatch.setitem(scorers.SCORERS, "colors", dataclasses.replace(scorers.SCORERS["colors"], title=""))
+    assert "scorer 'colors': field title is missing" in _scorer_problems("colors")
+    monkeypatch.setitem(scorers.SCORERS, "colors", dataclasses.replace(scorers.SCORERS["colors"],
+                                                                       module="report_builder.dissection.similarity"))
+    assert any("scorer 'colors': field plan is missing" in p for p in _scorer_problems("colors"))
+    monkeypatch.setitem(sources.SOURCES, "timm", dataclasses.replace(sources.SOURCES["timm"], description=""))
+    assert "source 'timm': field description is missing" in _source_problems("timm")
+    monkeypatch.setitem(sources.SOURCES, "timm", dataclasses.replace(sources.SOURCES["timm"], loader=f"{sources.ZOO}:_nope"))
+    assert any("source 'timm': field loader" in p for p in _source_problems("timm"))
+
+
+def test_the_spec_checks_each_sources_and_scorers_own_rules():
+    """The rules come from the entries: the keys each reads, the keys each needs, the names it takes."""
+    from pydantic import ValidationError
+
+    from report_builder.spec.schema import ModelSpec, ScorerSpec
+
+    def refused(cls, **given) -> str:
+        with pytest.raises(ValidationError) as info:
+            cls(**given)
+        return str(info.value)
+
+    assert "'weights' goes with source 'torchvision'" in refused(ModelSpec, id="m", source="timm", name="x", weights="W")
+    assert "'classes' goes with source 'timm', 'checkpoint' or 'python'" in refused(
+        ModelSpec, id="m", source="torchvision", name="resnet18", classes="c.txt")
+    assert "'path' goes with source" in refused(ModelSpec, id="m", source="packaged", name="efficientnet_lite0", path="w.pt")
+    assert "source 'packaged' has one set of weights" in refused(
+        ModelSpec, id="m", source="packaged", name="efficientnet_lite0", versions=[{"label": "a", "path": "a.pt"}])
+    assert "expected resnet18 or resnet50 for source 'places365'" in refused(ModelSpec, id="m", source="places365",
+                                                                              name="vgg16")
+    assert ModelSpec(id="m", source="checkpoint", name="resnet18", versions=[{"label": "a", "path": "a.pt"}]).versions
+    assert "'prompt' goes with scorer 'clip'" in refused(ScorerSpec, kind="colors", prompt="a photo of {}")
+    assert "scorer 'classifier' needs 'classifier' (a model entry)" in refused(ScorerSpec, kind="classifier")
+    assert ScorerSpec(kind="colors", **ScorerSpec(kind="colors").model_dump(exclude={"kind"})).kind == "colors"
+
+
+def test_the_registries_the_spec_reads_import_no_torch():
+    code = ("import sys, report_builder.spec.schema, report_builder.dissection.scorers, "
+            "report_builder.dissection.similarity, report_builder.models.sources; "
+            "print(sorted(m for m in sys.modules if m in ('torch', 'numpy') or m.startswith(("
+            "'report_builder.models.zoo', 'report_builder.dissection.scorers.', 'report_builder.dissection.clip_dissect'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"the spec's registries import {out}"
+
+
+def test_the_readme_lists_exactly_the_registered_similarity_functions():
+    from report_builder.dissection.similarity import SIMILARITIES
+
+    text = (PACKAGE.parent / "README.md").read_text()
+    start = text.index("concept (CLIP cosines, or an offline stand-in);")
+    listed = re.findall(r"`([a-z_]+)`", text[start : text.index("turns the two into", start)])
+    assert listed == list(SIMILARITIES), f"README.md lists {listed}, the registry has {list(SIMILARITIES)}"
+
+
+def test_no_generic_code_tests_a_scorer_kind_or_a_model_source_by_its_name():
+    """A scorer's kind and a model's source are looked up in their registries, never compared by name, outside
+    their own files (dissection/scorers/<kind>.py, the loaders of models/zoo.py)."""
+    from report_builder.dissection.scorers import SCORERS
+    from report_builder.models.sources import SOURCES
+
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "scorers" and path.parent.parent.name == "dissection":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            names = {s.attr for s in sides if isinstance(s, ast.Attribute)}
+            values = {s.value for s in sides if isinstance(s, ast.Constant)}
+            if ("kind" in names and values & set(SCORERS)) or ("source" in names and values & set(SOURCES)):
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not found, f"a scorer kind or model source compared by name (use its registry entry): {found}"

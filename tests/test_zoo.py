@@ -10,7 +10,8 @@ from report_builder.data.images import load_images
 from report_builder.errors import UserError
 from report_builder.explanation.methods import predict
 from report_builder.spec.schema import ImagesSpec, ModelSpec
-from report_builder.models.zoo import PLACES365_URL, get_layer, load_model, places365_classes
+from report_builder.data.classes import places365_classes
+from report_builder.models.zoo import PLACES365_URL, get_layer, load_model
 
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 

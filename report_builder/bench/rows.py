@@ -287,7 +287,7 @@ def bench_clip_text(device: torch.device, words: int) -> list[dict]:
     import open_clip
 
     from report_builder.data.concepts import words_20k
-    from report_builder.dissection.scorers import encode_texts
+    from report_builder.dissection.scorers.clip import encode_texts
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16", pretrained=None, device=device).eval()
@@ -356,7 +356,8 @@ def _shared_decoding_rows(device: torch.device, probe) -> list[dict]:
 
     from report_builder.dissection.activations import record
     from report_builder.data.probe import pixels_task
-    from report_builder.dissection.scorers import COLOR_VIEW, clip_image_embeddings, color_table, split_preprocess
+    from report_builder.dissection.scorers.clip import clip_image_embeddings, split_preprocess
+    from report_builder.dissection.scorers.colors import COLOR_VIEW, color_table
 
     images = len(probe)
     torch.manual_seed(0)
@@ -468,7 +469,7 @@ def bench_mixed_precision(device: torch.device, words: int, images: int) -> list
     from report_builder.dissection.activations import record
     from report_builder.data.concepts import words_20k
     from report_builder.data.probe import ProbeItem, ProbeSet
-    from report_builder.dissection.scorers import encode_texts
+    from report_builder.dissection.scorers.clip import encode_texts
     from PIL import Image
 
     torch.manual_seed(0)

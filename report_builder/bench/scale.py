@@ -91,7 +91,7 @@ def bare_forwards(n_probe: int, words: list[str], images: int, samples: int) -> 
     import open_clip
     import torchvision
 
-    from report_builder.dissection.scorers import encode_texts
+    from report_builder.dissection.scorers.clip import encode_texts
 
     torch.manual_seed(0)
     device = torch.device("cpu")

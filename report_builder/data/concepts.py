@@ -45,7 +45,7 @@ def words_20k() -> list[str]:
 
 
 def _named(name: str) -> list[str]:
-    from report_builder.models.zoo import imagenet_classes, places365_classes
+    from report_builder.data.classes import imagenet_classes, places365_classes
 
     return {
         "words-20k": words_20k,

@@ -11,7 +11,7 @@ Sources:
 
 Colour labels follow Broden: every pixel is named by one of the 11 basic colour names. Broden used the
 colour naming model of van de Weijer et al. (2009), which is not available offline; here a pixel takes
-the name of the nearest colour prototype in CIE Lab (see scorers.name_colors).
+the name of the nearest colour prototype in CIE Lab (see data/colors.py).
 
 Probes are plain data (paths, label recipes, pixels made in memory): a shard of one travels to another
 process and decodes its labels there, once, in the pass that counts them.
@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from report_builder.data.colors import name_colors
 from report_builder.data.concepts import BRODEN_COLORS
 from report_builder.errors import UserError
 from report_builder.files import read_text
@@ -97,8 +98,6 @@ class LabelledItem:
         base = self.labels if isinstance(self.labels, Labels) else self.labels.decode()
         if not self.colors or color_ids is None:
             return base
-        from report_builder.dissection.scorers import name_colors
-
         h, w = base.size
         small = np.asarray(self.image.load().convert("RGB").resize((w, h), Image.BOX), dtype=np.uint8)
         colors = color_ids[name_colors(small)][None]

@@ -1,7 +1,7 @@
 """CLIP-Dissect (Oikarinen & Weng, ICLR 2023): label every unit with the concept whose image scores best
 match the unit's activations.
 
-`SIMILARITY` maps a name to f(P, A) -> S, where
+The similarity functions (registered in dissection/similarity.py, by name) are f(P, A) -> S, where
   P: images x concepts (CLIP cosines, or a stand-in scorer's scores),
   A: images x units (pooled activations),
   S: units x concepts (higher = better description).
@@ -9,14 +9,13 @@ All functions follow the formulas of the paper's code, vectorised over units in 
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
+from report_builder.dissection.similarity import SIMILARITIES
 from report_builder.pipeline.progress import current
 
 CODE_VERSION = 1
@@ -121,19 +120,10 @@ def rank_reorder(P: torch.Tensor, A: torch.Tensor, top_fraction: float = 0.05, p
     return -out
 
 
-SIMILARITY: dict[str, Callable[..., torch.Tensor]] = {
-    "soft_wpmi": soft_wpmi,
-    "wpmi": wpmi,
-    "cos_similarity": cos_similarity,
-    "cos_similarity_cubed": cos_similarity_cubed,
-    "rank_reorder": rank_reorder,
-}
-
-
 def clip_dissect_task(layer: str, similarity: str, params: dict, scores: dict, activations: list[dict]) -> dict:
     """One layer labelled: its units' activations over the probe shards against every concept's image scores."""
     A = torch.from_numpy(np.concatenate([a[layer] for a in activations]))
-    S = SIMILARITY[similarity](torch.from_numpy(scores["matrix"]), A, **params)
+    S = SIMILARITIES[similarity].function(torch.from_numpy(scores["matrix"]), A, **params)
     labels = label_units(S, scores["concepts"], scores["scorers"])
     return {"layer": layer, "units": int(A.shape[1]), "labels": [
         {"unit": u.unit, "label": u.label, "similarity": u.similarity, "scorer": u.scorer,
@@ -167,6 +157,6 @@ def label_units(S: torch.Tensor, concepts: list[str], scorers: list[str], altern
 def similarity_params(dissect_spec, seed: int) -> dict:
     """A spec's similarity parameters, with the run's seed for the functions that draw at random."""
     params = dict(dissect_spec.similarity_params)
-    if "seed" in inspect.signature(SIMILARITY[dissect_spec.similarity]).parameters:
+    if SIMILARITIES[dissect_spec.similarity].seeded:
         params.setdefault("seed", seed)
     return params

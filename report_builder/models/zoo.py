@@ -1,6 +1,6 @@
 """Model zoo: a model entry of the spec -> an eval-mode nn.Module, its preprocessing, class names, layers.
 
-Sources are a small registry (`LOADERS`). Every loader keeps the real download path that users
+Sources are a small registry (models/sources.py: each names its loader here). Every loader keeps the real download path that users
 with a network take; when a download fails, the message names the file and where to put it.
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,7 +23,8 @@ from torch import nn
 
 from report_builder.errors import UserError
 from report_builder.network import cache_only, hub_offline
-from report_builder.files import read_text
+from report_builder.data.classes import imagenet_classes, places365_classes, read_class_file
+from report_builder.models.sources import SOURCES
 from report_builder.spec.schema import ModelSpec
 
 PLACES365_URL = "http://places2.csail.mit.edu/models_places365/{arch}_places365.pth.tar"
@@ -186,7 +186,7 @@ def model_for(ref: ModelRef, device: torch.device | str) -> LoadedModel:
 def weights_differ(ref: ModelRef, found: str) -> str:
     """Why a model built again (in a Ray worker, or after the driver let it go) has other weights, and what to do."""
     hashes = f"weights hash {ref.weights_hash[:12]} when the driver loaded it, {found[:12]} built again for a task"
-    if ref.spec.source == "python" and not ref.spec.path:
+    if SOURCES[ref.spec.source].runs_code and not ref.spec.path:
         return (f"{ref.where}: the weights of model {ref.id!r} differ between processes ({hashes}): its factory "
                 f"{ref.spec.factory} makes new random weights each time it runs, and every process that runs "
                 "the model (each Ray worker) builds it again, so running again fails the same way. Seed the "
@@ -279,28 +279,6 @@ def measure_layouts(model: LoadedModel, layers: list[str]) -> dict[str, Layout]:
 
 
 # ---------------------------------------------------------------- class names
-
-
-def imagenet_classes() -> list[str]:
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-    return list(_IMAGENET_CATEGORIES)
-
-
-def places365_classes() -> list[str]:
-    text = resources.files("report_builder").joinpath("data/places365_categories.txt").read_text()
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def read_class_file(path: Path, where: str) -> list[str]:
-    names = [line.strip() for line in read_text(path, where, "class-name file").splitlines() if line.strip()]
-    if not names:
-        raise UserError(f"{where}: class-name file {path} is empty")
-    long = next((n for n, name in enumerate(names, start=1) if len(name) > 200), None)
-    if long:
-        raise UserError(f"{where}: class-name file {path}, name {long}: {len(names[long - 1]):,} characters; "
-                        "at most 200")
-    return names
 
 
 def class_names_for(spec: ModelSpec, default: str, where: str) -> list[str]:
@@ -520,10 +498,10 @@ SIZE_RANGE = (8, 4096)  # input_size and resize_size, in pixels
 def python_models(spec) -> list[tuple[ModelSpec, str]]:
     """Every model entry of a spec that names Python code, with its key path: the models, and the classifier of a
     classifier scorer."""
-    out = [(m, f"models[{i}]") for i, m in enumerate(spec.models) if m.source == "python"]
+    out = [(m, f"models[{i}]") for i, m in enumerate(spec.models) if SOURCES[m.source].runs_code]
     if spec.dissect is not None:
         out += [(s.classifier, f"dissect.scorers[{i}].classifier") for i, s in enumerate(spec.dissect.scorers)
-                if s.classifier is not None and s.classifier.source == "python"]
+                if s.classifier is not None and SOURCES[s.classifier.source].runs_code]
     return out
 
 
@@ -811,22 +789,12 @@ def _python(spec: ModelSpec, where: str) -> LoadedModel:
     return loaded
 
 
-LOADERS: dict[str, Callable[[ModelSpec, str], LoadedModel]] = {
-    "packaged": _packaged,
-    "torchvision": _torchvision,
-    "places365": _places365,
-    "timm": _timm,
-    "checkpoint": _checkpoint,
-    "python": _python,
-}
-
-
 # ---------------------------------------------------------------- layers and hashing
 
 
 def load_model(spec: ModelSpec, where: str, device: torch.device | str = "cpu") -> LoadedModel:
     """Build the model, put it in eval mode on `device`, resolve its target layer and hash its weights."""
-    loaded = LOADERS[spec.source](spec, where)
+    loaded = SOURCES[spec.source].load(spec, where)
     loaded.where = where
     module = loaded.module.eval()
     check_finite(module, where)

@@ -28,17 +28,17 @@ from report_builder.dissection import clip_dissect as dissect
 from report_builder.evaluation import metrics as evaluate
 from report_builder.explanation import methods as explain
 from report_builder.dissection import netdissect
-from report_builder.dissection import scorers
+from report_builder.dissection.scorers import SCORERS, ScorerPlan, concept_scores_task, described, text_hash
 from report_builder.pipeline.cache import Cache
 from report_builder.data.images import SampleImage, load_images
 from report_builder.errors import UserError
 from report_builder.files import atomic_dir, check_cache_apart, check_output, write_json
-from report_builder.data.probe import Crop, ProbeSet, pixels_task
+from report_builder.data.probe import ProbeSet, pixels_task
 from report_builder.pipeline.progress import Progress
 from report_builder.explanation.registry import CAM_NAMES, TITLES
 from report_builder.spec.schema import LoadedSpec, resolve_batch
 from report_builder.pipeline.tasks import Graph, executor_for
-from report_builder.models.zoo import LoadedModel, ModelRef, check_code, default_target_layer, get_layer, load_model, remember
+from report_builder.models.zoo import LoadedModel, check_code, default_target_layer, get_layer, load_model, remember
 
 PACKAGES = ("report_builder", "torch", "torchvision", "timm", "grad-cam", "lime", "numpy", "scikit-image",
             "scikit-learn", "matplotlib", "jinja2", "weasyprint", "pillow", "pydantic", "pyyaml", "ray")
@@ -71,20 +71,6 @@ def device_description(device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------- preflight
-
-
-@dataclass
-class ScorerPlan:
-    """One concept scorer, as the graph needs it: what it is, its concepts, and how to load it."""
-
-    kind: str
-    label: str
-    description: str
-    concepts: list[str]
-    clip: scorers.ClipRef | None = None
-    model: ModelRef | None = None
-    groups: list[list[int]] | None = None  # classifier: the class indices of each concept
-    view: Crop = scorers.COLOR_VIEW  # how it cuts the probe images it reads
 
 
 @dataclass
@@ -198,26 +184,8 @@ def _layer_problems(spec, m: LoadedModel) -> list[str]:
 
 
 def _scorer_plan(spec, scorer, i: int, device: torch.device) -> ScorerPlan:
-    from report_builder.data.concepts import BRODEN_COLORS, load_concepts
-
-    where = f"dissect.scorers[{i}]"
-    if scorer.kind == "clip":
-        words = load_concepts(spec.dissect.concepts)
-        _, preprocess, _, wh = scorers.clip_for(scorer, device, where)
-        return ScorerPlan("clip", f"CLIP {scorer.model}",
-                          f"open_clip {scorer.model} ({scorer.path or scorer.pretrained}), prompt {scorer.prompt!r}, "
-                          f"{len(words)} concepts from {', '.join(Path(c).name for c in spec.dissect.concepts)}",
-                          words, clip=scorers.ClipRef(scorer, where, wh), view=scorers.split_preprocess(preprocess)[0])
-    if scorer.kind == "classifier":
-        m = load_model(scorer.classifier, f"{where}.classifier", device)
-        remember(m, device)
-        concepts, groups = scorers.class_groups(m.class_names)
-        return ScorerPlan("classifier", f"classifier {m.spec.display}",
-                          f"{m.spec.display} class probabilities ({m.origin}) — an offline stand-in for CLIP",
-                          concepts, model=m.ref, groups=groups, view=m.preprocess)
-    return ScorerPlan("colors", "pixel colours",
-                      "fraction of pixels nearest (in CIE Lab) to each of the 11 Broden colour names — an offline "
-                      "stand-in for CLIP", list(BRODEN_COLORS))
+    """The scorer's kind loads and checks what it reads (dissection/scorers/<kind>.py)."""
+    return SCORERS[scorer.kind].plan(spec, scorer, f"dissect.scorers[{i}]", device)
 
 
 # ---------------------------------------------------------------- the graph
@@ -353,36 +321,14 @@ def _dissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int
                         {"probe": g.value("probe", f"probe images {j}", {"probe": s.manifest}, s)}, cache=False)
                   for j, s in enumerate(shards)]
     parts: dict[str, str | list[str]] = {}
-    described = []
-    for i, sc in enumerate(inputs.scorers):
-        if sc.kind == "clip":
-            ident = {"weights": sc.clip.weights_hash, "code_version": scorers.CODE_VERSION}
-            parts[f"images_{i}"] = [
-                g.add("clip-image", scorers.clip_image_task, f"CLIP images {j}", {**ident, "probe": s.manifest},
-                      {"clip": sc.clip, "view": sc.view.key, "device": dev, "batch_size": batch}, {"pixels": pk},
-                      model=True, shape=np.ndarray)
-                for j, (s, pk) in enumerate(zip(shards, pixel_keys))]
-            parts[f"text_{i}"] = g.add(
-                "clip-text", scorers.clip_text_task, f"CLIP text, {len(sc.concepts)} concepts",
-                {**ident, "concepts": scorers.text_hash(sc.concepts), "prompt": sc.clip.spec.prompt},
-                {"clip": sc.clip, "concepts": sc.concepts, "device": dev}, model=True, shape=np.ndarray)
-        elif sc.kind == "classifier":
-            ident = {"weights": sc.model.weights_hash, "preprocess": sc.view.as_dict(),
-                     "code_version": scorers.CODE_VERSION}
-            parts[f"images_{i}"] = [
-                g.add("classifier-scores", scorers.classifier_task, f"{sc.label} scores {j}",
-                      {**ident, "probe": s.manifest}, {"model": sc.model, "device": dev, "batch_size": batch},
-                      {"pixels": pk}, model=True, shape=np.ndarray)
-                for j, (s, pk) in enumerate(zip(shards, pixel_keys))]
-        else:
-            parts[f"images_{i}"] = [
-                g.add("color-scores", scorers.colors_task, f"colour scores {j}",
-                      {"probe": s.manifest, "code_version": scorers.CODE_VERSION}, {}, {"pixels": pk}, shape=np.ndarray)
-                for j, (s, pk) in enumerate(zip(shards, pixel_keys))]
-        described.append({"kind": sc.kind, "label": sc.label, "concepts": sc.concepts, "groups": sc.groups})
-    scores = g.add("concept-scores", scorers.concept_scores_task, "concept scores",
-                   {"scorers": [(d["kind"], d["label"], scorers.text_hash(d["concepts"])) for d in described]},
-                   {"scorers": described}, parts, cache=False)
+    scorers: list[dict] = []
+    for i, sc in enumerate(inputs.scorers):  # each kind adds its tasks (dissection/scorers/<kind>.py)
+        own = SCORERS[sc.kind].tasks(g, sc, shards, pixel_keys, dev, batch)
+        parts.update({f"{name}_{i}": key for name, key in own.items()})
+        scorers.append(described(sc, list(own)))
+    scores = g.add("concept-scores", concept_scores_task, "concept scores",
+                   {"scorers": [(d["kind"], d["label"], text_hash(d["concepts"])) for d in scorers]},
+                   {"scorers": scorers}, parts, cache=False)
     params = dissect.similarity_params(spec.dissect, spec.seed)
     for m in dissected:
         layers = list(m.spec.layers)

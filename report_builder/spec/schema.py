@@ -20,7 +20,11 @@ from report_builder.errors import SpecError
 # The explanation methods' names: every one ('all') and the default (the assignment's four), from their registry.
 from report_builder.explanation.registry import DEFAULT as METHODS, NAMES as ALL_METHODS
 
-SOURCES = ("packaged", "torchvision", "places365", "timm", "checkpoint", "python")
+# The concept scorers, similarity functions and model sources: the kinds, names and rules the spec takes, from
+# their registries (torch-free declarations).
+from report_builder.dissection.scorers import SCORERS
+from report_builder.dissection.similarity import SIMILARITIES
+from report_builder.models.sources import SOURCE_KEYS, SOURCES
 
 # Bounds on the file itself, checked before and while parsing.
 MAX_SPEC_BYTES = 1024 * 1024
@@ -50,18 +54,6 @@ SEGMENTATION_PARAMS: dict[str, dict[str, tuple[float, float, float, bool]]] = {
                      "min_size": (50, 1, 1_000_000, True)},
 }
 
-# The parameters each similarity function of dissect.SIMILARITY accepts and their ranges (the defaults live
-# with the functions): (smallest, largest, whole numbers only). A test checks these against the signatures.
-SIMILARITY_PARAMS: dict[str, dict[str, tuple[float, float, bool]]] = {
-    "soft_wpmi": {"top_k": (1, 100_000, True), "a": (1e-6, 1e4, False), "lam": (0.0, 100.0, False),
-                  "p_start": (1e-6, 1.0, False), "p_end": (1e-6, 1.0, False)},
-    "wpmi": {"top_k": (1, 100_000, True), "a": (1e-6, 1e4, False), "lam": (0.0, 100.0, False)},
-    "cos_similarity": {},
-    "cos_similarity_cubed": {"min_norm": (1e-12, 1e6, False)},
-    "rank_reorder": {"top_fraction": (1e-6, 1.0, False), "p": (0.01, 100.0, False), "scale_p": (0.0, 100.0, False),
-                     "seed": (0, MAX_SEED, True)},
-}
-
 BATCH_MAX = 4096
 
 
@@ -71,6 +63,12 @@ def _show(value: Any, limit: int = 60) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _either(names: list[str]) -> str:
+    """['a'] -> "'a'"; ['a', 'b', 'c'] -> "'a', 'b' or 'c'"."""
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
 def _is_number(v: Any) -> bool:
@@ -127,7 +125,7 @@ class ModelSpec(StrictModel):
     """One model to explain and dissect."""
 
     id: Id = Field(description="short name used in tables and file names")
-    source: Literal["packaged", "torchvision", "places365", "timm", "checkpoint", "python"]
+    source: Literal[tuple(SOURCES)]  # models/sources.py
     name: Name | None = Field(None, description="model or architecture name, e.g. efficientnet_lite0, resnet18")
     factory: PathText | None = Field(None, description="python: 'file.py:function' or 'package.module:function'")
     weights: Name | None = Field(None, description="torchvision weights enum member, e.g. IMAGENET1K_V1")
@@ -140,30 +138,28 @@ class ModelSpec(StrictModel):
 
     @model_validator(mode="after")
     def _source_needs(self) -> ModelSpec:
-        if self.source == "python":
-            if not self.factory:
-                raise ValueError("source 'python' needs 'factory': 'file.py:function' or 'module:function'")
-            if self.factory.count(":") != 1 or not all(self.factory.split(":")):
-                raise ValueError(f"source 'python' needs 'factory' as 'file.py:function' or 'module:function'; "
-                                 f"found {_show(self.factory)}")
-        elif self.factory:
-            raise ValueError("'factory' goes with source 'python'")
-        elif not self.name:
-            raise ValueError(f"source {self.source!r} needs 'name'")
+        """The source's rules (models/sources.py): the keys it allows and needs, its further check, its names."""
+        source = SOURCES[self.source]
+        for key in SOURCE_KEYS:
+            if getattr(self, key) not in (None, ()) and key not in source.allows:
+                if key in source.refused:
+                    raise ValueError(f"source {self.source!r} {source.refused[key]}")
+                raise ValueError(f"{key!r} goes with source {_either([s.name for s in SOURCES.values() if key in s.allows])}")
+        for key, what in source.needs.items():
+            if not getattr(self, key) and not (key == "path" and self.versions):  # a version is a checkpoint file
+                raise ValueError(f"source {self.source!r} needs {key!r}{what}")
+        problem = source.check(self, _show) if source.check else None
+        if problem:
+            raise ValueError(problem)
         if self.versions:
             if self.path:
                 raise ValueError("give either 'path' or 'versions', not both")
-            if self.source == "packaged":
-                raise ValueError("source 'packaged' has one set of weights; 'versions' needs checkpoint files")
             labels = [v.label for v in self.versions]
             if len(set(labels)) != len(labels):
                 raise ValueError(f"versions: found labels {labels}, expected each label once")
-        elif self.source == "checkpoint" and not self.path:
-            raise ValueError("source 'checkpoint' needs 'path' (a local checkpoint file)")
-        if self.source == "packaged" and self.name not in PACKAGED_NAMES:
-            raise ValueError(f"found name {_show(self.name)}, expected one of {', '.join(PACKAGED_NAMES)} for source 'packaged'")
-        if self.source == "places365" and self.name not in ("resnet18", "resnet50"):
-            raise ValueError(f"found name {_show(self.name)}, expected resnet18 or resnet50 for source 'places365'")
+        if source.names and self.name not in source.names:
+            expected = f"one of {', '.join(source.names)}" if len(source.names) > 2 else " or ".join(source.names)
+            raise ValueError(f"found name {_show(self.name)}, expected {expected} for source {self.source!r}")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers: found {_show(list(self.layers))}, expected each layer once")
         return self
@@ -171,9 +167,6 @@ class ModelSpec(StrictModel):
     @property
     def display(self) -> str:
         return self.label or self.id
-
-
-PACKAGED_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 class ImagesSpec(StrictModel):
@@ -378,7 +371,6 @@ class AgreementSpec(StrictModel):
 
 
 CONCEPT_SETS = ("words-20k", "imagenet", "places365", "broden-colors", "dtd-textures")
-SIMILARITIES = tuple(SIMILARITY_PARAMS)
 
 
 class ProbeSpec(StrictModel):
@@ -399,7 +391,7 @@ class ProbeSpec(StrictModel):
 class ScorerSpec(StrictModel):
     """One concept scorer: images x concepts similarities."""
 
-    kind: Literal["clip", "classifier", "colors"]
+    kind: Literal[tuple(SCORERS)]  # dissection/scorers/
     # clip
     model: Name = Field("ViT-B-16", description="clip: open_clip architecture name")
     pretrained: Name | None = Field("openai", description="clip: open_clip pretrained tag")
@@ -411,8 +403,15 @@ class ScorerSpec(StrictModel):
 
     @model_validator(mode="after")
     def _complete(self) -> ScorerSpec:
-        if self.kind == "classifier" and self.classifier is None:
-            raise ValueError("scorer 'classifier' needs 'classifier' (a model entry)")
+        kind = SCORERS[self.kind]  # its rules: the keys it reads and needs
+        given = [k for k, f in type(self).model_fields.items()
+                 if k != "kind" and k not in kind.allows and getattr(self, k) != f.default]
+        if given:
+            owners = [s.name for s in SCORERS.values() if given[0] in s.allows]
+            raise ValueError(f"{given[0]!r} goes with scorer {_either(owners)}")
+        for key, what in kind.needs.items():
+            if getattr(self, key) is None:
+                raise ValueError(f"scorer {self.kind!r} needs {key!r} ({what})")
         if self.prompt.count("{}") != 1 or re.search(r"\{(?!\})|(?<!\{)\}", self.prompt):
             raise ValueError(f"prompt: found {_show(self.prompt)}, expected a template with '{{}}' once and no other braces")
         return self
@@ -430,7 +429,7 @@ class DissectSpec(StrictModel):
     concepts: tuple[PathText, ...] = Field(("words-20k",), min_length=1, max_length=20,
                                            description="concept sets for the clip scorer")
     scorers: tuple[ScorerSpec, ...] = Field(min_length=1, max_length=8)
-    similarity: Literal["soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed", "rank_reorder"] = "soft_wpmi"
+    similarity: Literal[tuple(SIMILARITIES)] = "soft_wpmi"  # dissection/similarity.py
     similarity_params: dict[str, Any] = Field(default_factory=dict, description="override the function's defaults")
     pooling: Literal["avg", "max", "cls"] = Field("avg", description="a unit's value per image: the mean or the "
                                                   "maximum over space (patch tokens), or the class token's")
@@ -451,13 +450,13 @@ class DissectSpec(StrictModel):
 
     @model_validator(mode="after")
     def _params(self) -> DissectSpec:
-        allowed = SIMILARITY_PARAMS[self.similarity]
+        allowed = SIMILARITIES[self.similarity].params
         for key, value in self.similarity_params.items():
             if key not in allowed:
                 choice = f"expected one of {', '.join(allowed)}" if allowed else "it takes no parameters"
                 raise ValueError(f"similarity_params: unknown parameter {_show(key)} of {self.similarity}; {choice}")
-            lo, hi, whole = allowed[key]
-            _in_range(f"similarity_params.{key}", value, lo, hi, whole)
+            param = allowed[key]
+            _in_range(f"similarity_params.{key}", value, param.low, param.high, param.whole)
         return self
 
 

@@ -1,39 +1,29 @@
-"""Concept scorers: probe images x concepts similarity matrices.
+"""The `clip` concept scorer: open_clip image-text cosines, both embeddings L2-normalised (what CLIP-Dissect uses).
 
-- `clip`: open_clip image-text cosines (what CLIP-Dissect uses);
-- `classifier`: another model's softmax probabilities over its own class names (offline stand-in);
-- `colors`: the fraction of each image's pixels nearest to each Broden colour name (offline).
-Scorers combine by concatenating their concepts; every concept remembers its scorer.
+Its plan loads the CLIP model once (preflight) and reads the concept lists; its tasks embed each probe shard's
+images and the concepts' texts; its block of the concept scores is images @ texts.T.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from report_builder.data.concepts import BRODEN_COLORS, clean
+from report_builder.data.concepts import load_concepts
+from report_builder.data.probe import Pixels, ProbeSet, cut_batches
+from report_builder.dissection.scorers import ScorerPlan, text_hash
 from report_builder.errors import UserError
+from report_builder.models.zoo import weights_hash
 from report_builder.network import cache_only, hub_offline
-from report_builder.data.probe import Pixels, ProbeSet, Thumbnail, cut_batches
 from report_builder.pipeline.progress import current
 from report_builder.spec.schema import ScorerSpec
-from report_builder.models.zoo import ModelRef, model_for, weights_hash
 
 CODE_VERSION = 3
-
-
-def text_hash(words: list[str]) -> str:
-    return hashlib.sha256("\n".join(words).encode()).hexdigest()
-
-
-# ---------------------------------------------------------------- clip
 
 
 def load_clip(spec: ScorerSpec, device: torch.device, where: str):
@@ -206,106 +196,31 @@ def encode_texts(model, tokenizer, texts: list[str], device: torch.device, batch
     return result
 
 
-# ---------------------------------------------------------------- classifier
+# ---------------------------------------------------------------- the registry's three functions
 
 
-def classifier_task(model: ModelRef, pixels: dict[str, list[np.ndarray]], device: str, batch_size: int) -> np.ndarray:
-    """Softmax probabilities of a zoo model over its class names on a probe shard (cut by probe.pixels_task),
-    images x classes."""
-    from report_builder.explanation.methods import predict
-
-    m = model_for(model, device)
-    crops = pixels[m.preprocess.key]
-    out = []
-    for batch in current().track(cut_batches(crops, m.preprocess, batch_size), f"{model.id} scores",
-                                 -(-len(crops) // batch_size), "batches"):
-        out.append(predict(m, np.stack(batch), torch.device(device), batch_size))
-    return np.concatenate(out).astype(np.float32)
+def plan(spec, scorer: ScorerSpec, where: str, device: torch.device) -> ScorerPlan:
+    words = load_concepts(spec.dissect.concepts)
+    _, preprocess, _, wh = clip_for(scorer, device, where)
+    return ScorerPlan("clip", f"CLIP {scorer.model}",
+                      f"open_clip {scorer.model} ({scorer.path or scorer.pretrained}), prompt {scorer.prompt!r}, "
+                      f"{len(words)} concepts from {', '.join(Path(c).name for c in spec.dissect.concepts)}",
+                      words, split_preprocess(preprocess)[0], ref=ClipRef(scorer, where, wh))
 
 
-def class_groups(class_names: list[str]) -> tuple[list[str], list[list[int]]]:
-    """Classes that share a cleaned name are one concept: (concepts, the class indices of each)."""
-    names: OrderedDict[str, list[int]] = OrderedDict()
-    for i, name in enumerate(class_names):
-        names.setdefault(clean(name), []).append(i)
-    return list(names), list(names.values())
+def tasks(g, sc: ScorerPlan, shards, pixel_keys: list[str], dev: str, batch: int) -> dict:
+    """A CLIP image-embedding task per probe shard, and one text-embedding task for the concepts."""
+    ident = {"weights": sc.ref.weights_hash, "code_version": CODE_VERSION}
+    images = [g.add("clip-image", clip_image_task, f"CLIP images {j}", {**ident, "probe": s.manifest},
+                    {"clip": sc.ref, "view": sc.view.key, "device": dev, "batch_size": batch}, {"pixels": pk},
+                    model=True, shape=np.ndarray)
+              for j, (s, pk) in enumerate(zip(shards, pixel_keys))]
+    text = g.add("clip-text", clip_text_task, f"CLIP text, {len(sc.concepts)} concepts",
+                 {**ident, "concepts": text_hash(sc.concepts), "prompt": sc.ref.spec.prompt},
+                 {"clip": sc.ref, "concepts": sc.concepts, "device": dev}, model=True, shape=np.ndarray)
+    return {"images": images, "text": text}
 
 
-# ---------------------------------------------------------------- colours
-
-# Prototype sRGB values of the 11 colour names; a pixel takes the name of the nearest prototype in CIE Lab.
-COLOR_PROTOTYPES = {
-    "black": (0, 0, 0), "blue": (0, 0, 255), "brown": (139, 69, 19), "green": (0, 128, 0),
-    "grey": (128, 128, 128), "orange": (255, 165, 0), "pink": (255, 192, 203), "purple": (128, 0, 128),
-    "red": (255, 0, 0), "white": (255, 255, 255), "yellow": (255, 255, 0),
-}
-
-
-@functools.cache
-@functools.lru_cache(maxsize=1)
-def _prototypes_lab() -> np.ndarray:
-    """The colour prototypes in CIE Lab, computed once rather than for every probe image."""
-    from skimage.color import rgb2lab
-
-    rgb = np.array([COLOR_PROTOTYPES[c] for c in BRODEN_COLORS], np.uint8).reshape(-1, 1, 3)
-    return rgb2lab(rgb).reshape(-1, 3)
-
-
-def name_colors(image: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 -> HxW index into BRODEN_COLORS: each pixel named by the nearest prototype in CIE Lab."""
-    from skimage.color import rgb2lab
-
-    lab = rgb2lab(image.reshape(-1, 1, 3)).reshape(-1, 3)
-    nearest = np.argmin(((lab[:, None, :] - _prototypes_lab()[None]) ** 2).sum(-1), axis=1)
-    return nearest.reshape(image.shape[:2])
-
-
-def color_fractions(image: np.ndarray) -> np.ndarray:
-    """The fraction of pixels named by each Broden colour, in BRODEN_COLORS order."""
-    nearest = name_colors(image).ravel()
-    return np.bincount(nearest, minlength=len(BRODEN_COLORS)) / nearest.size
-
-
-COLOR_VIEW = Thumbnail(128)  # colours are counted on the whole image, scaled down
-
-
-def colors_task(pixels: dict[str, list[np.ndarray]]) -> np.ndarray:
-    """Per probe image (cut by probe.pixels_task), the fraction of its pixels named by each Broden colour
-    (images x 11)."""
-    return color_table(pixels[COLOR_VIEW.key])
-
-
-def color_table(pixels: Pixels) -> np.ndarray:
-    rows = []
-    for batch in current().track(cut_batches(pixels, COLOR_VIEW, 64), "colours", -(-len(pixels) // 64), "batches"):
-        rows.extend(color_fractions(small) for small in batch)
-    return np.stack(rows).astype(np.float32)
-
-
-def colors_scores(probe: ProbeSet) -> torch.Tensor:
-    return torch.from_numpy(color_table(probe))
-
-
-# ---------------------------------------------------------------- all scorers
-
-
-def concept_scores_task(scorers: list[dict], **parts: Any) -> dict:
-    """Every scorer's images x concepts block side by side: {concepts, scorers (per concept), matrix}.
-
-    `scorers[i]` says what scorer i is (kind, label, and for a classifier its concept groups); `parts`
-    holds its image-side values per probe shard (`images_i`) and, for CLIP, its text embeddings (`text_i`)."""
-    concepts: list[str] = []
-    owners: list[str] = []
-    blocks: list[np.ndarray] = []
-    for i, s in enumerate(scorers):
-        images = np.concatenate(parts[f"images_{i}"])
-        if s["kind"] == "clip":
-            matrix = images @ parts[f"text_{i}"].T
-        elif s["kind"] == "classifier":
-            matrix = np.stack([images[:, idx].sum(axis=1) for idx in s["groups"]], axis=1)
-        else:
-            matrix = images
-        concepts.extend(s["concepts"])
-        owners.extend([s["label"]] * len(s["concepts"]))
-        blocks.append(matrix.astype(np.float32))
-    return {"concepts": concepts, "scorers": owners, "matrix": np.concatenate(blocks, axis=1)}
+def combine(scorer: dict, images: np.ndarray, parts: dict) -> np.ndarray:
+    """Cosines: both embeddings are L2-normalised."""
+    return images @ parts["text"].T
