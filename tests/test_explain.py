@@ -6,7 +6,8 @@ from torch import nn
 
 from conftest import wrap
 from report_builder.explanation.agreement import iou, top_n_mask
-from report_builder.explanation.methods import EXPLAINERS, Settings, predict, top_k
+from report_builder.explanation.methods import EXPLAINERS, Settings, top_k
+from report_builder.models.outputs import class_probabilities
 from report_builder.spec.schema import ExplainSpec, LimeSpec
 
 CPU = torch.device("cpu")
@@ -63,7 +64,7 @@ def planted_image() -> tuple[np.ndarray, np.ndarray]:
 def test_every_method_finds_the_planted_evidence(method):
     model = wrap(BrightSpot(), classes=2)
     crop, truth = planted_image()
-    assert predict(model, crop[None], CPU)[0].argmax() == 1
+    assert class_probabilities(model, crop[None], CPU)[0].argmax() == 1
     # hide with black: LIME's default (each superpixel's mean colour) cannot hide a uniform region
     lime = {"hide_color": 0, "segmentation": {"algorithm": "slic", "n_segments": 16, "compactness": 20}}
     out = EXPLAINERS[method](model, crop, 1, settings(**lime))

@@ -125,6 +125,169 @@ def test_no_module_is_named_like_a_sibling_folder():
         assert not (path.parent / path.stem).is_dir(), f"{path.relative_to(PACKAGE)} shares its name with a folder"
 
 
+# ---------------------------------------------------------------- explanation methods
+
+
+def _typed(value, hint) -> bool:
+    """Whether `value` has the type `hint` (the registry's field annotations: unions, Literal, tuples of pairs)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_typed(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_typed(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_typed(v, a) for v, a in zip(value, args))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _method_ids(grad_cam_only: bool = False) -> list[str]:
+    from report_builder.explanation.registry import METHODS
+
+    return [k for k, m in METHODS.items() if m.cam_class or not grad_cam_only]
+
+
+@pytest.mark.parametrize("name", _method_ids())
+def test_every_explanation_method_is_complete(name):
+    import dataclasses
+    import json
+    import typing
+
+    from report_builder.explanation.registry import METHODS, Method, resolve
+    from report_builder.spec.schema import ExplainSpec
+
+    entry = METHODS[name]
+    assert entry.name == name, f"method {name!r}: registered under another name ({entry.name!r})"
+    assert re.fullmatch(r"[a-z+]+", name), f"method {name!r}: its name is a file name and a README word"
+    hints = typing.get_type_hints(Method)
+    for field in dataclasses.fields(Method):
+        value = getattr(entry, field.name)
+        assert _typed(value, hints[field.name]), \
+            f"method {name!r}: field {field.name} is {value!r}, expected {hints[field.name]}"
+    assert entry.title.strip(), f"method {name!r}: no title"
+    assert entry.implementation or entry.cam_class, \
+        f"method {name!r}: no implementation (a 'module:function') and no grad-cam cam_class to run"
+    if entry.implementation:
+        try:
+            function = resolve(entry.implementation)
+        except (ImportError, AttributeError, ValueError) as exc:
+            pytest.fail(f"method {name!r}: implementation {entry.implementation!r} cannot be imported ({exc})")
+        assert callable(function), f"method {name!r}: implementation {entry.implementation!r} is not a function"
+    assert entry.token_layouts is True or (isinstance(entry.token_layouts, str) and entry.token_layouts.strip()), \
+        f"method {name!r}: token_layouts is neither True nor the reason it cannot explain token layers"
+    assert entry.default is None or entry.default >= 1, f"method {name!r}: default is a place from 1"
+    assert entry.key_settings is None or entry.key_settings in ExplainSpec.model_fields, \
+        f"method {name!r}: key_settings {entry.key_settings!r} is not a section of explain"
+    assert json.loads(json.dumps(dict(entry.key_params))) == dict(entry.key_params), \
+        f"method {name!r}: key_params do not survive JSON, as cache keys must"
+    if entry.kind != "cam":
+        flags = ("cam_class", "all_layers", "own_targets", "second_derivatives", "forward_only_batches",
+                 "ablation_batch")
+        set_flags = [f for f in flags if getattr(entry, f)]
+        assert not set_flags, f"method {name!r}: grad-cam flags {set_flags} on a method of kind {entry.kind}"
+
+
+@pytest.mark.parametrize("name", _method_ids(grad_cam_only=True))
+def test_every_grad_cam_class_the_registry_names_exists_and_agrees_on_gradients(name):
+    import pytorch_grad_cam
+    from torch import nn
+
+    from report_builder.explanation.registry import METHODS
+
+    entry = METHODS[name]
+    cls = getattr(pytorch_grad_cam, entry.cam_class, None)
+    assert cls is not None, f"method {name!r}: pytorch_grad_cam has no class {entry.cam_class}"
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    cam = cls(model=model, target_layers=[] if entry.all_layers else [model[0]])
+    try:
+        assert bool(cam.uses_gradients) == entry.needs_gradients, \
+            f"method {name!r}: needs_gradients is {entry.needs_gradients}, grad-cam's {entry.cam_class} says otherwise"
+    finally:
+        getattr(cam, "base_cam", cam).activations_and_grads.release()
+
+
+def test_the_spec_takes_exactly_the_registered_methods():
+    from pydantic import ValidationError
+
+    from report_builder.explanation.registry import DEFAULT, METHODS, NAMES
+    from report_builder.spec.schema import ExplainSpec
+
+    for name in NAMES:
+        assert ExplainSpec(methods=[name]).methods == (name,), f"method {name!r}: the spec refuses it"
+    assert ExplainSpec(methods="all").methods == NAMES
+    assert ExplainSpec().methods == DEFAULT
+    assert sorted(METHODS[k].default for k in DEFAULT) == list(range(1, len(DEFAULT) + 1))
+    for unknown in ("randomcam", "gradcam2", "GradCAM", "guidedbackprop"):
+        with pytest.raises(ValidationError):
+            ExplainSpec(methods=[unknown])
+
+
+def test_the_readme_lists_exactly_the_registered_methods():
+    from report_builder.explanation.registry import NAMES
+
+    text = (PACKAGE.parent / "README.md").read_text()
+    start = text.index("`explain.methods` takes any of")
+    listed = re.findall(r"`([a-z+]+)`", text[start : text.index("or `all`", start)])
+    assert sorted(listed) == sorted(NAMES), \
+        f"README.md: missing {sorted(set(NAMES) - set(listed))}, not registered {sorted(set(listed) - set(NAMES))}"
+
+
+def test_no_generic_code_tests_a_method_by_its_name():
+    """The flags of the registry say how a method is run, keyed and collected: no comparison with a method's name or
+    its grad-cam class outside the registry, in the stages that run methods (the report reads the run's data)."""
+    from report_builder.explanation.registry import METHODS
+
+    words = set(METHODS) | {m.cam_class for m in METHODS.values() if m.cam_class}
+    found = []
+    for folder in ("explanation", "pipeline", "spec", "evaluation", "dissection", "models"):
+        for path in (PACKAGE / folder).rglob("*.py"):
+            if path.name == "registry.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Compare) and any(
+                        isinstance(c, ast.Constant) and c.value in words for c in [node.left, *node.comparators]):
+                    found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not found, f"method names compared in generic code (use a flag of the registry): {found}"
+
+
+# ---------------------------------------------------------------- the hook recorder
+
+
+def test_the_hook_recorder_removes_its_hooks_even_when_the_forward_pass_raises():
+    import torch
+    from torch import nn
+
+    from report_builder.models.hooks import LayerRecorder
+
+    class Fails(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU(), Fails())
+    with pytest.raises(RuntimeError, match="boom"):
+        with LayerRecorder({"0": model[0], "1": model[1]}, history=True) as rec:
+            model(torch.zeros(1, 3, 4, 4))
+    assert [name for name, _ in rec.calls] == ["0", "1"]  # recorded up to the failure
+    assert all(not m._forward_hooks for m in model.modules()), "a hook stayed on after the forward pass raised"
+    with LayerRecorder({"0": model[0]}, lambda name, _m, _i, out: (name, out.shape)) as rec:
+        model[:2](torch.zeros(1, 3, 4, 4))
+    assert rec.latest == {"0": ("0", torch.Size([1, 2, 4, 4]))} and not model[0]._forward_hooks
+
+
 # ---------------------------------------------------------------- evaluation metrics
 
 

@@ -8,7 +8,7 @@ import torchvision
 
 from report_builder.data.images import load_images
 from report_builder.errors import UserError
-from report_builder.explanation.methods import predict
+from report_builder.models.outputs import class_probabilities
 from report_builder.spec.schema import ImagesSpec, ModelSpec
 from report_builder.data.classes import places365_classes
 from report_builder.models.zoo import PLACES365_URL, get_layer, load_model
@@ -27,7 +27,7 @@ def test_packaged_weights_see_a_cat(name, chelsea):
     assert m.target_layer == "blocks"
     crop = m.preprocess.crop(chelsea.image)
     assert crop.shape == (m.preprocess.input_size, m.preprocess.input_size, 3)
-    probs = predict(m, crop[None], torch.device("cpu"))[0]
+    probs = class_probabilities(m, crop[None], torch.device("cpu"))[0]
     assert m.class_names[int(probs.argmax())] in CAT_CLASSES
     assert probs.sum() == pytest.approx(1.0, abs=1e-4)
 

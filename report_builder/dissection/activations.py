@@ -6,6 +6,7 @@ import torch
 
 from report_builder.data.probe import Pixels, ProbeSet, cut_batches
 from report_builder.pipeline.progress import current
+from report_builder.models.hooks import LayerRecorder
 from report_builder.models.zoo import LoadedModel, ModelRef, get_layer, model_for
 
 # 2: a ViT's tokens are pooled over its patch tokens only (Layout.pool), no longer over the class token too
@@ -36,18 +37,9 @@ def record(model: LoadedModel, layers: list[str], probe: Pixels, pooling: str, d
         get_layer(model, name, f"{where}.layers[{i}]")
     network, modules = model.recording(layers)  # the BatchNorm-folded copy where it gives these layers' outputs
     layouts = {name: model.layout(name) for name in layers}
-    collected: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    hooks = [
-        module.register_forward_hook(lambda _m, _i, out, name=name: collected[name].append(
-            layouts[name].pool(out, pooling).cpu()))
-        for name, module in modules.items()
-    ]
-    try:
-        with torch.inference_mode():
-            for crops in current().track(cut_batches(probe, model.preprocess, batch_size), f"{model.id} activations",
-                                         -(-len(probe) // batch_size), "batches"):
-                network(model.preprocess.normalize(np.stack(crops), device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: torch.cat(chunks) for name, chunks in collected.items()}
+    pooled = LayerRecorder(modules, lambda name, _m, _i, out: layouts[name].pool(out, pooling).cpu(), history=True)
+    with pooled, torch.inference_mode():
+        for crops in current().track(cut_batches(probe, model.preprocess, batch_size), f"{model.id} activations",
+                                     -(-len(probe) // batch_size), "batches"):
+            network(model.preprocess.normalize(np.stack(crops), device))
+    return {name: torch.cat(pooled.values(name)) for name in modules}

@@ -39,6 +39,7 @@ from PIL import Image
 from report_builder.errors import UserError
 from report_builder.data.pixel_labels import Labels, PixelProbe
 from report_builder.pipeline.progress import current
+from report_builder.models.hooks import LayerRecorder
 from report_builder.models.zoo import LoadedModel, ModelRef, get_layer, model_for
 
 CODE_VERSION = 2
@@ -77,25 +78,19 @@ def stream_maps(model: LoadedModel, layers: list[str], probe: PixelProbe, device
         get_layer(model, name, f"{model.where}.layers")
     network, modules = model.recording(layers)  # the BatchNorm-folded copy where it gives these layers' outputs
     layouts = {name: model.layout(name) for name in layers}
-    current_maps: dict[str, torch.Tensor] = {}
-    hooks = [module.register_forward_hook(lambda _m, _i, o, name=name: current_maps.__setitem__(name, o))
-             for name, module in modules.items()]
-    try:
-        with torch.inference_mode():
-            start = 0
-            for batch in current().track(probe.image_batches(batch_size), label, -(-len(probe) // batch_size),
-                                         "batches"):
-                network(model_input(model, batch, device))
-                for name, value in current_maps.items():
-                    if layouts[name].kind == "flat":
-                        raise UserError(f"{model.where}: layer {name} gives outputs of shape {tuple(value.shape)}; "
-                                        "Network Dissection needs activation maps (N x C x H x W, or tokens)")
-                # a ViT's patch tokens, reshaped to their grid, are its activation maps
-                yield start, {name: layouts[name].maps(value).float() for name, value in current_maps.items()}
-                start += len(batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    with LayerRecorder(modules) as rec, torch.inference_mode():
+        current_maps = rec.latest
+        start = 0
+        for batch in current().track(probe.image_batches(batch_size), label, -(-len(probe) // batch_size),
+                                     "batches"):
+            network(model_input(model, batch, device))
+            for name, value in current_maps.items():
+                if layouts[name].kind == "flat":
+                    raise UserError(f"{model.where}: layer {name} gives outputs of shape {tuple(value.shape)}; "
+                                    "Network Dissection needs activation maps (N x C x H x W, or tokens)")
+            # a ViT's patch tokens, reshaped to their grid, are its activation maps
+            yield start, {name: layouts[name].maps(value).float() for name, value in current_maps.items()}
+            start += len(batch)
 
 
 def chunks(maps: np.ndarray, rotation: torch.Tensor | None = None,

@@ -39,6 +39,7 @@ from report_builder.explanation import agreement
 from report_builder.explanation.agreement import scale01
 from report_builder.pipeline.progress import current
 from report_builder.spec.schema import EvaluateSpec, ExplainSpec, resolve_batch
+from report_builder.models.outputs import class_probabilities
 from report_builder.models.zoo import LoadedModel, ModelRef, model_for, refold
 
 CODE_VERSION = 2  # 2: SSIM on maps scaled in float64
@@ -55,16 +56,6 @@ class Settings:
     @property
     def batch(self) -> int:
         return resolve_batch(self.evaluate.batch_size, self.device.type)
-
-
-def probabilities(model: LoadedModel, images: np.ndarray | torch.Tensor, target: int, settings: Settings) -> np.ndarray:
-    """The target class's softmax probability for each uint8 image, N x H x W x 3."""
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), settings.batch):
-            x = model.preprocess.normalize(images[i : i + settings.batch], settings.device)
-            out.append(torch.softmax(model.outputs(x).float(), dim=1)[:, target].cpu())
-    return torch.cat(out).numpy().astype(np.float64)
 
 
 # ---------------------------------------------------------------- deletion and insertion
@@ -107,7 +98,9 @@ def deletion_insertion(model: LoadedModel, crop: np.ndarray, target: int, salien
     gone = rank[None] < torch.tensor(counts)[:, None]  # steps+1 x pixels: removed (deletion) / revealed (insertion)
     deleted = torch.where(gone[..., None], base, original).reshape(steps + 1, h, w, 3)
     inserted = torch.where(gone[..., None], original, base).reshape(steps + 1, h, w, 3)
-    p = probabilities(model, torch.cat([deleted, inserted]), target, settings)
+    # the target class's softmax probability for each image
+    p = class_probabilities(model, torch.cat([deleted, inserted]), settings.device, settings.batch)[:, target]
+    p = p.astype(np.float64)
     d, i = p[: steps + 1], p[steps + 1 :]
     return {"deletion_auc": auc(d), "insertion_auc": auc(i), "deletion_curve": d.astype(np.float32),
             "insertion_curve": i.astype(np.float32)}

@@ -1,30 +1,31 @@
 """Explanations of one model's prediction on one image.
 
-CAM methods come from the `grad-cam` package, LIME from the `lime` package; each is an entry of
-`EXPLAINERS`, a function (model, crop, target class, settings) -> a result dict with
-`map` (HxW float32 in [0, 1], at the model's input resolution) and `seconds`.
+Which methods exist, and how each is called, is the registry's (explanation/registry.py). CAM methods come from
+the `grad-cam` package, LIME from the `lime` package; `EXPLAINERS[name]` is the function (model, crop, target
+class, settings) -> a result dict with `map` (HxW float32 in [0, 1], at the model's input resolution) and
+`seconds`.
 """
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from report_builder.errors import UserError
 from report_builder.pipeline.progress import current, folded_tqdm
+from report_builder.explanation.registry import ABLATION_BATCH, METHODS, resolve
+from report_builder.models.hooks import LayerRecorder
+from report_builder.models.outputs import class_probabilities
 from report_builder.spec.schema import ExplainSpec, resolve_batch
 from report_builder.models.zoo import LoadedModel, ModelRef, get_layer, model_for
 
 # Bump when a change alters what an explainer computes, so cached maps are recomputed.
 CODE_VERSION = 3
-
-# grad-cam's AblationCAM default batch. Its ablation values depend on the row within a batch when the
-# activations can be negative (see ablation_cam), so the batch is fixed: the same maps on any device.
-ABLATION_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def predict(model: LoadedModel, crops: np.ndarray | torch.Tensor, device: torch.device, batch_size: int = 8) -> np.ndarray:
-    """Softmax probabilities, N x classes, for uint8 crops N x H x W x 3 (a NumPy array or a tensor)."""
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(crops), batch_size):
-            x = model.preprocess.normalize(crops[i : i + batch_size], device)
-            out.append(torch.softmax(model.outputs(x).float(), dim=1).cpu())
-    return torch.cat(out).numpy()
-
-
 def top_k(probs: np.ndarray, names: list[str], k: int) -> list[dict]:
     order = np.argsort(-probs, kind="stable")[:k]
     return [
@@ -57,40 +48,19 @@ def top_k(probs: np.ndarray, names: list[str], k: int) -> list[dict]:
     ]
 
 
-@dataclass(frozen=True)
-class Cam:
-    """How grad-cam's class for a method is called: one registry entry per method."""
-
-    cls: str  # the class in pytorch_grad_cam
-    own_targets: bool = False  # FinerCAM picks the classes it contrasts the target with; it is told the target
-    all_layers: bool = False  # FullGrad uses every bias layer, not the target layer
-
-
-CAMS: dict[str, Cam] = {
-    "gradcam": Cam("GradCAM"), "gradcamplusplus": Cam("GradCAMPlusPlus"), "xgradcam": Cam("XGradCAM"),
-    "hirescam": Cam("HiResCAM"), "gradcamelementwise": Cam("GradCAMElementWise"), "layercam": Cam("LayerCAM"),
-    "eigencam": Cam("EigenCAM"), "eigengradcam": Cam("EigenGradCAM"), "kpcacam": Cam("KPCA_CAM"), "fem": Cam("FEM"),
-    "shapleycam": Cam("ShapleyCAM"), "finercam": Cam("FinerCAM", own_targets=True),
-    "fullgrad": Cam("FullGrad", all_layers=True), "scorecam": Cam("ScoreCAM"), "ablationcam": Cam("AblationCAM"),
-}
-
-
 def not_applicable(method: str, model: LoadedModel) -> str | None:
     """Why `method` cannot explain `model` (None: it can)."""
     kind = model.layout(model.target_layer).kind
-    if method == "fullgrad" and kind != "nchw":
-        return ("FullGrad sums every bias layer's gradient maps, and grad-cam reads them off convolutional layers "
-                "only; this model's layers hold tokens")
-    if method == "shapleycam" and kind != "nchw":
-        return ("grad-cam's ShapleyCAM keeps the target layer's raw output for its second derivatives and cannot "
-                "reshape tokens to a grid")
-    return None
+    tokens = METHODS[method].token_layouts
+    return tokens if tokens is not True and kind != "nchw" else None
 
 
 def grad_cam(method: str) -> Callable[..., dict]:
     """The explainer that runs grad-cam's own class for `method` on the model's target layer, for its top-1 class.
-    Token outputs (ViT, Swin) are reshaped to their grid for grad-cam (`Layout.maps`)."""
-    entry = CAMS[method]
+    Token outputs (ViT, Swin) are reshaped to their grid for grad-cam (`Layout.maps`). The entry's flags say how
+    the class is called."""
+    entry = METHODS[method]
+    cls = entry.cam_class
 
     def run(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
         import pytorch_grad_cam
@@ -98,17 +68,17 @@ def grad_cam(method: str) -> Callable[..., dict]:
         from pytorch_grad_cam import score_cam as score_module
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        cam_class = getattr(pytorch_grad_cam, entry.cls, None)
+        cam_class = getattr(pytorch_grad_cam, cls, None)
         if cam_class is None:
             from importlib import metadata
 
-            raise UserError(f"explain.methods: {method} needs grad-cam's {entry.cls}, which the installed grad-cam "
+            raise UserError(f"explain.methods: {method} needs grad-cam's {cls}, which the installed grad-cam "
                             f"{metadata.version('grad-cam')} does not have; upgrade it (pip install -U grad-cam)")
         layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
         layout = model.layout(model.target_layer)
         kwargs: dict = {"reshape_transform": None if layout.kind == "nchw" else layout.maps}
-        if entry.cls == "AblationCAM":
-            kwargs["batch_size"] = ABLATION_BATCH
+        if entry.ablation_batch:
+            kwargs["batch_size"] = entry.ablation_batch
             if layout.kind in ("tokens", "nhwc"):  # channels in the last dimension: grad-cam's ViT ablation layer
                 kwargs["ablation_layer"] = pytorch_grad_cam.AblationLayerVit()
         x = model.preprocess.normalize(crop[None], settings.device)
@@ -118,18 +88,17 @@ def grad_cam(method: str) -> Callable[..., dict]:
         # IndexErrors, so its hooks are released here instead.
         cam = cam_class(model=model.module, target_layers=[] if entry.all_layers else [layer], **kwargs)
         try:
-            second_derivatives = entry.cls == "ShapleyCAM"
-            with folded_tqdm(score_module, ablation_module, label=entry.cls, unit="batches"), \
-                    (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if second_derivatives
+            with folded_tqdm(score_module, ablation_module, label=cls, unit="batches"), \
+                    (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if entry.second_derivatives
                      else contextlib.nullcontext()):
-                if entry.cls == "ScoreCAM":
+                if entry.forward_only_batches:
                     cam.batch_size = resolve_batch(settings.explain.cam.batch_size, settings.device.type)
                 if entry.own_targets:
                     saliency = cam(input_tensor=x, targets=None, target_idx=target)[0]
                 else:
                     saliency = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
         except (RuntimeError, ValueError, IndexError) as exc:
-            raise UserError(f"{model.where}: grad-cam's {entry.cls} failed on {model.id} ({type(exc).__name__}: "
+            raise UserError(f"{model.where}: grad-cam's {cls} failed on {model.id} ({type(exc).__name__}: "
                             f"{str(exc)[:300]}); leave {method} out of explain.methods for this model") from None
         finally:
             _release_safely(cam)
@@ -185,7 +154,7 @@ def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     for i in current().track(range(0, cfg.num_samples, batch), "LIME", unit="batches"):
         keep = bits[i : i + batch][:, column] | never_hidden  # batch x H x W: which pixels show the image
         images = torch.where(keep[..., None], crop_t, fill_t)
-        labels.append(predict(model, images, settings.device, batch_size=len(images)))
+        labels.append(class_probabilities(model, images, settings.device, batch_size=len(images)))
     labels = np.concatenate(labels)
     distances = pairwise_distances(data, data[0].reshape(1, -1), metric="cosine").ravel()
     explanation = lime_image.ImageExplanation(crop, segments)
@@ -233,7 +202,7 @@ def lime_package_explain(model: LoadedModel, crop: np.ndarray, target: int, sett
     start = time.perf_counter()
     try:
         explanation = explainer.explain_instance(
-            crop, lambda images: predict(model, images, settings.device, batch_size=len(images)),
+            crop, lambda images: class_probabilities(model, images, settings.device, batch_size=len(images)),
             labels=(target,), top_labels=None, hide_color=hide, num_features=cfg.num_features,
             num_samples=cfg.num_samples, batch_size=batch_size or resolve_batch(cfg.batch_size, settings.device.type),
             segmentation_fn=lime_segmenter(settings), random_seed=settings.seed)
@@ -291,13 +260,9 @@ def tail_after(model: LoadedModel, layer: str) -> Callable[[torch.Tensor], torch
 def target_output(model: LoadedModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The target layer's output and the model's logits, from one pass of the model itself (hooks need it)."""
     layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
-    captured: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    try:
+    with LayerRecorder({model.target_layer: layer}, history=True) as rec:
         logits = model.module(x)
-    finally:
-        handle.remove()
-    return captured[0], logits
+    return rec.values(model.target_layer)[0], logits
 
 
 def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
@@ -395,28 +360,45 @@ def score_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Setti
             "passes": 1 + len(distinct), "channels": len(source)}
 
 
-# The grad-cam package's own classes, for equivalence tests and benchmarks.
-PACKAGE_CAMS = {name: grad_cam(name) for name in CAMS}
+# The grad-cam package's own classes, for equivalence tests and benchmarks (and our AblationCAM's fallback).
+PACKAGE_CAMS = {name: grad_cam(name) for name, entry in METHODS.items() if entry.cam_class}
 
-# Every method: grad-cam's classes, our AblationCAM (grad-cam's math, only the layers after the target re-run),
-# our ScoreCAM (grad-cam's math, each distinct masked image run once), and LIME.
-EXPLAINERS: dict[str, Callable[[LoadedModel, np.ndarray, int, Settings], dict]] = {
-    **PACKAGE_CAMS,
-    "ablationcam": ablation_cam,
-    "scorecam": score_cam,
-    "lime": lime_explain,
-}
+Explainer = Callable[[LoadedModel, np.ndarray, int, Settings], dict]
+
+
+class _Explainers(Mapping):
+    """Every registered method's explainer: its `implementation`, imported when first asked for, or grad-cam's own
+    class."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, Explainer] = {}
+
+    def __getitem__(self, method: str) -> Explainer:
+        if method not in self._found:
+            entry = METHODS[method]
+            self._found[method] = resolve(entry.implementation) if entry.implementation else PACKAGE_CAMS[method]
+        return self._found[method]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(METHODS)
+
+    def __len__(self) -> int:
+        return len(METHODS)
+
+
+EXPLAINERS: Mapping[str, Explainer] = _Explainers()
 
 
 def identity(method: str, model: LoadedModel, image_sha: str, settings: Settings) -> dict:
     """Everything that determines an explanation (with its prediction task's key, which fixes the target)."""
-    params: dict = {"target_layer": model.target_layer}
-    if method == "lime":
-        params = {"lime": settings.explain.lime.model_dump(mode="json", exclude={"sweep"}), "seed": settings.seed}
-    elif method == "ablationcam":
-        params["batch_size"] = ABLATION_BATCH
-    elif method == "scorecam":
-        params["distinct_masks_once"] = True  # our ScoreCAM: equal to grad-cam's within float rounding
+    entry = METHODS[method]
+    params: dict = {"target_layer": model.target_layer} if entry.kind == "cam" else {}
+    if entry.key_settings:
+        params[entry.key_settings] = getattr(settings.explain, entry.key_settings).model_dump(mode="json",
+                                                                                             exclude={"sweep"})
+    if entry.seeded:
+        params["seed"] = settings.seed
+    params.update(entry.key_params)
     return {
         "method": method,
         "code_version": CODE_VERSION,
@@ -433,7 +415,7 @@ RESULT_SHAPE = {"map": np.ndarray, "seconds": float, "target": int}
 
 def predict_task(model: ModelRef, crops: np.ndarray, device: str) -> np.ndarray:
     """Softmax probabilities of every sample image, images x classes."""
-    probs = predict(model_for(model, device), crops, torch.device(device))
+    probs = class_probabilities(model_for(model, device), crops, torch.device(device))
     if not np.isfinite(probs).all():
         bad = sorted({int(i) for i in np.argwhere(~np.isfinite(probs))[:, 0]})
         raise UserError(f"{model.where}: the outputs of {model.id} are not finite (NaN or infinity) on images "

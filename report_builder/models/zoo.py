@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from report_builder.models.hooks import LayerRecorder
 from report_builder.errors import UserError
 from report_builder.network import cache_only, hub_offline
 from report_builder.data.classes import imagenet_classes, places365_classes, read_class_file
@@ -261,17 +262,12 @@ def _layout_of(model: nn.Module, module: nn.Module, out: torch.Tensor) -> Layout
 def measure_layouts(model: LoadedModel, layers: list[str]) -> dict[str, Layout]:
     """One forward pass of a blank image with a hook on each layer: how each holds its map."""
     modules = {name: get_layer(model, name, f"{model.where}.layers") for name in layers}
-    found: dict[str, Layout] = {}
-    hooks = [m.register_forward_hook(lambda mod, _i, out, name=name: found.__setitem__(
-        name, _layout_of(model.module, mod, out if isinstance(out, torch.Tensor) else out[0]))) for name, m in modules.items()]
     device = next(model.module.parameters()).device
-    try:
-        with torch.inference_mode():
-            size = model.preprocess.input_size
-            model.module(torch.zeros(1, 3, size, size, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
+    with LayerRecorder(modules, lambda _n, mod, _i, out: _layout_of(
+            model.module, mod, out if isinstance(out, torch.Tensor) else out[0])) as rec, torch.inference_mode():
+        size = model.preprocess.input_size
+        model.module(torch.zeros(1, 3, size, size, device=device))
+    found: dict[str, Layout] = rec.latest
     missing = [name for name in layers if name not in found]
     if missing:
         raise UserError(f"{model.where}: layer {missing[0]} is not used in the model's forward pass")
@@ -833,17 +829,13 @@ def fold_batchnorm(module: nn.Module, size: int, device: torch.device | str) -> 
     import copy
 
     twin = copy.deepcopy(module)
-    seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, i[0] if i else None, o)))
-             for m in twin.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    convs_and_norms = {name: m for name, m in twin.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))}
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    try:
-        with torch.inference_mode():
-            reference = module(x)
-            twin(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    with LayerRecorder(convs_and_norms, lambda _n, m, i, o: (m, i[0] if i else None, o), history=True) as rec, \
+            torch.inference_mode():
+        reference = module(x)
+        twin(x)
+    seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = [value for _, value in rec.calls]
     made_by = {id(o): m for m, _, o in seen if isinstance(m, nn.Conv2d)}
     parents = {id(child): (parent, name) for parent in twin.modules() for name, child in parent.named_children()}
     names = {id(m): name for name, m in twin.named_modules()}
@@ -891,23 +883,12 @@ def default_target_layer(module: nn.Module, input_size: int, device: torch.devic
     norms = [name for name, m in module.named_modules() if name.endswith(".norm1") and ".blocks." in f".{name}"]
     if norms:
         return norms[-1]
-    shapes: dict[str, int] = {}
-    order: list[str] = []
-    hooks = []
-    for name, child in module.named_children():
-        has_conv = any(isinstance(m, nn.Conv2d) for m in child.modules())
-        is_container = len(list(child.children())) > 0
-        if has_conv and is_container:
-            def hook(_m, _i, out, name=name):
-                order.append(name)
-                shapes[name] = out.dim() if isinstance(out, torch.Tensor) else 0
-            hooks.append(child.register_forward_hook(hook))
-    try:
-        with torch.inference_mode():
-            module(torch.zeros(1, 3, input_size, input_size, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
+    blocks = {name: child for name, child in module.named_children()
+              if any(isinstance(m, nn.Conv2d) for m in child.modules()) and len(list(child.children())) > 0}
+    with LayerRecorder(blocks, lambda _n, _m, _i, out: out.dim() if isinstance(out, torch.Tensor) else 0,
+                       history=True) as rec, torch.inference_mode():
+        module(torch.zeros(1, 3, input_size, input_size, device=device))
+    order, shapes = [name for name, _ in rec.calls], rec.latest
     spatial = [n for n in order if shapes[n] == 4]
     if not spatial:
         raise UserError("could not find a convolutional block to explain; set target_layer in the spec")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from report_builder.evaluation import registry as metric_registry
-from report_builder.spec.schema import METHOD_TITLES
+from report_builder.explanation.registry import TITLES as METHOD_TITLES
 
 
 def _mean(values: list[float]) -> float | None:

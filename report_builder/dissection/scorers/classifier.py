@@ -24,14 +24,14 @@ CODE_VERSION = 3
 def classifier_task(model: ModelRef, pixels: dict[str, list[np.ndarray]], device: str, batch_size: int) -> np.ndarray:
     """Softmax probabilities of a zoo model over its class names on a probe shard (cut by probe.pixels_task),
     images x classes."""
-    from report_builder.explanation.methods import predict
+    from report_builder.models.outputs import class_probabilities
 
     m = model_for(model, device)
     crops = pixels[m.preprocess.key]
     out = []
     for batch in current().track(cut_batches(crops, m.preprocess, batch_size), f"{model.id} scores",
                                  -(-len(crops) // batch_size), "batches"):
-        out.append(predict(m, np.stack(batch), torch.device(device), batch_size))
+        out.append(class_probabilities(m, np.stack(batch), torch.device(device), batch_size))
     return np.concatenate(out).astype(np.float32)
 
 
