@@ -12,7 +12,7 @@ import torch
 
 from report_builder.__main__ import main
 from report_builder.data.images import SAMPLES
-from report_builder.explanation.methods import EXPLAINERS, Settings
+from report_builder.explanation.methods import EXPLAINERS, ExplainSettings
 from report_builder.explanation.registry import NAMES
 from report_builder.spec.schema import ExplainSpec, LimeSpec, ModelSpec, ProbeSpec
 from report_builder.models.zoo import Layout, load_model
@@ -69,7 +69,7 @@ def test_every_cam_method_and_lime_explain_it(name, checkpoints, photo):
                    "models[0]")
     assert m.layout(layer).kind == kind
     crop = m.preprocess.crop(photo)
-    s = Settings(ExplainSpec(cam={"batch_size": 64}, lime=LimeSpec(num_samples=20, batch_size=20)), 0, CPU)
+    s = ExplainSettings(ExplainSpec(cam={"batch_size": 64}, lime=LimeSpec(num_samples=20, batch_size=20)), 0, CPU)
     from report_builder.explanation.methods import not_applicable
 
     for method in NAMES:  # every CAM method and LIME

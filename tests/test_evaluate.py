@@ -26,9 +26,9 @@ class RegionModel(nn.Module):
         return torch.stack([8 * region, torch.zeros_like(region)], dim=1)
 
 
-def settings(**deletion) -> ev.Settings:
+def settings(**deletion) -> ev.EvaluationSettings:
     spec = EvaluateSpec(deletion=DeletionSpec(**{"steps": 16, "baseline": "zero", **deletion}))
-    return ev.Settings(spec, seed=0, device=CPU)
+    return ev.EvaluationSettings(spec, seed=0, device=CPU)
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_road_is_grad_cams_own_metric(tiny_model, tiny_crop):
 
     saliency = np.random.default_rng(1).random((32, 32)).astype(np.float32)
     spec = EvaluateSpec(road=RoadSpec(percentiles=(30, 70)))
-    ours = ev.road(tiny_model, tiny_crop, 1, saliency, None, ev.Settings(spec, seed=5, device=CPU))["road"]
+    ours = ev.road(tiny_model, tiny_crop, 1, saliency, None, ev.EvaluationSettings(spec, seed=5, device=CPU))["road"]
     torch.manual_seed(5)
     x = tiny_model.preprocess.normalize(tiny_crop[None], CPU)
     theirs = ROADCombined(percentiles=[30, 70])(x, saliency[None], [ClassifierOutputSoftmaxTarget(1)], tiny_model.module)
@@ -142,10 +142,10 @@ def test_randomising_a_model_changes_its_gradient_map_but_not_the_model(tiny_cro
     torch.manual_seed(0)
     m = wrap(TinyNet())
     before = weights_hash(m.module)
-    from report_builder.explanation.methods import EXPLAINERS, Settings
+    from report_builder.explanation.methods import EXPLAINERS, ExplainSettings
 
     explain = ExplainSpec()
-    original = EXPLAINERS["gradcam"](m, tiny_crop, 1, Settings(explain, 0, CPU))
+    original = EXPLAINERS["gradcam"](m, tiny_crop, 1, ExplainSettings(explain, 0, CPU))
     spec = EvaluateSpec(sanity=SanitySpec(images=1, steps=3))
     out = ev.sanity_check(m, tiny_crop, "gradcam", explain, spec, 0, "cpu", {**original, "target": 1})
     assert out["layers"][-1] == "features.0" and len(out["spearman"]) == 3
@@ -175,13 +175,13 @@ def test_the_sanity_check_of_a_forward_only_method_sees_each_randomised_step(tin
     """ScoreCAM's masked images run through the folded copy: it must be remade from the randomised weights at
     every step, so the cascade gives what it gives with no folding at all."""
     from report_builder.models import zoo
-    from report_builder.explanation.methods import EXPLAINERS, Settings
+    from report_builder.explanation.methods import EXPLAINERS, ExplainSettings
 
     torch.manual_seed(0)
     m = wrap(BatchNormNet())
     assert m.outputs is not m.module
     explain = ExplainSpec()
-    original = EXPLAINERS["scorecam"](m, tiny_crop, 1, Settings(explain, 0, CPU))
+    original = EXPLAINERS["scorecam"](m, tiny_crop, 1, ExplainSettings(explain, 0, CPU))
     spec = EvaluateSpec(sanity=SanitySpec(images=1, steps=3))
     made, fold = [], zoo.fold_batchnorm
     monkeypatch.setattr(zoo, "fold_batchnorm", lambda *a: made.append(fold(*a)) or made[-1])
@@ -213,10 +213,10 @@ def test_sweep_settings_are_every_combination():
 
 
 def test_a_sweep_setting_is_deterministic(tiny_model, tiny_crop):
-    from report_builder.explanation.methods import EXPLAINERS, Settings
+    from report_builder.explanation.methods import EXPLAINERS, ExplainSettings
 
     explain = ExplainSpec(lime=LimeSpec(num_samples=30, batch_size=30))
-    gradcam = {**EXPLAINERS["gradcam"](tiny_model, tiny_crop, 1, Settings(explain, 0, CPU)), "target": 1}
+    gradcam = {**EXPLAINERS["gradcam"](tiny_model, tiny_crop, 1, ExplainSettings(explain, 0, CPU)), "target": 1}
     lime = explain.lime.model_copy(update={"num_features": 3})
     runs = [ev.sweep_run(tiny_model, tiny_crop, lime, explain, 0, "cpu", gradcam) for _ in range(2)]
     assert runs[0]["iou"] == runs[1]["iou"] and 0 <= runs[0]["iou"] <= 1

@@ -6,15 +6,15 @@ from torch import nn
 
 from conftest import wrap
 from report_builder.explanation.agreement import iou, top_n_mask
-from report_builder.explanation.methods import EXPLAINERS, Settings, top_k
+from report_builder.explanation.methods import EXPLAINERS, ExplainSettings, top_k
 from report_builder.models.outputs import class_probabilities
 from report_builder.spec.schema import ExplainSpec, LimeSpec
 
 CPU = torch.device("cpu")
 
 
-def settings(**lime) -> Settings:
-    return Settings(ExplainSpec(lime=LimeSpec(num_samples=60, batch_size=20, **lime)), seed=0, device=CPU)
+def settings(**lime) -> ExplainSettings:
+    return ExplainSettings(ExplainSpec(lime=LimeSpec(num_samples=60, batch_size=20, **lime)), seed=0, device=CPU)
 
 
 @pytest.mark.parametrize("method", sorted(EXPLAINERS))
@@ -77,7 +77,7 @@ def test_lime_is_deterministic_and_seeded(tiny_model, tiny_crop):
     b = EXPLAINERS["lime"](tiny_model, tiny_crop, 0, settings())
     assert np.array_equal(a["mask"], b["mask"]) and np.array_equal(a["segments"], b["segments"])
     assert a["score"] == b["score"]
-    other = Settings(settings().explain, seed=1, device=CPU)
+    other = ExplainSettings(settings().explain, seed=1, device=CPU)
     c = EXPLAINERS["lime"](tiny_model, tiny_crop, 0, other)
     assert c["score"] != a["score"]
 
@@ -110,7 +110,7 @@ def test_fast_ablation_cam_equals_grad_cam(net, batch, tiny_crop):
 
     torch.manual_seed(3)
     model = wrap(__import__("conftest").TinyNet() if net == "tiny" else SignedNet())
-    s = Settings(ExplainSpec(cam=CamSpec(batch_size=batch)), seed=0, device=CPU)
+    s = ExplainSettings(ExplainSpec(cam=CamSpec(batch_size=batch)), seed=0, device=CPU)
     ours = ablation_cam(model, tiny_crop, 2, s)["map"]
     reference = PACKAGE_CAMS["ablationcam"](model, tiny_crop, 2, s)["map"]
     assert ours.shape == reference.shape and np.abs(ours - reference).max() < 1e-4
@@ -197,7 +197,7 @@ def test_our_score_cam_equals_grad_cam(net, batch, tiny_crop):
     modules = {"tiny": lambda: __import__("conftest").TinyNet(), "signed": SignedNet, "twins": DeadAndTwinChannels}
     model = wrap(modules[net]())
     model.target_layer = "features"
-    s = Settings(ExplainSpec(cam=CamSpec(batch_size=batch)), seed=0, device=CPU)
+    s = ExplainSettings(ExplainSpec(cam=CamSpec(batch_size=batch)), seed=0, device=CPU)
     for target in range(3):
         ours = score_cam(model, tiny_crop, target, s)
         reference = PACKAGE_CAMS["scorecam"](model, tiny_crop, target, s)["map"]

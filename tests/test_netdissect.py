@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from netdissect_reference import dissect_layer
 from report_builder.dissection import netdissect as nd
 from report_builder.errors import UserError
 from report_builder.data.pixel_labels import LabelledItem, Labels, PixelProbe, decode_label_png, load_pixel_probe
@@ -132,7 +133,7 @@ def test_planted_units_get_their_concept_with_iou_near_one():
     maps, probe = _planted()
     # squares and red patches each cover 4 of 256 positions: with q = 1 - 4/256 the threshold falls between
     # the planted activations and the strongest background noise
-    result = nd.dissect_layer(maps, probe, nd.Settings(quantile=1 - 4 / 256))
+    result = dissect_layer(maps, probe, nd.NetDissectSettings(quantile=1 - 4 / 256))
     rows = nd.unit_rows(result, probe, 0.04)
     assert (rows[0]["label"], rows[0]["category"]) == ("square", "object")
     assert (rows[1]["label"], rows[1]["category"]) == ("red", "color")
@@ -144,7 +145,7 @@ def test_planted_units_get_their_concept_with_iou_near_one():
 
 def test_default_quantile_keeps_the_strongest_half_percent():
     maps, probe = _planted()
-    result = nd.dissect_layer(maps, probe, nd.Settings())  # q = 0.995: the mask is a quarter of the squares
+    result = dissect_layer(maps, probe, nd.NetDissectSettings())  # q = 0.995: the mask is a quarter of the squares
     assert result["label"][0] == 1
     assert 0.2 < result["best_iou"][0] < 0.4
 
@@ -171,8 +172,8 @@ def test_rotation_is_a_seeded_rotation_and_partial_rotations_interpolate():
 
 def test_identity_rotation_leaves_the_results_unchanged():
     maps, probe = _planted()
-    plain = nd.dissect_layer(maps, probe, nd.Settings(quantile=1 - 4 / 256))
-    same = nd.dissect_layer(maps, probe, nd.Settings(quantile=1 - 4 / 256), rotation=nd.partial_rotation(
+    plain = dissect_layer(maps, probe, nd.NetDissectSettings(quantile=1 - 4 / 256))
+    same = dissect_layer(maps, probe, nd.NetDissectSettings(quantile=1 - 4 / 256), rotation=nd.partial_rotation(
         nd.random_rotation(3, 0), 0.0))
     np.testing.assert_allclose(same["iou"], plain["iou"], atol=1e-7)
     np.testing.assert_array_equal(same["label"], plain["label"])
@@ -182,7 +183,7 @@ def test_rotation_acts_on_the_channels_at_every_position():
     maps, probe = _planted()
     # a quarter turn in the plane of units 0 and 1: unit 1 becomes unit 0's map, unit 0 minus unit 1's
     turn = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
-    rotated = nd.dissect_layer(maps, probe, nd.Settings(quantile=1 - 4 / 256), rotation=turn)
+    rotated = dissect_layer(maps, probe, nd.NetDissectSettings(quantile=1 - 4 / 256), rotation=turn)
     rows = nd.unit_rows(rotated, probe, 0.04)
     assert rows[1]["label"] == "square" and rows[1]["iou"] > 0.99
     assert rows[0]["iou"] < 0.2  # the negated red map fires on its background, not on red

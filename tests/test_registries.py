@@ -358,7 +358,7 @@ def _check_the_evaluation_code_agrees_with_the_metrics_registry() -> None:
     from conftest import TinyNet, wrap
     from report_builder.evaluation import metrics as ev
     from report_builder.evaluation.registry import METRICS, per_map, per_step
-    from report_builder.explanation.methods import EXPLAINERS, Settings as ExplainSettings
+    from report_builder.explanation.methods import EXPLAINERS, ExplainSettings
     from report_builder.report.analysis import SENTENCES
     from report_builder.spec.schema import DeletionSpec, EvaluateSpec, ExplainSpec, RoadSpec, SanitySpec
 
@@ -378,7 +378,7 @@ def _check_the_evaluation_code_agrees_with_the_metrics_registry() -> None:
     region[4:12, 4:12] = True
     spec = EvaluateSpec(deletion=DeletionSpec(steps=4), road=RoadSpec(percentiles=(50,)),
                         sanity=SanitySpec(images=1, steps=2))
-    settings = ev.Settings(spec, seed=0, device=torch.device("cpu"))
+    settings = ev.EvaluationSettings(spec, seed=0, device=torch.device("cpu"))
     produced = set()
     for fn in ev.CALCULATIONS.values():
         produced |= set(fn(model, crop, 1, saliency, (region, "the masked object"), settings)) - NOT_METRICS

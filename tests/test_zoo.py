@@ -216,13 +216,13 @@ def test_a_convolution_that_feeds_more_than_its_batchnorm_is_not_folded():
 
 
 def test_our_score_cam_on_a_folded_model_equals_grad_cam(chelsea):
-    from report_builder.explanation.methods import PACKAGE_CAMS, Settings, score_cam
+    from report_builder.explanation.methods import PACKAGE_CAMS, ExplainSettings, score_cam
     from report_builder.spec.schema import ExplainSpec
 
     m = load_model(ModelSpec(id="m", source="packaged", name="efficientnet_lite0", target_layer="blocks.5"), "m")
     assert m.outputs is not m.module
     crop = m.preprocess.crop(chelsea.image)
-    s = Settings(ExplainSpec(), 0, torch.device("cpu"))
+    s = ExplainSettings(ExplainSpec(), 0, torch.device("cpu"))
     ours, reference = score_cam(m, crop, 281, s)["map"], PACKAGE_CAMS["scorecam"](m, crop, 281, s)["map"]
     assert np.abs(ours - reference).max() < 1e-5
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from report_builder.pipeline.cache import Cache
-from report_builder.explanation.methods import PACKAGE_CAMS, Settings, ablation_cam, lime_explain, lime_package_explain, score_cam
+from report_builder.explanation.methods import PACKAGE_CAMS, ExplainSettings, ablation_cam, lime_explain, lime_package_explain, score_cam
 from report_builder.models.outputs import class_probabilities
 from report_builder.spec.schema import CamSpec, ExplainSpec, LimeSpec, ModelSpec, resolve_batch
 from report_builder.bench.synthetic import photo, random_model
@@ -76,7 +76,7 @@ def row(item: str, ours: float, base: float, baseline: str, target: str = "", **
 def bench_lime(device: torch.device, samples: int) -> list[dict]:
     m = random_model("resnet18", device)
     crop = photo(m)
-    s = Settings(ExplainSpec(lime=LimeSpec(num_samples=samples)), 0, device)  # our defaults
+    s = ExplainSettings(ExplainSpec(lime=LimeSpec(num_samples=samples)), 0, device)  # our defaults
     batch = resolve_batch("auto", device.type)
     t_ours, t_lime, ours, ref = side_by_side(lambda: lime_explain(m, crop, 0, s),
                                              lambda: lime_package_explain(m, crop, 0, s, batch_size=10), device, 1)
@@ -106,7 +106,7 @@ def bench_ablation(device: torch.device) -> list[dict]:
     out = []
     for name, layer in (("resnet18", "layer4"), ("efficientnet_lite0", "blocks.6")):
         m, crop, target = explained(name, layer, device)
-        s = Settings(ExplainSpec(cam=CamSpec(batch_size=32)), 0, device)
+        s = ExplainSettings(ExplainSpec(cam=CamSpec(batch_size=32)), 0, device)
         t_ours, t_pkg, ours, ref = side_by_side(lambda: ablation_cam(m, crop, target, s),
                                                 lambda: PACKAGE_CAMS["ablationcam"](m, crop, target, s), device, 2)
         out.append(row(f"AblationCAM, {name} {layer}", t_ours, t_pkg, "grad-cam AblationCAM", ">= 20x",
@@ -120,7 +120,7 @@ def bench_scorecam(device: torch.device) -> list[dict]:
     out = []
     for name, layer in (("resnet18", "layer4"), ("efficientnet_lite0", "blocks.6")):
         m, crop, target = explained(name, layer, device)
-        s = Settings(ExplainSpec(), 0, device)
+        s = ExplainSettings(ExplainSpec(), 0, device)
         t_ours, t_pkg, ours, ref = side_by_side(lambda: score_cam(m, crop, target, s),
                                                 lambda: PACKAGE_CAMS["scorecam"](m, crop, target, s), device, 1)
         out.append(row(f"ScoreCAM, {name} {layer}: {ours['passes']} passes, not {1 + ours['channels']}",

@@ -134,13 +134,13 @@ def bare_forwards(n_probe: int, words: list[str], images: int, samples: int) -> 
 
 def _ablation_seconds() -> float:
     from report_builder.bench.synthetic import photo, random_model
-    from report_builder.explanation.methods import Settings, ablation_cam
+    from report_builder.explanation.methods import ExplainSettings, ablation_cam
     from report_builder.spec.schema import ExplainSpec
 
     m = random_model("resnet18", torch.device("cpu"))
     m.target_layer = "layer4"
     crop = photo(m)
-    s = Settings(ExplainSpec(), 0, torch.device("cpu"))
+    s = ExplainSettings(ExplainSpec(), 0, torch.device("cpu"))
     ablation_cam(m, crop, 0, s)
     start = time.perf_counter()
     ablation_cam(m, crop, 0, s)

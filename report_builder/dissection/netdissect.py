@@ -49,7 +49,7 @@ SAMPLE_SIZE = 200_000  # positions sampled per unit by the estimated quantile
 
 
 @dataclass(frozen=True)
-class Settings:
+class NetDissectSettings:
     quantile: float = 0.995
     threshold: str = "auto"  # exact | sampled | auto
     iou_threshold: float = 0.04
@@ -406,21 +406,6 @@ def _label_category(probe: PixelProbe) -> torch.Tensor:
     return torch.tensor([categories.index(c) if c in categories else 0 for c in probe.categories])
 
 
-def dissect_layer(maps: np.ndarray, probe: PixelProbe, settings: Settings, rotation: torch.Tensor | None = None,
-                  device: torch.device | str = "cpu") -> dict:
-    """One layer's recorded maps in memory, dissected in one process: the reference the sharded tasks equal."""
-    batches = chunks(maps, rotation, device)
-    n, _, h, w = maps.shape
-    thresholds, method = quantile_thresholds(batches, n * h * w, settings.quantile, settings.threshold, settings.seed)
-    state = TallyState(thresholds, len(probe.names), probe.category_names, min(settings.top_images, n))
-    labels = probe.labels()
-    first = 0
-    for a in batches():
-        state.add(a, [next(labels) for _ in range(a.shape[0])], first)
-        first += a.shape[0]
-    return finish(thresholds, method, state.as_dict(), probe.names, _label_category(probe), rotation is None)
-
-
 # ---------------------------------------------------------------- tasks: one model's layers over one shard
 
 
@@ -433,7 +418,7 @@ def _jobs_by_layer(jobs: list[tuple[str, float]]) -> list[str]:
 
 
 def shard_thresholds_task(model: ModelRef, jobs: list[tuple[str, float]], probe: PixelProbe, first_image: int,
-                          total_images: int, settings: Settings, device: str, batch_size: int) -> dict:
+                          total_images: int, settings: NetDissectSettings, device: str, batch_size: int) -> dict:
     """Pass 1 over a shard: per (layer, alpha), what the threshold needs (ThresholdState, as a dict)."""
     m = model_for(model, device)
     states: dict[str, ThresholdState] = {}
@@ -461,7 +446,7 @@ def thresholds_task(states: dict) -> dict:
 
 
 def shard_tally_task(model: ModelRef, jobs: list[tuple[str, float]], probe: PixelProbe, first_image: int,
-                     thresholds: dict, settings: Settings, device: str, batch_size: int) -> dict:
+                     thresholds: dict, settings: NetDissectSettings, device: str, batch_size: int) -> dict:
     """Pass 2 over a shard: per (layer, alpha), intersections, areas, peaks and top images (TallyState)."""
     m = model_for(model, device)
     states: dict[str, TallyState] = {}
@@ -483,7 +468,7 @@ def shard_tally_task(model: ModelRef, jobs: list[tuple[str, float]], probe: Pixe
 MAPS_IN_MEMORY = 1024**3  # bytes of recorded maps a one-shard run keeps, to pass over them twice without the model
 
 
-def whole_probe_task(model: ModelRef, jobs: list[tuple[str, float]], probe: PixelProbe, settings: Settings,
+def whole_probe_task(model: ModelRef, jobs: list[tuple[str, float]], probe: PixelProbe, settings: NetDissectSettings,
                      device: str, batch_size: int) -> dict:
     """Both passes over a probe set that is a single shard: {"thresholds": ..., "tally": ...} as the sharded
     tasks give them. The maps are recorded once and kept while they fit in MAPS_IN_MEMORY; beyond that the

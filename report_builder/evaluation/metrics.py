@@ -48,7 +48,7 @@ SANITY_MAP_SIZE = 56  # the side of the maps kept for the randomisation figure
 
 
 @dataclass(frozen=True)
-class Settings:
+class EvaluationSettings:
     evaluate: EvaluateSpec
     seed: int
     device: torch.device
@@ -85,7 +85,7 @@ def auc(curve: np.ndarray) -> float:
 
 
 def deletion_insertion(model: LoadedModel, crop: np.ndarray, target: int, saliency: np.ndarray, objects,
-                       settings: Settings) -> dict:
+                       settings: EvaluationSettings) -> dict:
     spec = settings.evaluate.deletion
     steps = spec.steps
     h, w = saliency.shape
@@ -173,7 +173,7 @@ def road_score(model: torch.nn.Module, x: torch.Tensor, saliency: np.ndarray, ta
     return (lerf - morf) / 2
 
 
-def road(model: LoadedModel, crop: np.ndarray, target: int, saliency: np.ndarray, objects, settings: Settings) -> dict:
+def road(model: LoadedModel, crop: np.ndarray, target: int, saliency: np.ndarray, objects, settings: EvaluationSettings) -> dict:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     x = model.preprocess.normalize(crop[None], settings.device)
@@ -199,7 +199,7 @@ def pointing(saliency: np.ndarray, region: np.ndarray, tolerance: int) -> dict:
 
 
 def localisation(model: LoadedModel, crop: np.ndarray, target: int, saliency: np.ndarray, objects,
-                 settings: Settings) -> dict:
+                 settings: EvaluationSettings) -> dict:
     if objects is None:
         return {}
     region, what = objects
@@ -228,7 +228,7 @@ def evaluate_task(model: ModelRef, crop: np.ndarray, objects, evaluate: Evaluate
     """Every metric of one map: an explanation's, or (no explanation) the random baseline's, for the model's
     top-1 class. `objects` (data.ObjectLabels or None) gives the object region of that class."""
     m = model_for(model, device)
-    settings = Settings(evaluate, seed, torch.device(device))
+    settings = EvaluationSettings(evaluate, seed, torch.device(device))
     target = int(np.argsort(-predictions[0], kind="stable")[0])
     saliency = random_map(crop.shape[:2], seed, image_sha) if explanation is None else explanation["map"]
     region = None
@@ -289,7 +289,7 @@ def sanity_check(base: LoadedModel, crop: np.ndarray, method: str, explain: Expl
     The model given is left as it is: a copy is randomised."""
     from skimage.metrics import structural_similarity
 
-    from report_builder.explanation.methods import EXPLAINERS, Settings as ExplainSettings
+    from report_builder.explanation.methods import EXPLAINERS, ExplainSettings
 
     blocks = cascade(base.module)
     cuts = cascade_steps(blocks, evaluate.sanity.steps)
@@ -350,7 +350,7 @@ def sweep_task(model: ModelRef, crop: np.ndarray, lime, explain: ExplainSpec, se
 def sweep_run(m: LoadedModel, crop: np.ndarray, lime, explain: ExplainSpec, seed: int, device: str,
               gradcam: dict) -> dict:
     """One LIME setting on one image: its IoU with Grad-CAM (top-n, as the agreement section) and its time."""
-    from report_builder.explanation.methods import Settings as ExplainSettings
+    from report_builder.explanation.methods import ExplainSettings
     from report_builder.explanation.methods import lime_explain
 
     settings = ExplainSettings(explain.model_copy(update={"lime": lime}), seed, torch.device(device))

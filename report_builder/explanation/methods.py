@@ -29,7 +29,7 @@ CODE_VERSION = 3
 
 
 @dataclass(frozen=True)
-class Settings:
+class ExplainSettings:
     explain: ExplainSpec
     seed: int
     device: torch.device
@@ -62,7 +62,7 @@ def grad_cam(method: str) -> Callable[..., dict]:
     entry = METHODS[method]
     cls = entry.cam_class
 
-    def run(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
+    def run(model: LoadedModel, crop: np.ndarray, target: int, settings: ExplainSettings) -> dict:
         import pytorch_grad_cam
         from pytorch_grad_cam import ablation_cam as ablation_module
         from pytorch_grad_cam import score_cam as score_module
@@ -120,7 +120,7 @@ def _release_safely(cam) -> None:
         store.activations = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in store.activations]
 
 
-def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
+def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: ExplainSettings) -> dict:
     """LIME on the model's input crop, fully seeded, with the `lime` package's math.
 
     The same steps as `LimeImageExplainer.explain_instance`: the segmentation, the fill image (each
@@ -167,7 +167,7 @@ def lime_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     return _lime_result(explanation, target, cfg.num_features, seconds)
 
 
-def lime_segmenter(settings: Settings):
+def lime_segmenter(settings: ExplainSettings):
     """lime's segmentation wrapper with the spec's algorithm and parameters; quickshift is seeded."""
     from lime.wrappers.scikit_image import SegmentationAlgorithm
 
@@ -189,7 +189,7 @@ def lime_fill_image(crop: np.ndarray, segments: np.ndarray, hide_color) -> np.nd
     return fill
 
 
-def lime_package_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings,
+def lime_package_explain(model: LoadedModel, crop: np.ndarray, target: int, settings: ExplainSettings,
                          batch_size: int | None = None) -> dict:
     """The `lime` package's own `explain_instance`, for equivalence tests and benchmarks."""
     from lime import lime_image
@@ -265,7 +265,7 @@ def target_output(model: LoadedModel, x: torch.Tensor) -> tuple[torch.Tensor, to
     return rec.values(model.target_layer)[0], logits
 
 
-def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
+def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: ExplainSettings) -> dict:
     """AblationCAM with grad-cam's math, recomputing only the network after the target layer.
 
     grad-cam re-runs the whole model for every ablated channel (its ablation layer replaces the target
@@ -314,7 +314,7 @@ def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Se
     return {"map": cam[0].astype(np.float32), "seconds": time.perf_counter() - start, "implementation": "ours"}
 
 
-def score_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Settings) -> dict:
+def score_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: ExplainSettings) -> dict:
     """ScoreCAM with grad-cam's math, running each distinct masked image once.
 
     grad-cam runs the model once per channel of the target layer, on the image times that channel's map
@@ -363,7 +363,7 @@ def score_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Setti
 # The grad-cam package's own classes, for equivalence tests and benchmarks (and our AblationCAM's fallback).
 PACKAGE_CAMS = {name: grad_cam(name) for name, entry in METHODS.items() if entry.cam_class}
 
-Explainer = Callable[[LoadedModel, np.ndarray, int, Settings], dict]
+Explainer = Callable[[LoadedModel, np.ndarray, int, ExplainSettings], dict]
 
 
 class _Explainers(Mapping):
@@ -389,7 +389,7 @@ class _Explainers(Mapping):
 EXPLAINERS: Mapping[str, Explainer] = _Explainers()
 
 
-def identity(method: str, model: LoadedModel, image_sha: str, settings: Settings) -> dict:
+def identity(method: str, model: LoadedModel, image_sha: str, settings: ExplainSettings) -> dict:
     """Everything that determines an explanation (with its prediction task's key, which fixes the target)."""
     entry = METHODS[method]
     params: dict = {"target_layer": model.target_layer} if entry.kind == "cam" else {}
@@ -428,5 +428,5 @@ def explain_task(model: ModelRef, crop: np.ndarray, index: int, method: str, exp
     """One method's explanation of the model's top-1 class on one image."""
     m = model_for(model, device)
     target = int(np.argsort(-predictions[index], kind="stable")[0])
-    value = EXPLAINERS[method](m, crop, target, Settings(explain, seed, torch.device(device)))
+    value = EXPLAINERS[method](m, crop, target, ExplainSettings(explain, seed, torch.device(device)))
     return {**value, "target": target}

@@ -264,7 +264,7 @@ def netdissect_section(spec, inputs, plan, outcome, work: Path) -> dict:
 
     ns = spec.netdissect
     probe = inputs.pixel_probe
-    settings = nd.Settings(ns.quantile, ns.threshold, ns.iou_threshold, ns.top_images, spec.seed)
+    settings = nd.NetDissectSettings(ns.quantile, ns.threshold, ns.iou_threshold, ns.top_images, spec.seed)
     categories = probe.category_names
     alphas = [a for a in (ns.rotation.alphas if ns.rotation else ()) if a > 0]
     out_models = []

@@ -226,7 +226,7 @@ def build_graph(loaded: LoadedSpec, inputs: Inputs, device: torch.device, shard_
 
 def _explain_tasks(plan: Plan, spec, inputs: Inputs, device: torch.device) -> None:
     g, dev = plan.graph, device.type
-    settings = explain.Settings(spec.explain.for_device(dev), spec.seed, device)
+    settings = explain.ExplainSettings(spec.explain.for_device(dev), spec.seed, device)
     sweep = settings.explain.lime.sweep
     plan.sweep_settings = sweep.combinations(settings.explain.lime) if sweep else []
     for m in inputs.models:
@@ -349,7 +349,7 @@ def _netdissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: 
     g = plan.graph
     ns = spec.netdissect
     probe = inputs.pixel_probe
-    settings = netdissect.Settings(ns.quantile, ns.threshold, ns.iou_threshold, ns.top_images, spec.seed)
+    settings = netdissect.NetDissectSettings(ns.quantile, ns.threshold, ns.iou_threshold, ns.top_images, spec.seed)
     batch = resolve_batch(ns.batch_size, dev)
     shards = probe.shards(whole_batches(shard_images, batch))
     firsts = [sum(len(s) for s in shards[:i]) for i in range(len(shards))]
