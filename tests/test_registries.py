@@ -99,6 +99,11 @@ def test_no_import_cycles():
             visit(node)
 
 
+def _printed_by(code: str) -> str:
+    """What `code` prints in a fresh interpreter (so that modules this test process imported do not count)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_the_report_side_imports_no_torch_and_no_model_code():
     code = ("import sys, report_builder; from report_builder import open_run; "
             "import report_builder.report.api, report_builder.report.render, report_builder.report.diff, "
@@ -106,7 +111,7 @@ def test_the_report_side_imports_no_torch_and_no_model_code():
             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('report_builder.models', "
             "'report_builder.explanation.methods', 'report_builder.evaluation.metrics', 'report_builder.dissection', "
             "'report_builder.pipeline.runner'))); print(bad)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = _printed_by(code)
     assert out == "[]", f"opening a run imports {out}"
 
 
@@ -815,7 +820,7 @@ def test_the_registries_the_spec_reads_import_no_torch():
             "report_builder.dissection.similarity, report_builder.models.sources; "
             "print(sorted(m for m in sys.modules if m in ('torch', 'numpy') or m.startswith(("
             "'report_builder.models.zoo', 'report_builder.dissection.scorers.', 'report_builder.dissection.clip_dissect'))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = _printed_by(code)
     assert out == "[]", f"the spec's registries import {out}"
 
 

@@ -409,6 +409,19 @@ def _label_category(probe: PixelProbe) -> torch.Tensor:
 # ---------------------------------------------------------------- tasks: one model's layers over one shard
 
 
+def _tally_batch(states: dict[str, TallyState], maps: dict[str, torch.Tensor], jobs: list[tuple[str, float]],
+                 labels, thresholds: dict, probe, settings: NetDissectSettings, first: int) -> None:
+    """Add one batch of recorded maps to each job's tally (made on first use), rotated as the job asks."""
+    batch_labels = [next(labels) for _ in range(next(iter(maps.values())).shape[0])]
+    for layer, alpha in jobs:
+        a = maps[layer]
+        name = job_name(layer, alpha)
+        if name not in states:
+            states[name] = TallyState(torch.from_numpy(thresholds[name]["thresholds"]), len(probe.names),
+                                      probe.category_names, settings.top_images)
+        states[name].add(rotate(a, rotation_for(a.shape[1], settings.seed, alpha)), batch_labels, first)
+
+
 def job_name(layer: str, alpha: float) -> str:
     return f"{layer}@{alpha:g}"
 
@@ -453,15 +466,7 @@ def shard_tally_task(model: ModelRef, jobs: list[tuple[str, float]], probe: Pixe
     labels = probe.labels()
     for start, maps in stream_maps(m, _jobs_by_layer(jobs), probe, torch.device(device), batch_size,
                                    f"{model.id} IoU"):
-        batch_labels = [next(labels) for _ in range(next(iter(maps.values())).shape[0])]
-        for layer, alpha in jobs:
-            a = maps[layer]
-            name = job_name(layer, alpha)
-            if name not in states:
-                states[name] = TallyState(torch.from_numpy(thresholds[name]["thresholds"]), len(probe.names),
-                                          probe.category_names, settings.top_images)
-            states[name].add(rotate(a, rotation_for(a.shape[1], settings.seed, alpha)), batch_labels,
-                             first_image + start)
+        _tally_batch(states, maps, jobs, labels, thresholds, probe, settings, first_image + start)
     return {name: state.as_dict() for name, state in states.items()}
 
 
@@ -499,14 +504,7 @@ def whole_probe_task(model: ModelRef, jobs: list[tuple[str, float]], probe: Pixe
         tallies: dict[str, TallyState] = {}
         labels = probe.labels()
         for start, maps in current().track(kept, f"{model.id} IoU", unit="batches"):
-            batch_labels = [next(labels) for _ in range(next(iter(maps.values())).shape[0])]
-            for layer, alpha in jobs:
-                a = maps[layer]
-                name = job_name(layer, alpha)
-                if name not in tallies:
-                    tallies[name] = TallyState(torch.from_numpy(thresholds[name]["thresholds"]), len(probe.names),
-                                               probe.category_names, settings.top_images)
-                tallies[name].add(rotate(a, rotation_for(a.shape[1], settings.seed, alpha)), batch_labels, start)
+            _tally_batch(tallies, maps, jobs, labels, thresholds, probe, settings, start)
         tally_ = {name: t.as_dict() for name, t in tallies.items()}
     return {"thresholds": thresholds, "tally": tally_}
 
