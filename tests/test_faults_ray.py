@@ -294,7 +294,7 @@ def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path, spec):
         time.sleep(1)
         driver.kill()
         driver.wait()
-        left = _wait_gone(tag, raywatch.GRACE_S + 10)
+        left = _wait_gone(tag, raywatch.SWEEP_BOUND_S + raywatch.GRACE_S)  # the watchdog's own bound
         assert left == [], f"still running after kill -9 of the driver: {left}"
     finally:
         driver.kill()

@@ -22,6 +22,7 @@ import time
 MARK_VARIABLE = "REPORT_BUILDER_RAY_RUN"
 GRACE_S = 2.0  # how long a process has to exit after SIGTERM before it gets SIGKILL
 POLL_S = 0.5  # how often the watchdog checks that its driver is still its parent
+SWEEP_BOUND_S = 20.0  # the longest a sweep goes on looking for processes started while it stopped others
 
 
 def marked(mark: str) -> list[int]:
@@ -70,20 +71,32 @@ def _signal(pid: int, sig: int, mark: str) -> None:
             os.close(fd)
 
 
-def sweep(mark: str, grace: float = GRACE_S) -> list[int]:
-    """Stop every process holding the mark; return the pids that were signalled."""
-    pids = marked(mark)
-    for pid in pids:
-        _signal(pid, signal.SIGTERM, mark)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and marked(mark):
-        time.sleep(0.1)
-    for pid in marked(mark):  # Ray's agents catch SIGTERM and hang in their handler once the raylet is gone
-        _signal(pid, signal.SIGKILL, mark)
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline and marked(mark):  # a killed process takes a moment to go
-        time.sleep(0.05)
-    return pids
+def sweep(mark: str, grace: float = GRACE_S, bound: float = SWEEP_BOUND_S) -> list[int]:
+    """Stop every process holding the mark; return the pids that were signalled. Rounds repeat until none is left
+    twice in a row (a process being stopped may still have started another, e.g. the raylet an agent, under load),
+    for at most `bound` seconds."""
+    signalled: list[int] = []
+    end = time.monotonic() + bound
+    quiet = 0
+    while quiet < 2 and time.monotonic() < end:
+        pids = marked(mark)
+        if not pids:
+            quiet += 1
+            time.sleep(0.25)
+            continue
+        quiet = 0
+        for pid in pids:
+            _signal(pid, signal.SIGTERM, mark)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and marked(mark):
+            time.sleep(0.1)
+        for pid in marked(mark):  # Ray's agents catch SIGTERM and hang in their handler once the raylet is gone
+            _signal(pid, signal.SIGKILL, mark)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and marked(mark):  # a killed process takes a moment to go
+            time.sleep(0.05)
+        signalled += [pid for pid in pids if pid not in signalled]
+    return signalled
 
 
 def watch(mark: str, driver: int) -> None:
