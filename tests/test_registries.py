@@ -55,7 +55,7 @@ def test_the_rendered_contents_follow_the_registry(monkeypatch):
 # ---------------------------------------------------------------- the package's shape
 
 
-def _imports(path: Path, module: str) -> set[str]:
+def _imports(path: Path) -> set[str]:
     """The report_builder modules a module imports, at its top level or inside a function (a deferred import that
     closes a cycle still ties the two modules together)."""
     tree = ast.parse(path.read_text())
@@ -75,7 +75,7 @@ def _module_graph() -> dict[str, set[str]]:
         rel = path.relative_to(PACKAGE.parent).with_suffix("")
         name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
         modules[name] = path
-    return {name: {m for m in _imports(path, name) if m in modules and m != name} for name, path in modules.items()}
+    return {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
 
 
 def test_no_import_cycles():

@@ -24,9 +24,14 @@ import torch
 from report_builder.files import process_alive
 
 MAGIC = b"report_builder-cache 2\n"
+def _host() -> str:
+    """This machine's name as temporary files carry it (its dots would split the file name)."""
+    return socket.gethostname().replace(".", "_")
+
+
 def _writer() -> str:
-    """Who writes a temporary file, in its name: host and pid (the dots of a host name would split the name)."""
-    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+    """Who writes a temporary file, in its name: host and pid."""
+    return f"{_host()}-{os.getpid()}"
     return True
 
 
@@ -185,7 +190,7 @@ class Cache:
             return removed
         for tmp in self.root.glob("*/*/.*.tmp"):
             host, _, pid = tmp.name[1:].split(".", 1)[0].rpartition("-")
-            if host == socket.gethostname().replace(".", "_") and pid.isdigit() and not process_alive(int(pid)):
+            if host == _host() and pid.isdigit() and not process_alive(int(pid)):
                 try:
                     tmp.unlink()
                     removed += 1

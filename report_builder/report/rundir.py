@@ -106,18 +106,6 @@ def inside(run_dir: Path, rel: Any, where: str, source: Path | None = None, must
     return Path(path)
 
 
-def _need(mapping: Any, key: str, kind: type | tuple, where: str, source: Path) -> Any:
-    names = {dict: "a mapping", list: "a list", str: "text", int: "a whole number", float: "a number"}
-    if not isinstance(mapping, dict) or key not in mapping:
-        raise RunFormatError(f"{source}: {where + '.' if where else ''}{key}: missing")
-    value = mapping[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
-        expected = " or ".join(names.get(k, k.__name__) for k in kinds)
-        raise RunFormatError(f"{source}: {where + '.' if where else ''}{key}: found {_short(value)}, expected {expected}")
-    return value
-
-
 def check_schema_version(data: Any, source: Path, supported: int = SCHEMA_VERSION) -> None:
     if not isinstance(data, dict):
         kind = "a list" if isinstance(data, list) else type(data).__name__
