@@ -216,14 +216,16 @@ def replace_ours(target: Path, work: Path, kind: str, scope: Callable[[str], boo
     Crash safety: the marker first lists the old files and the new ones together, so whatever an interruption
     leaves in `target` is still known to be ours; the old files wait in a hidden folder with an owner file, which
     the next run removes (remove_stale)."""
-    marker = read_marker(target) or {"files": []}
-    old_files = [f for f in marker["files"] or [] if scope is None or scope(f)]
-    kept = [f for f in marker["files"] or [] if f not in old_files]
+    ours = set((read_marker(target) or {}).get("files") or [])
+    old_files = sorted(f for f in ours if scope is None or scope(f))
+    kept = ours - set(old_files)
     new_files = files_under(work)
-    ours = set(old_files) | set(kept)
-    theirs = [f for f in new_files if f not in ours and os.path.lexists(target / f)]
-    theirs += [f for f in new_files if f not in ours and any((target / p).is_file() and str(p) not in ours
-                                                             for p in Path(f).parents if str(p) != ".")]
+
+    def in_the_way(f: str) -> bool:  # a file of the user's at f, or in place of one of f's folders
+        return os.path.lexists(target / f) or any((target / p).is_file() and str(p) not in ours
+                                                  for p in Path(f).parents if str(p) != ".")
+
+    theirs = [f for f in new_files if f not in ours and in_the_way(f)]
     if theirs:
         raise UserError(f"{target}: holds files of yours where this {kind} writes its own ({', '.join(theirs[:5])}); "
                         "nothing was replaced. Move them, or give another folder")
@@ -244,7 +246,7 @@ def replace_ours(target: Path, work: Path, kind: str, scope: Callable[[str], boo
     _remove_empty_dirs(target, old_files)
     for f in sorted(new_files, key=lambda f: f == first):
         _move(work / f, target / f)
-    write_marker(target, kind, set(kept) | set(new_files))
+    write_marker(target, kind, kept | set(new_files))
     shutil.rmtree(old, ignore_errors=True)
 
 
