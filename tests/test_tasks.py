@@ -236,7 +236,31 @@ def test_bars_show_count_rate_and_eta_on_a_terminal(monkeypatch):
     q = Progress(stream=plain)
     with q.stage("explain"):
         list(q.track(range(4), "LIME"))
-    assert "LIME" not in plain.getvalue() and "explain done in" in plain.getvalue()
+    assert "LIME" not in plain.getvalue() and "explain done in" in plain.getvalue()  # too quick to log a line
+
+
+def test_a_long_stage_logs_its_count_rate_and_eta_off_a_terminal(monkeypatch):
+    """In a log file a bar prints nothing live; one that stays open longer than LOG_SECONDS logs a line with its
+    count, rate and ETA every LOG_SECONDS, even while its count does not move (one long task)."""
+    monkeypatch.setattr("report_builder.pipeline.progress.LOG_SECONDS", 0.2)
+    log = io.StringIO()
+    p = Progress(stream=log)
+    with p.stage("explain"), p.bar("tasks", 10) as bar:
+        bar.update(2)
+        time.sleep(0.5)  # two beats while nothing moves
+        bar.update(3)
+        time.sleep(0.3)
+    lines = [line for line in log.getvalue().splitlines() if "tasks" in line]
+    assert len(lines) >= 3, log.getvalue()
+    assert "tasks 2/10 (20%)" in lines[0] and "ETA" in lines[0] and "/s" in lines[0]
+    assert "tasks 5/10 (50%)" in lines[-1]
+    time.sleep(0.3)  # closed: no more lines
+    assert [line for line in log.getvalue().splitlines() if "tasks" in line] == lines
+    assert p._heartbeat is None  # the logging thread ended with the last bar
+    quiet = io.StringIO()
+    with Progress(stream=quiet, quiet=True).bar("tasks", 3):
+        time.sleep(0.3)
+    assert quiet.getvalue() == ""
 
 
 def test_grad_cam_bars_are_folded_into_ours(monkeypatch, capsys):

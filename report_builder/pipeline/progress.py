@@ -1,14 +1,16 @@
 """Progress on stderr: a line per stage, and live bars with count, rate and ETA.
 
 On a terminal, long loops draw one status line at the bottom (every open bar, innermost last) that is
-redrawn in place; the stage lines print above it. Elsewhere (CI, a log file) bars print nothing and the
-stage lines are the whole log. Stage code never takes a Progress argument: it asks for `current()`, which
+redrawn in place; the stage lines print above it. Elsewhere (CI, a log file) the stage lines are the log, and
+while any bar is open a line with every open bar (count, rate, ETA) is logged every LOG_SECONDS, so a long
+stage never goes quiet in a log file. Stage code never takes a Progress argument: it asks for `current()`, which
 is the run's Progress in the driver and a silent one anywhere else (a Ray worker, a test).
 """
 from __future__ import annotations
 
 import contextvars
 import sys
+import threading
 import time
 import types
 from contextlib import contextmanager
@@ -16,6 +18,7 @@ from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 REDRAW_SECONDS = 0.1
+LOG_SECONDS = 30.0  # off a terminal: the longest a run goes without a line while a bar is open
 
 
 def _clock(seconds: float) -> str:
@@ -74,6 +77,9 @@ class Progress:
         self._bars: list[Bar] = []
         self._drawn = 0.0
         self._status = False
+        self._lock = threading.RLock()  # the heartbeat thread writes too
+        self._heartbeat: threading.Thread | None = None
+        self._beat = threading.Condition(self._lock)
 
     @property
     def out(self):
@@ -107,9 +113,19 @@ class Progress:
         """A line of the log; `detail` lines only with --verbose. Warnings always print, even with --quiet."""
         if (self.quiet and not text.startswith("warning")) or (detail and not self.verbose):
             return
-        self._clear()
-        print(f"[{time.perf_counter() - self.start:7.1f}s] {text}", file=self.out, flush=True)
-        self._draw(force=True)
+        with self._lock:
+            self._clear()
+            print(f"[{time.perf_counter() - self.start:7.1f}s] {text}", file=self.out, flush=True)
+            self._draw(force=True)
+
+    def _log_bars(self) -> None:
+        """Off a terminal: while bars are open, say where they stand every LOG_SECONDS (a daemon thread, so a
+        stage that updates its bar rarely, or not at all for minutes, still shows it is alive)."""
+        with self._lock:
+            while self._bars:
+                if not self._beat.wait_for(lambda: not self._bars, timeout=LOG_SECONDS):
+                    self.say(" | ".join(b.text() for b in self._bars))
+            self._heartbeat = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -123,14 +139,20 @@ class Progress:
     @contextmanager
     def bar(self, label: str, total: int | None = None, unit: str = "") -> Iterator[Bar]:
         bar = Bar(self, label, total, unit)
-        self._bars.append(bar)
-        self._draw(force=True)
+        with self._lock:
+            self._bars.append(bar)
+            self._draw(force=True)
+            if not self.live and not self.quiet and self._heartbeat is None:
+                self._heartbeat = threading.Thread(target=self._log_bars, name="progress-log", daemon=True)
+                self._heartbeat.start()
         try:
             yield bar
         finally:
-            self._bars.remove(bar)
-            self._clear()
-            self._draw(force=True)
+            with self._lock:
+                self._bars.remove(bar)
+                self._clear()
+                self._draw(force=True)
+                self._beat.notify_all()
 
     def track(self, items: Iterable[T], label: str, total: int | None = None, unit: str = "") -> Iterator[T]:
         """Iterate with a bar."""
