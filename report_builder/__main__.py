@@ -6,7 +6,7 @@ import signal
 import sys
 from pathlib import Path
 
-from report_builder.errors import UserError, signals_interrupt
+from report_builder.errors import UserError, pending_signal, signals_interrupt
 
 DEMO_SPEC = Path(__file__).resolve().parent / "demo.yaml"  # package data: the spec `make report` runs
 
@@ -99,7 +99,18 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with signals_interrupt():
-        return _main(args)
+        try:
+            return _main(args)
+        except Exception:
+            if pending_signal() is None:
+                raise
+            return _interrupted(pending_signal())  # the signal surfaced as another error: still an interruption
+
+
+def _interrupted(signum: int | None) -> int:
+    terminated = signum == signal.SIGTERM
+    print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; no output was written", file=sys.stderr)
+    return 143 if terminated else 130
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -154,9 +165,13 @@ def _main(args: argparse.Namespace) -> int:
             print(f"wrote {args.run_dir}/report.html and {args.run_dir}/report.pdf")
             return 0
     except UserError as exc:
+        if pending_signal() is not None:
+            return _interrupted(pending_signal())
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # the machine said no: a full or read-only disk, a permission
+        if pending_signal() is not None:
+            return _interrupted(pending_signal())
         from report_builder.files import os_error_text
 
         print(f"error: {os_error_text(exc, _places(args))}; any output of this command was left out", file=sys.stderr)
@@ -167,9 +182,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {_memory_text(exc)}; any output of this command was left out", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        terminated = getattr(exc, "signum", None) == signal.SIGTERM
-        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; no output was written", file=sys.stderr)
-        return 143 if terminated else 130
+        return _interrupted(getattr(exc, "signum", None))
     return 1
 
 

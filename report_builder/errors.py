@@ -47,6 +47,13 @@ def raise_if_interrupted() -> None:
         raise Interrupted(_pending[0])
 
 
+def pending_signal() -> int | None:
+    """The signal that arrived while the command ran, if one did. An exception raised while one is pending is its
+    consequence: the handler's Interrupted can come out as another error (a C extension being imported when it
+    landed reports `ImportError: initialization failed`)."""
+    return _pending[0] if _pending else None
+
+
 @contextmanager
 def signals_interrupt() -> Iterator[None]:
     """SIGINT and SIGTERM raise Interrupted for the duration (main thread only; elsewhere nothing changes)."""

@@ -804,6 +804,32 @@ def test_a_ctrl_c_that_lands_in_a_callback_still_stops_render(tmp_path, capsys, 
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("surfaced_as", [ImportError("initialization failed"), OSError(5, "Input/output error"),
+                                         UserError("bad file")])
+def test_a_signal_that_surfaces_as_another_error_is_still_an_interruption(tmp_path, capsys, good_run, monkeypatch,
+                                                                         surfaced_as):
+    """SIGTERM landing while a C extension is imported comes out as `ImportError: initialization failed` (seen in a
+    full test run: matplotlib's Agg backend being loaded by render); any error raised while a signal is pending is
+    the signal's doing: exit 143, the words of an interruption, no traceback, the run directory as it was."""
+    from report_builder import errors
+    from report_builder.report import render
+
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    before = snapshot(run)
+
+    def signal_inside_an_import(*args, **kwargs):
+        try:
+            errors._on_signal(signal.SIGTERM, None)
+        except errors.Interrupted as exc:
+            raise surfaced_as from exc
+
+    monkeypatch.setattr(render, "make_figures", signal_inside_an_import)
+    code, err = run_cli(capsys, "render", run)
+    assert code == 143 and "terminated (SIGTERM); no output was written" in err and "Traceback" not in err
+    assert snapshot(run) == before
+
+
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path, ckpt, good_run):
     spec = good_run.parent / "spec.yaml"
     out, cache = tmp_path / "out" / "run", tmp_path / "cache"
