@@ -464,7 +464,6 @@ def _timm(spec: ModelSpec, where: str) -> LoadedModel:
 
 def _checkpoint(spec: ModelSpec, where: str) -> LoadedModel:
     """An architecture (torchvision first, then timm) plus a local file."""
-    import timm
     import torchvision
 
     path = Path(spec.path or "")
@@ -472,11 +471,13 @@ def _checkpoint(spec: ModelSpec, where: str) -> LoadedModel:
     if spec.name in torchvision.models.list_models(module=torchvision.models):
         model = torchvision.models.get_model(spec.name, weights=None, num_classes=len(classes))
         pre = Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
-    elif spec.name in timm.list_models():
+    else:
+        import timm  # only here: it takes seconds to import, and most checkpoints are torchvision architectures
+
+        if spec.name not in timm.list_models():
+            raise UserError(f"{where}.name: found {spec.name!r}, expected a torchvision or timm architecture name")
         model = timm.create_model(spec.name, pretrained=False, num_classes=len(classes))
         pre = timm_preprocess(model)
-    else:
-        raise UserError(f"{where}.name: found {spec.name!r}, expected a torchvision or timm architecture name")
     load_into(model, load_checkpoint(path, where), path, where)
     return LoadedModel(spec, model, pre, classes, f"{spec.name} from {path}")
 
