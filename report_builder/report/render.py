@@ -6,6 +6,7 @@ Templates hold layout; this module holds the numbers they show.
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import os
 import shutil
@@ -535,6 +536,13 @@ def _data_uri(path: Path) -> str:
 def environment() -> Environment:
     if not TEMPLATES.is_dir():
         raise UserError(f"templates folder {TEMPLATES} is missing; reinstall report_builder from its repository")
+    return _environment()
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> Environment:
+    """One environment per process, so its compiled templates are reused by every render (compiling them all takes
+    about a second; the loader still notices an edited template)."""
     env = Environment(
         loader=FileSystemLoader(str(TEMPLATES)),
         autoescape=select_autoescape(["html"]),
@@ -556,7 +564,12 @@ def _describe(env: Environment, metric: metric_registry.Metric, settings: dict) 
     """A metric's row in the trust section: its description (Jinja text in the registry) given its settings, each
     column's direction of better and its rule; the settings' values are escaped as everywhere."""
     better = {c.name: c.better for c in metric.columns}
-    return Markup(env.from_string(metric.description).render(s=settings, better=better, rule=metric.rule))
+    return Markup(_compiled(env, metric.description).render(s=settings, better=better, rule=metric.rule))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(env: Environment, text: str):
+    return env.from_string(text)
 
 
 def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], scripts: bool = True) -> str:
