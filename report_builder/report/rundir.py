@@ -480,6 +480,8 @@ RESULTS = {
     "findings": [{"text": "text", "section": "text", "timing?": "bool"}],
     "timings": "list", "spec": "mapping",
     "evaluation?": EVALUATION, "netdissect?": NETDISSECT, "dissection?": DISSECTION,
+    "checks?": [{"name": "text", "metric": "text", "title": "text", "value": Null("number"), "values": "count",
+                 "at_least": Null("number"), "at_most": Null("number"), "passed": "bool", "message": "text", "group?": "text"}],
 }
 _check_results = _compile(RESULTS)
 
