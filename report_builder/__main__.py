@@ -165,8 +165,10 @@ def _main(args: argparse.Namespace) -> int:
             return 0
         if args.command == "check":
             from report_builder.report.checks import check_dir
+            from report_builder.spec.schema import load_checks
 
-            return check_dir(args.run_dir, args.spec, args.junit)
+            given = load_checks(args.spec) if args.spec else None
+            return check_dir(args.run_dir, given, str(args.spec), args.junit)
         if args.command == "render":
             from report_builder.report.render import render_run
 

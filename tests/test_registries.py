@@ -46,7 +46,7 @@ def test_every_partial_template_belongs_to_a_section_or_is_shared():
 def test_the_rendered_contents_follow_the_registry(monkeypatch):
     results = {"dissection": {"models": []}, "evaluation": {"rows": []}, "versions": []}
     shown = [s.id for s in sections_of(results)]
-    assert shown == [s for s in SECTION_IDS if s not in ("netdissect", "versions")]  # an empty versions list: none
+    assert shown == [s for s in SECTION_IDS if s not in ("netdissect", "versions", "checks")]  # empty: none
     trimmed = tuple(s for s in SECTIONS if s.id != "trust")
     monkeypatch.setattr(sys.modules["report_builder.report.sections"], "SECTIONS", trimmed)
     assert "trust" not in [s.id for s in sections_of(results)]  # one table decides what the report shows

@@ -441,7 +441,7 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
         if spec.checks:  # before rendering: the report opens with them
             from report_builder.report import checks
 
-            results["checks"] = checks.evaluate([c.model_dump() for c in spec.checks], checks.Source(results, work))
+            results["checks"] = checks.evaluate([c.model_dump() for c in spec.checks], checks.CheckSource(results, work))
             atomic_write(work / checks.CHECKS_XML, checks.junit(results["checks"]))
         with progress.stage("render report"):
             render_run(work, results)

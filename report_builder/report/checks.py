@@ -40,13 +40,13 @@ class Measure:
     title: str
     kind: str  # "run": in a run directory; "pair": between two runs (a diff) or two versions of one model
     scopes: tuple[str, ...]  # the keys its rows carry, which a check may fix
-    rows: Callable[["Source"], list[dict]]  # each row: its scope keys and "value"
+    rows: Callable[["CheckSource"], list[dict]]  # each row: its scope keys and "value"
     needs: Callable[[Any], str | None] = field(default=lambda spec: None)  # why a spec cannot have it, or None
     direction: str | None = None  # "higher" or "lower" is better, where one is
 
 
 @dataclass
-class Source:
+class CheckSource:
     """What a check reads: a run directory's results.json, or a diff's diff.json."""
 
     results: dict
@@ -115,54 +115,54 @@ def _method_needs(method: str) -> Callable[[Any], str | None]:
 # ---------------------------------------------------------------- the rows of each measure
 
 
-def _evaluation_rows(column: str) -> Callable[[Source], list[dict]]:
-    def rows(src: Source) -> list[dict]:
+def _evaluation_rows(column: str) -> Callable[[CheckSource], list[dict]]:
+    def rows(src: CheckSource) -> list[dict]:
         return [{"model": r["model"], "method": r["method"], "image": r["image"], "value": r.get(column)}
                 for r in src.results.get("evaluation", {}).get("rows", [])]
     return rows
 
 
-def _final_rows(column: str) -> Callable[[Source], list[dict]]:
+def _final_rows(column: str) -> Callable[[CheckSource], list[dict]]:
     """A per-step column after the last step (every block randomised), per image."""
-    def rows(src: Source) -> list[dict]:
+    def rows(src: CheckSource) -> list[dict]:
         return [{"model": s["model"], "method": s["method"], "image": s["image"],
                  "value": s[column][-1] if s.get(column) else None}
                 for s in src.results.get("evaluation", {}).get("sanity", [])]
     return rows
 
 
-def _verdict_rows(metric: metric_registry.Metric) -> Callable[[Source], list[dict]]:
+def _verdict_rows(metric: metric_registry.Metric) -> Callable[[CheckSource], list[dict]]:
     """1 where a method fails the metric's rule (its mean over the images), else 0: per model and method."""
     rule = metric.rule
     column = metric_registry.column(rule.column)
     key = metric.final_key(column) if metric.per_step else column.name
 
-    def rows(src: Source) -> list[dict]:
+    def rows(src: CheckSource) -> list[dict]:
         return [{"model": e["model"], "method": e["method"], "value": float(rule.fails(e[key]))}
                 for e in src.results.get("evaluation", {}).get("summary", []) if e.get(key) is not None]
     return rows
 
 
-def _agreement_rows(column: str) -> Callable[[Source], list[dict]]:
-    def rows(src: Source) -> list[dict]:
+def _agreement_rows(column: str) -> Callable[[CheckSource], list[dict]]:
+    def rows(src: CheckSource) -> list[dict]:
         return [{"model": r["model"], "method": r["method_b"], "image": r["image"], "value": r.get(column)}
                 for r in src.results.get("agreement", {}).get("rows", [])]
     return rows
 
 
-def _timing_rows(src: Source) -> list[dict]:
+def _timing_rows(src: CheckSource) -> list[dict]:
     return [{"model": e["model"], "method": method, "image": e["image"], "value": v.get("seconds")}
             for e in src.results.get("explanations", []) for method, v in e["methods"].items()]
 
 
-def _unique_concepts_rows(src: Source) -> list[dict]:
+def _unique_concepts_rows(src: CheckSource) -> list[dict]:
     return [{"model": m["model"], "layer": x["layer"], "value": float(len({u["label"] for u in x["labels"]}))}
             for m in src.results.get("dissection", {}).get("models", []) for x in m["layers"]]
 
 
-def _netdissect_rows(total: str, per_category: str) -> Callable[[Source], list[dict]]:
+def _netdissect_rows(total: str, per_category: str) -> Callable[[CheckSource], list[dict]]:
     """A layer's count (detectors, unique detector concepts): one row for the layer, one per category."""
-    def rows(src: Source) -> list[dict]:
+    def rows(src: CheckSource) -> list[dict]:
         out = []
         for m in src.results.get("netdissect", {}).get("models", []):
             for x in m["layers"]:
@@ -178,25 +178,25 @@ def _pair_row(p: dict, **keys: Any) -> dict:
     return {"model": p["b"], "_aliases": {"model": {p["a"], p.get("group")}}, **keys}
 
 
-def _top1_rows(src: Source) -> list[dict]:
+def _top1_rows(src: CheckSource) -> list[dict]:
     return [_pair_row(p, value=1 - p["predictions"]["top1_changed"] / p["predictions"]["images"])
             for p in src.pairs if p["predictions"]["images"]]
 
 
-def _gradcam_rows(src: Source) -> list[dict]:
+def _gradcam_rows(src: CheckSource) -> list[dict]:
     return [_pair_row(p, image=r["image"], value=r["gradcam_iou"]) for p in src.pairs for r in p["maps"]["rows"]]
 
 
-def _dissection_pair_rows(key: str) -> Callable[[Source], list[dict]]:
-    def rows(src: Source) -> list[dict]:
+def _dissection_pair_rows(key: str) -> Callable[[CheckSource], list[dict]]:
+    def rows(src: CheckSource) -> list[dict]:
         return [_pair_row(p, layer=x["layer"], value=x[key]) for p in src.pairs
                 if (p.get("dissection") or {}).get("compared") for x in p["dissection"]["layers"]]
     return rows
 
 
-def _delta_rows(column: str) -> Callable[[Source], list[dict]]:
+def _delta_rows(column: str) -> Callable[[CheckSource], list[dict]]:
     """B − A of a per-map column's mean over the shared images, per model and method."""
-    def rows(src: Source) -> list[dict]:
+    def rows(src: CheckSource) -> list[dict]:
         return [_pair_row(p, method=r["method"], value=r["delta"]) for p in src.pairs
                 if (p.get("evaluation") or {}).get("compared") for r in p["evaluation"]["rows"]
                 if r["column"] == column]
@@ -319,7 +319,7 @@ def spec_problems(spec: Any) -> list[str]:
     return out
 
 
-def source_problems(checks: list[dict], src: Source, where: str) -> list[str]:
+def source_problems(checks: list[dict], src: CheckSource, where: str) -> list[str]:
     """What is wrong with checks given to `report-builder check` against an existing run or diff: a measure it does
     not hold, a scope value none of its rows has."""
     out = []
@@ -371,7 +371,7 @@ def describe(check: dict) -> str:
     return f"{check['metric']}{f' ({scope})' if scope else ''}{' for each image' if check.get('each') else ''} {bounds}"
 
 
-def evaluate(checks: list[dict], src: Source) -> list[dict]:
+def evaluate(checks: list[dict], src: CheckSource) -> list[dict]:
     """Each check's outcomes, one per group of rows it tests (per model and method, say): the measured value (the
     mean over the images unless `each`), how many values it holds, and whether it passed. Failed ones first."""
     out = []
@@ -459,7 +459,7 @@ def run_outcome(run_dir: Path) -> tuple[bool, str]:
     return failed, summary(outcomes) + f"\n  (JUnit XML: {Path(run_dir) / CHECKS_XML})"
 
 
-def _open(folder: Path) -> Source:
+def _open(folder: Path) -> CheckSource:
     """A run directory or a diff directory, read and checked as render and diff read them."""
     from report_builder.files import folder_kind
     from report_builder.report.rundir import RunFormatError, load_results, read_json
@@ -470,22 +470,21 @@ def _open(folder: Path) -> Source:
         data = read_json(folder / "diff.json", "diff.json")
         if not isinstance(data, dict) or not isinstance(data.get("pairs"), list):
             raise RunFormatError(f"{folder / 'diff.json'}: does not have the layout this report_builder writes")
-        return Source(data, folder, "diff")
-    return Source(load_results(folder), folder, "run")
+        return CheckSource(data, folder, "diff")
+    return CheckSource(load_results(folder), folder, "run")
 
 
-def check_dir(folder: Path, spec_path: Path | None = None, junit_path: Path | None = None) -> int:
-    """`report-builder check RUN_DIR [--spec FILE] [--junit PATH]`: evaluate the checks on an existing run or diff,
-    print the outcome, write the JUnit XML; 0 when every check passes, CHECKS_FAILED when one fails."""
+def check_dir(folder: Path, given: list[dict] | None = None, where: str = "", junit_path: Path | None = None) -> int:
+    """`report-builder check RUN_DIR [--spec FILE] [--junit PATH]`: evaluate the checks (`given`, read from `where`,
+    else the run's own) on an existing run or diff, print the outcome, write the JUnit XML; 0 when every check passes,
+    CHECKS_FAILED when one fails."""
     from report_builder.errors import UserError
     from report_builder.files import atomic_write
 
     folder = Path(folder)
     src = _open(folder)
-    if spec_path is not None:
-        from report_builder.spec.schema import load_checks
-
-        checks, where = load_checks(spec_path), str(spec_path)
+    if given is not None:  # from --spec, read and validated by the spec module
+        checks = given
     else:
         checks = list((src.results.get("spec") or {}).get("checks") or [])
         where = f"{folder}/results.json: spec"
