@@ -453,4 +453,34 @@ def diff_findings(result: dict) -> list[str]:
                 if x["gained"] or x["lost"]:
                     text += f" ({len(x['gained'])} gained, {len(x['lost'])} lost)"
                 out.append(text + ".")
+        out += _new_section_findings(name, p)
+    return out
+
+
+def _new_section_findings(name: str, p: dict) -> list[str]:
+    """The evaluation, sanity verdicts, Network Dissection and LIME sweep of one pair, in sentences."""
+    out = []
+    ev = p.get("evaluation")
+    if ev and ev["compared"]:
+        moved = [x for x in ev["rows"] if x["better"] != "within noise"]
+        if ev["rows"]:
+            out.append(f"{name}: of {len(ev['rows'])} evaluation means (method × metric), "
+                       + (f"{len(moved)} change beyond noise: " + "; ".join(
+                           f"{x['method']} {x['title']} {x['a']:.3f} → {x['b']:.3f} ({x['better']} better, p = "
+                           f"{x['p_value']:.2g} over {x['images']} images)" for x in moved[:6])
+                          if moved else "none changes beyond noise (paired bootstrap and Wilcoxon over the shared "
+                                        "images)") + ".")
+        for v in ev["verdicts"]:
+            if v["changed"]:
+                out.append(f"{name}: {v['method']} {v['verdict_a'] or 'was not tested'} the {v['title'].lower()} in "
+                           f"run A and {v['verdict_b'] or 'is not tested'} in run B ({v['rule']}).")
+    nd = p.get("netdissect")
+    if nd and nd["compared"]:
+        for x in nd["layers"]:
+            out.append(f"{name}, {x['layer']}: Network Dissection detectors go from {x['detectors_a']} to "
+                       f"{x['detectors_b']}, their unique concepts from {x['unique_a']} to {x['unique_b']}.")
+    sw = p.get("lime_sweep")
+    if sw and sw["compared"]:
+        out.append(f"{name}: the LIME sweep's best setting is {sw['best_a']} in run A and {sw['best_b']} in run B"
+                   + ("." if sw["changed"] else " (unchanged)."))
     return out
