@@ -802,7 +802,7 @@ def test_the_spec_checks_each_sources_and_scorers_own_rules():
         return str(info.value)
 
     assert "'weights' goes with source 'torchvision'" in refused(ModelSpec, id="m", source="timm", name="x", weights="W")
-    assert "'classes' goes with source 'timm', 'checkpoint' or 'python'" in refused(
+    assert "'classes' goes with source 'timm', 'huggingface', 'checkpoint' or 'python'" in refused(
         ModelSpec, id="m", source="torchvision", name="resnet18", classes="c.txt")
     assert "'path' goes with source" in refused(ModelSpec, id="m", source="packaged", name="efficientnet_lite0", path="w.pt")
     assert "source 'packaged' has one set of weights" in refused(

@@ -146,7 +146,8 @@ class ModelSpec(StrictModel):
                     raise ValueError(f"source {self.source!r} {source.refused[key]}")
                 raise ValueError(f"{key!r} goes with source {_either([s.name for s in SOURCES.values() if key in s.allows])}")
         for key, what in source.needs.items():
-            if not getattr(self, key) and not (key == "path" and self.versions):  # a version is a checkpoint file
+            stand_in = any(getattr(self, k) for k in source.stand_ins.get(key, ()))
+            if not getattr(self, key) and not (key == "path" and self.versions) and not stand_in:  # a version: a file
                 raise ValueError(f"source {self.source!r} needs {key!r}{what}")
         problem = source.check(self, _show) if source.check else None
         if problem:
