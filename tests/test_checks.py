@@ -112,6 +112,13 @@ def test_agreement_timings_and_dissection_counts():
     assert layer["value"] == 3.0 and layer["passed"]
 
 
+def test_a_versioned_entry_id_takes_in_each_version():
+    r = _results()
+    r["models"] = [{"id": "m", "display": "M", "group": "net"}]
+    (o, _) = evaluate([_check(FIRST, model="net", at_least=0.5)], CheckSource(r))
+    assert o["model"] == "m" and o["value"] == pytest.approx(0.4)
+
+
 def _pair(a: str = "m-v1", b: str = "m-v2") -> dict:
     return {"a": a, "b": b, "group": "m",
             "predictions": {"images": 4, "top1_changed": 1},

@@ -343,7 +343,7 @@ def source_problems(checks: list[dict], src: CheckSource, where: str) -> list[st
             continue
         for key in measure.scopes:
             want = check.get(key)
-            if want is not None and not any(_matches(r, key, want) for r in rows):
+            if want is not None and not any(_matches(r, key, want, _groups(src)) for r in rows):
                 have = sorted({str(r.get(key)) for r in rows if r.get(key) is not None})
                 out.append(f"{where}: checks[{i}].{key}: found {want!r}; {measure.name} is measured for "
                            f"{', '.join(have)}")
@@ -353,8 +353,15 @@ def source_problems(checks: list[dict], src: CheckSource, where: str) -> list[st
 # ---------------------------------------------------------------- evaluating
 
 
-def _matches(row: dict, key: str, want: Any) -> bool:
+def _matches(row: dict, key: str, want: Any, groups: dict[str, str] | None = None) -> bool:
+    """Whether a row is in a check's scope; a versioned entry's id (`model: lite0`) takes in each of its versions."""
+    if key == "model" and groups and groups.get(row.get("model")) == want:
+        return True
     return row.get(key) == want or want in row.get("_aliases", {}).get(key, ())
+
+
+def _groups(src: CheckSource) -> dict[str, str]:
+    return {m["id"]: m["group"] for m in src.results.get("models", []) if m.get("group")}
 
 
 def _shown(value: float) -> str:
@@ -377,11 +384,14 @@ def evaluate(checks: list[dict], src: CheckSource) -> list[dict]:
     out = []
     for index, check in enumerate(checks):
         measure = find(check["metric"])
+        groups = _groups(src)
         rows = [r for r in measure.rows(src)
-                if all(_matches(r, k, check[k]) for k in SCOPES if check.get(k) is not None)]
+                if all(_matches(r, k, check[k], groups) for k in SCOPES if check.get(k) is not None)]
         if check.get("method") is None:  # the random map is the bar to beat, not a method to test
             rows = [r for r in rows if r.get("method") != BASELINE]
-        grouping = [k for k in measure.scopes if (k != AVERAGED or check.get("each")) and check.get(k) is None]
+        # tested per value of each scope left open; a versioned entry's id stays open: one test per version
+        grouping = [k for k in measure.scopes if (k != AVERAGED or check.get("each"))
+                    and (check.get(k) is None or (k == "model" and check[k] in groups.values()))]
         groups: dict[tuple, list[dict]] = {}
         for r in rows:
             groups.setdefault(tuple(r.get(k) for k in grouping), []).append(r)
@@ -389,7 +399,7 @@ def evaluate(checks: list[dict], src: CheckSource) -> list[dict]:
             groups[tuple(None for _ in grouping)] = []
         for key, members in groups.items():
             group = {k: v for k, v in zip(grouping, key) if v is not None}
-            scope = {k: check.get(k) if check.get(k) is not None else group.get(k) for k in SCOPES}
+            scope = {k: group.get(k, check.get(k)) for k in SCOPES}
             scope = {k: v for k, v in scope.items() if v is not None}
             values = [float(r["value"]) for r in members if r["value"] is not None and r["value"] == r["value"]]
             value = sum(values) / len(values) if values else None
