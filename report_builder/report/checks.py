@@ -420,6 +420,8 @@ def _outcome(index: int, check: dict, measure: Measure, scope: dict, value: floa
         message = f"{measure.name}{f' of {where}' if where else ''}: no value to test; expected {bounds}"
     else:
         message = f"{measure.name}{f' of {where}' if where else ''} is {_shown(value)}{over}; expected {bounds}"
+    if check.get("name"):
+        message = f"{check['name']}: {message}"
     return {"check": index, "name": describe(check), "metric": measure.name, "title": measure.title, **{
         k: scope.get(k) for k in SCOPES}, "value": value, "values": n, "at_least": check.get("at_least"),
             "at_most": check.get("at_most"), "each": bool(check.get("each")), "passed": passed, "message": message}
