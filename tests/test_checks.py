@@ -344,3 +344,12 @@ def test_small_differences_are_within_noise():
     b = _run_results({"gradcam": [0.2, 0.4, 0.3]}, final=0.3)
     ev = diff.compare_evaluation(a, b, "m", "m", [])
     assert {r["better"] for r in ev["rows"]} == {"within noise"} and not ev["verdicts"][0]["changed"]
+
+
+def test_a_check_of_a_wall_clock_time_is_set_apart_from_what_two_runs_share():
+    from report_builder.report.rundir import TIMING_KEYS, without_timings
+
+    outcomes = evaluate([_check(FIRST, at_least=0.5), _check("seconds", at_most=2.0)], CheckSource(_results()))
+    assert {o["metric"] for o in outcomes if o["timing"]} == {"seconds"} and "checks[timing=true]" in TIMING_KEYS
+    r = {"provenance": {}, "explanations": [], "agreement": {}, "findings": [], "checks": outcomes}
+    assert {c["metric"] for c in without_timings(r)["checks"]} == {FIRST}

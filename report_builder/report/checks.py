@@ -43,6 +43,7 @@ class Measure:
     rows: Callable[["CheckSource"], list[dict]]  # each row: its scope keys and "value"
     needs: Callable[[Any], str | None] = field(default=lambda spec: None)  # why a spec cannot have it, or None
     direction: str | None = None  # "higher" or "lower" is better, where one is
+    timing: bool = False  # a wall-clock time: its outcome differs between runs (rundir.TIMING_KEYS)
 
 
 @dataclass
@@ -225,7 +226,8 @@ def measures() -> dict[str, Measure]:
                                ("model", "method"), _verdict_rows(metric), _evaluate_needs(metric), "lower"))
     out.append(Measure(AGREEMENT_COLUMN, "LIME–CAM IoU (top-n)", "run", each_map, _agreement_rows(AGREEMENT_COLUMN),
                        _agreement_needs(None), "higher"))
-    out.append(Measure("seconds", "seconds per explanation", "run", each_map, _timing_rows, direction="lower"))
+    out.append(Measure("seconds", "seconds per explanation", "run", each_map, _timing_rows, direction="lower",
+                       timing=True))
     out.append(Measure("unique_concepts", "unique CLIP-Dissect concepts of a layer", "run", ("model", "layer"),
                        _unique_concepts_rows, _section_needs("dissect"), "higher"))
     out.append(Measure("detectors", "Network Dissection detectors of a layer", "run", ("model", "layer", "category"),
@@ -424,7 +426,8 @@ def _outcome(index: int, check: dict, measure: Measure, scope: dict, value: floa
         message = f"{check['name']}: {message}"
     return {"check": index, "name": describe(check), "metric": measure.name, "title": measure.title, **{
         k: scope.get(k) for k in SCOPES}, "value": value, "values": n, "at_least": check.get("at_least"),
-            "at_most": check.get("at_most"), "each": bool(check.get("each")), "passed": passed, "message": message}
+            "at_most": check.get("at_most"), "each": bool(check.get("each")), "passed": passed, "message": message,
+            "timing": measure.timing}
 
 
 def junit(outcomes: list[dict], suite: str = "report_builder checks") -> bytes:
