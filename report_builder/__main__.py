@@ -85,6 +85,16 @@ def _parser() -> argparse.ArgumentParser:
                          description="Re-render a run directory's report from its results.json; no model is loaded.")
     ren.add_argument("run_dir", type=Path, help="a run directory, e.g. output/demo")
 
+    chk = sub.add_parser("check", help="test a run's or a diff's numbers against thresholds (exit 3 if one fails)",
+                         description="Evaluate checks (thresholds on the run's numbers: pointing_hit, deletion_auc, "
+                                     "top1_agreement, ...) on an existing run or diff directory, without recomputing. "
+                                     "The checks are the run's own (its spec's checks:), or those of --spec. Prints "
+                                     "each failure and writes a JUnit XML file. Exit 0: all pass; 3: one or more "
+                                     "failed; 2: a problem with the input.")
+    chk.add_argument("run_dir", type=Path, help="a run directory (output/demo) or a diff directory")
+    chk.add_argument("--spec", type=Path, help="a YAML file whose 'checks:' to evaluate (default: the run's own)")
+    chk.add_argument("--junit", type=Path, help=f"where to write the JUnit XML (default: RUN_DIR/checks.xml)")
+
     dif = sub.add_parser("diff", help="compare two run directories (e.g. two versions of a model)",
                          description="Compare two runs: spec keys, weights, predictions, Grad-CAM maps, LIME agreement "
                                      "and unit labels. Reads only the run directories; no model is loaded.")
@@ -145,6 +155,12 @@ def _main(args: argparse.Namespace) -> int:
             run(loaded, out, cache=Cache(args.cache_dir, enabled=not args.no_cache),
                 progress=Progress(quiet=args.quiet, verbose=args.verbose), executor=args.executor,
                 ray_address=args.ray_address, allow_code=args.allow_code, allow_code_from=args.allow_code_from)
+            if loaded.spec.checks:
+                from report_builder.report.checks import CHECKS_FAILED, run_outcome
+
+                failed, text = run_outcome(out)
+                print(text, file=sys.stderr if failed else sys.stdout)
+                return CHECKS_FAILED if failed else 0
             return 0
         if args.command == "diff":
             from report_builder.report.diff import write_diff
@@ -158,6 +174,12 @@ def _main(args: argparse.Namespace) -> int:
             write_diff(args.run_a, args.run_b, out, pairs or None)
             print(f"wrote {out}/diff.json, {out}/report.html and {out}/report.pdf")
             return 0
+        if args.command == "check":
+            from report_builder.report.checks import check_dir
+            from report_builder.spec.schema import load_checks
+
+            given = load_checks(args.spec) if args.spec else None
+            return check_dir(args.run_dir, given, str(args.spec), args.junit)
         if args.command == "render":
             from report_builder.report.render import render_run
 
@@ -195,7 +217,7 @@ def _places(args: argparse.Namespace) -> str:
         return f"the output folder {out} or the cache {args.cache_dir or default_root()}"
     if args.command == "diff":
         return f"the output folder {args.out or 'output/diff-A-vs-B'}"
-    if args.command == "render":
+    if args.command in ("render", "check"):
         return f"the run directory {args.run_dir}"
     return "the current folder"
 

@@ -46,7 +46,7 @@ def test_every_partial_template_belongs_to_a_section_or_is_shared():
 def test_the_rendered_contents_follow_the_registry(monkeypatch):
     results = {"dissection": {"models": []}, "evaluation": {"rows": []}, "versions": []}
     shown = [s.id for s in sections_of(results)]
-    assert shown == [s for s in SECTION_IDS if s not in ("netdissect", "versions")]  # an empty versions list: none
+    assert shown == [s for s in SECTION_IDS if s not in ("netdissect", "versions", "checks")]  # empty: none
     trimmed = tuple(s for s in SECTIONS if s.id != "trust")
     monkeypatch.setattr(sys.modules["report_builder.report.sections"], "SECTIONS", trimmed)
     assert "trust" not in [s.id for s in sections_of(results)]  # one table decides what the report shows
@@ -802,7 +802,7 @@ def test_the_spec_checks_each_sources_and_scorers_own_rules():
         return str(info.value)
 
     assert "'weights' goes with source 'torchvision'" in refused(ModelSpec, id="m", source="timm", name="x", weights="W")
-    assert "'classes' goes with source 'timm', 'checkpoint' or 'python'" in refused(
+    assert "'classes' goes with source 'timm', 'huggingface', 'checkpoint' or 'python'" in refused(
         ModelSpec, id="m", source="torchvision", name="resnet18", classes="c.txt")
     assert "'path' goes with source" in refused(ModelSpec, id="m", source="packaged", name="efficientnet_lite0", path="w.pt")
     assert "source 'packaged' has one set of weights" in refused(

@@ -80,7 +80,7 @@ BAD = [
     ("unknown top-level key", MINIMAL + "titel: x\n", "titel: unknown key (did you mean 'title'?)"),
     ("wrong type", MINIMAL + "seed: lots\n", "seed: found 'lots', expected a whole number"),
     ("unknown source", MINIMAL.replace("source: packaged", "source: hub"),
-     "models[0].source: found 'hub', expected 'packaged', 'torchvision', 'places365', 'timm', 'checkpoint' or 'python'"),
+     "models[0].source: found 'hub', expected 'packaged', 'torchvision', 'places365', 'timm', 'huggingface', 'checkpoint' or 'python'"),
     ("checkpoint without path", MINIMAL.replace("source: packaged, name: efficientnet_lite0",
                                                 "source: checkpoint, name: resnet18"),
      "models[0]: source 'checkpoint' needs 'path'"),

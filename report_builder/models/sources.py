@@ -29,6 +29,13 @@ def _factory_form(spec: Any, show: Callable[[Any], str]) -> str | None:
     return None
 
 
+def _name_or_path(spec: Any, show: Callable[[Any], str]) -> str | None:
+    """source: huggingface: a hub id or a local folder, not both (which one would it be?)."""
+    if spec.name and (spec.path or spec.versions):
+        return "source 'huggingface' takes 'name' (a hub id) or 'path'/'versions' (save_pretrained folders), not both"
+    return None
+
+
 @dataclass(frozen=True)
 class Source:
     """One place models come from."""
@@ -43,6 +50,8 @@ class Source:
     # a further rule: f(model entry, how a message shows a value) -> what is wrong, or None
     check: Callable[[Any, Callable[[Any], str]], str | None] | None = None
     runs_code: bool = False  # it runs the user's Python code: check_code announces it and asks for --allow-code
+    # a needed key that other keys can stand in for: key -> those keys (huggingface: a hub 'name' or a local 'path')
+    stand_ins: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def load(self, spec: Any, where: str) -> Any:
         """Build the model (imports the loader, and with it torch, now)."""
@@ -67,6 +76,12 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            needs={"name": ""}, allows=frozenset({"name", "path", "versions"}), names=("resnet18", "resnet50")),
     Source("timm", "a timm model, pretrained from the Hugging Face hub or from a local checkpoint ('path')",
            f"{ZOO}:_timm", needs={"name": ""}, allows=frozenset({"name", "path", "classes", "versions"})),
+    Source("huggingface", "a transformers image classifier (AutoModelForImageClassification): a hub id ('name'), "
+           "downloaded once to the Hugging Face cache, or a local save_pretrained folder ('path'), with its own "
+           "image-processor config and id2label; needs the huggingface extra", f"{ZOO}:_huggingface",
+           needs={"name": " (a hub id, e.g. google/vit-base-patch16-224) or 'path' (a save_pretrained folder)"},
+           allows=frozenset({"name", "path", "classes", "versions"}), stand_ins={"name": ("path", "versions")},
+           check=_name_or_path),
     Source("checkpoint", "a torchvision or timm architecture ('name') with the weights of a local file ('path')",
            f"{ZOO}:_checkpoint", needs={"name": "", "path": " (a local checkpoint file)"},
            allows=frozenset({"name", "path", "classes", "versions"})),

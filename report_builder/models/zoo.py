@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import re
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -44,8 +45,12 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
+    squash: bool = False  # resize the whole image to resize_size x resize_size, aspect lost (Hugging Face ViT, Swin)
 
     def _geometry(self, w: int, h: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+        if self.squash:
+            edge = (self.resize_size - self.input_size) // 2
+            return (self.resize_size, self.resize_size), (edge, edge, edge + self.input_size, edge + self.input_size)
         scale = self.resize_size / min(w, h)
         new = (max(self.input_size, round(w * scale)), max(self.input_size, round(h * scale)))
         left = (new[0] - self.input_size) // 2
@@ -80,11 +85,14 @@ class Preprocess:
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
+            **({"squash": True} if self.squash else {}),  # only when set: the other models' cache keys stay
         }
 
     @property
     def key(self) -> str:
         """Equal for models that cut their inputs alike, so a probe shard is cut once for all of them."""
+        if self.squash:
+            return f"resize to {self.resize_size} x {self.resize_size} {self.interpolation}, crop {self.input_size}"
         return f"resize {self.resize_size} {self.interpolation}, crop {self.input_size}"
 
 
@@ -462,6 +470,124 @@ def _timm(spec: ModelSpec, where: str) -> LoadedModel:
     return LoadedModel(spec, model, pre, classes, origin)
 
 
+# Pillow's resampling codes, as a Hugging Face image-processor config writes them ('resample')
+_HF_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def _hf_preprocess(config: dict, where: str, shown: str) -> Preprocess:
+    """The model's own preprocessing from its image-processor config (preprocessor_config.json): size, crop, mean,
+    std, resample. A size given as height x width is a resize of the whole image (ViT, Swin); a shortest edge is
+    resized and centre-cropped (to crop_size, or, with ConvNeXt's crop_pct, from shortest_edge / crop_pct)."""
+    def bad(key: str, why: str) -> UserError:
+        return UserError(f"{where}: {shown}: preprocessor_config.json: {key}: {why}")
+
+    if config.get("do_rescale", True) is False or abs(float(config.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise bad("rescale_factor", "expected pixels rescaled by 1/255, as every image classifier's processor does")
+    mean = tuple(float(v) for v in config.get("image_mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in config.get("image_std", IMAGENET_STD))
+    if config.get("do_normalize", True) is False:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise bad("image_mean/image_std", f"found {list(mean)} and {list(std)}, expected three values each, std > 0")
+    interpolation = _HF_RESAMPLE.get(config.get("resample", 2))
+    if interpolation is None:
+        raise bad("resample", f"found {config.get('resample')!r}, expected 0 (nearest), 2 (bilinear) or 3 (bicubic)")
+    size = config.get("size", 224)
+    size = {"height": size, "width": size} if isinstance(size, int) else dict(size or {})
+    crop = config.get("crop_size")
+    crop = {"height": crop, "width": crop} if isinstance(crop, int) else dict(crop or {})
+    if crop and crop.get("height") != crop.get("width") or size.get("height") != size.get("width"):
+        raise bad("size", f"found {size} (crop {crop}), expected a square input")
+    if "height" in size:  # resized whole to height x width
+        side = int(size["height"])
+        if config.get("do_center_crop") and crop:
+            return Preprocess(int(crop["height"]), side, mean, std, interpolation, squash=True)
+        return Preprocess(side, side, mean, std, interpolation, squash=True)
+    if "shortest_edge" in size:
+        edge = int(size["shortest_edge"])
+        if "crop_pct" in config and config["crop_pct"] is not None:  # ConvNeXt: under 384, cut from edge / crop_pct
+            if edge >= 384:
+                return Preprocess(edge, edge, mean, std, interpolation, squash=True)
+            return Preprocess(edge, int(edge / float(config["crop_pct"])), mean, std, interpolation)
+        if config.get("do_center_crop", True) and crop:
+            return Preprocess(int(crop["height"]), edge, mean, std, interpolation)
+        return Preprocess(edge, edge, mean, std, interpolation)
+    raise bad("size", f"found {size}, expected height and width, or shortest_edge")
+
+
+def _hf_target_layer(names: list[str]) -> str:
+    """A transformer's last block's first norm (as for timm ViTs); a ConvNeXt's last stage; else '' (the generic
+    search)."""
+    norms = [n for n in names if n.endswith(".layernorm_before")]
+    if norms:
+        return norms[-1]
+    stages = [n for n in names if re.search(r"\.stages\.\d+$", n)]
+    return stages[-1] if stages else ""
+
+
+def _huggingface(spec: ModelSpec, where: str) -> LoadedModel:
+    """A transformers image classifier (AutoModelForImageClassification): a hub id ('name'), downloaded once to the
+    Hugging Face cache, or a local save_pretrained folder ('path'). Its outputs' .logits are what the explainers
+    see, its preprocessing is its image-processor config's, its class names its config's id2label."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(f"{where}: source 'huggingface' needs the transformers package: pip install "
+                        "'report_builder[huggingface]' (or pip install transformers)") from None
+    from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers.utils import cached_file
+
+    if spec.path:
+        folder = Path(spec.path)
+        shown = str(folder)
+        if not folder.is_dir() or not (folder / "config.json").is_file():
+            raise UserError(f"{where}.path: found {shown}, expected a folder written by save_pretrained (with "
+                            "config.json and the weights)")
+        source, origin = str(folder), f"Hugging Face {folder}"
+        processor = folder / "preprocessor_config.json"
+        if not processor.is_file():
+            raise UserError(f"{where}.path: {shown} has no preprocessor_config.json; save the model's image "
+                            "processor beside it (processor.save_pretrained(folder)), so its preprocessing is known")
+    else:
+        from huggingface_hub import constants
+
+        source, shown, origin = spec.name, spec.name, f"Hugging Face {spec.name}"
+        offline = hub_offline()
+        try:
+            with cache_only(offline is not None):
+                processor = Path(cached_file(source, "preprocessor_config.json"))
+                AutoConfig.from_pretrained(source)
+                model = AutoModelForImageClassification.from_pretrained(source)
+        except Exception as exc:  # noqa: BLE001 - hub and network errors vary by version
+            why = f"not in the local cache and {offline}" if offline else f"{type(exc).__name__}: {str(exc)[:160]}"
+            raise UserError(
+                f"{where}: could not fetch Hugging Face model {spec.name!r} ({why}). Fetch it on a machine with a "
+                f"network (huggingface-cli download {spec.name}) into the cache {constants.HF_HUB_CACHE}, or save it "
+                f"with save_pretrained (the model and its image processor) and set {where}.path to that folder"
+            ) from None
+    import json
+
+    try:
+        if spec.path:
+            model = AutoModelForImageClassification.from_pretrained(source)
+        config = json.loads(Path(processor).read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{where}: {shown}: cannot load it as an image classifier with transformers "
+                        f"{transformers.__version__} ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: {shown}: preprocessor_config.json is not a mapping")
+    pre = _hf_preprocess(config, where, shown)
+    labels = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
+    if spec.classes:
+        classes = class_names_for(spec, "imagenet", where)
+    else:
+        classes = [labels.get(k, f"class {k}") for k in range(model.config.num_labels)]
+    module = LogitsOf(model, "logits")
+    loaded = LoadedModel(spec, module, pre, classes, origin)
+    loaded.target_layer = _hf_target_layer([n for n, _ in module.named_modules()])
+    return loaded
+
+
 def _checkpoint(spec: ModelSpec, where: str) -> LoadedModel:
     """An architecture (torchvision first, then timm) plus a local file."""
     import torchvision
@@ -804,7 +930,7 @@ def load_model(spec: ModelSpec, where: str, device: torch.device | str = "cpu") 
     if spec.target_layer:
         get_layer(loaded, spec.target_layer, f"{where}.target_layer")
         loaded.target_layer = spec.target_layer
-    else:
+    elif not loaded.target_layer:  # a loader that knows its architecture's layer names sets it (huggingface)
         loaded.target_layer = default_target_layer(module, loaded.preprocess.input_size, device)
     layers = list(dict.fromkeys([loaded.target_layer, *spec.layers]))
     for j, layer in enumerate(spec.layers):
@@ -871,9 +997,22 @@ def get_layer(model: LoadedModel, name: str, where: str) -> nn.Module:
         return modules[name]
     close = difflib.get_close_matches(name, model.layer_names, n=5, cutoff=0.5)
     hint = f"; closest valid names: {', '.join(close)}" if close else ""
-    tops = [n for n in model.layer_names if "." not in n]
     raise UserError(f"{where}: found {name!r}, expected a layer of {model.spec.id}{hint} "
-                    f"(top-level layers: {', '.join(tops)})")
+                    f"({_layer_listing(model.layer_names)})")
+
+
+LISTED_LAYERS = 40  # at most this many layer names in a message
+
+
+def _layer_listing(names: list[str]) -> str:
+    """The model's layers as deep as they fit in a message: a Hugging Face model's two top-level modules (vit,
+    classifier) say little, its blocks (vit.layers.0, ...) say where to look."""
+    depth = 0
+    while depth < 8 and len([n for n in names if n.count(".") <= depth + 1]) <= LISTED_LAYERS and \
+            any(n.count(".") > depth for n in names):
+        depth += 1
+    shown = [n for n in names if n.count(".") <= depth]
+    return f"{'top-level ' if depth == 0 else ''}layers: {', '.join(shown)}"
 
 
 def default_target_layer(module: nn.Module, input_size: int, device: torch.device | str) -> str:

@@ -32,7 +32,7 @@ from report_builder.dissection.scorers import SCORERS, ScorerPlan, concept_score
 from report_builder.pipeline.cache import Cache
 from report_builder.data.images import SampleImage, load_images
 from report_builder.errors import UserError
-from report_builder.files import atomic_dir, check_cache_apart, check_output, write_json
+from report_builder.files import atomic_dir, atomic_write, check_cache_apart, check_output, write_json
 from report_builder.data.probe import ProbeSet, pixels_task
 from report_builder.pipeline.progress import Progress
 from report_builder.explanation.registry import CAM_NAMES, TITLES
@@ -438,6 +438,11 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
                                             "tasks_computed": len(outcome.computed)})
         results["provenance"]["stage_seconds"] = {k: round(v, 3) for k, v in
                                                   {**progress.durations, **outcome.seconds}.items()}
+        if spec.checks:  # before rendering: the report opens with them
+            from report_builder.report import checks
+
+            results["checks"] = checks.evaluate([c.model_dump() for c in spec.checks], checks.CheckSource(results, work))
+            atomic_write(work / checks.CHECKS_XML, checks.junit(results["checks"]))
         with progress.stage("render report"):
             render_run(work, results)
         # The report shows the compute stages; results.json also keeps the rendering time.

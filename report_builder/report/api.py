@@ -22,7 +22,9 @@ from report_builder.errors import UserError
 from report_builder.evaluation import registry as metric_registry
 from report_builder.report.rundir import RunFormatError, check_id, inside, load_results
 
-ALTERNATIVES = 3  # next-best concepts per unit, as in dissection/<model>.csv
+ALTERNATIVES = 3
+CHECK_COLUMNS = ["name", "metric", "group", "model", "method", "layer", "image", "category", "value", "values", "at_least",
+                 "at_most", "each", "passed", "message"]  # next-best concepts per unit, as in dissection/<model>.csv
 
 
 class Run:
@@ -138,6 +140,12 @@ class Run:
                 for s in self._results.get("evaluation", {}).get("sanity", [])
                 for k, layer in enumerate(s["layers"])]
         return _frame(rows, sanity_columns())
+
+    @functools.cached_property
+    def checks(self) -> pd.DataFrame:
+        """The spec's checks after the run, failed first: one row per tested group (name, metric, the scope, the
+        measured value, how many values it averages, the thresholds, passed, message); empty without checks."""
+        return _frame(self._results.get("checks", []), CHECK_COLUMNS)
 
     # ---------------------------------------------------------------- maps
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation.agreement import iou, top_n_mask
 from report_builder.errors import UserError
+from report_builder.stats import paired
 from report_builder.files import atomic_dir, clean_nan, write_json
 from report_builder.report.rundir import RunFormatError, inside, load_results
 
@@ -200,6 +202,7 @@ def compare_dissection(ra: dict, rb: dict, ma: str, mb: str, notices: list[str])
             "layer": xa["layer"], "units": xa["units"], "changed": len(changed),
             "share": len(changed) / xa["units"], "changed_units": changed,
             "unique_a": len(ca), "unique_b": len(cb), "unique_delta": len(cb) - len(ca),
+            "concept_jaccard": len(set(ca) & set(cb)) / len(set(ca) | set(cb)) if ca or cb else None,
             "gained": sorted(set(cb) - set(ca), key=lambda c: (-cb[c], c)),
             "lost": sorted(set(ca) - set(cb), key=lambda c: (-ca[c], c)),
             "top10": [{"concept": c, "rank_a": rank_a.get(c), "rank_b": rank_b.get(c), "units_a": ca.get(c, 0),
@@ -209,6 +212,159 @@ def compare_dissection(ra: dict, rb: dict, ma: str, mb: str, notices: list[str])
         if name not in {x["layer"] for x in la["layers"]}:
             notices.append(f"{mb}: layer {name} is only dissected in run B")
     return {"compared": True, "reasons": [], "layers": out}
+
+
+def shared_images(ra: dict, rb: dict) -> list[str]:
+    """The images of both runs with the same pixels (the same id and SHA-256), in run A's order."""
+    b = {im["id"]: im["sha256"] for im in rb["images"]}
+    return [im["id"] for im in ra["images"] if b.get(im["id"]) == im["sha256"]]
+
+
+def _verdict(rule: metric_registry.Rule, value) -> str | None:
+    return None if value is None else "fails" if rule.fails(value) else "passes"
+
+
+def compare_evaluation(ra: dict, rb: dict, ma: str, mb: str, notices: list[str]) -> dict | None:
+    """Per method in both runs and per per-map column of the metrics registry: the mean over the shared images in
+    A and in B, B − A with its paired bootstrap interval and Wilcoxon p, and which run is better by the column's
+    direction (or 'within noise'); and each rule's verdict (the sanity check's) in A and in B."""
+    ea, eb = ra.get("evaluation"), rb.get("evaluation")
+    if not ea and not eb:
+        return None
+    if not ea or not eb:
+        notices.append(f"evaluation of {ma} not compared: only run {'A' if ea else 'B'} evaluates its explanations")
+        return {"compared": False, "reasons": ["only one run evaluates its explanations"], "rows": [], "verdicts": []}
+    keys = sorted(k for k in set(ea["settings"]) | set(eb["settings"])
+                  if k != "batch_size" and ea["settings"].get(k) != eb["settings"].get(k))  # a batch changes no number
+    if keys:
+        reason = f"other evaluate settings ({', '.join(f'evaluate.{k}' for k in keys)})"
+        notices.append(f"evaluation of {ma} not compared: {reason}")
+        return {"compared": False, "reasons": [reason], "rows": [], "verdicts": []}
+    images = shared_images(ra, rb)
+    methods = [m for m in ea["methods"] if m in eb["methods"]]
+    rows = []
+    for method in methods:
+        va = {r["image"]: r for r in ea["rows"] if r["model"] == ma and r["method"] == method}
+        vb = {r["image"]: r for r in eb["rows"] if r["model"] == mb and r["method"] == method}
+        for _, column in metric_registry.per_map():
+            both = [i for i in images if i in va and i in vb and va[i].get(column.name) is not None
+                    and vb[i].get(column.name) is not None]
+            if not both:
+                continue
+            a = [float(va[i][column.name]) for i in both]
+            b = [float(vb[i][column.name]) for i in both]
+            cmp = paired(b, a)  # B − A
+            delta = cmp.difference.value
+            better = "within noise" if not cmp.significant else \
+                ("B" if (delta > 0) == (column.direction == "higher") else "A")
+            rows.append({"method": method, "column": column.name, "title": column.title,
+                         "direction": column.direction, "a": sum(a) / len(a), "b": sum(b) / len(b), "delta": delta,
+                         "low": cmp.difference.low, "high": cmp.difference.high, "p_value": cmp.p_value,
+                         "images": cmp.n, "better": better, "digits": column.digits})
+    verdicts = []
+    sa = {(e["model"], e["method"]): e for e in ea.get("summary", [])}
+    sb = {(e["model"], e["method"]): e for e in eb.get("summary", [])}
+    for metric in metric_registry.METRICS:
+        if not metric.rule:
+            continue
+        column = metric_registry.column(metric.rule.column)
+        key = metric.final_key(column) if metric.per_step else column.name
+        for method in methods:
+            a, b = sa.get((ma, method), {}).get(key), sb.get((mb, method), {}).get(key)
+            if a is None and b is None:
+                continue
+            va, vb = _verdict(metric.rule, a), _verdict(metric.rule, b)
+            verdicts.append({"metric": metric.name, "title": metric.title, "method": method, "column": column.name,
+                             "a": a, "b": b, "verdict_a": va, "verdict_b": vb, "changed": va != vb,
+                             "rule": f"{column.name} {metric.rule.fails_if} {metric.rule.shown} fails"})
+    return {"compared": True, "reasons": [], "rows": rows, "verdicts": verdicts}
+
+
+def compare_netdissect(ra: dict, rb: dict, ma: str, mb: str, notices: list[str]) -> dict | None:
+    """Per layer dissected in both runs: Network Dissection's detectors and unique detector concepts, in all and per
+    label category, in A and in B. Not compared when the pixel-labelled probe or the settings differ."""
+    na, nb = ra.get("netdissect"), rb.get("netdissect")
+    if not na or not nb:
+        return None
+    la = next((m for m in na["models"] if m["model"] == ma), None)
+    lb = next((m for m in nb["models"] if m["model"] == mb), None)
+    if la is None or lb is None:
+        return None
+    reasons = []
+    if na["probe"]["sha256"] != nb["probe"]["sha256"]:
+        reasons.append(f"another pixel-labelled probe (A: {na['probe']['description']}; B: "
+                       f"{nb['probe']['description']})")
+    for key in ("quantile", "threshold", "iou_threshold", "label_size", "colors"):
+        if na["settings"].get(key) != nb["settings"].get(key):
+            reasons.append(f"another netdissect.{key} (A: {na['settings'].get(key)}, B: {nb['settings'].get(key)})")
+    if reasons:
+        notices.append(f"Network Dissection of {ma} not compared: {'; '.join(reasons)}")
+        return {"compared": False, "reasons": reasons, "layers": []}
+    layers_b = {x["layer"]: x for x in lb["layers"]}
+    out = []
+    for xa in la["layers"]:
+        xb = layers_b.get(xa["layer"])
+        if xb is None:
+            notices.append(f"{ma}: layer {xa['layer']} has Network Dissection only in run A")
+            continue
+        categories = [c for c in xa["per_category"] if c in xb["per_category"]]
+        out.append({"layer": xa["layer"], "units_a": xa["units"], "units_b": xb["units"],
+                    "detectors_a": xa["detectors"], "detectors_b": xb["detectors"],
+                    "detectors_delta": xb["detectors"] - xa["detectors"],
+                    "unique_a": xa["unique"], "unique_b": xb["unique"], "unique_delta": xb["unique"] - xa["unique"],
+                    "categories": [{"category": c, "detectors_a": xa["per_category"][c],
+                                    "detectors_b": xb["per_category"][c],
+                                    "unique_a": xa["unique_per_category"][c], "unique_b": xb["unique_per_category"][c]}
+                                   for c in categories]})
+    return {"compared": True, "reasons": [], "layers": out}
+
+
+def compare_sweep(ra: dict, rb: dict, ma: str, mb: str, notices: list[str]) -> dict | None:
+    """The LIME sweep's best setting (the highest mean IoU with Grad-CAM) in A and in B, and each setting's mean IoU.
+    Not compared when the runs tried other settings."""
+    sa, sb = ra.get("lime_sweep"), rb.get("lime_sweep")
+    if not sa or not sb or ma not in sa.get("best", {}) or mb not in sb.get("best", {}):
+        return None
+    labels_a = [s["label"] for s in sa["settings"]]
+    labels_b = [s["label"] for s in sb["settings"]]
+    if labels_a != labels_b:
+        reason = "the two runs' LIME sweeps try other settings"
+        notices.append(f"LIME sweep of {ma} not compared: {reason}")
+        return {"compared": False, "reasons": [reason]}
+    mean_a = {e["setting"]: e["mean_iou"] for e in sa["summary"] if e["model"] == ma}
+    mean_b = {e["setting"]: e["mean_iou"] for e in sb["summary"] if e["model"] == mb}
+    best_a, best_b = sa["best"][ma], sb["best"][mb]
+    return {"compared": True, "reasons": [], "best_a": labels_a[best_a], "best_b": labels_b[best_b],
+            "best_iou_a": mean_a.get(best_a), "best_iou_b": mean_b.get(best_b), "changed": best_a != best_b,
+            "settings": [{"label": label, "iou_a": mean_a.get(k), "iou_b": mean_b.get(k)}
+                         for k, label in enumerate(labels_a)]}
+
+
+def compare_pair(dir_a: Path, dir_b: Path, ra: dict, rb: dict, a: str, b: str, notices: list[str]) -> dict:
+    """Everything diff compares for one model of run A against one of run B."""
+    models_a = {m["id"]: m for m in ra["models"]}
+    models_b = {m["id"]: m for m in rb["models"]}
+    wa, wb = _weights(ra), _weights(rb)
+    predictions, maps = compare_predictions_and_maps(dir_a, dir_b, ra, rb, a, b, notices)
+    return {
+        "a": a, "b": b, "display_a": models_a[a]["display"], "display_b": models_b[b]["display"],
+        "weights_changed": wa.get(a) != wb.get(b), "weights_a": wa.get(a), "weights_b": wb.get(b),
+        "predictions": predictions, "maps": maps,
+        "dissection": compare_dissection(ra, rb, a, b, notices),
+        "evaluation": compare_evaluation(ra, rb, a, b, notices),
+        "netdissect": compare_netdissect(ra, rb, a, b, notices),
+        "lime_sweep": compare_sweep(ra, rb, a, b, notices),
+    }
+
+
+def version_pairs(run_dir: Path, results: dict) -> list[dict]:
+    """In one run, each version of a model (models[i].versions) against the one before, compared as diff compares
+    two runs; each pair carries the entry's id as its `group`."""
+    out = []
+    for g in results.get("versions", []):
+        for a, b in zip(g["models"], g["models"][1:]):
+            out.append({**compare_pair(Path(run_dir), Path(run_dir), results, results, a, b, []), "group": g["group"]})
+    return out
 
 
 def diff_runs(dir_a: Path, dir_b: Path, pairs: list[tuple[str, str]] | None = None) -> dict:
@@ -236,18 +392,7 @@ def _diff(dir_a: Path, dir_b: Path, ra: dict, rb: dict, pairs: list[tuple[str, s
     if not pairs:
         notices.append(f"no model is in both runs (A: {', '.join(ids_a)}; B: {', '.join(ids_b)}); "
                        "name pairs with --pair A_ID=B_ID")
-    wa, wb = _weights(ra), _weights(rb)
-    models_a = {m["id"]: m for m in ra["models"]}
-    models_b = {m["id"]: m for m in rb["models"]}
-    out_pairs = []
-    for a, b in pairs:
-        predictions, maps = compare_predictions_and_maps(dir_a, dir_b, ra, rb, a, b, notices)
-        out_pairs.append({
-            "a": a, "b": b, "display_a": models_a[a]["display"], "display_b": models_b[b]["display"],
-            "weights_changed": wa.get(a) != wb.get(b), "weights_a": wa.get(a), "weights_b": wb.get(b),
-            "predictions": predictions, "maps": maps,
-            "dissection": compare_dissection(ra, rb, a, b, notices),
-        })
+    out_pairs = [compare_pair(dir_a, dir_b, ra, rb, a, b, notices) for a, b in pairs]
     pa, pb = _mapping(ra["provenance"].get("packages")), _mapping(rb["provenance"].get("packages"))
     result = {
         "schema_version": SCHEMA_VERSION,
@@ -308,4 +453,34 @@ def diff_findings(result: dict) -> list[str]:
                 if x["gained"] or x["lost"]:
                     text += f" ({len(x['gained'])} gained, {len(x['lost'])} lost)"
                 out.append(text + ".")
+        out += _new_section_findings(name, p)
+    return out
+
+
+def _new_section_findings(name: str, p: dict) -> list[str]:
+    """The evaluation, sanity verdicts, Network Dissection and LIME sweep of one pair, in sentences."""
+    out = []
+    ev = p.get("evaluation")
+    if ev and ev["compared"]:
+        moved = [x for x in ev["rows"] if x["better"] != "within noise"]
+        if ev["rows"]:
+            out.append(f"{name}: of {len(ev['rows'])} evaluation means (method × metric), "
+                       + (f"{len(moved)} change beyond noise: " + "; ".join(
+                           f"{x['method']} {x['title']} {x['a']:.3f} → {x['b']:.3f} ({x['better']} better, p = "
+                           f"{x['p_value']:.2g} over {x['images']} images)" for x in moved[:6])
+                          if moved else "none changes beyond noise (paired bootstrap and Wilcoxon over the shared "
+                                        "images)") + ".")
+        for v in ev["verdicts"]:
+            if v["changed"]:
+                out.append(f"{name}: {v['method']} {v['verdict_a'] or 'was not tested'} the {v['title'].lower()} in "
+                           f"run A and {v['verdict_b'] or 'is not tested'} in run B ({v['rule']}).")
+    nd = p.get("netdissect")
+    if nd and nd["compared"]:
+        for x in nd["layers"]:
+            out.append(f"{name}, {x['layer']}: Network Dissection detectors go from {x['detectors_a']} to "
+                       f"{x['detectors_b']}, their unique concepts from {x['unique_a']} to {x['unique_b']}.")
+    sw = p.get("lime_sweep")
+    if sw and sw["compared"]:
+        out.append(f"{name}: the LIME sweep's best setting is {sw['best_a']} in run A and {sw['best_b']} in run B"
+                   + ("." if sw["changed"] else " (unchanged)."))
     return out

@@ -30,8 +30,8 @@ ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 TIMING_KEYS = (
     "provenance.started", "provenance.finished", "provenance.stage_seconds", "provenance.cache",
     "explanations[*].methods.*.seconds", "explanations[*].methods.*.cached", "timings",
-    "agreement.summary[*].mean_lime_seconds", "findings[timing=true]", "lime_sweep.rows[*].seconds",
-    "lime_sweep.summary[*].mean_seconds", "lime_sweep.pareto", "lime_sweep.best",
+    "agreement.summary[*].mean_lime_seconds", "findings[timing=true]", "checks[timing=true]",
+    "lime_sweep.rows[*].seconds", "lime_sweep.summary[*].mean_seconds", "lime_sweep.pareto", "lime_sweep.best",
 )
 
 
@@ -480,6 +480,8 @@ RESULTS = {
     "findings": [{"text": "text", "section": "text", "timing?": "bool"}],
     "timings": "list", "spec": "mapping",
     "evaluation?": EVALUATION, "netdissect?": NETDISSECT, "dissection?": DISSECTION,
+    "checks?": [{"name": "text", "metric": "text", "title": "text", "value": Null("number"), "values": "count",
+                 "at_least": Null("number"), "at_most": Null("number"), "passed": "bool", "message": "text", "group?": "text"}],
 }
 _check_results = _compile(RESULTS)
 
@@ -657,6 +659,8 @@ def without_timings(results: dict) -> dict:
     for s in r["agreement"].get("summary", []):
         s.pop("mean_lime_seconds", None)
     r["findings"] = [f for f in r["findings"] if not f.get("timing")]
+    if "checks" in r:
+        r["checks"] = [c for c in r["checks"] if not c.get("timing")]
     sweep = r.get("lime_sweep")
     if sweep:
         for row in sweep["rows"]:

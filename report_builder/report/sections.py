@@ -28,6 +28,7 @@ class Section:
 
 
 SECTIONS: tuple[Section, ...] = (
+    Section("checks", "Checks", _has("checks")),  # first: the verdict a CI acts on, failed checks first
     Section("questions", "Assignment questions", _has("dissection")),
     Section("summary", "Summary"),
     Section("setup", "Setup"),

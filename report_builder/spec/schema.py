@@ -146,7 +146,8 @@ class ModelSpec(StrictModel):
                     raise ValueError(f"source {self.source!r} {source.refused[key]}")
                 raise ValueError(f"{key!r} goes with source {_either([s.name for s in SOURCES.values() if key in s.allows])}")
         for key, what in source.needs.items():
-            if not getattr(self, key) and not (key == "path" and self.versions):  # a version is a checkpoint file
+            stand_in = any(getattr(self, k) for k in source.stand_ins.get(key, ()))
+            if not getattr(self, key) and not (key == "path" and self.versions) and not stand_in:  # a version: a file
                 raise ValueError(f"source {self.source!r} needs {key!r}{what}")
         problem = source.check(self, _show) if source.check else None
         if problem:
@@ -523,6 +524,31 @@ class NetDissectSpec(StrictModel):
         return [v] if isinstance(v, dict) else v
 
 
+class CheckSpec(StrictModel):
+    """A threshold on one of the run's numbers that passes or fails (report/checks.py): the run's exit code 3 when one
+    fails, checks.xml for a CI, the Checks box at the top of the report."""
+
+    metric: Name = Field(description="a column of open_run()'s tables (pointing_hit, deletion_auc, iou, ...), a "
+                                     "dissection count or a measure between versions (top1_agreement, ...)")
+    model: Name | None = Field(None, description="only this model (a version's id, or the id of a versioned entry)")
+    method: Name | None = Field(None, description="only this explanation method")
+    layer: Name | None = Field(None, description="only this layer")
+    image: Name | None = Field(None, description="only this image")
+    category: Name | None = Field(None, description="Network Dissection counts: only this label category")
+    at_least: Float | None = Field(None, description="passes when the value is at least this")
+    at_most: Float | None = Field(None, description="passes when the value is at most this")
+    each: Annotated[bool, Strict()] = Field(False, description="test every image on its own instead of their mean")
+    name: Text | None = Field(None, description="what the check is called in the report and in checks.xml")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> CheckSpec:
+        if self.at_least is None and self.at_most is None:
+            raise ValueError("give at_least, at_most or both")
+        if self.at_least is not None and self.at_most is not None and self.at_least > self.at_most:
+            raise ValueError(f"at_least ({self.at_least:g}) is above at_most ({self.at_most:g}); no value could pass")
+        return self
+
+
 class Spec(StrictModel):
     title: Text = "Explainability report"
     authors: tuple[Annotated[str, Field(max_length=200)], ...] = Field((), max_length=50)
@@ -536,6 +562,7 @@ class Spec(StrictModel):
     dissect: DissectSpec | None = None
     netdissect: NetDissectSpec | None = None
     evaluate: EvaluateSpec | None = None
+    checks: tuple[CheckSpec, ...] = Field((), max_length=200, description="thresholds that pass or fail")
 
     @field_validator("images", mode="before")
     @classmethod
@@ -795,6 +822,11 @@ def spec_from_mapping(raw: Any, path: Path, shown: str) -> LoadedSpec:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
         raise SpecError(shown, describe_errors(exc.errors())) from None
+    from report_builder.report.checks import spec_problems  # the checks read the rest of the spec: after it is valid
+
+    problems = spec_problems(spec)
+    if problems:
+        raise SpecError(shown, problems)
     if spec.run_name is None and not _valid_id(path.stem):
         raise SpecError(shown, [f"run_name: missing, and the file name {_show(path.stem)} cannot name a run folder "
                                 f"(letters, digits, '_', '.', '-', at most {ID_MAX}, not starting with '.'); "
@@ -916,3 +948,32 @@ def _closest(word: str, options: list[str]) -> str | None:
 
     match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return match[0] if match else None
+
+
+def load_checks(path: str | Path) -> list[dict]:
+    """The `checks:` of a YAML file (a spec, or a file that holds only checks), for `report-builder check --spec`:
+    read and bounded as a spec is, each check validated with its key path. Raises SpecError."""
+    from pydantic import TypeAdapter
+
+    path = Path(path)
+    shown = str(path)
+    text = _read_spec_file(path)
+    try:
+        raw = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError(shown, [f"{where}not valid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
+    except RecursionError:
+        raise SpecError(shown, [f"nested more than {MAX_DEPTH} levels deep"]) from None
+    if not isinstance(raw, dict) or "checks" not in raw:
+        raise SpecError(shown, ["checks: missing; expected a mapping with a 'checks:' list"])
+    shape = _check_shape(raw)
+    if shape:
+        raise SpecError(shown, [f"the file is {shape}"])
+    try:
+        checks = TypeAdapter(Annotated[tuple[CheckSpec, ...], Field(min_length=1, max_length=200)]).validate_python(
+            raw["checks"])
+    except ValidationError as exc:
+        raise SpecError(shown, describe_errors([{**e, "loc": ("checks", *e["loc"])} for e in exc.errors()])) from None
+    return [c.model_dump() for c in checks]
