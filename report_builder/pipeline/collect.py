@@ -151,7 +151,7 @@ def evaluation_section(spec, inputs, plan, outcome, work: Path) -> dict:
     per_map = [c.name for _, c in metric_registry.per_map()]
     per_step = [c.name for _, c in metric_registry.per_step()]
     rows, curves, sanity = [], [], []
-    methods = list(spec.explain.methods) + (["random"] if ev.random_baseline else [])
+    methods = list(spec.explain.methods) + metric_registry.chance_methods(ev.model_dump(mode="json"))
     for m in inputs.models:
         for im in inputs.images:
             for method in methods:
@@ -173,7 +173,9 @@ def evaluation_section(spec, inputs, plan, outcome, work: Path) -> dict:
                 maps[method] = v["maps"]
                 sanity.append({"model": m.id, "image": im.id, "method": method, "layers": v["layers"],
                                "blocks": [int(b) for b in v["blocks"]], "total_blocks": int(v["total_blocks"]),
-                               **{k: v[k] for k in per_step}})
+                               **{k: v[k] for k in per_step},
+                               "runs": [{"seed": int(r["seed"]), "spearman": r["spearman"], "ssim": r["ssim"],
+                                         "flat": bool(r["flat"])} for r in v["runs"]]})
             if maps:
                 rel = f"evaluation/{m.id}/{im.id}_sanity.npz"
                 (work / rel).parent.mkdir(parents=True, exist_ok=True)
