@@ -13,11 +13,11 @@ Torch-free: the report side reads it.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 ARROWS = {"higher": "↑", "lower": "↓"}
+MAX_CLASSES = 100_000.0  # a bound on 1 / (a top-1 probability): the normalised areas' range
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class Metric:
     per_step: bool = False  # values per randomisation step (evaluation.sanity), not per map (evaluation.rows)
     rule: Rule | None = None  # pass or fail, where the metric has a threshold
     chance: tuple[str, ...] = ()  # the kinds of chance map (CHANCE) whose strongest is the bar a method must beat
-    summary: tuple[str, ...] = ()  # the columns the findings compare (their mean over images); default: all
+    summary: tuple[str, ...] = ()  # the columns the findings compare (their mean over images, and against chance)
 
     def csv_metric(self, column: Column, layer: str | None = None) -> str:
         """evaluation.csv's `metric` for a value of `column`: its name; per step, '<metric>_<column>@<layer>'."""
@@ -111,9 +111,10 @@ class Metric:
 # What "beats chance" means, for every metric with chance maps: its per-image value against the per-image value of
 # the strongest chance map (the best mean over images among the metric's kinds), compared pairwise with
 # stats.paired; better only when the difference is significant, else "within noise of chance".
-BEATS_CHANCE = ("beats chance when it is better than the strongest chance map ({{ kinds }}, {{ draws }} seeded draws "
-                "each), image by image: the mean difference's 95 % bootstrap interval excludes 0 and the Wilcoxon "
-                "signed-rank p &lt; 0.05; otherwise it is within noise of chance")
+BEATS_CHANCE = ("beats chance on a metric when it is better than the strongest of that metric's chance maps "
+                "({{ bars }}; {{ draws }} seeded draw(s) of each noise map, one of the centre prior), image by image: "
+                "the mean difference's 95 % bootstrap interval excludes 0 and the Wilcoxon signed-rank p &lt; 0.05; "
+                "otherwise it is within noise of chance")
 
 METRICS: tuple[Metric, ...] = (
     Metric(
@@ -121,8 +122,9 @@ METRICS: tuple[Metric, ...] = (
         spec_key="deletion",
         columns=(Column("deletion_auc", "Deletion AUC", "lower", 3, (0.0, 1.0)),
                  Column("insertion_auc", "Insertion AUC", "higher", 3, (0.0, 1.0)),
-                 Column("deletion_norm", "Deletion AUC / p", "lower", 3, (0.0, math.inf)),
-                 Column("insertion_norm", "Insertion AUC / p", "higher", 3, (0.0, math.inf))),
+                 # divided by p, the top-1 probability on the intact image: at most 1 / p <= the number of classes
+                 Column("deletion_norm", "Deletion AUC / p", "lower", 3, (0.0, MAX_CLASSES)),
+                 Column("insertion_norm", "Insertion AUC / p", "higher", 3, (0.0, MAX_CLASSES))),
         title="Deletion, insertion",
         description="Petsiuk et al. (RISE, 2018): the pixels are removed (or revealed) in the map's order in "
                     "{{ s.steps }} steps, a removed pixel showing {{ {'blur': 'a blurred copy of the image', "
@@ -130,7 +132,7 @@ METRICS: tuple[Metric, ...] = (
                     "probability's curve. Pixels the map ties are removed together: at a step that would cut a tie, "
                     "the curve is read off the straight line between the tie removed not at all and removed whole, "
                     "so no order inside a tie (row by row, say) enters the score, for every method alike. "
-                    "<em>/ p</em>: the same area divided by the probability p on the intact image (deletion's first "
+                    "<em>AUC / p</em>: the same area divided by the probability p on the intact image (deletion's first "
                     "point, insertion's last), so that no image weighs by its confidence; the findings average this "
                     "form, and the curves are drawn in it. Deletion: {{ better.deletion_auc }}; insertion: "
                     "{{ better.insertion_auc }}.",
@@ -152,6 +154,7 @@ METRICS: tuple[Metric, ...] = (
         citation="Y. Rong, T. Leemann, V. Borisov, G. Kasneci, E. Kasneci. A Consistent and Efficient Evaluation "
                  "Strategy for Attribution Methods. ICML 2022",
         chance=("pixel", "smooth"),
+        summary=("road",),
     ),
     Metric(
         name="sanity",
@@ -172,6 +175,7 @@ METRICS: tuple[Metric, ...] = (
                  "NeurIPS 2018",
         per_step=True,
         rule=Rule("spearman", "≥", 0.5, symbol="ρ"),
+        summary=("spearman",),
     ),
     Metric(
         name="localisation",
@@ -213,8 +217,7 @@ def column(name: str) -> Column:
 
 def summary_columns(metric: Metric) -> list[Column]:
     """The columns a metric's finding compares (and tests against chance)."""
-    names = metric.summary or tuple(c.name for c in metric.columns)
-    return [column(n) for n in names]
+    return [column(n) for n in metric.summary]
 
 
 # ---------------------------------------------------------------- the chance maps

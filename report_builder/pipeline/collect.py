@@ -174,8 +174,8 @@ def evaluation_section(spec, inputs, plan, outcome, work: Path) -> dict:
                 sanity.append({"model": m.id, "image": im.id, "method": method, "layers": v["layers"],
                                "blocks": [int(b) for b in v["blocks"]], "total_blocks": int(v["total_blocks"]),
                                **{k: v[k] for k in per_step},
-                               "runs": [{"seed": int(r["seed"]), "spearman": r["spearman"], "ssim": r["ssim"],
-                                         "flat": bool(r["flat"])} for r in v["runs"]]})
+                               "runs": [{"seed": int(r["seed"]), **{k: r[k] for k in per_step}, "flat": bool(r["flat"])}
+                                        for r in v["runs"]]})
             if maps:
                 rel = f"evaluation/{m.id}/{im.id}_sanity.npz"
                 (work / rel).parent.mkdir(parents=True, exist_ok=True)

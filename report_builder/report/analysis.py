@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pandas as pd
 
+from report_builder.stats import compare_words, paired, share
 from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation.registry import TITLES as METHOD_TITLES
 
@@ -619,18 +620,16 @@ def evaluation_summary(results: dict) -> list[dict]:
 def _sanity_runs(sanity: list[dict]) -> dict:
     """The rule of the sanity check over every run (image x seed): how many fail, the share's Wilson interval, how
     many maps went flat (they do not fail: nothing of the original survives), the mean ρ and |ρ|, the verdict."""
-    from report_builder import stats
-
     rule = metric_registry.BY_NAME["sanity"].rule
     runs = [r for s in sanity for r in s.get("runs") or
             [{"seed": 0, rule.column: s[rule.column][-1], "flat": s[rule.column][-1] is None}]]
     rhos = [r[rule.column] for r in runs if not r["flat"] and r[rule.column] is not None]
     fails = sum(rule.fails(v) for v in rhos)
-    share = stats.share(fails, len(runs))
+    failing = share(fails, len(runs))
     return {"sanity_runs": len(runs), "sanity_seeds": len({r["seed"] for r in runs}), "sanity_fails": fails,
-            "sanity_fail_share": share.as_dict(), "sanity_flat": sum(r["flat"] for r in runs),
+            "sanity_fail_share": failing.as_dict(), "sanity_flat": sum(r["flat"] for r in runs),
             "spearman_runs": _mean(rhos), "abs_spearman_runs": _mean([abs(v) for v in rhos]),
-            "sanity_verdict": rule.verdict(share.low, share.high)}
+            "sanity_verdict": rule.verdict(failing.low, failing.high)}
 
 
 # ---- each metric's sentence: f(model, its display name, its summary rows, the per-image rows) -> a finding, or None
@@ -656,19 +655,15 @@ def _per_image(images: list[dict], model: str, method: str, column: str) -> dict
 
 def _paired(images: list[dict], model: str, a: str, b: str, column: str):
     """a against b on the images both were scored on (stats.paired), or None when none were."""
-    from report_builder import stats
-
     x, y = _per_image(images, model, a, column), _per_image(images, model, b, column)
     shared = [k for k in x if k in y]
-    return stats.paired([x[k] for k in shared], [y[k] for k in shared]) if shared else None
+    return paired([x[k] for k in shared], [y[k] for k in shared]) if shared else None
 
 
 def chance_bars(metric: metric_registry.Metric, model: str, rows: list[dict], images: list[dict]) -> dict[str, dict]:
     """Per column the metric's findings compare: the strongest chance map of the metric's kinds (the best mean over
     images) and, per method, its comparison with it, image by image: 'beats', 'within noise' or 'worse', with the
     stats.paired numbers. The registry's BEATS_CHANCE states the rule."""
-    from report_builder import stats
-
     methods = [r for r in rows if metric_registry.chance_kind(r["method"]) is None]
     out = {}
     for column in metric_registry.summary_columns(metric):
@@ -685,7 +680,7 @@ def chance_bars(metric: metric_registry.Metric, model: str, rows: list[dict], im
             better = c.difference.value < 0 if column.direction == "lower" else c.difference.value > 0
             verdicts[r["method"]] = {**c.as_dict(), "verdict": ("beats" if better else "worse") if c.significant
                                      else "within noise",
-                                     "words": stats.compare_words(c, column.digits)}
+                                     "words": compare_words(c, column.digits)}
         out[column.name] = {"strongest": strongest["method"], "value": strongest[key], "methods": verdicts,
                             "bars": {r["method"]: r[key] for r in bars}}
     return out
@@ -707,8 +702,6 @@ def _chance_clause(bars: dict, column: metric_registry.Column, what: str) -> str
 
 def _ranking(images: list[dict], model: str, scored: list[dict], column: metric_registry.Column) -> str:
     """The best method on `column` and whether it is ahead of the next one beyond noise."""
-    from report_builder import stats
-
     ordered = sorted(scored, key=lambda r: r[column.name], reverse=column.direction == "higher")
     if len(ordered) < 2:
         return ""
@@ -716,7 +709,7 @@ def _ranking(images: list[dict], model: str, scored: list[dict], column: metric_
     if c is None:
         return ""
     return (f" ({_title(ordered[0]['method'])} against {_title(ordered[1]['method'])}, the next: "
-            f"{stats.compare_words(c, column.digits)})")
+            f"{compare_words(c, column.digits)})")
 
 
 def _faithfulness_finding(model: str, name: str, rows: list[dict], images: list[dict]) -> dict | None:

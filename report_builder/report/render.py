@@ -573,17 +573,39 @@ def _describe(env: Environment, metric: metric_registry.Metric, settings: dict) 
 
 def _beats_chance(settings: dict) -> Markup:
     """The rule of 'beats chance' (the registry's BEATS_CHANCE) for this run's chance maps."""
-    kinds = ", ".join(metric_registry.chance_title(m) for m in metric_registry.chance_methods(settings))
+    maps = metric_registry.chance_methods(settings)
+    bars = "; ".join(f"{m.title}: " + ", ".join(metric_registry.chance_title(c) for c in maps
+                                                        if metric_registry.chance_kind(c) in m.chance)
+                     for m in metric_registry.METRICS if m.chance and settings.get(m.spec_key) is not None)
     draws = (settings.get("chance") or {}).get("draws", 1)
-    return Markup(environment().from_string(metric_registry.BEATS_CHANCE).render(kinds=kinds, draws=draws))
+    return Markup(environment().from_string(metric_registry.BEATS_CHANCE).render(bars=bars, draws=draws))
 
 
 def describe_text(metric: metric_registry.Metric, settings: dict) -> str:
     """A metric's description as plain text (tags dropped, entities read): the README states these words."""
+    return html_text(str(_describe(environment(), metric, settings)))
+
+
+def readme_metrics() -> str:
+    """The README's list of the trust metrics, each stated as the report's table of methods states it with the
+    default settings (tests/test_registries.py checks the README against it)."""
+    import textwrap
+
+    from report_builder.spec.schema import EvaluateSpec
+
+    defaults = EvaluateSpec().model_dump(mode="json")
+    items = [f"- **{m.title}**: {describe_text(m, defaults[m.spec_key])}" for m in metric_registry.METRICS]
+    chance = html_text(str(_beats_chance(defaults)))
+    items.append(f"- **Chance**: a method {chance}.")
+    return "\n".join(textwrap.fill(i, 110, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
+                     for i in items)
+
+
+def html_text(markup: str) -> str:
     import html
     import re
 
-    return html.unescape(re.sub(r"<[^>]+>", "", str(_describe(environment(), metric, settings))))
+    return html.unescape(re.sub(r"<[^>]+>", "", markup))
 
 
 def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], scripts: bool = True) -> str:
