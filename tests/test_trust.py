@@ -333,3 +333,22 @@ def test_no_matching_mask_label_is_counted_and_shown():
 def test_a_chance_maps_hits_are_the_mean_over_draws():
     assert analysis._hits([1.0, 0.0, 1.0]) == 2 and analysis._hits([1 / 3, 1.0]) == 1.33
     assert math.isclose(analysis._hits([0.5, 0.5]), 1)
+
+
+def test_the_new_values_survive_the_cache(quadrant, tiny_crop, tmp_path, monkeypatch):
+    """The cache loads with weights_only: a NumPy scalar in a result (a normalised area, a run's ρ) would be refused
+    and recomputed on every run."""
+    from report_builder.explanation import methods
+    from report_builder.pipeline.cache import Cache
+
+    cache = Cache(tmp_path)
+    value = ev.deletion_insertion(quadrant, _striped(), 0, np.zeros((32, 32), np.float32), None, settings())
+    cache.save("evaluate", "a" * 64, value)
+    assert cache.load("evaluate", "a" * 64, {"deletion_norm": float, "insertion_norm": float}) is not None
+    monkeypatch.setattr(methods, "EXPLAINERS", {"planted": _planted(lambda m: True)})
+    torch.manual_seed(0)
+    spec = EvaluateSpec(sanity=SanitySpec(images=1, steps=2, seeds=2))
+    original = {"map": np.add.outer(np.arange(32.0), np.arange(32.0)).astype(np.float32), "target": 1}
+    sanity = ev.sanity_check(wrap(TinyNet()), tiny_crop, "planted", ExplainSpec(), spec, 0, "cpu", original)
+    cache.save("sanity", "b" * 64, sanity)
+    assert cache.load("sanity", "b" * 64, ev.SANITY_SHAPE) is not None

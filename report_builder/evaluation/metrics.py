@@ -131,7 +131,7 @@ def deletion_insertion(model: LoadedModel, crop: np.ndarray, target: int, salien
                          (1 - weight) * p[offset + at[lo]] + weight * p[offset + at[hi]] for lo, hi, weight in where])
 
     d, i = curve(0), curve(n)
-    intact_d, intact_i = d[0], i[-1]  # the intact image: deletion's first point, insertion's last
+    intact_d, intact_i = float(d[0]), float(i[-1])  # the intact image: deletion's first point, insertion's last
     return {"deletion_auc": auc(d), "insertion_auc": auc(i),
             "deletion_norm": auc(d) / intact_d if intact_d > 0 else math.nan,
             "insertion_norm": auc(i) / intact_i if intact_i > 0 else math.nan,

@@ -571,7 +571,7 @@ ANY_OBJECT = "any labelled object"
 
 def _title(method: str) -> str:
     if metric_registry.chance_kind(method) is not None:
-        return "the random map" if method == "random" else f"the {metric_registry.chance_title(method)} map"
+        return f"the {metric_registry.chance_title(method)} map"
     return METHOD_TITLES.get(method, method)
 
 
@@ -694,8 +694,8 @@ def _chance_clause(bars: dict, column: metric_registry.Column, what: str) -> str
     b = bars[column.name]
     parts = []
     for method, v in b["methods"].items():
-        verb = {"beats": "beats it", "worse": "does worse than it", "within noise": "is within noise of it"}[v["verdict"]]
-        parts.append(f"{_title(method)} {verb} ({v['words']})")
+        verb = {"beats": "beats it: ", "worse": "does worse than it: ", "within noise": "is "}[v["verdict"]]
+        parts.append(f"{_title(method)} {verb}{v['words']}")
     return (f" Against the strongest chance map on {what} ({_title(b['strongest'])}, "
             f"{_f(b['value'], column.digits)}): " + "; ".join(parts) + "." if parts else "")
 
@@ -708,8 +708,7 @@ def _ranking(images: list[dict], model: str, scored: list[dict], column: metric_
     c = _paired(images, model, ordered[0]["method"], ordered[1]["method"], column.name)
     if c is None:
         return ""
-    return (f" ({_title(ordered[0]['method'])} against {_title(ordered[1]['method'])}, the next: "
-            f"{compare_words(c, column.digits)})")
+    return f"; against {_title(ordered[1]['method'])}, the next, it is {compare_words(c, column.digits)}"
 
 
 def _faithfulness_finding(model: str, name: str, rows: list[dict], images: list[dict]) -> dict | None:
@@ -722,8 +721,8 @@ def _faithfulness_finding(model: str, name: str, rows: list[dict], images: list[
     d, i = _best(scored, deletion.name, deletion.name), _best(scored, insertion.name, insertion.name)
     text = (f"On {name}, by the areas divided by the intact image's probability (mean over images), removing the "
             f"pixels {_title(d['method'])} ranks first lowers the top-1 probability fastest ({deletion.title} "
-            f"{_f(d[deletion.name], deletion.digits)}, {deletion.better}){_ranking(images, model, scored, deletion)}, "
-            f"and revealing {_title(i['method'])}'s first raises it fastest ({insertion.title} "
+            f"{_f(d[deletion.name], deletion.digits)}, {deletion.better}){_ranking(images, model, scored, deletion)}. "
+            f"Revealing {_title(i['method'])}'s first raises it fastest ({insertion.title} "
             f"{_f(i[insertion.name], insertion.digits)}, {insertion.better})"
             f"{_ranking(images, model, scored, insertion)}.")
     bars = chance_bars(metric, model, rows, images)
@@ -778,8 +777,8 @@ def _sanity_finding(model: str, name: str, rows: list[dict], images: list[dict])
                     f"{'fails' if len(verdicts['fails']) == 1 else 'fail'} the sanity check")
     if verdicts["inconclusive"]:
         said.append(f"{', '.join(_title(r['method']) for r in verdicts['inconclusive'])}: inconclusive on {runs} runs")
-    text += ("; ".join(said) + f" (the share of runs failing lies wholly above or below {rule.verdict_share:g}, "
-             "95 % Wilson interval, or no verdict).")
+    text += (f"A verdict is written only when the 95 % Wilson interval of the share failing lies wholly above or "
+             f"below {rule.verdict_share:g}: " + "; ".join(said) + ".")
     return {"id": f"sanity-{model}", "section": "trust", "question": "q5", "text": text,
             "numbers": {r["method"]: {"fails": r["sanity_fails"], "runs": r["sanity_runs"],
                                       "share": r["sanity_fail_share"], "verdict": r["sanity_verdict"],
