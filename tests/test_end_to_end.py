@@ -29,7 +29,8 @@ explain:
 evaluate:
   deletion: {steps: 5}
   road: {percentiles: [50]}
-  sanity: {images: 1, steps: 2}
+  sanity: {images: 1, steps: 2, seeds: 2}
+  chance: {draws: 2, smooth: [4]}
 dissect:
   probe: {source: samples-augmented, per_image: 3}
   scorers: [colors]
@@ -87,15 +88,18 @@ def test_run_directory_contract(run_dir):
 def test_evaluation_csv_and_report_match_results(run_dir):
     r = json.loads((run_dir / "results.json").read_text())
     ev = r["evaluation"]
-    assert ev["methods"] == ["gradcam", "ablationcam", "scorecam", "lime", "random"]
+    assert ev["methods"] == ["gradcam", "ablationcam", "scorecam", "lime", "random", "random-smooth4", "random-centre"]
     rows = list(csv.DictReader(open(run_dir / "evaluation.csv")))
     assert list(rows[0]) == ["model", "image", "method", "metric", "value"]
     by_key = {(x["image"], x["method"], x["metric"]): float(x["value"]) for x in rows}
     for row in ev["rows"]:
-        for metric in ("deletion_auc", "insertion_auc", "road"):
+        if row["method"] == "random-centre":  # the centre prior is a localisation bar only
+            assert row["deletion_auc"] is None and row["road"] is None
+            continue
+        for metric in ("deletion_auc", "insertion_auc", "deletion_norm", "insertion_norm", "road"):
             assert by_key[(row["image"], row["method"], metric)] == pytest.approx(row[metric], rel=1e-5)
         assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
-    voc = [x for x in ev["rows"] if x["image"] == "voc"]
+    voc = [x for x in ev["rows"] if x["image"] == "voc" and not x["method"].startswith("random")]  # chance: means
     assert all(x["pointing_hit"] in (0.0, 1.0) and 0 <= x["energy"] <= 1 for x in voc)
     assert all(x["pointing_hit"] is None for x in ev["rows"] if x["image"] == "chelsea")  # no mask, no score
     (sanity,) = [s for s in ev["sanity"] if s["method"] == "gradcam"]
@@ -104,6 +108,8 @@ def test_evaluation_csv_and_report_match_results(run_dir):
     grad = [x["deletion_auc"] for x in ev["rows"] if x["method"] == "gradcam"]
     assert summary["gradcam"]["deletion_auc"] == pytest.approx(sum(grad) / len(grad))
     assert summary["gradcam"]["spearman_final"] == pytest.approx(sanity["spearman"][-1])
+    assert [r["seed"] for r in sanity["runs"]] == [0, 1] and summary["gradcam"]["sanity_runs"] == 2
+    assert sanity["runs"][0]["spearman"] == sanity["spearman"][-1]  # seed 0's last step
     flat = re.sub(r"\s+", " ", pdf_text(run_dir / "report.pdf"))
     assert f"{summary['lime']['insertion_auc']:.3f}" in flat
     assert any(f["id"] == "sanity-lite0" for f in r["findings"])

@@ -303,11 +303,15 @@ def evaluate_task(model: ModelRef, crop: np.ndarray, objects, evaluate: Evaluate
     if objects is not None:
         full, what = objects.region(m.class_names[target])
         region = (m.preprocess.crop_mask(full), what)
+    kind = None if explanation is not None else registry.chance_kind(chance)
     each: list[dict] = []
     for saliency in maps:
         one: dict = {}
         for metric in registry.METRICS:
-            if not metric.per_step and getattr(evaluate, metric.spec_key) is not None:
+            # a chance map is scored only where it is a bar (registry: Metric.chance): the centre prior on
+            # localisation alone, which costs no forward pass
+            if (not metric.per_step and getattr(evaluate, metric.spec_key) is not None
+                    and (kind is None or kind in metric.chance)):
                 one.update(CALCULATIONS[metric.name](m, crop, target, saliency, region, settings))
         each.append(one)
     out: dict = {"target": target, "draws": len(maps), **each[0]}
