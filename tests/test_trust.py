@@ -235,7 +235,7 @@ def _planted(resembles):
         original = np.add.outer(np.arange(32.0), np.arange(32.0)).astype(np.float32)
         if resembles(m):
             return {"map": original}
-        seed = int(abs(float(m.module.fc.weight.sum())) * 1e6) % 2**31
+        seed = int(abs(float(m.module.fc.weight.detach().sum())) * 1e6) % 2**31
         return {"map": np.random.default_rng(seed).random((32, 32)).astype(np.float32)}
     return explain
 
@@ -266,7 +266,7 @@ def _summary(sanity: list[dict]) -> dict:
 def test_a_verdict_that_flips_with_the_seed_is_inconclusive(monkeypatch, tiny_crop):
     """The map resembles the original under some randomisations and not others (the sign of the head's weights):
     the runs disagree, so no verdict is written."""
-    sanity = _cascade(monkeypatch, tiny_crop, lambda m: float(m.module.fc.weight.sum()) > 0)
+    sanity = _cascade(monkeypatch, tiny_crop, lambda m: float(m.module.fc.weight.detach().sum()) > 0)
     rule = registry.BY_NAME["sanity"].rule
     finals = [r["spearman"] for s in sanity for r in s["runs"]]
     assert any(rule.fails(v) for v in finals) and not all(rule.fails(v) for v in finals)  # it flips
