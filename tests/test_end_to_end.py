@@ -100,7 +100,7 @@ def test_evaluation_csv_and_report_match_results(run_dir):
             assert by_key[(row["image"], row["method"], metric)] == pytest.approx(row[metric], rel=1e-5)
         assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
     voc = [x for x in ev["rows"] if x["image"] == "voc" and not x["method"].startswith("random")]  # chance: means
-    assert all(x["pointing_hit"] in (0.0, 1.0) and 0 <= x["energy"] <= 1 for x in voc)
+    assert all(0 <= x["pointing_hit"] <= 1 and 0 <= x["energy"] <= 1 for x in voc)  # a tied maximum: its share
     assert all(x["pointing_hit"] is None for x in ev["rows"] if x["image"] == "chelsea")  # no mask, no score
     (sanity,) = [s for s in ev["sanity"] if s["method"] == "gradcam"]
     assert sanity["image"] == "chelsea" and len(sanity["spearman"]) == 2 and sanity["blocks"][-1] == sanity["total_blocks"]

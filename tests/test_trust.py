@@ -352,3 +352,17 @@ def test_the_new_values_survive_the_cache(quadrant, tiny_crop, tmp_path, monkeyp
     sanity = ev.sanity_check(wrap(TinyNet()), tiny_crop, "planted", ExplainSpec(), spec, 0, "cpu", original)
     cache.save("sanity", "b" * 64, sanity)
     assert cache.load("sanity", "b" * 64, ev.SANITY_SHAPE) is not None
+
+
+def test_a_tied_maximum_points_by_the_share_of_it_that_hits():
+    """A LIME-like map: its top superpixel (tied) half on the object. The hit is 1/2 whichever way the image is
+    turned, not the first tied pixel row by row (which would give 1 one way and 0 the other)."""
+    region = np.zeros((10, 10), bool)
+    region[:5, :] = True  # the top half
+    saliency = np.zeros((10, 10))
+    saliency[3:7, 2] = 1.0  # a tied maximum: rows 3-4 on the object, rows 5-6 off it
+    for turn in range(4):
+        out = ev.pointing(np.rot90(saliency, turn), np.rot90(region, turn), 0)
+        assert out["pointing_hit"] == 0.5 and out["pointing_near_hit"] == 0.0
+    out = ev.pointing(saliency, region, 1)  # row 5 is within 1 pixel: 3 of 4 hit, 1 of them off the object
+    assert out["pointing_hit"] == 0.75 and out["pointing_near_hit"] == 0.25

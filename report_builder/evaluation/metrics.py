@@ -221,16 +221,17 @@ def road(model: LoadedModel, crop: np.ndarray, target: int, saliency: np.ndarray
 
 
 def pointing(saliency: np.ndarray, region: np.ndarray, tolerance: int) -> dict:
-    """Pointing game (hit: the map's maximum, the first one row by row, within `tolerance` pixels of the
-    object, straight-line distance; a near hit: one of those hits that is off the object itself) and energy (the
-    share of the map's mass on the object)."""
+    """Pointing game (a hit: the map's maximum within `tolerance` pixels of the object, straight-line distance; when
+    several pixels tie for the maximum, as a LIME map's top superpixel does, the share of them that hit, which is
+    the expected hit of a tie broken at random: no order among them counts), the near hits (those hits off the
+    object itself, counted the same way) and energy (the share of the map's mass on the object)."""
     from scipy.ndimage import distance_transform_edt
 
     near = distance_transform_edt(~region) <= tolerance if region.any() else region
-    peak = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
+    peaks = saliency == saliency.max()
     mass = float(np.clip(saliency, 0, None).sum())
     energy = float(np.clip(saliency, 0, None)[region].sum() / mass) if mass > 0 else math.nan
-    return {"pointing_hit": float(near[peak]), "pointing_near_hit": float(near[peak] and not region[peak]),
+    return {"pointing_hit": float(near[peaks].mean()), "pointing_near_hit": float((near & ~region)[peaks].mean()),
             "energy": energy}
 
 

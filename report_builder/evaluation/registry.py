@@ -185,11 +185,12 @@ METRICS: tuple[Metric, ...] = (
                  Column("energy", "Energy", "higher", 2, (0.0, 1.0))),
         title="Localisation",
         description="On images with object labels: the pointing game (Zhang et al., 2016): a hit when the map's "
-                    "maximum (the first one row by row) lies within {{ s.tolerance }} pixels of the object of the "
-                    "explained class, or of any labelled object when no label names that class (the table counts "
+                    "maximum lies within {{ s.tolerance }} pixels of the object of the explained class (when pixels "
+                    "tie for the maximum, the share of them that do: no order among them counts), or of any "
+                    "labelled object when no label names that class (the table counts "
                     "those images); hits within the {{ s.tolerance }} pixels but off the object itself are counted "
-                    "apart; and energy (the share of the map's mass on the object). A chance map's hits are the mean "
-                    "over its draws.",
+                    "apart; and energy (the share of the map's mass on the object). Hits are summed over images; a "
+                    "chance map's are the mean over its draws.",
         citation="J. Zhang, S. A. Bargal, Z. Lin, J. Brandt, X. Shen, S. Sclaroff. Top-down Neural Attention by "
                  "Excitation Backprop. ECCV 2016 (the pointing game); H. Wang et al. Score-CAM: Score-Weighted Visual "
                  "Explanations for Convolutional Neural Networks. CVPR Workshops 2020 (energy)",

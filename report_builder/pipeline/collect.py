@@ -145,7 +145,7 @@ def explanation_records(m: LoadedModel, images: list[SampleImage], spec, plan, o
 
 
 def evaluation_section(spec, inputs, plan, outcome, work: Path) -> dict:
-    """Per model, image and method (and the random map): the metrics; the deletion and insertion curves; the
+    """Per model, image and method (and each chance map): the metrics; the deletion and insertion curves; the
     sanity check's similarities per step, with its maps in evaluation/<model>/<image>_sanity.npz."""
     ev = spec.evaluate
     per_map = [c.name for _, c in metric_registry.per_map()]

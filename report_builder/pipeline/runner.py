@@ -266,7 +266,7 @@ def _explain_key(g: Graph, m, im, crop, pk: str, settings, method: str) -> str:
 
 
 def _evaluate_tasks(plan: Plan, spec, m, i: int, im, crop, pk: str, settings, methods: list[str]) -> None:
-    """Faithfulness and localisation of every method's map (and of a random map); the sanity check on the first
+    """Faithfulness and localisation of every method's map (and of each chance map); the sanity check on the first
     `sanity.images` images."""
     g, ev, dev = plan.graph, spec.evaluate, settings.device.type
     ident = {"evaluate": ev.model_dump(mode="json", exclude={"sanity", "chance"}), "seed": spec.seed,
