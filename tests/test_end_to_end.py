@@ -29,7 +29,8 @@ explain:
 evaluate:
   deletion: {steps: 5}
   road: {percentiles: [50]}
-  sanity: {images: 1, steps: 2}
+  sanity: {images: 1, steps: 2, seeds: 2}
+  chance: {draws: 2, smooth: [4]}
 dissect:
   probe: {source: samples-augmented, per_image: 3}
   scorers: [colors]
@@ -87,16 +88,20 @@ def test_run_directory_contract(run_dir):
 def test_evaluation_csv_and_report_match_results(run_dir):
     r = json.loads((run_dir / "results.json").read_text())
     ev = r["evaluation"]
-    assert ev["methods"] == ["gradcam", "ablationcam", "scorecam", "lime", "random"]
+    assert ev["methods"] == ["gradcam", "ablationcam", "scorecam", "lime", "random", "random-smooth4", "random-centre"]
     rows = list(csv.DictReader(open(run_dir / "evaluation.csv")))
     assert list(rows[0]) == ["model", "image", "method", "metric", "value"]
-    by_key = {(x["image"], x["method"], x["metric"]): float(x["value"]) for x in rows}
+    # an empty value: no number (a sanity step whose map went flat has no ρ and no SSIM)
+    by_key = {(x["image"], x["method"], x["metric"]): float(x["value"]) for x in rows if x["value"] != ""}
     for row in ev["rows"]:
-        for metric in ("deletion_auc", "insertion_auc", "road"):
+        if row["method"] == "random-centre":  # the centre prior is a localisation bar only
+            assert row["deletion_auc"] is None and row["road"] is None
+            continue
+        for metric in ("deletion_auc", "insertion_auc", "deletion_norm", "insertion_norm", "road"):
             assert by_key[(row["image"], row["method"], metric)] == pytest.approx(row[metric], rel=1e-5)
         assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
-    voc = [x for x in ev["rows"] if x["image"] == "voc"]
-    assert all(x["pointing_hit"] in (0.0, 1.0) and 0 <= x["energy"] <= 1 for x in voc)
+    voc = [x for x in ev["rows"] if x["image"] == "voc" and not x["method"].startswith("random")]  # chance: means
+    assert all(0 <= x["pointing_hit"] <= 1 and 0 <= x["energy"] <= 1 for x in voc)  # a tied maximum: its share
     assert all(x["pointing_hit"] is None for x in ev["rows"] if x["image"] == "chelsea")  # no mask, no score
     (sanity,) = [s for s in ev["sanity"] if s["method"] == "gradcam"]
     assert sanity["image"] == "chelsea" and len(sanity["spearman"]) == 2 and sanity["blocks"][-1] == sanity["total_blocks"]
@@ -104,6 +109,8 @@ def test_evaluation_csv_and_report_match_results(run_dir):
     grad = [x["deletion_auc"] for x in ev["rows"] if x["method"] == "gradcam"]
     assert summary["gradcam"]["deletion_auc"] == pytest.approx(sum(grad) / len(grad))
     assert summary["gradcam"]["spearman_final"] == pytest.approx(sanity["spearman"][-1])
+    assert [r["seed"] for r in sanity["runs"]] == [0, 1] and summary["gradcam"]["sanity_runs"] == 2
+    assert sanity["runs"][0]["spearman"] == sanity["spearman"][-1]  # seed 0's last step
     flat = re.sub(r"\s+", " ", pdf_text(run_dir / "report.pdf"))
     assert f"{summary['lime']['insertion_auc']:.3f}" in flat
     assert any(f["id"] == "sanity-lite0" for f in r["findings"])
@@ -262,7 +269,8 @@ def test_open_run_tables_equal_the_csvs_and_results(run_dir):
     assert len(r.predictions) == 2 * 5 and r.predictions.groupby("image")["rank"].max().tolist() == [5, 5]
     assert set(r.timings.method) == {"gradcam", "ablationcam", "scorecam", "lime"}
     assert len(r.agreement) == len(results["agreement"]["rows"])
-    assert set(r.evaluation.method) == {"gradcam", "ablationcam", "scorecam", "lime", "random"}
+    assert set(r.evaluation.method) == {"gradcam", "ablationcam", "scorecam", "lime", "random", "random-smooth4",
+                                        "random-centre"}
     assert len(r.sanity) == 4 * 2  # 4 methods x 2 steps on one image
     gradcam = r.maps("lite0", "chelsea", "gradcam")
     assert gradcam.shape == (224, 224) and gradcam.dtype == np.float32

@@ -108,11 +108,13 @@ def test_pointing_game_and_energy_on_hand_made_masks():
     saliency = np.zeros((10, 10))
     saliency[3, 3] = 1.0  # the peak on the object
     saliency[8, 8] = 0.5
-    assert ev.pointing(saliency, region, 0) == {"pointing_hit": 1.0, "energy": pytest.approx(1 / 1.5)}
+    assert ev.pointing(saliency, region, 0) == {"pointing_hit": 1.0, "pointing_near_hit": 0.0,
+                                                "energy": pytest.approx(1 / 1.5)}
     saliency[9, 9] = 2.0  # a new peak, sqrt(6² + 6²) = 8.5 pixels from the object's corner (3, 3)
     assert ev.pointing(saliency, region, 0)["pointing_hit"] == 0.0
     assert ev.pointing(saliency, region, 8)["pointing_hit"] == 0.0
     assert ev.pointing(saliency, region, 9)["pointing_hit"] == 1.0
+    assert ev.pointing(saliency, region, 9)["pointing_near_hit"] == 1.0  # a hit by the tolerance only: counted apart
     assert math.isnan(ev.pointing(np.zeros((10, 10)), region, 0)["energy"])  # no mass: no energy
 
 
@@ -149,7 +151,11 @@ def test_randomising_a_model_changes_its_gradient_map_but_not_the_model(tiny_cro
     spec = EvaluateSpec(sanity=SanitySpec(images=1, steps=3))
     out = ev.sanity_check(m, tiny_crop, "gradcam", explain, spec, 0, "cpu", {**original, "target": 1})
     assert out["layers"][-1] == "features.0" and len(out["spearman"]) == 3
-    assert out["spearman"][-1] < 0.5 and out["maps"].shape == (4, ev.SANITY_MAP_SIZE, ev.SANITY_MAP_SIZE)
+    final = out["runs"][0]  # seed 0's last step; a map gone flat has no ρ and no SSIM
+    assert final["spearman"] == out["spearman"][-1] and (final["flat"] or final["spearman"] < 0.5)
+    assert final["flat"] == (final["ssim"] is None)
+    assert out["maps"].shape == (4, ev.SANITY_MAP_SIZE, ev.SANITY_MAP_SIZE)
+    assert [r["seed"] for r in out["runs"]] == [0, 1, 2]  # SanitySpec's default seeds
     assert weights_hash(m.module) == before  # a copy was randomised
     again = ev.sanity_check(m, tiny_crop, "gradcam", explain, spec, 0, "cpu", {**original, "target": 1})
     assert again["spearman"] == out["spearman"]  # seeded
@@ -182,7 +188,7 @@ def test_the_sanity_check_of_a_forward_only_method_sees_each_randomised_step(tin
     assert m.outputs is not m.module
     explain = ExplainSpec()
     original = EXPLAINERS["scorecam"](m, tiny_crop, 1, ExplainSettings(explain, 0, CPU))
-    spec = EvaluateSpec(sanity=SanitySpec(images=1, steps=3))
+    spec = EvaluateSpec(sanity=SanitySpec(images=1, steps=3, seeds=1))
     made, fold = [], zoo.fold_batchnorm
     monkeypatch.setattr(zoo, "fold_batchnorm", lambda *a: made.append(fold(*a)) or made[-1])
     folded = ev.sanity_check(m, tiny_crop, "scorecam", explain, spec, 0, "cpu", {**original, "target": 1})

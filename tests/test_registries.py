@@ -307,7 +307,7 @@ def test_every_evaluation_metric_is_complete(name):
     import dataclasses
     import math
 
-    from report_builder.evaluation.registry import ARROWS, BY_NAME, Column, Metric, Rule
+    from report_builder.evaluation.registry import ARROWS, BY_NAME, CHANCE, Column, Metric, Rule
     from report_builder.report import render
     from report_builder.spec.schema import EvaluateSpec
 
@@ -321,9 +321,14 @@ def test_every_evaluation_metric_is_complete(name):
             if field.name == "rule":
                 assert value is None or isinstance(value, Rule), f"{what}: rule is {value!r}, expected a Rule or None"
                 continue
+            if field.name == "chance":  # () for a metric with a bar of its own (the sanity check's cascade)
+                assert set(value) <= set(CHANCE), f"{what}: chance {value!r}, expected kinds of {sorted(CHANCE)}"
+                continue
             assert value is not None and value != () and not (isinstance(value, str) and not value.strip()), \
                 f"{what}: field {field.name} is missing"
     assert isinstance(metric.per_step, bool), f"metric {name!r}: per_step is {metric.per_step!r}"
+    assert set(metric.summary) <= {c.name for c in metric.columns}, \
+        f"metric {name!r}: summary {metric.summary!r} names columns it does not have"
     assert metric.spec_key in EvaluateSpec.model_fields, f"metric {name!r}: spec_key {metric.spec_key!r} is not a key of evaluate"
     for c in metric.columns:
         where = f"metric {name!r}, column {c.name!r}"
@@ -351,7 +356,7 @@ def test_every_evaluation_metric_is_complete(name):
 # What the evaluation code returns beside the metrics' columns: curves for the figures, the object's name and size, the
 # explained class; and the sanity check's cascade (its layers, blocks and the maps of its figure).
 NOT_METRICS = {"deletion_curve", "insertion_curve", "object", "object_pixels", "target"}
-NOT_STEP_METRICS = {"layers", "blocks", "total_blocks", "maps"}
+NOT_STEP_METRICS = {"layers", "blocks", "total_blocks", "maps", "runs"}  # runs: the last step per seed
 
 
 def _check_the_evaluation_code_agrees_with_the_metrics_registry() -> None:
@@ -419,7 +424,10 @@ def test_the_spec_has_one_section_per_metric_key():
     from report_builder.evaluation.registry import METRICS
     from report_builder.spec.schema import EvaluateSpec
 
+    from report_builder.evaluation.registry import SHARED_SECTIONS
+
     sections = {k for k, f in EvaluateSpec.model_fields.items() if isinstance(f.default, BaseModel)}
+    sections -= set(SHARED_SECTIONS)  # the chance maps' settings: every metric's, no metric's own
     keys = {m.spec_key for m in METRICS}
     assert sections == keys, f"evaluate's sections without a metric: {sorted(sections - keys)}; metrics' keys not in " \
                              f"the spec: {sorted(keys - sections)}"
@@ -473,18 +481,32 @@ def _trust_html(results: dict) -> str:
         findings_by_section={"trust": [f for f in results.get("findings", []) if f["section"] == "trust"]})
 
 
-def _trust_results(spearman_final: float) -> dict:
+def _trust_results(spearman_final: float, seeds: int = 9) -> dict:
+    """One model, one image, Grad-CAM and the default chance maps, every column 0.5 (hits 1), and a sanity check
+    whose last step gives `spearman_final` under each of `seeds` seeds; the summary and findings as collect makes
+    them."""
+    from report_builder.evaluation.registry import chance_methods, per_map, per_step
     from report_builder.report import analysis
     from report_builder.spec.schema import EvaluateSpec
 
-    summary = {"model": "m", "method": "gradcam", "images": 1, "deletion_auc": 0.1, "insertion_auc": 0.6, "road": 0.2,
-               "pointing_hits": 1, "pointing_images": 1, "energy": 0.7, "sanity_images": 1, "sanity_layers": ["fc"],
-               "sanity_spearman": [spearman_final], "sanity_ssim": [0.4], "spearman_final": spearman_final,
-               "ssim_final": 0.4}
+    settings = EvaluateSpec().model_dump(mode="json")
+    methods = ["gradcam", *chance_methods(settings)]
+    rows = [{"model": "m", "image": "i", "method": method, "object": "cat",
+             **{c.name: 1.0 if c.aggregate == "hits" else 0.5 for _, c in per_map()}} for method in methods]
+    final = {c.name: spearman_final if c.name == registry_rule_column() else 0.4 for _, c in per_step()}
+    sanity = [{"model": "m", "image": "i", "method": "gradcam", "layers": ["fc"], **{k: [v] for k, v in final.items()},
+               "runs": [{"seed": k, **final, "flat": False} for k in range(seeds)]}]
     results = {"models": [{"id": "m", "display": "Model M"}],
-               "evaluation": {"settings": EvaluateSpec().model_dump(mode="json"), "summary": [summary]}}
+               "evaluation": {"settings": settings, "methods": methods, "rows": rows, "sanity": sanity}}
+    results["evaluation"]["summary"] = analysis.evaluation_summary(results)
     results["findings"] = analysis.evaluation_findings(results)
     return results
+
+
+def registry_rule_column() -> str:
+    from report_builder.evaluation import registry
+
+    return registry.BY_NAME["sanity"].rule.column
 
 
 def test_the_trust_section_states_the_registry_rule_and_columns(monkeypatch):
@@ -495,20 +517,46 @@ def test_the_trust_section_states_the_registry_rule_and_columns(monkeypatch):
 
     rule = registry.BY_NAME["sanity"].rule
     page = html_lib.unescape(_trust_html(_trust_results(0.55)))
-    assert f"a method whose ρ stays above {rule.shown} fails" in page
-    assert f"(ρ {rule.fails_if} {rule.shown})" in page and "fails the sanity check" in page  # 0.55 ≥ 0.5
+    assert f"a run fails when ρ {rule.fails_if} {rule.shown}" in page
+    assert f"({rule.stated})" in page and "fails the sanity check" in page  # 0.55 ≥ 0.5 on all 9 runs
     headings = re.findall(r'<th class="num">([^<]*)</th>', page)
     assert headings == [c.heading for m in registry.METRICS for c in m.columns]
     for m in registry.METRICS:
         assert f"<th>{m.title}</th>" in page, f"metric {m.name!r}: no row in the trust section's table of methods"
+    assert "inconclusive on 1 runs" in html_lib.unescape(_trust_html(_trust_results(0.55, seeds=1)))
 
     stricter = dataclasses.replace(rule, threshold=0.6)  # the rule lives once: the template and the finding follow it
     monkeypatch.setattr(registry, "METRICS", tuple(
         dataclasses.replace(m, rule=stricter) if m.name == "sanity" else m for m in registry.METRICS))
     monkeypatch.setattr(registry, "BY_NAME", {m.name: m for m in registry.METRICS})
     page = html_lib.unescape(_trust_html(_trust_results(0.55)))
-    assert "a method whose ρ stays above 0.6 fails" in page
-    assert "as it should" in page and "fails the sanity check" not in page  # 0.55 < 0.6
+    assert "a run fails when ρ ≥ 0.6" in page
+    assert "passes the sanity check" in page and "fails the sanity check" not in page  # 0.55 < 0.6
+
+
+def test_the_rendered_table_of_methods_is_the_registry():
+    """Every stated rule comes from the registry: the trust section's table of methods holds each metric's
+    description rendered with the run's settings, word for word, and the README holds it with the defaults."""
+    import html as html_lib
+
+    from report_builder.evaluation import registry
+    from report_builder.report import render
+    from report_builder.spec.schema import EvaluateSpec
+
+    results = _trust_results(0.1)
+    page = html_lib.unescape(re.sub(r"<[^>]+>", "", _trust_html(results)))
+    page = re.sub(r"\s+", " ", page)
+    settings = results["evaluation"]["settings"]
+    for m in registry.METRICS:
+        assert re.sub(r"\s+", " ", render.describe_text(m, settings[m.spec_key])) in page, \
+            f"metric {m.name!r}: the table of methods does not state the registry's description"
+    assert re.sub(r"\s+", " ", html_lib.unescape(re.sub(r"<[^>]+>", "", str(render._beats_chance(settings))))) in page
+    readme = re.sub(r"\s+", " ", (PACKAGE.parent / "README.md").read_text())
+    defaults = EvaluateSpec().model_dump(mode="json")
+    for m in registry.METRICS:
+        text = re.sub(r"\s+", " ", render.describe_text(m, defaults[m.spec_key]))
+        assert text in readme, (f"README.md does not state metric {m.name!r} as the registry does; its words (regenerate "
+                                f"with render.readme_metrics()):\n{text}")
 
 
 def test_only_the_registry_the_functions_and_the_sentences_name_metric_columns():

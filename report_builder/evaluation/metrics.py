@@ -1,27 +1,21 @@
 """Which explanation can we trust? Agreement is not correctness: two wrong maps can agree. So each map is
-tested against the model itself and against ground truth.
+tested against the model itself, against ground truth, and against maps made by chance.
 
-- Deletion and insertion (Petsiuk et al., RISE, BMVC 2018): the pixels are removed (deletion) or revealed
-  (insertion) in order of the map's value, most salient first, in `steps` equal steps; a removed pixel shows
-  the baseline (a blurred copy, the image's mean colour, or black). The target class's probability after
-  each step draws a curve; its area (trapezoids over [0, 1]) is the score: deletion lower is better,
-  insertion higher is better. Ties in the map are ordered by pixel index, row by row.
-- ROAD (Rong et al., ICML 2022), grad-cam's `ROADCombined`: the most relevant pixels (MoRF) and the least
-  relevant ones (LeRF) are imputed by noisy linear interpolation at each percentile, and the score is the
-  mean over percentiles of (LeRF drop - MoRF drop) / 2 in the target's softmax probability (higher is better).
-  The imputer's noise is seeded.
-- A random map (seeded, one uniform value per pixel) scored the same way: each method is compared with chance.
-- Localisation, where the image has object labels: the pointing game (Zhang et al., ECCV 2016: is the map's
-  maximum on the object of the explained class, with `tolerance` pixels of slack?) and its energy-based
-  variant (Wang et al., Score-CAM: the share of the map's mass on the object).
-- The sanity check by cascading randomisation (Adebayo et al., NeurIPS 2018): the model's blocks are
-  re-initialised from the output down, one more at each step, and the map for the same class is made
-  again; its Spearman rank correlation (0 for a map gone flat) and SSIM with the original say how much it still
-  resembles it. A map that stays similar while the model is destroyed does not explain the model.
+The rules (what each metric computes, which way is better, when a method fails, what counts as beating chance) are
+stated once, in the metrics registry (evaluation/registry.py: each metric's description and rule); the README and
+the report's table of methods are rendered from it, and tests/test_evaluate.py checks the code below against those
+words on planted cases. What this module adds is how:
 
-Each metric is an entry of the registry (evaluation/registry.py: its columns, titles, directions, ranges, rule), and
-its function is bound here by the metric's name in CALCULATIONS: f(model, crop, target, saliency, objects, settings)
--> numbers (the sanity check, with its steps, is a task of its own: sanity_task).
+- deletion and insertion: a tied group of pixels is removed (or revealed) all at once, and the curve is
+  interpolated linearly across it, so no order inside a tie (row-major or other) enters the score;
+- ROAD: grad-cam's `ROADCombined`, whose value is (MoRF drop - LeRF drop) / 2 = (mean over percentiles of the
+  LeRF confidence change - the MoRF one) / 2; the imputer's noise is seeded;
+- the chance maps (per-pixel noise, smooth noise at a few scales, a centre prior), several seeded draws each;
+- the sanity cascade over several randomisation seeds: seed 0 runs every step (the figure), the others only the
+  last step (every block random), which is where the rule is read.
+
+Each metric's function is bound here by the metric's name in CALCULATIONS: f(model, crop, target, saliency,
+objects, settings) -> numbers (the sanity check, with its steps, is a task of its own: sanity_task).
 """
 from __future__ import annotations
 
@@ -42,7 +36,7 @@ from report_builder.spec.schema import EvaluateSpec, ExplainSpec, resolve_batch
 from report_builder.models.outputs import class_probabilities
 from report_builder.models.zoo import LoadedModel, ModelRef, model_for, refold
 
-CODE_VERSION = 2  # 2: SSIM on maps scaled in float64
+CODE_VERSION = 3  # 2: SSIM on maps scaled in float64; 3: tied pixels removed together, chance maps, seeds
 BLUR_SIGMA = 5.0  # RISE's insertion baseline: a Gaussian blur of sigma 5 pixels at 224
 SANITY_MAP_SIZE = 56  # the side of the maps kept for the randomisation figure
 
@@ -62,8 +56,34 @@ class EvaluationSettings:
 
 
 def pixel_order(saliency: np.ndarray) -> np.ndarray:
-    """Flat pixel indices, most salient first; ties by pixel index (row-major)."""
+    """Flat pixel indices, most salient first; ties by pixel index (row-major). Only tie_bounds' groups are ever
+    cut from this order, so the order inside a tie never reaches a score."""
     return np.argsort(-saliency.astype(np.float64).ravel(), kind="stable")
+
+
+def tie_bounds(saliency: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """The places in `order` where a tied group of pixels ends (0 and the pixel count included): removing the
+    first k pixels for k in these is the same set of pixels whatever the order inside the ties."""
+    values = saliency.astype(np.float64).ravel()[order]
+    return np.concatenate([[0], np.flatnonzero(np.diff(values) != 0) + 1, [values.size]])
+
+
+def tie_aware_counts(counts: list[int], bounds: np.ndarray) -> tuple[list[int], list[tuple[int, int, float]]]:
+    """For each step's pixel count, the tied-group boundaries around it and the weight of the upper one: a count
+    that cuts a tie is read off the straight line between the group removed not at all and the group removed
+    whole. Returns the distinct counts to evaluate (in the steps' order) and, per step, (lower, upper, weight)."""
+    needed: list[int] = []
+    where = []
+    for c in counts:
+        k = int(np.searchsorted(bounds, c, side="right")) - 1
+        lo = int(bounds[k])
+        hi = lo if lo == c else int(bounds[k + 1])
+        weight = 0.0 if hi == lo else (c - lo) / (hi - lo)
+        for x in (lo, hi):
+            if x not in needed:
+                needed.append(x)
+        where.append((lo, hi, weight))
+    return needed, where
 
 
 def baseline_image(crop: np.ndarray, kind: str) -> np.ndarray:
@@ -89,21 +109,33 @@ def deletion_insertion(model: LoadedModel, crop: np.ndarray, target: int, salien
     spec = settings.evaluate.deletion
     steps = spec.steps
     h, w = saliency.shape
-    order = torch.from_numpy(pixel_order(saliency))
+    order_np = pixel_order(saliency)
     counts = [round(k * h * w / steps) for k in range(steps + 1)]
+    needed, where = tie_aware_counts(counts, tie_bounds(saliency, order_np))
+    order = torch.from_numpy(order_np)
     original = torch.from_numpy(crop).reshape(h * w, 3)
     base = torch.from_numpy(baseline_image(crop, spec.baseline)).reshape(h * w, 3)
     rank = torch.empty(h * w, dtype=torch.long)
     rank[order] = torch.arange(h * w)  # a pixel's place in the order
-    gone = rank[None] < torch.tensor(counts)[:, None]  # steps+1 x pixels: removed (deletion) / revealed (insertion)
-    deleted = torch.where(gone[..., None], base, original).reshape(steps + 1, h, w, 3)
-    inserted = torch.where(gone[..., None], original, base).reshape(steps + 1, h, w, 3)
-    # the target class's softmax probability for each image
+    gone = rank[None] < torch.tensor(needed)[:, None]  # counts x pixels: removed (deletion) / revealed (insertion)
+    deleted = torch.where(gone[..., None], base, original).reshape(len(needed), h, w, 3)
+    inserted = torch.where(gone[..., None], original, base).reshape(len(needed), h, w, 3)
+    # the target class's softmax probability for each image (a map without ties: the steps' images, as before)
     p = class_probabilities(model, torch.cat([deleted, inserted]), settings.device, settings.batch)[:, target]
     p = p.astype(np.float64)
-    d, i = p[: steps + 1], p[steps + 1 :]
-    return {"deletion_auc": auc(d), "insertion_auc": auc(i), "deletion_curve": d.astype(np.float32),
-            "insertion_curve": i.astype(np.float32)}
+    at = {c: j for j, c in enumerate(needed)}
+    n = len(needed)
+
+    def curve(offset: int) -> np.ndarray:
+        return np.array([p[offset + at[lo]] if weight == 0 else
+                         (1 - weight) * p[offset + at[lo]] + weight * p[offset + at[hi]] for lo, hi, weight in where])
+
+    d, i = curve(0), curve(n)
+    intact_d, intact_i = float(d[0]), float(i[-1])  # the intact image: deletion's first point, insertion's last
+    return {"deletion_auc": auc(d), "insertion_auc": auc(i),
+            "deletion_norm": auc(d) / intact_d if intact_d > 0 else math.nan,
+            "insertion_norm": auc(i) / intact_i if intact_i > 0 else math.nan,
+            "deletion_curve": d.astype(np.float32), "insertion_curve": i.astype(np.float32)}
 
 
 # ---------------------------------------------------------------- ROAD
@@ -159,7 +191,9 @@ class LinearImputer:
 def road_score(model: torch.nn.Module, x: torch.Tensor, saliency: np.ndarray, targets: list,
                percentiles: list[int], imputer: Callable[[], Callable] = LinearImputer) -> np.ndarray:
     """grad-cam's ROADCombined, with the imputer as a parameter: (mean over percentiles of LeRF's confidence
-    change - the same for MoRF) / 2, LeRF first, as grad-cam draws the imputation noise."""
+    change - the same for MoRF) / 2, LeRF first, as grad-cam draws the imputation noise. A confidence change is
+    (perturbed - original), so this is (MoRF drop - LeRF drop) / 2: higher when removing the top pixels hurts more
+    than removing the bottom ones."""
     from pytorch_grad_cam.metrics.perturbation_confidence import (AveragerAcrossThresholds,
                                                                    PerturbationConfidenceMetric,
                                                                    RemoveLeastRelevantFirst,
@@ -187,15 +221,18 @@ def road(model: LoadedModel, crop: np.ndarray, target: int, saliency: np.ndarray
 
 
 def pointing(saliency: np.ndarray, region: np.ndarray, tolerance: int) -> dict:
-    """Pointing game (hit: the map's maximum, the first one row by row, within `tolerance` pixels of the
-    object, straight-line distance) and energy (the share of the map's mass on the object)."""
+    """Pointing game (a hit: the map's maximum within `tolerance` pixels of the object, straight-line distance; when
+    several pixels tie for the maximum, as a LIME map's top superpixel does, the share of them that hit, which is
+    the expected hit of a tie broken at random: no order among them counts), the near hits (those hits off the
+    object itself, counted the same way) and energy (the share of the map's mass on the object)."""
     from scipy.ndimage import distance_transform_edt
 
     near = distance_transform_edt(~region) <= tolerance if region.any() else region
-    peak = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
+    peaks = saliency == saliency.max()
     mass = float(np.clip(saliency, 0, None).sum())
     energy = float(np.clip(saliency, 0, None)[region].sum() / mass) if mass > 0 else math.nan
-    return {"pointing_hit": float(near[peak]), "energy": energy}
+    return {"pointing_hit": float(near[peaks].mean()), "pointing_near_hit": float((near & ~region)[peaks].mean()),
+            "energy": energy}
 
 
 def localisation(model: LoadedModel, crop: np.ndarray, target: int, saliency: np.ndarray, objects,
@@ -217,28 +254,75 @@ CALCULATIONS: dict[str, Callable[..., dict]] = {
 }
 
 
-def random_map(shape: tuple[int, int], seed: int, image_sha: str) -> np.ndarray:
-    """The chance baseline: one uniform value per pixel, seeded by the run's seed and the image."""
-    rng = np.random.default_rng([seed, int(image_sha[:15], 16)])
-    return rng.random(shape).astype(np.float32)
+def random_map(shape: tuple[int, int], seed: int, image_sha: str, draw: int = 0) -> np.ndarray:
+    """Per-pixel noise: one uniform value per pixel, seeded by the run's seed, the image and the draw (draw 0 is
+    the single random map of earlier versions)."""
+    key = [seed, int(image_sha[:15], 16)] + ([draw] if draw else [])
+    return np.random.default_rng(key).random(shape).astype(np.float32)
+
+
+def smooth_map(shape: tuple[int, int], seed: int, image_sha: str, cells: int, draw: int = 0) -> np.ndarray:
+    """Smooth noise: a cells x cells grid of uniform values, upsampled bilinearly to the map's size, so that whole
+    regions rank together as a real map's do."""
+    rng = np.random.default_rng([seed, int(image_sha[:15], 16), cells, draw])
+    grid = torch.from_numpy(rng.random((cells, cells)))[None, None]
+    return torch.nn.functional.interpolate(grid, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy().astype(np.float32)
+
+
+def centre_map(shape: tuple[int, int]) -> np.ndarray:
+    """The centre prior: a Gaussian bump (sigma a quarter of the side) on the pixel (h // 2, w // 2), its one
+    maximum; photographers put the object in the middle, so this is the localisation bar a reviewer asks for."""
+    h, w = shape
+    y, x = np.mgrid[:h, :w]
+    return np.exp(-(((y - h // 2) / (h / 4)) ** 2 + ((x - w // 2) / (w / 4)) ** 2) / 2).astype(np.float32)
+
+
+def chance_maps(method: str, shape: tuple[int, int], seed: int, image_sha: str, draws: int) -> list[np.ndarray]:
+    """The draws of one chance map (registry.chance_kind names its kind; the centre prior has one draw)."""
+    kind = registry.chance_kind(method)
+    if kind == "pixel":
+        return [random_map(shape, seed, image_sha, k) for k in range(draws)]
+    if kind == "smooth":
+        return [smooth_map(shape, seed, image_sha, registry.smooth_cells(method), k) for k in range(draws)]
+    if kind == "centre":
+        return [centre_map(shape)]
+    raise ValueError(f"{method!r} is not a chance map")
 
 
 def evaluate_task(model: ModelRef, crop: np.ndarray, objects, evaluate: EvaluateSpec, seed: int, device: str,
-                  image_sha: str, predictions: np.ndarray, explanation: dict | None = None) -> dict:
-    """Every metric of one map: an explanation's, or (no explanation) the random baseline's, for the model's
-    top-1 class. `objects` (data.ObjectLabels or None) gives the object region of that class."""
+                  image_sha: str, predictions: np.ndarray, explanation: dict | None = None,
+                  chance: str = "random") -> dict:
+    """Every metric of one map: an explanation's, or (no explanation) the chance map `chance`'s, averaged over its
+    draws, for the model's top-1 class. `objects` (data.ObjectLabels or None) gives the object region of that class."""
     m = model_for(model, device)
     settings = EvaluationSettings(evaluate, seed, torch.device(device))
     target = int(np.argsort(-predictions[0], kind="stable")[0])
-    saliency = random_map(crop.shape[:2], seed, image_sha) if explanation is None else explanation["map"]
+    draws = evaluate.chance.draws if evaluate.chance is not None else 1
+    maps = (chance_maps(chance, crop.shape[:2], seed, image_sha, draws) if explanation is None
+            else [explanation["map"]])
     region = None
     if objects is not None:
         full, what = objects.region(m.class_names[target])
         region = (m.preprocess.crop_mask(full), what)
-    out: dict = {"target": target}
-    for metric in registry.METRICS:
-        if not metric.per_step and getattr(evaluate, metric.spec_key) is not None:
-            out.update(CALCULATIONS[metric.name](m, crop, target, saliency, region, settings))
+    kind = None if explanation is not None else registry.chance_kind(chance)
+    each: list[dict] = []
+    for saliency in maps:
+        one: dict = {}
+        for metric in registry.METRICS:
+            # a chance map is scored only where it is a bar (registry: Metric.chance): the centre prior on
+            # localisation alone, which costs no forward pass
+            if (not metric.per_step and getattr(evaluate, metric.spec_key) is not None
+                    and (kind is None or kind in metric.chance)):
+                one.update(CALCULATIONS[metric.name](m, crop, target, saliency, region, settings))
+        each.append(one)
+    out: dict = {"target": target, "draws": len(maps), **each[0]}
+    if len(each) > 1:  # the mean over the draws, curves included; NaN (no mass on the map) left out
+        for key, value in each[0].items():
+            if isinstance(value, float):
+                values = np.array([e[key] for e in each], np.float64)
+                out[key] = float(np.nanmean(values)) if not np.isnan(values).all() else math.nan
+            elif isinstance(value, np.ndarray):
+                out[key] = np.mean([e[key] for e in each], axis=0).astype(value.dtype)
     return out
 
 
@@ -286,9 +370,9 @@ def sanity_task(model: ModelRef, crop: np.ndarray, method: str, explain: Explain
 def sanity_check(base: LoadedModel, crop: np.ndarray, method: str, explain: ExplainSpec, evaluate: EvaluateSpec,
                  seed: int, device: str, explanation: dict) -> dict:
     """The map of `method` for the same class as blocks are randomised from the top, compared with the original.
-    The model given is left as it is: a copy is randomised."""
-    from skimage.metrics import structural_similarity
-
+    Seed 0 of `sanity.seeds` walks every step (the per-step numbers and the figure); each further seed re-initialises
+    every block at once and makes the last step's map only, since the rule reads the last step: seeds - 1 more
+    explanations per image, not steps x seeds. The model given is left as it is: a copy is randomised."""
     from report_builder.explanation.methods import EXPLAINERS, ExplainSettings
 
     blocks = cascade(base.module)
@@ -297,7 +381,8 @@ def sanity_check(base: LoadedModel, crop: np.ndarray, method: str, explain: Expl
     randomised = dataclasses.replace(base, module=copy.deepcopy(base.module))  # never the shared model
     modules = dict(randomised.module.named_modules())
     settings = ExplainSettings(explain, seed, torch.device(device))
-    rows = {"layers": [], "blocks": [], "spearman": [], "ssim": [], "maps": [small(original)]}
+    rows = {"layers": [], "blocks": [], "spearman": [], "ssim": [], "maps": [small(original)], "runs": []}
+    seeds = evaluate.sanity.seeds
     done = 0
     for step, cut in enumerate(current().track(cuts, f"sanity {method}", unit="steps")):
         for name in blocks[done:cut]:
@@ -305,18 +390,39 @@ def sanity_check(base: LoadedModel, crop: np.ndarray, method: str, explain: Expl
         done = cut
         refold(randomised)  # forward-only calls fold these weights, not the last step's
         new = EXPLAINERS[method](randomised, crop, target, settings)["map"]
+        similar = similarity(original, new)
         rows["layers"].append(blocks[cut - 1])
         rows["blocks"].append(cut)
-        rows["spearman"].append(rank_correlation(original, new))
-        rows["ssim"].append(float(structural_similarity(_scaled(original), _scaled(new), data_range=1.0)))
+        rows["spearman"].append(similar["spearman"])
+        rows["ssim"].append(similar["ssim"])
         rows["maps"].append(small(new))
+    rows["runs"].append({"seed": 0, **similar})
+    for run in range(1, seeds):
+        for k, name in enumerate(blocks):
+            reinitialise(modules[name], seed + 1000 * (len(cuts) + 1) + 100_003 * run + k)
+        refold(randomised)
+        rows["runs"].append({"seed": run, **similarity(original, EXPLAINERS[method](randomised, crop, target,
+                                                                                    settings)["map"])})
     rows["maps"] = np.stack(rows["maps"]).astype(np.float16)
     rows["total_blocks"] = len(blocks)
     return rows
 
 
+def similarity(original: np.ndarray, new: np.ndarray) -> dict:
+    """A randomised map against the original: Spearman's ρ and SSIM, both None when either map is flat (a flat
+    map ranks nothing, and SSIM against a constant rewards a sparse map for being mostly empty); `flat` says so."""
+    from skimage.metrics import structural_similarity
+
+    flat = bool(np.ptp(original) == 0 or np.ptp(new) == 0)
+    if flat:
+        return {"spearman": None, "ssim": None, "flat": True}
+    return {"spearman": rank_correlation(original, new),
+            "ssim": float(structural_similarity(_scaled(original), _scaled(new), data_range=1.0)), "flat": False}
+
+
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho of two maps' pixels; a flat map ranks nothing, so it shares no ranking with the other: 0."""
+    """Spearman's rho of two maps' pixels; a flat map ranks nothing, so it shares no ranking with the other: 0
+    (the sanity check reports a flat map as flat instead: see similarity)."""
     from scipy.stats import spearmanr
 
     if np.ptp(a) == 0 or np.ptp(b) == 0:
@@ -336,7 +442,8 @@ def small(m: np.ndarray) -> np.ndarray:
 
 
 RESULT_SHAPE = {"target": int}
-SANITY_SHAPE = {"layers": [str], **{c.name: [float] for _, c in registry.per_step()}, "maps": np.ndarray}
+SANITY_SHAPE = {"layers": [str], **{c.name: [(float, None)] for _, c in registry.per_step()}, "maps": np.ndarray,
+                "runs": [{"seed": int, "flat": bool}]}
 
 
 # ---------------------------------------------------------------- the LIME sweep

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 ARROWS = {"higher": "↑", "lower": "↓"}
+MAX_CLASSES = 100_000.0  # a bound on 1 / (a top-1 probability): the normalised areas' range
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,22 @@ class Rule:
     column: str
     fails_if: Literal["≥", "≤"]
     threshold: float
+    symbol: str = ""  # how the report writes the column in the rule (ρ)
+    # Over several runs (images x seeds): the method fails when the 95 % Wilson interval of the share of runs that
+    # fail lies wholly above `verdict_share`, passes when it lies wholly below; otherwise no verdict ("inconclusive").
+    verdict_share: float = 0.5
 
     def fails(self, value: float) -> bool:
         return value >= self.threshold if self.fails_if == "≥" else value <= self.threshold
+
+    def verdict(self, low: float, high: float) -> Literal["fails", "passes", "inconclusive"]:
+        """The verdict over runs from the interval [low, high] of the share that fail."""
+        return "fails" if low > self.verdict_share else "passes" if high < self.verdict_share else "inconclusive"
+
+    @property
+    def stated(self) -> str:
+        """The rule in words, as every text states it: 'ρ ≥ 0.5'."""
+        return f"{self.symbol or self.column} {self.fails_if} {self.shown}"
 
     @property
     def shown(self) -> str:
@@ -77,6 +91,8 @@ class Metric:
     citation: str
     per_step: bool = False  # values per randomisation step (evaluation.sanity), not per map (evaluation.rows)
     rule: Rule | None = None  # pass or fail, where the metric has a threshold
+    chance: tuple[str, ...] = ()  # the kinds of chance map (CHANCE) whose strongest is the bar a method must beat
+    summary: tuple[str, ...] = ()  # the columns the findings compare (their mean over images, and against chance)
 
     def csv_metric(self, column: Column, layer: str | None = None) -> str:
         """evaluation.csv's `metric` for a value of `column`: its name; per step, '<metric>_<column>@<layer>'."""
@@ -92,30 +108,53 @@ class Metric:
         return f"{column.name}_final"
 
 
+# What "beats chance" means, for every metric with chance maps: its per-image value against the per-image value of
+# the strongest chance map (the best mean over images among the metric's kinds), compared pairwise with
+# stats.paired; better only when the difference is significant, else "within noise of chance".
+BEATS_CHANCE = ("beats chance on a metric when it is better than the strongest of that metric's chance maps "
+                "({{ bars }}; {{ draws }} seeded draw(s) of each noise map, one of the centre prior), image by image: "
+                "the mean difference's 95 % bootstrap interval excludes 0 and the Wilcoxon signed-rank p &lt; 0.05; "
+                "otherwise it is within noise of chance")
+
 METRICS: tuple[Metric, ...] = (
     Metric(
         name="deletion",
         spec_key="deletion",
         columns=(Column("deletion_auc", "Deletion AUC", "lower", 3, (0.0, 1.0)),
-                 Column("insertion_auc", "Insertion AUC", "higher", 3, (0.0, 1.0))),
+                 Column("insertion_auc", "Insertion AUC", "higher", 3, (0.0, 1.0)),
+                 # divided by p, the top-1 probability on the intact image: at most 1 / p <= the number of classes
+                 Column("deletion_norm", "Deletion AUC / p", "lower", 3, (0.0, MAX_CLASSES)),
+                 Column("insertion_norm", "Insertion AUC / p", "higher", 3, (0.0, MAX_CLASSES))),
         title="Deletion, insertion",
         description="Petsiuk et al. (RISE, 2018): the pixels are removed (or revealed) in the map's order in "
                     "{{ s.steps }} steps, a removed pixel showing {{ {'blur': 'a blurred copy of the image', "
                     "'mean': \"the image's mean colour\", 'zero': 'black'}[s.baseline] }}; the area under the top-1 "
-                    "probability's curve. Deletion: {{ better.deletion_auc }}; insertion: {{ better.insertion_auc }}.",
+                    "probability's curve. Pixels the map ties are removed together: at a step that would cut a tie, "
+                    "the curve is read off the straight line between the tie removed not at all and removed whole, "
+                    "so no order inside a tie (row by row, say) enters the score, for every method alike. "
+                    "<em>AUC / p</em>: the same area divided by the probability p on the intact image (deletion's first "
+                    "point, insertion's last), so that no image weighs by its confidence; the findings average this "
+                    "form, and the curves are drawn in it. Deletion: {{ better.deletion_auc }}; insertion: "
+                    "{{ better.insertion_auc }}.",
         citation="V. Petsiuk, A. Das, K. Saenko. RISE: Randomized Input Sampling for Explanation of Black-box Models. "
                  "BMVC 2018",
+        chance=("pixel", "smooth"),
+        summary=("deletion_norm", "insertion_norm"),
     ),
     Metric(
         name="road",
         spec_key="road",
         columns=(Column("road", "ROAD", "higher", 3, (-1.0, 1.0)),),
         title="ROAD",
-        description="Rong et al. (2022), through grad-cam's <code>ROADCombined</code>: (LeRF drop − MoRF drop) / 2 "
-                    "in the top-1 probability, the pixels imputed by noisy linear interpolation, averaged over "
-                    "percentiles {{ s.percentiles|join(\", \") }}. {{ better.road|capitalize }}.",
+        description="Rong et al. (2022), through grad-cam's <code>ROADCombined</code>: (MoRF drop − LeRF drop) / 2 "
+                    "in the top-1 probability, where a drop is the intact image's probability minus the imputed "
+                    "one's, MoRF removes the most relevant pixels and LeRF the least, the pixels imputed by noisy "
+                    "linear interpolation, averaged over percentiles {{ s.percentiles|join(\", \") }}. "
+                    "{{ better.road|capitalize }}.",
         citation="Y. Rong, T. Leemann, V. Borisov, G. Kasneci, E. Kasneci. A Consistent and Efficient Evaluation "
                  "Strategy for Attribution Methods. ICML 2022",
+        chance=("pixel", "smooth"),
+        summary=("road",),
     ),
     Metric(
         name="sanity",
@@ -125,25 +164,38 @@ METRICS: tuple[Metric, ...] = (
         title="Sanity check",
         description="Adebayo et al. (2018), cascading randomisation: the model's blocks are re-initialised from the "
                     "output down in {{ s.steps }} steps and the map for the same class is made again, on the first "
-                    "{{ s.images }} image(s). ρ is the Spearman rank correlation with the original map after the last "
-                    "step (every block random): a method whose ρ stays above {{ rule.shown }} fails.",
+                    "{{ s.images }} image(s), with {{ s.seeds }} randomisation seed(s) (the first walks every step, "
+                    "the others re-initialise every block at once). ρ is the Spearman rank correlation with the "
+                    "original map after the last step (every block random), |ρ| its size; a run fails when "
+                    "{{ rule.stated }}. A map gone flat is reported as flat (no ρ, no SSIM: a constant has no ranks, "
+                    "and SSIM against it rewards a sparse map). Over the runs (images × seeds), a method fails when "
+                    "the 95 % Wilson interval of the share of runs that fail lies above {{ rule.verdict_share }}, "
+                    "passes when it lies below, and is otherwise inconclusive.",
         citation="J. Adebayo, J. Gilmer, M. Muelly, I. Goodfellow, M. Hardt, B. Kim. Sanity Checks for Saliency Maps. "
                  "NeurIPS 2018",
         per_step=True,
-        rule=Rule("spearman", "≥", 0.5),
+        rule=Rule("spearman", "≥", 0.5, symbol="ρ"),
+        summary=("spearman",),
     ),
     Metric(
         name="localisation",
         spec_key="localisation",
         columns=(Column("pointing_hit", "Pointing game", "higher", 0, (0.0, 1.0), aggregate="hits"),
+                 Column("pointing_near_hit", "Of which off the object", "lower", 0, (0.0, 1.0), aggregate="hits"),
                  Column("energy", "Energy", "higher", 2, (0.0, 1.0))),
         title="Localisation",
-        description="On images with object labels: the pointing game (Zhang et al., 2016; the map's maximum within "
-                    "{{ s.tolerance }} pixels of the object of the explained class, or of any labelled object when no "
-                    "label names it) and energy (the share of the map's mass on the object).",
+        description="On images with object labels: the pointing game (Zhang et al., 2016): a hit when the map's "
+                    "maximum lies within {{ s.tolerance }} pixels of the object of the explained class (when pixels "
+                    "tie for the maximum, the share of them that do: no order among them counts), or of any "
+                    "labelled object when no label names that class (the table counts "
+                    "those images); hits within the {{ s.tolerance }} pixels but off the object itself are counted "
+                    "apart; and energy (the share of the map's mass on the object). Hits are summed over images; a "
+                    "chance map's are the mean over its draws.",
         citation="J. Zhang, S. A. Bargal, Z. Lin, J. Brandt, X. Shen, S. Sclaroff. Top-down Neural Attention by "
                  "Excitation Backprop. ECCV 2016 (the pointing game); H. Wang et al. Score-CAM: Score-Weighted Visual "
                  "Explanations for Convolutional Neural Networks. CVPR Workshops 2020 (energy)",
+        chance=("pixel", "smooth", "centre"),
+        summary=("pointing_hit", "energy"),
     ),
 )
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
@@ -162,3 +214,61 @@ def per_step() -> list[tuple[Metric, Column]]:
 def column(name: str) -> Column:
     """The column called `name` (deletion_auc, spearman, ...)."""
     return next(c for m in METRICS for c in m.columns if c.name == name)
+
+
+def summary_columns(metric: Metric) -> list[Column]:
+    """The columns a metric's finding compares (and tests against chance)."""
+    return [column(n) for n in metric.summary]
+
+
+# ---------------------------------------------------------------- the chance maps
+
+@dataclass(frozen=True)
+class Chance:
+    """A kind of chance map: its method id in the run (one id per smooth-noise size), its title and what it is."""
+
+    kind: str
+    title: str
+    description: str
+
+
+CHANCE: dict[str, Chance] = {c.kind: c for c in (
+    Chance("pixel", "per-pixel noise", "one uniform value per pixel"),
+    Chance("smooth", "smooth noise", "a coarse grid of uniform values upsampled bilinearly, so whole regions rank "
+                                     "together"),
+    Chance("centre", "centre prior", "a Gaussian bump on the image's centre, sigma a quarter of the side"),
+)}
+# evaluate's sections that are no metric's own: the settings of the chance maps every metric compares with
+SHARED_SECTIONS = ("chance",)
+
+
+def chance_methods(settings: dict) -> list[str]:
+    """The chance maps' method ids for evaluate's settings (as results.json keeps them): 'random' (per-pixel
+    noise), 'random-smooth<cells>' per size, 'random-centre'; none when random_baseline is off."""
+    if not settings.get("random_baseline"):
+        return []
+    chance = settings.get("chance") or {}
+    return (["random"] + [f"random-smooth{n}" for n in chance.get("smooth", ())]
+            + (["random-centre"] if chance.get("centre", True) else []))
+
+
+def chance_kind(method: str) -> str | None:
+    """The kind of a chance map's method id (pixel, smooth, centre); None for an explanation method."""
+    if method == "random":
+        return "pixel"
+    if method == "random-centre":
+        return "centre"
+    if method.startswith("random-smooth") and method.removeprefix("random-smooth").isdigit():
+        return "smooth"
+    return None
+
+
+def smooth_cells(method: str) -> int:
+    return int(method.removeprefix("random-smooth"))
+
+
+def chance_title(method: str) -> str:
+    """'per-pixel noise', 'smooth noise (4 × 4 cells)', 'centre prior'."""
+    kind = chance_kind(method)
+    title = CHANCE[kind].title
+    return f"{title} ({smooth_cells(method)} × {smooth_cells(method)} cells)" if kind == "smooth" else title

@@ -145,13 +145,13 @@ def explanation_records(m: LoadedModel, images: list[SampleImage], spec, plan, o
 
 
 def evaluation_section(spec, inputs, plan, outcome, work: Path) -> dict:
-    """Per model, image and method (and the random map): the metrics; the deletion and insertion curves; the
+    """Per model, image and method (and each chance map): the metrics; the deletion and insertion curves; the
     sanity check's similarities per step, with its maps in evaluation/<model>/<image>_sanity.npz."""
     ev = spec.evaluate
     per_map = [c.name for _, c in metric_registry.per_map()]
     per_step = [c.name for _, c in metric_registry.per_step()]
     rows, curves, sanity = [], [], []
-    methods = list(spec.explain.methods) + (["random"] if ev.random_baseline else [])
+    methods = list(spec.explain.methods) + metric_registry.chance_methods(ev.model_dump(mode="json"))
     for m in inputs.models:
         for im in inputs.images:
             for method in methods:
@@ -173,7 +173,9 @@ def evaluation_section(spec, inputs, plan, outcome, work: Path) -> dict:
                 maps[method] = v["maps"]
                 sanity.append({"model": m.id, "image": im.id, "method": method, "layers": v["layers"],
                                "blocks": [int(b) for b in v["blocks"]], "total_blocks": int(v["total_blocks"]),
-                               **{k: v[k] for k in per_step}})
+                               **{k: v[k] for k in per_step},
+                               "runs": [{"seed": int(r["seed"]), **{k: r[k] for k in per_step}, "flat": bool(r["flat"])}
+                                        for r in v["runs"]]})
             if maps:
                 rel = f"evaluation/{m.id}/{im.id}_sanity.npz"
                 (work / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from report_builder.dissection import activations
 from report_builder.pipeline import collect
 from report_builder.dissection import clip_dissect as dissect
 from report_builder.evaluation import metrics as evaluate
+from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation import methods as explain
 from report_builder.dissection import netdissect
 from report_builder.dissection.scorers import SCORERS, ScorerPlan, concept_scores_task, described, text_hash
@@ -265,10 +266,10 @@ def _explain_key(g: Graph, m, im, crop, pk: str, settings, method: str) -> str:
 
 
 def _evaluate_tasks(plan: Plan, spec, m, i: int, im, crop, pk: str, settings, methods: list[str]) -> None:
-    """Faithfulness and localisation of every method's map (and of a random map); the sanity check on the first
+    """Faithfulness and localisation of every method's map (and of each chance map); the sanity check on the first
     `sanity.images` images."""
     g, ev, dev = plan.graph, spec.evaluate, settings.device.type
-    ident = {"evaluate": ev.model_dump(mode="json", exclude={"sanity"}), "seed": spec.seed,
+    ident = {"evaluate": ev.model_dump(mode="json", exclude={"sanity", "chance"}), "seed": spec.seed,
              "objects": im.objects.sha256 if im.objects else None, "code_version": evaluate.CODE_VERSION}
     args = {"model": m.ref, "crop": crop, "objects": im.objects, "evaluate": ev, "seed": spec.seed, "device": dev,
             "image_sha": im.sha256}
@@ -284,10 +285,12 @@ def _evaluate_tasks(plan: Plan, spec, m, i: int, im, crop, pk: str, settings, me
                 {"model": m.ref, "crop": crop, "method": method, "explain": settings.explain, "evaluate": ev,
                  "seed": spec.seed, "device": dev}, {"explanation": plan.explain[(m.id, im.id, method)]},
                 model=True, shape=evaluate.SANITY_SHAPE)
-    if ev.random_baseline:
-        plan.evaluation[(m.id, im.id, "random")] = g.add(
-            "evaluate", evaluate.evaluate_task, f"evaluate {m.id} {im.id} random map", {**ident, "random": True},
-            args, {"predictions": pk}, model=True, shape=evaluate.RESULT_SHAPE)
+    for chance in metric_registry.chance_methods(ev.model_dump(mode="json")):  # the chance maps, each with its draws
+        plan.evaluation[(m.id, im.id, chance)] = g.add(
+            "evaluate", evaluate.evaluate_task, f"evaluate {m.id} {im.id} {metric_registry.chance_title(chance)}",
+            {**ident, "random": True if chance == "random" else chance, "chance": ev.chance.model_dump(mode="json")},
+            {**args, "chance": chance},
+            {"predictions": pk}, model=True, shape=evaluate.RESULT_SHAPE)
 
 
 def whole_batches(images: int, batch: int) -> int:

@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pandas as pd
 
+from report_builder.stats import compare_words, paired, share
 from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation.registry import TITLES as METHOD_TITLES
 
@@ -563,15 +564,29 @@ def versions_findings(results: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- which explanations can we trust
 
+# What data.images.ObjectLabels.region says when no mask label names the predicted class (tests/test_evaluate.py
+# checks the two agree): the table counts those images.
+ANY_OBJECT = "any labelled object"
+
 
 def _title(method: str) -> str:
-    return "the random map" if method == "random" else METHOD_TITLES.get(method, method)
+    if metric_registry.chance_kind(method) is not None:
+        return f"the {metric_registry.chance_title(method)} map"
+    return METHOD_TITLES.get(method, method)
+
+
+def _hits(values: list[float]) -> float | int:
+    """A sum of 0/1 hits; a chance map's hits are means over its draws, so their sum may be a fraction."""
+    total = float(sum(values))
+    return int(total) if total.is_integer() else round(total, 2)
 
 
 def evaluation_summary(results: dict) -> list[dict]:
-    """Per model and method (the random map included): each per-map column of the metrics registry over the images
-    (its mean; for a hit, the hits and the images scored: pointing_hits of pointing_images), and each per-step column's
-    mean at each step of the sanity check (sanity_spearman) and after the last one (spearman_final)."""
+    """Per model and method (the chance maps included): each per-map column of the metrics registry over the images
+    (its mean; for a hit, the hits and the images scored: pointing_hits of pointing_images; object_fallback: the
+    images where no mask label names the predicted class), each per-step column's mean at each step of the sanity
+    check (sanity_spearman) and after the last one (spearman_final), and the sanity verdict over its runs (images x
+    seeds: sanity_runs, sanity_fails with its Wilson interval, sanity_flat, the mean ρ and |ρ|, sanity_verdict)."""
     ev = results["evaluation"]
     out = []
     for m in results["models"]:
@@ -583,10 +598,11 @@ def evaluation_summary(results: dict) -> list[dict]:
                 values = [r.get(column.name) for r in rows]
                 if column.aggregate == "hits":
                     scored = [v for v in values if v is not None]
-                    entry[column.hits_key] = int(sum(scored)) if scored else None
+                    entry[column.hits_key] = _hits(scored) if scored else None
                     entry[column.images_key] = len(scored)
                 else:
                     entry[column.name] = _mean(values)
+            entry["object_fallback"] = sum(r.get("object") == ANY_OBJECT for r in rows)
             entry["sanity_images"] = len(sanity)
             if sanity:
                 steps = len(sanity[0]["layers"])
@@ -596,11 +612,28 @@ def evaluation_summary(results: dict) -> list[dict]:
                     entry[metric.steps_key(column)] = [_mean([s[column.name][k] for s in sanity]) for k in range(steps)]
                 for metric, column in per_step:
                     entry[metric.final_key(column)] = entry[metric.steps_key(column)][-1]
+                entry.update(_sanity_runs(sanity))
             out.append(entry)
     return out
 
 
-# ---- each metric's sentence: f(model, its display name, its summary rows) -> a finding, or None when it has no numbers
+def _sanity_runs(sanity: list[dict]) -> dict:
+    """The rule of the sanity check over every run (image x seed): how many fail, the share's Wilson interval, how
+    many maps went flat (they do not fail: nothing of the original survives), the mean ρ and |ρ|, the verdict."""
+    rule = metric_registry.BY_NAME["sanity"].rule
+    runs = [r for s in sanity for r in s.get("runs") or
+            [{"seed": 0, rule.column: s[rule.column][-1], "flat": s[rule.column][-1] is None}]]
+    rhos = [r[rule.column] for r in runs if not r["flat"] and r[rule.column] is not None]
+    fails = sum(rule.fails(v) for v in rhos)
+    failing = share(fails, len(runs))
+    return {"sanity_runs": len(runs), "sanity_seeds": len({r["seed"] for r in runs}), "sanity_fails": fails,
+            "sanity_fail_share": failing.as_dict(), "sanity_flat": sum(r["flat"] for r in runs),
+            "spearman_runs": _mean(rhos), "abs_spearman_runs": _mean([abs(v) for v in rhos]),
+            "sanity_verdict": rule.verdict(failing.low, failing.high)}
+
+
+# ---- each metric's sentence: f(model, its display name, its summary rows, the per-image rows) -> a finding, or None
+# when it has no numbers
 
 
 def _best(rows: list[dict], key: str, name: str) -> dict:
@@ -610,87 +643,167 @@ def _best(rows: list[dict], key: str, name: str) -> dict:
 
 
 def _split(rows: list[dict]) -> tuple[list[dict], dict | None]:
-    """The methods' rows and the random map's."""
-    return [r for r in rows if r["method"] != "random"], next((r for r in rows if r["method"] == "random"), None)
+    """The methods' rows and the (per-pixel) random map's."""
+    return ([r for r in rows if metric_registry.chance_kind(r["method"]) is None],
+            next((r for r in rows if r["method"] == "random"), None))
 
 
-def _faithfulness_finding(model: str, name: str, rows: list[dict]) -> dict | None:
-    methods, random = _split(rows)
-    deletion, insertion = metric_registry.column("deletion_auc"), metric_registry.column("insertion_auc")
-    scored = [r for r in methods if r["deletion_auc"] is not None]
+def _per_image(images: list[dict], model: str, method: str, column: str) -> dict[str, float]:
+    return {r["image"]: r.get(column) for r in images if r["model"] == model and r["method"] == method
+            and r.get(column) is not None}
+
+
+def _paired(images: list[dict], model: str, a: str, b: str, column: str):
+    """a against b on the images both were scored on (stats.paired), or None when none were."""
+    x, y = _per_image(images, model, a, column), _per_image(images, model, b, column)
+    shared = [k for k in x if k in y]
+    return paired([x[k] for k in shared], [y[k] for k in shared]) if shared else None
+
+
+def chance_bars(metric: metric_registry.Metric, model: str, rows: list[dict], images: list[dict]) -> dict[str, dict]:
+    """Per column the metric's findings compare: the strongest chance map of the metric's kinds (the best mean over
+    images) and, per method, its comparison with it, image by image: 'beats', 'within noise' or 'worse', with the
+    stats.paired numbers. The registry's BEATS_CHANCE states the rule."""
+    methods = [r for r in rows if metric_registry.chance_kind(r["method"]) is None]
+    out = {}
+    for column in metric_registry.summary_columns(metric):
+        key = column.hits_key if column.aggregate == "hits" else column.name
+        bars = [r for r in rows if metric_registry.chance_kind(r["method"]) in metric.chance and r.get(key) is not None]
+        if not bars:
+            continue
+        strongest = _best(bars, key, column.name)
+        verdicts = {}
+        for r in methods:
+            c = _paired(images, model, r["method"], strongest["method"], column.name)
+            if c is None:
+                continue
+            better = c.difference.value < 0 if column.direction == "lower" else c.difference.value > 0
+            verdicts[r["method"]] = {**c.as_dict(), "verdict": ("beats" if better else "worse") if c.significant
+                                     else "within noise",
+                                     "words": compare_words(c, column.digits)}
+        out[column.name] = {"strongest": strongest["method"], "value": strongest[key], "methods": verdicts,
+                            "bars": {r["method"]: r[key] for r in bars}}
+    return out
+
+
+def _chance_clause(bars: dict, column: metric_registry.Column, what: str) -> str:
+    """'Against the strongest chance map on deletion AUC / p (the smooth noise (4 × 4 cells) map, 0.412): Grad-CAM
+    beats it (lower by ...); LIME is within noise of it (...).'"""
+    if column.name not in bars:
+        return ""
+    b = bars[column.name]
+    parts = []
+    for method, v in b["methods"].items():
+        verb = {"beats": "beats it: ", "worse": "does worse than it: ", "within noise": "is "}[v["verdict"]]
+        parts.append(f"{_title(method)} {verb}{v['words']}")
+    return (f" Against the strongest chance map on {what} ({_title(b['strongest'])}, "
+            f"{_f(b['value'], column.digits)}): " + "; ".join(parts) + "." if parts else "")
+
+
+def _ranking(images: list[dict], model: str, scored: list[dict], column: metric_registry.Column) -> str:
+    """The best method on `column` and whether it is ahead of the next one beyond noise."""
+    ordered = sorted(scored, key=lambda r: r[column.name], reverse=column.direction == "higher")
+    if len(ordered) < 2:
+        return ""
+    c = _paired(images, model, ordered[0]["method"], ordered[1]["method"], column.name)
+    if c is None:
+        return ""
+    return f"; against {_title(ordered[1]['method'])}, the next, it is {compare_words(c, column.digits)}"
+
+
+def _faithfulness_finding(model: str, name: str, rows: list[dict], images: list[dict]) -> dict | None:
+    methods, _ = _split(rows)
+    metric = metric_registry.BY_NAME["deletion"]
+    deletion, insertion = metric_registry.summary_columns(metric)  # the normalised areas (registry: summary)
+    scored = [r for r in methods if r[deletion.name] is not None]
     if not scored:
         return None
-    d, i = _best(scored, "deletion_auc", "deletion_auc"), _best(scored, "insertion_auc", "insertion_auc")
-    text = (f"On {name}, removing the pixels {_title(d['method'])} ranks first lowers the top-1 probability "
-            f"fastest (deletion AUC {_f(d['deletion_auc'], deletion.digits)}, {deletion.better}), and revealing "
-            f"{_title(i['method'])}'s first raises it fastest (insertion AUC "
-            f"{_f(i['insertion_auc'], insertion.digits)}, {insertion.better})")
-    if random and random["deletion_auc"] is not None:
-        beat = [r for r in scored if r["deletion_auc"] < random["deletion_auc"]
-                and r["insertion_auc"] > random["insertion_auc"]]
-        lose = [r for r in scored if r not in beat]
-        text += (f"; the random map scores {_f(random['deletion_auc'], deletion.digits)} and "
-                 f"{_f(random['insertion_auc'], insertion.digits)}. ")
-        text += ("Every method beats chance on both." if not lose else
-                 f"{', '.join(_title(r['method']) for r in lose)} "
-                 f"{'does' if len(lose) == 1 else 'do'} not beat chance on both.")
-    else:
-        text += "."
+    d, i = _best(scored, deletion.name, deletion.name), _best(scored, insertion.name, insertion.name)
+    text = (f"On {name}, by the areas divided by the intact image's probability (mean over images), removing the "
+            f"pixels {_title(d['method'])} ranks first lowers the top-1 probability fastest ({deletion.title} "
+            f"{_f(d[deletion.name], deletion.digits)}, {deletion.better}){_ranking(images, model, scored, deletion)}. "
+            f"Revealing {_title(i['method'])}'s first raises it fastest ({insertion.title} "
+            f"{_f(i[insertion.name], insertion.digits)}, {insertion.better})"
+            f"{_ranking(images, model, scored, insertion)}.")
+    bars = chance_bars(metric, model, rows, images)
+    text += _chance_clause(bars, deletion, "deletion") + _chance_clause(bars, insertion, "insertion")
     return {"id": f"faithfulness-{model}", "section": "trust", "question": "q5", "text": text,
-            "numbers": {r["method"]: {"deletion_auc": r["deletion_auc"], "insertion_auc": r["insertion_auc"]}
-                        for r in rows}}
+            "numbers": {r["method"]: {c.name: r[c.name] for c in metric.columns} for r in rows},
+            "chance": bars}
 
 
-def _road_finding(model: str, name: str, rows: list[dict]) -> dict | None:
-    methods, random = _split(rows)
-    digits = metric_registry.column("road").digits
-    road = [r for r in methods if r["road"] is not None]
+def _road_finding(model: str, name: str, rows: list[dict], images: list[dict]) -> dict | None:
+    methods, _ = _split(rows)
+    metric = metric_registry.BY_NAME["road"]
+    column = metric_registry.column("road")
+    road = [r for r in methods if r[column.name] is not None]
     if not road:
         return None
-    best = _best(road, "road", "road")
-    text = (f"By ROAD on {name}, {_title(best['method'])} ranks pixels best ({_f(best['road'], digits)}; "
-            + ", ".join(f"{_title(r['method'])} {_f(r['road'], digits)}" for r in road if r is not best)
-            + (f"; the random map {_f(random['road'], digits)}" if random and random["road"] is not None else "")
-            + ").")
+    best = _best(road, column.name, column.name)
+    text = (f"By ROAD on {name}, {_title(best['method'])} ranks pixels best ({_f(best[column.name], column.digits)}; "
+            + ", ".join(f"{_title(r['method'])} {_f(r[column.name], column.digits)}" for r in road if r is not best)
+            + f"){_ranking(images, model, road, column)}.")
+    bars = chance_bars(metric, model, rows, images)
+    text += _chance_clause(bars, column, "ROAD")
     return {"id": f"road-{model}", "section": "trust", "question": "q5", "text": text,
-            "numbers": {r["method"]: r["road"] for r in rows}}
+            "numbers": {r["method"]: r[column.name] for r in rows}, "chance": bars}
 
 
-def _sanity_finding(model: str, name: str, rows: list[dict]) -> dict | None:
+def _sanity_finding(model: str, name: str, rows: list[dict], images: list[dict]) -> dict | None:
     methods, _ = _split(rows)
     rule = metric_registry.BY_NAME["sanity"].rule
-    final = metric_registry.Metric.final_key(metric_registry.column(rule.column))  # spearman_final
     digits = metric_registry.column(rule.column).digits
-    sane = [r for r in methods if r.get(final) is not None]
+    sane = [r for r in methods if r.get("sanity_runs")]
     if not sane:
         return None
-    fails = [r for r in sane if rule.fails(r[final])]
-    parts = ", ".join(f"{_title(r['method'])} ρ = {_f(r[final], digits)}" for r in
-                      sorted(sane, key=lambda r: -r[final]))
-    text = (f"With every block of {name} re-initialised, the maps' rank correlation with the originals is: "
-            f"{parts} (mean over {sane[0]['sanity_images']} image(s)). ")
-    text += ("Every method's map changes with the model, as it should." if not fails else
-             f"{', '.join(_title(r['method']) for r in fails)} still "
-             f"{'resembles' if len(fails) == 1 else 'resemble'} the original (ρ {rule.fails_if} {rule.shown}), so "
-             f"{'it fails' if len(fails) == 1 else 'they fail'} the sanity check.")
+    parts = []
+    for r in sane:
+        share = r["sanity_fail_share"]
+        flat = f", {r['sanity_flat']} flat" if r["sanity_flat"] else ""
+        parts.append(f"{_title(r['method'])} fails on {r['sanity_fails']} of {r['sanity_runs']} runs "
+                     f"({100 * share['value']:.0f} % [{100 * share['low']:.0f}, {100 * share['high']:.0f}]{flat}; "
+                     f"mean ρ {_f(r['spearman_runs'], digits)}, |ρ| {_f(r['abs_spearman_runs'], digits)})")
+    runs = sane[0]["sanity_runs"]
+    text = (f"With every block of {name} re-initialised ({sane[0]['sanity_images']} image(s) × "
+            f"{sane[0]['sanity_seeds']} seed(s)), a run fails when its map still resembles the original "
+            f"({rule.stated}): " + "; ".join(parts) + ". ")
+    verdicts = {v: [r for r in sane if r["sanity_verdict"] == v] for v in ("fails", "passes", "inconclusive")}
+    said = []
+    if verdicts["passes"]:
+        said.append(f"{', '.join(_title(r['method']) for r in verdicts['passes'])} "
+                    f"{'passes' if len(verdicts['passes']) == 1 else 'pass'} the sanity check")
+    if verdicts["fails"]:
+        said.append(f"{', '.join(_title(r['method']) for r in verdicts['fails'])} "
+                    f"{'fails' if len(verdicts['fails']) == 1 else 'fail'} the sanity check")
+    if verdicts["inconclusive"]:
+        said.append(f"{', '.join(_title(r['method']) for r in verdicts['inconclusive'])}: inconclusive on {runs} runs")
+    text += (f"A verdict is written only when the 95 % Wilson interval of the share failing lies wholly above or "
+             f"below {rule.verdict_share:g}: " + "; ".join(said) + ".")
     return {"id": f"sanity-{model}", "section": "trust", "question": "q5", "text": text,
-            "numbers": {r["method"]: r[final] for r in sane}}
+            "numbers": {r["method"]: {"fails": r["sanity_fails"], "runs": r["sanity_runs"],
+                                      "share": r["sanity_fail_share"], "verdict": r["sanity_verdict"],
+                                      "spearman": r["spearman_runs"], "abs_spearman": r["abs_spearman_runs"]}
+                        for r in sane}}
 
 
-def _pointing_finding(model: str, name: str, rows: list[dict]) -> dict | None:
-    methods, random = _split(rows)
-    digits = metric_registry.column("energy").digits
-    pointed = [r for r in methods if r["pointing_images"]]
+def _pointing_finding(model: str, name: str, rows: list[dict], images: list[dict]) -> dict | None:
+    methods, _ = _split(rows)
+    metric = metric_registry.BY_NAME["localisation"]
+    hit, near, energy = metric.columns
+    pointed = [r for r in methods if r[hit.images_key]]
     if not pointed:
         return None
-    n = pointed[0]["pointing_images"]
-    text = (f"On the {n} image(s) of {name} with object labels, the maps' maximum falls on the object: "
-            + ", ".join(f"{_title(r['method'])} {r['pointing_hits']} of {n} (energy {_f(r['energy'], digits)})"
-                        for r in pointed)
-            + (f"; the random map {random['pointing_hits']} of {n} (energy {_f(random['energy'], digits)})"
-               if random and random["pointing_images"] else "") + ".")
+    n = pointed[0][hit.images_key]
+    fallback = pointed[0]["object_fallback"]
+    text = (f"On the {n} image(s) of {name} with object labels, the maps' maximum falls on the object or near it: "
+            + ", ".join(f"{_title(r['method'])} {r[hit.hits_key]} of {n} ({r[near.hits_key]} of them off the "
+                        f"object; energy {_f(r[energy.name], energy.digits)})" for r in pointed) + "."
+            + (f" On {fallback} of them no mask label names the predicted class, so every labelled object counts."
+               if fallback else ""))
+    bars = chance_bars(metric, model, rows, images)
+    text += _chance_clause(bars, hit, "the pointing game") + _chance_clause(bars, energy, "energy")
     return {"id": f"pointing-{model}", "section": "trust", "text": text,
-            "numbers": {r["method"]: [r["pointing_hits"], r["energy"]] for r in pointed}}
+            "numbers": {r["method"]: [r[hit.hits_key], r[energy.name]] for r in pointed}, "chance": bars}
 
 
 # Each metric's sentence, by the metric's name in the registry (tests/test_registries.py checks they agree).
@@ -703,13 +816,14 @@ def evaluation_findings(results: dict) -> list[dict]:
     if "evaluation" not in results:
         return []
     names = _display(results)
+    images = results["evaluation"].get("rows", [])
     by_model: dict[str, list[dict]] = defaultdict(list)
     for e in results["evaluation"]["summary"]:
         by_model[e["model"]].append(e)
     out = []
     for model, rows in by_model.items():
         for metric in metric_registry.METRICS:
-            finding = SENTENCES[metric.name](model, names[model], rows)
+            finding = SENTENCES[metric.name](model, names[model], rows, images)
             if finding is not None:
                 out.append(finding)
     return out

@@ -126,7 +126,7 @@ class Run:
 
     @functools.cached_property
     def evaluation(self) -> pd.DataFrame:
-        """Faithfulness and localisation per model, image and method (the random map included): a column per
+        """Faithfulness and localisation per model, image and method (the chance maps included): a column per
         metric of the registry (evaluation/registry.py); empty when the run had no `evaluate:`."""
         rows = self._results.get("evaluation", {}).get("rows", [])
         return _frame(rows, evaluation_columns())

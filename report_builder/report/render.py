@@ -319,8 +319,11 @@ def netdissect_figures(out_dir: Path, results: dict, names: dict) -> dict[str, l
 
 
 def _method_colors(methods: list[str]) -> dict[str, str]:
-    colors = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(k for k in methods if k != "random")}
-    colors["random"] = "#9aa5b1"
+    colors = {m: PALETTE[i % len(PALETTE)] for i, m in
+              enumerate(k for k in methods if metric_registry.chance_kind(k) is None)}
+    greys = ("#9aa5b1", "#6b7785", "#c2c9d1", "#4a5561", "#aab3bd", "#808b97")
+    colors.update({m: greys[i % len(greys)] for i, m in
+                   enumerate(k for k in methods if metric_registry.chance_kind(k) is not None)})
     return colors
 
 
@@ -340,20 +343,24 @@ def trust_figures(out_dir: Path, run_dir: Path, results: dict, names: dict) -> d
                 if not mine:
                     continue
                 for ax, kind in zip(axes, ("deletion", "insertion")):
-                    y = np.mean([c[kind] for c in mine], axis=0)
+                    # each image's curve divided by its probability on the intact image (deletion's first point,
+                    # insertion's last), as the normalised areas are, so that no image weighs by its confidence
+                    y = np.mean([np.asarray(c[kind]) / (c[kind][0] if kind == "deletion" else c[kind][-1])
+                                 for c in mine if (c[kind][0] if kind == "deletion" else c[kind][-1]) > 0], axis=0)
                     ax.plot(np.linspace(0, 1, len(y)), y, color=colors[method], label=_method_title(method),
-                            linestyle="--" if method == "random" else "-", linewidth=1.5)
+                            linestyle="--" if metric_registry.chance_kind(method) else "-", linewidth=1.5)
             axes[0].set_title("deletion (lower is better)", fontsize=9)
             axes[1].set_title("insertion (higher is better)", fontsize=9)
             for ax in axes:
                 ax.set_xlabel("fraction of pixels removed / revealed", fontsize=8)
-            axes[0].set_ylabel("top-1 probability", fontsize=8)
+            axes[0].set_ylabel("top-1 probability / intact image's", fontsize=8)
             axes[1].legend(frameon=False, fontsize=7)
             path = out_dir / f"trust_curves_{m['id']}.png"
             _save(fig, path, list(axes))
             figs["trust_curves"].append({"path": path, "model": m["id"], "caption": f"{m['display']}: the top-1 class's probability as "
-                                         "pixels are removed or revealed in each map's order, averaged over images; "
-                                         "dashed: a random map."})
+                                         "pixels are removed or revealed in each map's order (a tied group at once), "
+                                         "divided by its probability on the intact image and averaged over images; "
+                                         "dashed: the chance maps."})
         sanity = [x for x in ev["sanity"] if x["model"] == m["id"]]
         if sanity:
             image = sanity[0]["image"]
@@ -375,7 +382,7 @@ def trust_figures(out_dir: Path, run_dir: Path, results: dict, names: dict) -> d
                         ax.set_ylabel(_method_title(row["method"]), fontsize=8)
                     else:
                         rho = row["spearman"][c - 1]
-                        ax.set_xlabel("ρ —" if rho is None else f"ρ {rho:.2f}", fontsize=6.5)
+                        ax.set_xlabel("flat" if rho is None else f"ρ {rho:.2f}", fontsize=6.5)
             path = out_dir / f"trust_sanity_{m['id']}.png"
             _save(fig, path, dpi=110)
             figs["trust_sanity"].append({"path": path, "model": m["id"], "caption": f"{m['display']}, {image}: each method's map as the "
@@ -411,7 +418,9 @@ def sweep_figures(out_dir: Path, results: dict, names: dict) -> dict[str, list[d
 
 
 def _method_title(method: str) -> str:
-    return "random map" if method == "random" else METHOD_TITLES.get(method, method)
+    if metric_registry.chance_kind(method) is not None:
+        return metric_registry.chance_title(method)
+    return METHOD_TITLES.get(method, method)
 
 
 def galleries(run_dir: Path, results: dict) -> list[dict]:
@@ -556,6 +565,9 @@ def _environment() -> Environment:
     env.filters["short"] = lambda h, n=12: (h or "")[:n]
     env.globals["evaluation_metrics"] = metric_registry.METRICS
     env.globals["describe"] = _describe
+    env.globals["chance_kind"] = metric_registry.chance_kind
+    env.globals["chance_title"] = metric_registry.chance_title
+    env.globals["beats_chance"] = _beats_chance
     return env
 
 
@@ -570,6 +582,43 @@ def _describe(env: Environment, metric: metric_registry.Metric, settings: dict) 
 @functools.lru_cache(maxsize=None)
 def _compiled(env: Environment, text: str):
     return env.from_string(text)
+
+
+def _beats_chance(settings: dict) -> Markup:
+    """The rule of 'beats chance' (the registry's BEATS_CHANCE) for this run's chance maps."""
+    maps = metric_registry.chance_methods(settings)
+    bars = "; ".join(f"{m.title}: " + ", ".join(metric_registry.chance_title(c) for c in maps
+                                                        if metric_registry.chance_kind(c) in m.chance)
+                     for m in metric_registry.METRICS if m.chance and settings.get(m.spec_key) is not None)
+    draws = (settings.get("chance") or {}).get("draws", 1)
+    return Markup(environment().from_string(metric_registry.BEATS_CHANCE).render(bars=bars, draws=draws))
+
+
+def describe_text(metric: metric_registry.Metric, settings: dict) -> str:
+    """A metric's description as plain text (tags dropped, entities read): the README states these words."""
+    return html_text(str(_describe(environment(), metric, settings)))
+
+
+def readme_metrics() -> str:
+    """The README's list of the trust metrics, each stated as the report's table of methods states it with the
+    default settings (tests/test_registries.py checks the README against it)."""
+    import textwrap
+
+    from report_builder.spec.schema import EvaluateSpec
+
+    defaults = EvaluateSpec().model_dump(mode="json")
+    items = [f"- **{m.title}**: {describe_text(m, defaults[m.spec_key])}" for m in metric_registry.METRICS]
+    chance = html_text(str(_beats_chance(defaults)))
+    items.append(f"- **Chance**: a method {chance}.")
+    return "\n".join(textwrap.fill(i, 110, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
+                     for i in items)
+
+
+def html_text(markup: str) -> str:
+    import html
+    import re
+
+    return html.unescape(re.sub(r"<[^>]+>", "", markup))
 
 
 def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], scripts: bool = True) -> str:

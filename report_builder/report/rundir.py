@@ -390,8 +390,9 @@ def _same_lengths(*keys: str):
 def _eval_methods(methods, where, ctx):
     known = ctx.refs.get("method", set()) | {"random"}
     for i, m in enumerate(methods):
-        if m not in known:
-            _bad(ctx, f"{where}[{i}]", m, f"one of the run's methods or 'random' ({', '.join(sorted(known))})")
+        if m not in known and metric_registry.chance_kind(m) is None:
+            _bad(ctx, f"{where}[{i}]", m, f"one of the run's methods or a chance map ('random', 'random-smooth<n>', "
+                                          f"'random-centre'; {', '.join(sorted(known))})")
     ctx.refs["eval_method"] = set(methods)
 
 
@@ -443,7 +444,8 @@ AGREEMENT = {
 # the dissections list name folders of galleries: ids.
 EVALUATION = {
     "sanity": [Then({"maps?": "path", "model": "model", "image": "image", "method": "method", "layers": ["text"],
-                     **_PER_STEP, "blocks?": ["count"], "total_blocks?": "count"},
+                     **_PER_STEP, "blocks?": ["count"], "total_blocks?": "count",
+                     "runs?": [{"seed": "count", **{k: v[0] for k, v in _PER_STEP.items()}, "flat": "bool"}]},
                     _same_lengths("layers", *_PER_STEP))],
     "methods": Then(["id"], _eval_methods),
     "rows": [{"model": "model", "image": "image", "method": "eval_method", **_PER_MAP, "object": Null("text")}],

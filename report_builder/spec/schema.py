@@ -306,6 +306,17 @@ class SanitySpec(StrictModel):
 
     images: Int = Field(3, ge=0, le=1000, description="the first N images are checked (each costs an explanation per step)")
     steps: Int = Field(4, ge=1, le=50, description="randomisation steps, from the output layer to the whole network")
+    seeds: Int = Field(3, ge=1, le=20, description="randomisation seeds: the first walks every step, each other one "
+                                                   "costs one more explanation per image (the last step only)")
+
+
+class ChanceSpec(StrictModel):
+    """The chance maps every method is compared with (with `random_baseline: true`)."""
+
+    draws: Int = Field(3, ge=1, le=20, description="seeded draws of each noise map; its numbers are their mean")
+    smooth: tuple[Annotated[int, Strict(), Field(ge=2, le=64)], ...] = Field(
+        (4, 16), max_length=6, description="smooth noise: a grid of this many cells a side, upsampled; one map per size")
+    centre: Annotated[bool, Strict()] = Field(True, description="the centre prior, the localisation bar")
 
 
 class LocalisationSpec(StrictModel):
@@ -318,6 +329,7 @@ class EvaluateSpec(StrictModel):
     deletion: DeletionSpec | None = DeletionSpec()
     road: RoadSpec | None = RoadSpec()
     random_baseline: Annotated[bool, Strict()] = True
+    chance: ChanceSpec = ChanceSpec()
     sanity: SanitySpec | None = SanitySpec()
     localisation: LocalisationSpec | None = LocalisationSpec()
     batch_size: BatchSize = "auto"
