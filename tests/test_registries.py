@@ -556,7 +556,7 @@ def test_the_rendered_table_of_methods_is_the_registry():
     for m in registry.METRICS:
         text = re.sub(r"\s+", " ", render.describe_text(m, defaults[m.spec_key]))
         assert text in readme, (f"README.md does not state metric {m.name!r} as the registry does; its words (regenerate "
-                                f"with render.readme_metrics()):\n{text}")
+                                f"with report.readme.readme_metrics()):\n{text}")
 
 
 def test_only_the_registry_the_functions_and_the_sentences_name_metric_columns():

@@ -545,7 +545,9 @@ def _data_uri(path: Path) -> str:
 def environment() -> Environment:
     if not TEMPLATES.is_dir():
         raise UserError(f"templates folder {TEMPLATES} is missing; reinstall report_builder from its repository")
-    return _environment()
+    env = _environment()
+    env.globals["evaluation_metrics"] = metric_registry.METRICS  # read at each render: the registry is the source
+    return env
 
 
 @functools.lru_cache(maxsize=1)
@@ -563,7 +565,6 @@ def _environment() -> Environment:
     env.filters["fmt"] = _fmt
     env.filters["seconds"] = _seconds
     env.filters["short"] = lambda h, n=12: (h or "")[:n]
-    env.globals["evaluation_metrics"] = metric_registry.METRICS
     env.globals["describe"] = _describe
     env.globals["chance_kind"] = metric_registry.chance_kind
     env.globals["chance_title"] = metric_registry.chance_title
@@ -597,21 +598,6 @@ def _beats_chance(settings: dict) -> Markup:
 def describe_text(metric: metric_registry.Metric, settings: dict) -> str:
     """A metric's description as plain text (tags dropped, entities read): the README states these words."""
     return html_text(str(_describe(environment(), metric, settings)))
-
-
-def readme_metrics() -> str:
-    """The README's list of the trust metrics, each stated as the report's table of methods states it with the
-    default settings (tests/test_registries.py checks the README against it)."""
-    import textwrap
-
-    from report_builder.spec.schema import EvaluateSpec
-
-    defaults = EvaluateSpec().model_dump(mode="json")
-    items = [f"- **{m.title}**: {describe_text(m, defaults[m.spec_key])}" for m in metric_registry.METRICS]
-    chance = html_text(str(_beats_chance(defaults)))
-    items.append(f"- **Chance**: a method {chance}.")
-    return "\n".join(textwrap.fill(i, 110, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
-                     for i in items)
 
 
 def html_text(markup: str) -> str:
