@@ -26,17 +26,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from report_builder.dissection.similarity import SIMILARITIES
+from report_builder.label_quality import METRICS, QUALITY_CSV, combination_text, sanity_passes  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     import torch
 
-# Torch is imported only where a function needs it: the report reads METRICS and QUALITY_CSV without it.
+# Torch is imported only where a function needs it (the spec and the graph import this module).
 CODE_VERSION = 1
 TOP_FRACTION = 0.05  # the positives' share for a similarity function with neither top_k nor top_fraction
-METRICS = ("pearson", "auprc", "f1", "iou")
-# the columns dissection/<model>.csv adds after CLIP-Dissect's when the labels' quality was measured
-QUALITY_CSV = ("heldout_label", *METRICS, "random_label", *(f"random_{m}" for m in METRICS), "combination",
-               "combination_pearson", "stability")
 
 
 def split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -188,11 +185,6 @@ def _corr_matrix(A: np.ndarray, P: np.ndarray) -> np.ndarray:
     return np.where((sa[:, None] > 0) & (sp[None, :] > 0), r, np.nan)
 
 
-def combination_text(terms: list[dict]) -> str:
-    """'0.62 dog + 0.31 grass': a unit's combination, heaviest first."""
-    return " + ".join(f"{t['weight']:.2f} {t['label']}" for t in terms)
-
-
 def describe(W_row: np.ndarray, concepts: list[str]) -> list[dict]:
     """A unit's combination, heaviest first: [{"label", "weight"}]."""
     idx = np.flatnonzero(W_row > 0)
@@ -296,10 +288,3 @@ def sanity_task(similarity: str, params: dict, settings: dict, scores: dict, noi
 
 SANITY_SHAPE = {"units": int, "recovered": int, "metrics": dict}
 
-
-def sanity_passes(result: dict) -> bool:
-    """Both tests pass for every metric: each recovered unit's label changed and its score dropped when its true
-    concept went (and some unit was recovered), and no score rose when the unrelated concepts came."""
-    n = result["recovered"]
-    return n > 0 and result["removed_changed"] == n and all(
-        m["removed_lower"] == n and m["added_raised"] == 0 for m in result["metrics"].values())

@@ -16,7 +16,7 @@ from report_builder.report import analysis
 from report_builder.explanation import overlays
 from report_builder.data.images import SampleImage, manifest_hash
 from report_builder.explanation.methods import top_k
-from report_builder.dissection.quality import METRICS as QUALITY_METRICS, QUALITY_CSV, combination_text
+from report_builder.label_quality import METRICS as QUALITY_METRICS, QUALITY_CSV, combination_text
 from report_builder.files import clean_nan
 from report_builder.pipeline.progress import Progress
 from report_builder.report.rundir import SCHEMA_VERSION, TIMING_KEYS

@@ -14,6 +14,8 @@ import pandas as pd
 
 from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation.registry import TITLES as METHOD_TITLES
+from report_builder.label_quality import sanity_passes
+from report_builder.stats import from_draws, paired, paired_draws, share
 
 
 def _mean(values: list[float]) -> float | None:
@@ -789,8 +791,6 @@ def quality_summary(d: dict) -> dict | None:
     """Per model and layer: the held-out scores' quartiles for the labels, a random label and the combinations, the
     paired differences over units, the share of stable labels, unique-concept counts with their bootstrap interval;
     per pair of models the paired difference of their unique counts and shares."""
-    from report_builder import stats
-
     q = d.get("quality")
     if not q:
         return None
@@ -813,13 +813,13 @@ def quality_summary(d: dict) -> dict | None:
                 "scores": {m: _quartiles(values[m]) for m in metrics},
                 "random": {m: _quartiles(chance[m]) for m in metrics},
                 "combination": _quartiles(combined),
-                "label_vs_random": stats.paired([nan(v) for v in values["pearson"]],
+                "label_vs_random": paired([nan(v) for v in values["pearson"]],
                                                 [nan(v) for v in chance["pearson"]]).as_dict(),
-                "combination_vs_label": stats.paired([nan(v) for v in combined],
+                "combination_vs_label": paired([nan(v) for v in combined],
                                                      [nan(v) for v in values["pearson"]]).as_dict(),
-                "stable": stable, "stable_share": stats.share(stable, len(labels)).as_dict(),
-                "unique": stats.from_draws(unique, draws, images).as_dict(),
-                "unique_share": stats.from_draws(unique / x["units"], [c / x["units"] for c in draws],
+                "stable": stable, "stable_share": share(stable, len(labels)).as_dict(),
+                "unique": from_draws(unique, draws, images).as_dict(),
+                "unique_share": from_draws(unique / x["units"], [c / x["units"] for c in draws],
                                                  images).as_dict(),
             })
         all_labels = [u for x in entry["layers"] for u in x["labels"]]
@@ -828,9 +828,9 @@ def quality_summary(d: dict) -> dict | None:
         draws = _unique_draws(entry["layers"])
         stable = sum(x["stable"] for x in layers)
         models.append({"model": entry["model"], "units": units, "stable": stable,
-                       "stable_share": stats.share(stable, units).as_dict(),
-                       "unique": stats.from_draws(unique, draws, images).as_dict(),
-                       "unique_share": stats.from_draws(unique / units, [c / units for c in draws], images).as_dict(),
+                       "stable_share": share(stable, units).as_dict(),
+                       "unique": from_draws(unique, draws, images).as_dict(),
+                       "unique_share": from_draws(unique / units, [c / units for c in draws], images).as_dict(),
                        "unique_draws": draws, "layers": layers})
     pairs = []
     for i in range(len(models)):
@@ -838,20 +838,14 @@ def quality_summary(d: dict) -> dict | None:
             a, b = models[i], models[j]
             if len(a["unique_draws"]) != len(b["unique_draws"]):
                 continue
-            pairs.append({"a": a["model"], "b": b["model"], "unique": stats.paired_draws(
+            pairs.append({"a": a["model"], "b": b["model"], "unique": paired_draws(
                 a["unique"]["value"], b["unique"]["value"], a["unique_draws"], b["unique_draws"], images).as_dict(),
-                "unique_share": stats.paired_draws(
+                "unique_share": paired_draws(
                     a["unique_share"]["value"], b["unique_share"]["value"],
                     [c / a["units"] for c in a["unique_draws"]], [c / b["units"] for c in b["unique_draws"]],
                     images).as_dict()})
     return {"resamples": q["resamples"], "stable_at": stable_at, "images": images, "models": models,
-            "comparisons": pairs, "sanity": q["sanity"], "sanity_passes": _sanity_passes(q["sanity"])}
-
-
-def _sanity_passes(result: dict) -> bool:
-    from report_builder.dissection.quality import sanity_passes
-
-    return sanity_passes(result)
+            "comparisons": pairs, "sanity": q["sanity"], "sanity_passes": sanity_passes(q["sanity"])}
 
 
 def _interval(x: dict, digits: int = 2, pct: bool = False) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from report_builder.dissection.quality import QUALITY_CSV, combination_text
+from report_builder.label_quality import QUALITY_CSV, combination_text
 from report_builder.errors import UserError
 from report_builder.evaluation import registry as metric_registry
 from report_builder.report.rundir import RunFormatError, check_id, inside, load_results

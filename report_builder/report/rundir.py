@@ -19,7 +19,7 @@ from typing import Any
 
 from report_builder.errors import UserError
 from report_builder.evaluation import registry as metric_registry
-from report_builder.dissection.quality import METRICS as QUALITY_METRICS, QUALITY_CSV
+from report_builder.label_quality import METRICS as QUALITY_METRICS, QUALITY_CSV
 
 SCHEMA_VERSION = 1
 MAX_RESULTS_BYTES = 512 * 1024 * 1024
