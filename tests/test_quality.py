@@ -10,6 +10,7 @@ from sklearn.metrics import average_precision_score
 from report_builder.dissection import quality as q
 from report_builder.dissection.clip_dissect import label_units
 from report_builder.dissection.similarity import SIMILARITIES
+from report_builder.report import analysis
 
 N, CONCEPTS = 300, 24
 SETTINGS = {"holdout": 0.2, "resamples": 6, "terms": 3, "seed": 0}
@@ -134,3 +135,43 @@ def test_sanity_checks_fail_on_a_concept_set_with_twins(planted):
     assert out["recovered"] > 0 and out["removed_changed"] == out["recovered"]
     # (a twin that is itself another unit's true concept goes too: those units do lose score)
     assert out["metrics"]["pearson"]["removed_lower"] < out["recovered"] and not q.sanity_passes(out)
+
+
+def _dissection(vocabularies: dict[str, tuple[int, list[int]]], resamples: int = 20) -> dict:
+    """A results dict with one layer of 40 units per model: (unique labels, unique labels on each resample)."""
+    models, entries = [], []
+    sanity = {"units": 2, "recovered": 2, "removed_changed": 2, "noise": 0.5, "unrelated": 2, "heldout_images": 20,
+              "positives": 5, "metrics": {m: {"removed_lower": 2, "added_raised": 0} for m in q.METRICS}}
+    for name, (unique, draws) in vocabularies.items():
+        labels = [{"unit": u, "label": f"c{u % unique}", "similarity": 1.0, "scorer": "s", "alternatives": [],
+                   "stability": 1.0 if u % 2 else 0.5, **{m: 0.5 for m in q.METRICS},
+                   **{f"random_{m}": 0.0 for m in q.METRICS}, "combination_pearson": 0.7} for u in range(40)]
+        quality = {"first_images": 80, "heldout_images": 20, "positives": 5, "resamples": resamples,
+                   "resample_labels": [[f"c{u % k}" for u in range(40)] for k in draws]}
+        entries.append({"model": name, "layers": [{"layer": "l", "units": 40, "labels": labels, "quality": quality}]})
+        models.append({"id": name, "display": name.upper()})
+    d = {"models": entries, "probe": {"images": 100}, "scorers": {"s": "s"},
+         "quality": {"holdout": 0.2, "resamples": resamples, "stable": 0.8, "terms": 3, "metrics": list(q.METRICS),
+                     "sanity": sanity}}
+    results = {"models": models, "dissection": d}
+    d["summary"] = analysis.dissection_summary(results)
+    return results
+
+
+def _dissection_findings(results: dict) -> list[dict]:
+    return analysis.dissection_findings(results) + analysis.quality_findings(results)
+
+
+def test_two_vocabularies_are_ranked_only_when_the_resamples_agree():
+    clear = _dissection({"a": (30, [29, 30, 28, 31] * 5), "b": (20, [19, 20, 21, 18] * 5)})
+    text = next(f for f in _dissection_findings(clear) if f["id"] == "q3-compare")["text"]
+    assert text.startswith("Overall, A has the more varied vocabulary") and "more by 10" in text
+    assert "p < 0.05 over 100 probe images" in text and "over 20 bootstrap resamples" in text
+    noisy = _dissection({"a": (30, [25, 35, 20, 31] * 5), "b": (28, [33, 22, 30, 27] * 5)})
+    text = next(f for f in _dissection_findings(noisy) if f["id"] == "q3-compare")["text"]
+    assert "within noise" in text and "more varied" not in text
+    qs = clear["dissection"]["summary"]["quality"]
+    assert qs["models"][0]["stable"] == 20 and qs["models"][0]["unique"]["low"] == 28
+    assert qs["sanity_passes"]
+    q1 = next(f for f in _dissection_findings(clear) if f["id"] == "q1-a")["text"]
+    assert "stable)" in q1  # Q1's counts say how many of the units are stable

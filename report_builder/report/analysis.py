@@ -15,7 +15,7 @@ import pandas as pd
 from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation.registry import TITLES as METHOD_TITLES
 from report_builder.label_quality import sanity_passes
-from report_builder.stats import from_draws, paired, paired_draws, share
+from report_builder.stats import bootstrap, compare_words, from_draws, paired, paired_draws, share
 
 
 def _mean(values: list[float]) -> float | None:
@@ -47,6 +47,7 @@ def agreement_summary(results: dict) -> list[dict]:
             "images": len(group),
             "images_defined": len(defined),
             "mean_iou": _mean(group.iou.tolist()),
+            **_mean_interval(group.iou.tolist(), "mean_iou"),
             "mean_iou_at": {t: _mean(group[f"iou@{t}"].tolist()) for t in thresholds},
             "best_image": None if best is None else best.image,
             "best_iou": None if best is None else float(best.iou),
@@ -55,6 +56,27 @@ def agreement_summary(results: dict) -> list[dict]:
             "mean_lime_seconds": _mean(lime_seconds.get(model, [])),
         })
     return out
+
+
+def _mean_interval(values: list, key: str) -> dict:
+    """`<key>_low`, `<key>_high`: the 95 % bootstrap interval of the mean over images (None with no value)."""
+    i = bootstrap([np.nan if v is None else v for v in values])
+    return {f"{key}_low": None if i.n == 0 else i.low, f"{key}_high": None if i.n == 0 else i.high}
+
+
+def _with_interval(row: dict, key: str, digits: int = 2) -> str:
+    """'0.35 [0.21, 0.48]' from a summary row's value and its `_low`/`_high`."""
+    if row.get(f"{key}_low") is None:
+        return _f(row[key], digits)
+    return f"{_f(row[key], digits)} [{_f(row[key + '_low'], digits)}, {_f(row[key + '_high'], digits)}]"
+
+
+def _paired_agreement(results: dict, model: str, a: str, b: str):
+    """Two CAM methods' IoUs with LIME, paired over the images both have."""
+    by = {(r["image"], r["method_b"]): r["iou"] for r in results["agreement"]["rows"] if r["model"] == model}
+    images = [im for im, m in by if m == a and (im, b) in by]
+    nan = lambda v: np.nan if v is None else v  # noqa: E731
+    return paired([nan(by[(im, a)]) for im in images], [nan(by[(im, b)]) for im in images])
 
 
 def timing_table(results: dict) -> pd.DataFrame:
@@ -207,7 +229,7 @@ def _agreement_findings(results: dict) -> list[dict]:
         text = (
             f"On {names[s['model']]}, LIME and Grad-CAM agree most on {s['best_image']} (IoU {_f(s['best_iou'])}) "
             f"and least on {s['worst_image']} (IoU {_f(s['worst_iou'])}); the mean IoU over "
-            f"{s['images_defined']} images is {_f(s['mean_iou'])}."
+            f"{s['images_defined']} images is {_with_interval(s, 'mean_iou')}."
         )
         out.append({"id": f"agreement-{s['model']}", "section": "agreement", "question": "q6", "text": text,
                     "numbers": {k: s[k] for k in ("best_iou", "worst_iou", "mean_iou")}})
@@ -225,13 +247,22 @@ def _cam_ranking_findings(results: dict) -> list[dict]:
         if len(rows) < 2:
             continue
         rows = sorted(rows, key=lambda r: -r["mean_iou"])
-        text = (
-            f"Among the CAM methods on {names[model]}, {METHOD_TITLES[rows[0]['method_b']]} agrees best with LIME "
-            f"(mean IoU {_f(rows[0]['mean_iou'])}) and {METHOD_TITLES[rows[-1]['method_b']]} least "
-            f"({_f(rows[-1]['mean_iou'])})."
-        )
+        top, bottom = rows[0]["method_b"], rows[-1]["method_b"]
+        c = _paired_agreement(results, model, top, bottom)
+        if c.significant:
+            text = (
+                f"Among the CAM methods on {names[model]}, {METHOD_TITLES[top]} agrees best with LIME "
+                f"(mean IoU {_with_interval(rows[0], 'mean_iou')}) and {METHOD_TITLES[bottom]} least "
+                f"({_with_interval(rows[-1], 'mean_iou')}); paired over images, "
+                + compare_words(c, 2, item="image") + ".")
+        else:
+            text = (
+                f"Among the CAM methods on {names[model]}, the agreement with LIME is within noise: mean IoU from "
+                f"{_with_interval(rows[-1], 'mean_iou')} ({METHOD_TITLES[bottom]}) to "
+                f"{_with_interval(rows[0], 'mean_iou')} ({METHOD_TITLES[top]}); {METHOD_TITLES[top]} against "
+                f"{METHOD_TITLES[bottom]}, paired over images: " + compare_words(c, 2, item="image") + ".")
         out.append({"id": f"cam-ranking-{model}", "section": "agreement", "question": "q5", "text": text,
-                    "numbers": {r["method_b"]: r["mean_iou"] for r in rows}})
+                    "numbers": {**{r["method_b"]: r["mean_iou"] for r in rows}, "difference": c.as_dict()}})
     return out
 
 
