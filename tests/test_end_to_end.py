@@ -13,6 +13,7 @@ from pypdf import PdfReader
 from report_builder.__main__ import main
 from report_builder.errors import UserError
 from report_builder.report.rundir import without_timings
+from report_builder.stats import bootstrap
 
 SPEC = """
 title: "End-to-end check"
@@ -318,6 +319,9 @@ def test_pandas_summaries_equal_the_loops_they_replaced(run_dir):
                                         for t in results["agreement"]["thresholds"]},
                         "best_image": best["image"], "best_iou": best["iou"], "worst_image": worst["image"],
                         "worst_iou": worst["iou"], "mean_lime_seconds": analysis._mean(lime_seconds[model])})
+            # added since: the mean's bootstrap interval over images
+            interval = bootstrap([np.nan if x["iou"] is None else x["iou"] for x in rows])
+            out[-1].update(mean_iou_low=interval.low, mean_iou_high=interval.high)
         return out
 
     assert analysis.agreement_summary(r) == agreement_loop(r)

@@ -17,6 +17,7 @@ from report_builder.explanation.agreement import iou, top_n_mask
 from report_builder.errors import UserError
 from report_builder.files import atomic_dir, clean_nan, write_json
 from report_builder.report.rundir import RunFormatError, inside, load_results
+from report_builder.stats import compare_words, paired
 
 SCHEMA_VERSION = 1
 GRADCAM_TOP_FRACTION = 0.2
@@ -308,4 +309,22 @@ def diff_findings(result: dict) -> list[str]:
                 if x["gained"] or x["lost"]:
                     text += f" ({len(x['gained'])} gained, {len(x['lost'])} lost)"
                 out.append(text + ".")
+        out.extend(version_tests(name, p))
+    return out
+
+
+def version_tests(name: str, pair: dict) -> list[str]:
+    """Run B against run A, paired over the shared images: the probability of run A's top-1 class, and LIME's IoU
+    with Grad-CAM; 'within noise' unless the paired test says otherwise (report_builder/stats.py)."""
+    out = []
+    rows = [r for r in pair["predictions"]["rows"] if r["delta"] is not None]
+    if len(rows) >= 2:
+        b = [r["a_class_probability_in_b"] for r in rows]
+        c = paired(b, [x - r["delta"] for x, r in zip(b, rows)])
+        out.append(f"{name}: the probability of run A's top-1 class in run B against run A: "
+                   + compare_words(c, 3) + ".")
+    maps = [r for r in pair["maps"]["rows"] if r.get("lime_gradcam_delta") is not None]
+    if len(maps) >= 2:
+        c = paired([r["lime_gradcam_b"] for r in maps], [r["lime_gradcam_a"] for r in maps])
+        out.append(f"{name}: LIME's IoU with Grad-CAM in run B against run A: " + compare_words(c, 2) + ".")
     return out
