@@ -120,3 +120,33 @@ def compare_words(comparison: Comparison, digits: int = 3, higher: str = "higher
     if not comparison.significant:
         return f"within noise (difference {d.format(digits)}, {over})"
     return f"{higher if d.value > 0 else lower} by {abs(d.value):.{digits}f} [{d.low:.{digits}f}, {d.high:.{digits}f}], {over}"
+
+
+def from_draws(value: float, draws: Sequence[float] | np.ndarray, n: int, level: float = LEVEL) -> Interval:
+    """The percentile interval of a statistic whose bootstrap draws were made elsewhere (a dissection relabels
+    resampled probe images, which only its own task can do); `n` is the number of items that were resampled.
+    As in `bootstrap`, the interval is widened to hold the value itself."""
+    d = np.asarray(draws, dtype=np.float64)
+    d = d[~np.isnan(d)]
+    if len(d) == 0:
+        return Interval(float(value), float(value), float(value), n)
+    tail = (1 - level) / 2
+    low, high = np.quantile(d, [tail, 1 - tail])
+    return Interval(float(value), float(min(low, value)), float(max(high, value)), n)
+
+
+def paired_draws(value_a: float, value_b: float, draws_a: Sequence[float] | np.ndarray,
+                 draws_b: Sequence[float] | np.ndarray, n: int, level: float = LEVEL) -> Comparison:
+    """a − b when both were bootstrapped on the same resamples (draw i of a and of b saw the same items): the
+    interval of the paired differences and the two-sided bootstrap p-value, twice the smaller share of
+    differences on either side of zero. It is 0 when every draw falls on one side: then p is below the
+    resolution of the draws (1/draws), and a sentence says so ("p < 0.05 over 20 resamples")."""
+    da, db = np.asarray(draws_a, dtype=np.float64), np.asarray(draws_b, dtype=np.float64)
+    if da.shape != db.shape:
+        raise ValueError(f"paired draws of {da.shape} against {db.shape} values")
+    d = da - db
+    interval = from_draws(value_a - value_b, d, n, level)
+    if len(d) == 0:
+        return Comparison(interval, 1.0, n)
+    tail = min(np.mean(d <= 0), np.mean(d >= 0))
+    return Comparison(interval, float(min(1.0, 2 * tail)), n)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from report_builder.explanation.agreement import compare, iou, threshold_mask, top_n_mask
+from report_builder.report import analysis
 
 
 def test_iou_of_overlapping_squares():
@@ -64,3 +65,26 @@ def test_compare_flat_cam_and_empty_lime_are_undefined():
     assert row["flat_cam"] and math.isnan(row["iou"]) and math.isnan(row["iou@0.5"])
     row = compare(np.zeros((3, 3), bool), np.arange(9.0).reshape(3, 3), (0.5,))
     assert math.isnan(row["iou"])
+
+
+def _ranking_results(ious_a, ious_b):
+    rows = [{"image": f"im{i}", "model": "m", "method_a": "lime", "method_b": b, "iou": v}
+            for b, values in (("gradcam", ious_a), ("scorecam", ious_b)) for i, v in enumerate(values)]
+    summary = [{"model": "m", "method_b": b, "mean_iou": float(np.mean(v)),
+                **analysis._mean_interval(list(v), "mean_iou")} for b, v in (("gradcam", ious_a), ("scorecam", ious_b))]
+    return {"models": [{"id": "m", "display": "M"}], "agreement": {"rows": rows, "summary": summary}}
+
+
+def test_cam_ranking_ranks_only_a_significant_difference():
+    from report_builder.report import analysis
+
+    rng = np.random.default_rng(0)
+    few = analysis._cam_ranking_findings(_ranking_results([0.5, 0.6, 0.4, 0.55, 0.45], [0.4, 0.5, 0.3, 0.45, 0.35]))
+    # 5 images: the signed-rank test cannot go below p = 0.0625, so not even a constant gap of 0.1 is ranked
+    assert "within noise" in few[0]["text"] and "over 5 images" in few[0]["text"]
+    a = rng.uniform(0.4, 0.6, 20)
+    many = analysis._cam_ranking_findings(_ranking_results(list(a), list(a - 0.1 + rng.normal(0, 0.01, 20))))
+    assert "agrees best" in many[0]["text"] and "higher by 0.10" in many[0]["text"] and "over 20 images" in many[0]["text"]
+    assert many[0]["numbers"]["difference"]["significant"]
+    s = _ranking_results(list(a), list(a))["agreement"]["summary"][0]
+    assert s["mean_iou_low"] < s["mean_iou"] < s["mean_iou_high"]

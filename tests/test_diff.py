@@ -153,3 +153,19 @@ dissect:
     assert layer["unique"] == [len(set(labels[m])) for m in ("net-v0", "net-v1", "net-v2")]
     html = (out / "report.html").read_text()
     assert "Model versions" in html and "versions_net" not in html  # figure inlined, not linked
+
+
+def test_version_against_version_is_tested_over_the_shared_images():
+    from report_builder.report.diff import version_tests
+
+    def pair(n, shift):
+        rows = [{"image": f"i{k}", "a_class_probability_in_b": 0.5 + 0.01 * k + shift, "delta": shift + 0.001 * (k % 3)}
+                for k in range(n)]
+        maps = [{"lime_gradcam_a": 0.3 + 0.01 * k, "lime_gradcam_b": 0.3 + 0.01 * k, "lime_gradcam_delta": 0.0}
+                for k in range(n)]
+        return {"predictions": {"rows": rows}, "maps": {"rows": maps}}
+
+    few, many = version_tests("M", pair(4, 0.1)), version_tests("M", pair(12, 0.1))
+    assert "within noise" in few[0] and "over 4 images" in few[0]  # 4 images cannot separate two versions
+    assert "higher by 0.10" in many[0] and "over 12 images" in many[0]
+    assert "within noise" in many[1] and "p = 1" in many[1]  # the same IoUs in both runs

@@ -30,7 +30,8 @@ def close(S: torch.Tensor, expected, atol: float = 1e-6) -> bool:
 
 
 def test_registry_names():
-    assert set(SIMILARITY) == {"soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed", "rank_reorder"}
+    assert set(SIMILARITY) == {"soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed", "rank_reorder",
+                               "linear_explanation"}
 
 
 def _pmi_by_hand(log_p_c_given_k, lam):
@@ -111,7 +112,7 @@ def test_rank_reorder_relations():
     assert S[2].item() == pytest.approx(S[1].item() / 2, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed"])
+@pytest.mark.parametrize("name", ["soft_wpmi", "wpmi", "cos_similarity", "cos_similarity_cubed", "linear_explanation"])
 def test_planted_concepts_are_recovered(name):
     """Units built to fire on known concepts, and a scorer whose matrix is known: the labels come back."""
     g = torch.Generator().manual_seed(0)

@@ -13,6 +13,7 @@ from pypdf import PdfReader
 from report_builder.__main__ import main
 from report_builder.errors import UserError
 from report_builder.report.rundir import without_timings
+from report_builder.stats import bootstrap
 
 SPEC = """
 title: "End-to-end check"
@@ -326,6 +327,9 @@ def test_pandas_summaries_equal_the_loops_they_replaced(run_dir):
                                         for t in results["agreement"]["thresholds"]},
                         "best_image": best["image"], "best_iou": best["iou"], "worst_image": worst["image"],
                         "worst_iou": worst["iou"], "mean_lime_seconds": analysis._mean(lime_seconds[model])})
+            # added since: the mean's bootstrap interval over images
+            interval = bootstrap([np.nan if x["iou"] is None else x["iou"] for x in rows])
+            out[-1].update(mean_iou_low=interval.low, mean_iou_high=interval.high)
         return out
 
     assert analysis.agreement_summary(r) == agreement_loop(r)
@@ -433,3 +437,31 @@ def test_the_timing_chart_labels_its_log_axis_in_plain_numbers(run_dir, monkeypa
     drawn["fig"].canvas.draw()
     labels = [t.get_text() for t in drawn["fig"].axes[0].get_yticklabels() if t.get_text()]
     assert labels and not any("$" in t or "mathdefault" in t for t in labels), labels
+
+
+def test_label_quality_in_csv_api_and_report(run_dir):
+    """dissect.quality (on by default): every unit's held-out scores, combination and stability are the same in
+    results.json, dissection/<model>.csv and open_run().units; the report states them and the sanity checks."""
+    from report_builder import open_run
+    from report_builder.label_quality import QUALITY_CSV
+
+    r = json.loads((run_dir / "results.json").read_text())
+    rows = list(csv.DictReader(open(run_dir / "dissection" / "lite0.csv")))
+    assert list(rows[0])[-len(QUALITY_CSV):] == list(QUALITY_CSV)
+    labels = [u for x in r["dissection"]["models"][0]["layers"] for u in x["labels"]]
+    units = open_run(run_dir).units
+    for row, u, (_, api) in zip(rows, labels, units.iterrows()):
+        assert row["heldout_label"] == u["heldout_label"] == api["heldout_label"]
+        for c in ("pearson", "random_pearson", "combination_pearson", "stability"):
+            if u[c] is None:
+                assert row[c] == "" and api[c] != api[c]
+            else:
+                assert float(row[c]) == pytest.approx(u[c], rel=1e-5) and api[c] == pytest.approx(u[c])
+        assert row["combination"] == api["combination"]
+    layer = r["dissection"]["summary"]["quality"]["models"][0]["layers"][0]
+    assert layer["heldout_images"] + layer["first_images"] == r["dissection"]["probe"]["images"]
+    assert layer["stable"] == sum(1 for u in r["dissection"]["models"][0]["layers"][0]["labels"]
+                                  if u["stability"] >= r["dissection"]["quality"]["stable"])
+    flat = " ".join(pdf_text(run_dir / "report.pdf").split())
+    assert "How sure the labels are" in flat and "sanity checks (NeuronEval" in flat
+    assert any(f["id"] == "labels-heldout-lite0" for f in r["findings"])

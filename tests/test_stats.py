@@ -48,3 +48,22 @@ def test_five_images_never_separate_two_methods_but_thirty_clear_ones_do():
 def test_the_interval_prints_as_the_tables_do():
     assert stats.Interval(0.35, 0.21, 0.48, 5).format() == "0.35 [0.21, 0.48]"
     assert stats.Interval(0.35, 0.21, 0.48, 5).as_dict() == {"value": 0.35, "low": 0.21, "high": 0.48, "n": 5}
+
+
+def test_an_interval_from_draws_made_elsewhere():
+    draws = np.arange(101, dtype=float)  # quantiles 2.5 and 97.5 of 0..100 are 2.5 and 97.5
+    i = stats.from_draws(50.0, draws, n=30)
+    assert (i.low, i.high, i.n) == (pytest.approx(2.5), pytest.approx(97.5), 30)
+    assert stats.from_draws(200.0, draws, n=30).high == 200.0  # widened to hold the value
+    assert stats.from_draws(1.0, [], n=3).low == 1.0
+
+
+def test_paired_draws_separate_a_shift_and_not_noise():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, 200)
+    shifted = stats.paired_draws(10.0, 5.0, base + 5, base, n=50)  # every paired difference is 5
+    assert shifted.significant and shifted.difference.low == pytest.approx(5) and shifted.p_value == 0.0
+    noise = stats.paired_draws(0.0, 0.0, rng.normal(0, 1, 200), rng.normal(0, 1, 200), n=50)
+    assert not noise.significant and noise.difference.covers(0) and noise.p_value > 0.05
+    with pytest.raises(ValueError):
+        stats.paired_draws(0, 0, [1, 2], [1], n=2)

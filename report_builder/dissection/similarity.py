@@ -52,6 +52,7 @@ class Similarity:
 
 
 CLIP_DISSECT = "report_builder.dissection.clip_dissect"
+QUALITY = "report_builder.dissection.quality"
 
 SIMILARITIES: dict[str, Similarity] = {s.name: s for s in (
     Similarity("soft_wpmi", "soft weighted pointwise mutual information (CLIP-Dissect's default)",
@@ -66,4 +67,6 @@ SIMILARITIES: dict[str, Similarity] = {s.name: s for s in (
     Similarity("rank_reorder", "rank reordering", f"{CLIP_DISSECT}:rank_reorder",
                {"top_fraction": Param(1e-6, 1.0), "p": Param(0.01, 100.0), "scale_p": Param(0.0, 100.0),
                 "seed": Param(0, MAX_SEED, True)}),
+    Similarity("linear_explanation", "Linear Explanations' label-only combination (the heaviest concept)",
+               f"{QUALITY}:linear_explanation", {"terms": Param(1, 20, True)}),
 )}

@@ -16,6 +16,7 @@ from report_builder.report import analysis
 from report_builder.explanation import overlays
 from report_builder.data.images import SampleImage, manifest_hash
 from report_builder.explanation.methods import top_k
+from report_builder.label_quality import METRICS as QUALITY_METRICS, QUALITY_CSV, combination_text
 from report_builder.files import clean_nan
 from report_builder.pipeline.progress import Progress
 from report_builder.report.rundir import SCHEMA_VERSION, TIMING_KEYS
@@ -229,9 +230,15 @@ def dissection_section(spec, inputs, plan, outcome) -> dict:
         if not m.spec.layers:
             continue
         layers = [outcome.values[plan.dissect[(m.id, layer)]] for layer in m.spec.layers]
+        if plan.quality:
+            layers = [with_quality(x, outcome.values[plan.quality[(m.id, x["layer"])]]) for x in layers]
         out_models.append({"model": m.id, "layers": layers})
     probe = inputs.probe
-    return {
+    extra = {}
+    if ds.quality is not None and plan.label_sanity:
+        extra["quality"] = {**ds.quality.model_dump(mode="json"), "metrics": list(QUALITY_METRICS),
+                            "sanity": outcome.values[plan.label_sanity[0]]}
+    return {**extra,
         "similarity": ds.similarity,
         "similarity_params": similarity_params(spec.dissect, spec.seed),
         "pooling": ds.pooling,
@@ -242,19 +249,41 @@ def dissection_section(spec, inputs, plan, outcome) -> dict:
     }
 
 
+def with_quality(layer: dict, quality: dict) -> dict:
+    """A layer's labels with their held-out scores, combination and stability beside them (by unit), and the
+    layer's split and resamples."""
+    by_unit = {r["unit"]: r for r in quality["rows"]}
+    labels = [{**u, **{k: v for k, v in by_unit[u["unit"]].items() if k != "unit"}} for u in layer["labels"]]
+    return {**layer, "labels": labels, "quality": {k: quality[k] for k in
+                                                   ("first_images", "heldout_images", "positives", "resamples",
+                                                    "resample_labels")}}
+
+
 def write_dissection_csvs(folder: Path, dissection: dict) -> None:
     """dissection/<model>.csv: CLIP-Dissect's first columns (layer, unit, description, similarity), then more."""
     folder.mkdir(parents=True, exist_ok=True)
     for entry in dissection["models"]:
         with open(folder / f"{entry['model']}.csv", "w", newline="") as f:
             w = csv.writer(f)
+            quality = "quality" in dissection
             w.writerow(["layer", "unit", "description", "similarity", "alt_1", "alt_1_similarity", "alt_2",
-                        "alt_2_similarity", "alt_3", "alt_3_similarity", "scorer"])
+                        "alt_2_similarity", "alt_3", "alt_3_similarity", "scorer", *(QUALITY_CSV if quality else ())])
             for layer in entry["layers"]:
                 for u in layer["labels"]:
                     alts = [x for a in u["alternatives"] for x in (a["label"], f"{a['similarity']:.6g}")]
                     alts += [""] * (6 - len(alts))
-                    w.writerow([layer["layer"], u["unit"], u["label"], f"{u['similarity']:.6g}", *alts, u["scorer"]])
+                    more = [_cell(u, c) for c in QUALITY_CSV] if quality else []
+                    w.writerow([layer["layer"], u["unit"], u["label"], f"{u['similarity']:.6g}", *alts, u["scorer"],
+                                *more])
+
+
+def _cell(unit: dict, column: str) -> str:
+    value = unit.get(column)
+    if column == "combination":
+        return combination_text(value or [])
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else f"{value:.6g}"
 
 
 # ---------------------------------------------------------------- Network Dissection

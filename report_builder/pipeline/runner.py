@@ -25,6 +25,7 @@ import torch
 from report_builder.dissection import activations
 from report_builder.pipeline import collect
 from report_builder.dissection import clip_dissect as dissect
+from report_builder.dissection import quality
 from report_builder.evaluation import metrics as evaluate
 from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation import methods as explain
@@ -198,6 +199,8 @@ class Plan:
     predict: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, image) -> key
     explain: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, image, method) -> key
     dissect: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, layer) -> key
+    quality: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, layer) -> key: held-out, stability
+    label_sanity: list[str] = field(default_factory=list)  # the labeller's sanity checks on planted units (0 or 1)
     netdissect: dict[tuple[str, str, float], str] = field(default_factory=dict)  # (model, layer, alpha) -> key
     evaluation: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, image, method|random) -> key
     sanity: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, image, method) -> key
@@ -207,7 +210,7 @@ class Plan:
 
     @property
     def wanted(self) -> list[str]:
-        return [*self.dissect.values(), *self.netdissect.values(), *self.predict.values(), *self.explain.values(),
+        return [*self.dissect.values(), *self.quality.values(), *self.label_sanity, *self.netdissect.values(), *self.predict.values(), *self.explain.values(),
                 *self.evaluation.values(), *self.sanity.values(), *self.sweep.values()]
 
 
@@ -333,6 +336,7 @@ def _dissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int
                    {"scorers": [(d["kind"], d["label"], text_hash(d["concepts"])) for d in scorers]},
                    {"scorers": scorers}, parts, cache=False)
     params = dissect.similarity_params(spec.dissect, spec.seed)
+    qs = {**ds.quality.model_dump(mode="json"), "seed": spec.seed} if ds.quality is not None else None
     for m in dissected:
         layers = list(m.spec.layers)
         acts = [g.add("activations", activations.activations_task, f"activations {m.id} {j}",
@@ -346,6 +350,19 @@ def _dissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int
                 {"layer": layer, "similarity": ds.similarity, "params": params, "code_version": dissect.CODE_VERSION},
                 {"layer": layer, "similarity": ds.similarity, "params": params},
                 {"scores": scores, "activations": acts}, shape=dissect.RESULT_SHAPE)
+            if ds.quality is not None:  # the same activations and concept scores again: no forward pass of its own
+                plan.quality[(m.id, layer)] = g.add(
+                    "label-quality", quality.quality_task, f"label quality {m.id} {layer}",
+                    {"layer": layer, "similarity": ds.similarity, "params": params, "settings": qs,
+                     "code_version": quality.CODE_VERSION},
+                    {"layer": layer, "similarity": ds.similarity, "params": params, "settings": qs},
+                    {"scores": scores, "activations": acts}, shape=quality.QUALITY_SHAPE)
+    if ds.quality is not None and dissected:
+        plan.label_sanity.append(g.add(
+            "label-sanity", quality.sanity_task, "label sanity checks",
+            {"similarity": ds.similarity, "params": params, "settings": qs, "code_version": quality.CODE_VERSION},
+            {"similarity": ds.similarity, "params": params, "settings": qs}, {"scores": scores},
+            shape=quality.SANITY_SHAPE))
 
 
 def _netdissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int) -> None:

@@ -15,6 +15,8 @@ import pandas as pd
 from report_builder.stats import compare_words, paired, share
 from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation.registry import TITLES as METHOD_TITLES
+from report_builder.label_quality import sanity_passes
+from report_builder.stats import bootstrap, compare_words, from_draws, paired, paired_draws, share
 
 
 def _mean(values: list[float]) -> float | None:
@@ -46,6 +48,7 @@ def agreement_summary(results: dict) -> list[dict]:
             "images": len(group),
             "images_defined": len(defined),
             "mean_iou": _mean(group.iou.tolist()),
+            **_mean_interval(group.iou.tolist(), "mean_iou"),
             "mean_iou_at": {t: _mean(group[f"iou@{t}"].tolist()) for t in thresholds},
             "best_image": None if best is None else best.image,
             "best_iou": None if best is None else float(best.iou),
@@ -54,6 +57,27 @@ def agreement_summary(results: dict) -> list[dict]:
             "mean_lime_seconds": _mean(lime_seconds.get(model, [])),
         })
     return out
+
+
+def _mean_interval(values: list, key: str) -> dict:
+    """`<key>_low`, `<key>_high`: the 95 % bootstrap interval of the mean over images (None with no value)."""
+    i = bootstrap([np.nan if v is None else v for v in values])
+    return {f"{key}_low": None if i.n == 0 else i.low, f"{key}_high": None if i.n == 0 else i.high}
+
+
+def _with_interval(row: dict, key: str, digits: int = 2) -> str:
+    """'0.35 [0.21, 0.48]' from a summary row's value and its `_low`/`_high`."""
+    if row.get(f"{key}_low") is None:
+        return _f(row[key], digits)
+    return f"{_f(row[key], digits)} [{_f(row[key + '_low'], digits)}, {_f(row[key + '_high'], digits)}]"
+
+
+def _paired_agreement(results: dict, model: str, a: str, b: str):
+    """Two CAM methods' IoUs with LIME, paired over the images both have."""
+    by = {(r["image"], r["method_b"]): r["iou"] for r in results["agreement"]["rows"] if r["model"] == model}
+    images = [im for im, m in by if m == a and (im, b) in by]
+    nan = lambda v: np.nan if v is None else v  # noqa: E731
+    return paired([nan(by[(im, a)]) for im in images], [nan(by[(im, b)]) for im in images])
 
 
 def timing_table(results: dict) -> pd.DataFrame:
@@ -83,7 +107,7 @@ def _plain(value):
 
 def findings(results: dict) -> list[dict]:
     out: list[dict] = []
-    for fn in (dissection_findings, netdissect_findings, versions_findings, evaluation_findings, _agreement_findings,
+    for fn in (dissection_findings, quality_findings, netdissect_findings, versions_findings, evaluation_findings, _agreement_findings,
                _cam_ranking_findings, _speed_findings, sweep_findings, _prediction_findings, _confidence_findings,
                _lime_fit_findings):
         out.extend(fn(results))
@@ -206,7 +230,7 @@ def _agreement_findings(results: dict) -> list[dict]:
         text = (
             f"On {names[s['model']]}, LIME and Grad-CAM agree most on {s['best_image']} (IoU {_f(s['best_iou'])}) "
             f"and least on {s['worst_image']} (IoU {_f(s['worst_iou'])}); the mean IoU over "
-            f"{s['images_defined']} images is {_f(s['mean_iou'])}."
+            f"{s['images_defined']} images is {_with_interval(s, 'mean_iou')}."
         )
         out.append({"id": f"agreement-{s['model']}", "section": "agreement", "question": "q6", "text": text,
                     "numbers": {k: s[k] for k in ("best_iou", "worst_iou", "mean_iou")}})
@@ -224,13 +248,22 @@ def _cam_ranking_findings(results: dict) -> list[dict]:
         if len(rows) < 2:
             continue
         rows = sorted(rows, key=lambda r: -r["mean_iou"])
-        text = (
-            f"Among the CAM methods on {names[model]}, {METHOD_TITLES[rows[0]['method_b']]} agrees best with LIME "
-            f"(mean IoU {_f(rows[0]['mean_iou'])}) and {METHOD_TITLES[rows[-1]['method_b']]} least "
-            f"({_f(rows[-1]['mean_iou'])})."
-        )
+        top, bottom = rows[0]["method_b"], rows[-1]["method_b"]
+        c = _paired_agreement(results, model, top, bottom)
+        if c.significant:
+            text = (
+                f"Among the CAM methods on {names[model]}, {METHOD_TITLES[top]} agrees best with LIME "
+                f"(mean IoU {_with_interval(rows[0], 'mean_iou')}) and {METHOD_TITLES[bottom]} least "
+                f"({_with_interval(rows[-1], 'mean_iou')}); paired over images, "
+                + compare_words(c, 2, item="image") + ".")
+        else:
+            text = (
+                f"Among the CAM methods on {names[model]}, the agreement with LIME is within noise: mean IoU from "
+                f"{_with_interval(rows[-1], 'mean_iou')} ({METHOD_TITLES[bottom]}) to "
+                f"{_with_interval(rows[0], 'mean_iou')} ({METHOD_TITLES[top]}); {METHOD_TITLES[top]} against "
+                f"{METHOD_TITLES[bottom]}, paired over images: " + compare_words(c, 2, item="image") + ".")
         out.append({"id": f"cam-ranking-{model}", "section": "agreement", "question": "q5", "text": text,
-                    "numbers": {r["method_b"]: r["mean_iou"] for r in rows}})
+                    "numbers": {**{r["method_b"]: r["mean_iou"] for r in rows}, "difference": c.as_dict()}})
     return out
 
 
@@ -388,7 +421,9 @@ def dissection_summary(results: dict) -> dict:
                                    for c, n in Counter(u["label"] for u in confident).most_common(10)],
             "scorers": dict(Counter(u["scorer"] for u in all_labels)),
         })
-    return {"models": models, "comparisons": _comparisons(d)}
+    if d.get("quality"):
+        _count_stable(d, models)
+    return {"models": models, "comparisons": _comparisons(d), "quality": quality_summary(d)}
 
 
 def _label_sets(entry: dict) -> tuple[Counter, dict[str, Counter]]:
@@ -434,9 +469,9 @@ def dissection_findings(results: dict) -> list[dict]:
     for m in summary["models"]:
         name = names[m["model"]]
         top = m["top"]
-        rest = ", ".join(f"'{t['concept']}' ({t['units']})" for t in top[1:3])
+        rest = ", ".join(f"'{t['concept']}' ({t['units']}{_stable(t)})" for t in top[1:3])
         text = (f"In {name}, the concept learned by the most units is '{top[0]['concept']}' ({top[0]['units']} of "
-                f"{m['units']} units, {100 * top[0]['units'] / m['units']:.1f}%)"
+                f"{m['units']} units, {100 * top[0]['units'] / m['units']:.1f}%{_stable(top[0])})"
                 + (f", followed by {rest}." if rest else "."))
         out.append({"id": f"q1-{m['model']}", "section": "dissection", "question": "q1", "text": text,
                     "numbers": {"top": top[:3], "units": m["units"]}})
@@ -467,20 +502,16 @@ def dissection_findings(results: dict) -> list[dict]:
                     "numbers": {"unique": m["unique"], "units": m["units"],
                                 "per_layer": {x["layer"]: x["unique"] for x in m["layers"]}}})
     if len(summary["models"]) >= 2:
-        a, b = summary["models"][0], summary["models"][1]
-        more = a if a["unique"] >= b["unique"] else b
-        text = (f"Overall, {names[more['model']]} has the more varied vocabulary: {a['unique']} unique concepts for "
-                f"{names[a['model']]} against {b['unique']} for {names[b['model']]}.")
-        out.append({"id": "q3-compare", "section": "dissection", "question": "q3", "text": text,
-                    "numbers": {a["model"]: a["unique"], b["model"]: b["unique"]}})
+        out.append(_unique_compare(results, summary["models"][0], summary["models"][1], names))
     for m in summary["models"]:
         name = names[m["model"]]
         layers = m["layers"]
         if len(layers) >= 2:
             first, last = layers[0], layers[-1]
             text = (f"Along the hierarchy of {name}, {first['layer']} is dominated by "
-                    f"'{first['top'][0]['concept']}' ({first['top'][0]['units']} units) and {last['layer']} by "
-                    f"'{last['top'][0]['concept']}' ({last['top'][0]['units']} units); the mean similarity goes from "
+                    f"'{first['top'][0]['concept']}' ({first['top'][0]['units']} units{_stable(first['top'][0])}) and "
+                    f"{last['layer']} by '{last['top'][0]['concept']}' ({last['top'][0]['units']} units"
+                    f"{_stable(last['top'][0])}); the mean similarity goes from "
                     f"{_f(first['mean_similarity'])} to {_f(last['mean_similarity'])}.")
             out.append({"id": f"q4-hierarchy-{m['model']}", "section": "dissection", "question": "q4", "text": text,
                         "numbers": {"first": first["mean_similarity"], "last": last["mean_similarity"]}})
@@ -488,7 +519,7 @@ def dissection_findings(results: dict) -> list[dict]:
         layer, n = by_layer.most_common(1)[0]
         cc = m["confident_concepts"][0]
         text = (f"Of the {len(m['confident'])} most confident units of {name}, {n} are in {layer}, and their most "
-                f"common concept is '{cc['concept']}' ({cc['units']} units).")
+                f"common concept is '{cc['concept']}' ({cc['units']} units{_stable(cc)}).")
         out.append({"id": f"q4-confident-{m['model']}", "section": "dissection", "question": "q4", "text": text,
                     "numbers": {"layer": layer, "count": n, "concept": cc}})
         if len(m["scorers"]) > 1:
@@ -879,3 +910,211 @@ def sweep_findings(results: dict) -> list[dict]:
                     "numbers": {"best": k, "mean_iou": entry["mean_iou"], "mean_seconds": entry["mean_seconds"],
                                 "pareto": sw["pareto"][model]}})
     return out
+
+
+# ---------------------------------------------------------------- how sure the labels are (dissection.quality)
+
+
+def _quartiles(values: list[float | None]) -> dict | None:
+    x = [v for v in values if v is not None and v == v]
+    if not x:
+        return None
+    q1, median, q3 = np.quantile(x, [0.25, 0.5, 0.75])
+    return {"q1": float(q1), "median": float(median), "q3": float(q3), "n": len(x)}
+
+
+def _unique_draws(layers: list[dict]) -> list[int]:
+    """The unique labels of these layers together on each bootstrap resample of the probe images (every layer saw
+    the same resamples)."""
+    counts = []
+    for b in range(min(x["quality"]["resamples"] for x in layers)):
+        counts.append(len({c for x in layers for c in x["quality"]["resample_labels"][b]}))
+    return counts
+
+
+def quality_summary(d: dict) -> dict | None:
+    """Per model and layer: the held-out scores' quartiles for the labels, a random label and the combinations, the
+    paired differences over units, the share of stable labels, unique-concept counts with their bootstrap interval;
+    per pair of models the paired difference of their unique counts and shares."""
+    q = d.get("quality")
+    if not q:
+        return None
+    metrics, stable_at, images = q["metrics"], q["stable"], d["probe"]["images"]
+    models = []
+    for entry in d["models"]:
+        layers = []
+        for x in entry["layers"]:
+            labels = x["labels"]
+            values = {m: [u.get(m) for u in labels] for m in metrics}
+            chance = {m: [u.get(f"random_{m}") for u in labels] for m in metrics}
+            combined = [u.get("combination_pearson") for u in labels]
+            stable = sum(1 for u in labels if u.get("stability") is not None and u["stability"] >= stable_at)
+            unique = len({u["label"] for u in labels})
+            draws = _unique_draws([x])
+            nan = lambda v: float("nan") if v is None else v  # noqa: E731 - paired drops NaN pairs
+            layers.append({
+                "layer": x["layer"], "units": x["units"], **{k: x["quality"][k] for k in
+                                                             ("first_images", "heldout_images", "positives")},
+                "scores": {m: _quartiles(values[m]) for m in metrics},
+                "random": {m: _quartiles(chance[m]) for m in metrics},
+                "combination": _quartiles(combined),
+                "label_vs_random": paired([nan(v) for v in values["pearson"]],
+                                                [nan(v) for v in chance["pearson"]]).as_dict(),
+                "combination_vs_label": paired([nan(v) for v in combined],
+                                                     [nan(v) for v in values["pearson"]]).as_dict(),
+                "stable": stable, "stable_share": share(stable, len(labels)).as_dict(),
+                "unique": from_draws(unique, draws, images).as_dict(),
+                "unique_share": from_draws(unique / x["units"], [c / x["units"] for c in draws],
+                                                 images).as_dict(),
+            })
+        all_labels = [u for x in entry["layers"] for u in x["labels"]]
+        units = len(all_labels)
+        unique = len({u["label"] for u in all_labels})
+        draws = _unique_draws(entry["layers"])
+        stable = sum(x["stable"] for x in layers)
+        models.append({"model": entry["model"], "units": units, "stable": stable,
+                       "stable_share": share(stable, units).as_dict(),
+                       "unique": from_draws(unique, draws, images).as_dict(),
+                       "unique_share": from_draws(unique / units, [c / units for c in draws], images).as_dict(),
+                       "unique_draws": draws, "layers": layers})
+    pairs = []
+    for i in range(len(models)):
+        for j in range(i + 1, len(models)):
+            a, b = models[i], models[j]
+            if len(a["unique_draws"]) != len(b["unique_draws"]):
+                continue
+            pairs.append({"a": a["model"], "b": b["model"], "unique": paired_draws(
+                a["unique"]["value"], b["unique"]["value"], a["unique_draws"], b["unique_draws"], images).as_dict(),
+                "unique_share": paired_draws(
+                    a["unique_share"]["value"], b["unique_share"]["value"],
+                    [c / a["units"] for c in a["unique_draws"]], [c / b["units"] for c in b["unique_draws"]],
+                    images).as_dict()})
+    return {"resamples": q["resamples"], "stable_at": stable_at, "images": images, "models": models,
+            "comparisons": pairs, "sanity": q["sanity"], "sanity_passes": sanity_passes(q["sanity"])}
+
+
+def _interval(x: dict, digits: int = 2, pct: bool = False) -> str:
+    """'0.35 [0.21, 0.48]' (or '35% [21%, 48%]') from an Interval's dict."""
+    if pct:
+        return f"{100 * x['value']:.0f}% [{100 * x['low']:.0f}%, {100 * x['high']:.0f}%]"
+    return f"{x['value']:.{digits}f} [{x['low']:.{digits}f}, {x['high']:.{digits}f}]"
+
+
+def _difference(c: dict, digits: int, item: str, higher: str = "higher", lower: str = "lower",
+                resamples: int | None = None) -> str:
+    """The clause of a comparison's dict, as stats.compare_words says it; a bootstrap p of 0 is below the
+    resolution of its `resamples`."""
+    p = f"p < {1 / resamples:.2g}" if resamples and c["p_value"] == 0 else f"p = {c['p_value']:.2g}"
+    over = f"{p} over {c['n']} {item}{'s' if c['n'] != 1 else ''}"
+    d = f"{c['difference']:.{digits}f} [{c['low']:.{digits}f}, {c['high']:.{digits}f}]"
+    if not c["significant"]:
+        return f"within noise (difference {d}, {over})"
+    return f"{higher if c['difference'] > 0 else lower} by {d}, {over}"
+
+
+def quality_findings(results: dict) -> list[dict]:
+    """The labels' held-out quality against a random label, the combinations against the single labels, the share
+    of stable labels, per model; the models' unique-concept counts compared."""
+    qs = results.get("dissection", {}).get("summary", {}).get("quality")
+    if not qs:
+        return []
+    names = _display(results)
+    out = []
+    for m in qs["models"]:
+        name = names[m["model"]]
+        layers = m["layers"]
+        x0 = layers[0]
+        per_layer = "; ".join(
+            f"{x['layer']} {_f(x['scores']['pearson']['median'] if x['scores']['pearson'] else None)} against "
+            f"{_f(x['random']['pearson']['median'] if x['random']['pearson'] else None)}" for x in layers)
+        beats = "; ".join(f"{x['layer']} " + _difference(x["label_vs_random"], 2, "unit") for x in layers)
+        text = (f"Chosen on {x0['first_images']} probe images and scored on {x0['heldout_images']} held-out ones, the "
+                f"labels of {name} predict their units with a median Pearson correlation (the simulation score) of "
+                f"{per_layer} for a random concept of the same set. Label against random, per unit: {beats}.")
+        out.append({"id": f"labels-heldout-{m['model']}", "section": "dissection", "question": "labels", "text": text,
+                    "numbers": {x["layer"]: {"pearson": x["scores"]["pearson"], "random": x["random"]["pearson"],
+                                             "difference": x["label_vs_random"]} for x in layers}})
+        versus = "; ".join(
+            f"{x['layer']} {_f(x['combination']['median'] if x['combination'] else None)} against "
+            f"{_f(x['scores']['pearson']['median'] if x['scores']['pearson'] else None)}, "
+            + _difference(x["combination_vs_label"], 2, "unit") for x in layers)
+        terms = results["dissection"]["quality"]["terms"]
+        text = (f"Linear Explanations' combinations of at most {terms} concepts, fitted on the same "
+                f"{x0['first_images']} images, simulate the units of {name} on the same held-out images with a median "
+                f"Pearson of {versus} (combination against single label).")
+        out.append({"id": f"labels-combination-{m['model']}", "section": "dissection", "question": "labels",
+                    "text": text, "numbers": {x["layer"]: {"combination": x["combination"],
+                                                           "difference": x["combination_vs_label"]} for x in layers}})
+        per_layer = ", ".join(f"{x['layer']} {x['stable']} of {x['units']}" for x in layers)
+        text = (f"{m['stable']} of {name}'s {m['units']} units ({_interval(m['stable_share'], pct=True)}) keep their "
+                f"label in at least {100 * qs['stable_at']:.0f}% of {qs['resamples']} bootstrap resamples of the "
+                f"{qs['images']} probe images ({per_layer}).")
+        out.append({"id": f"labels-stable-{m['model']}", "section": "dissection", "question": "labels", "text": text,
+                    "numbers": {"stable": m["stable"], "units": m["units"], "share": m["stable_share"]}})
+    return out
+
+
+def _count_stable(d: dict, models: list[dict]) -> None:
+    """Beside every unit count of Q1-Q4's concept lists, how many of those units keep their label in at least
+    `stable` of the resamples."""
+    at = d["quality"]["stable"]
+
+    def stable(labels: list[dict], concept: str) -> int:
+        return sum(1 for u in labels if u["label"] == concept and (u.get("stability") or 0) >= at)
+
+    for entry, m in zip(d["models"], models):
+        everything = [u for x in entry["layers"] for u in x["labels"]]
+        for t in m["top"]:
+            t["stable"] = stable(everything, t["concept"])
+        chosen = {(c["layer"], c["unit"]) for c in m["confident"]}
+        confident = [u for x in entry["layers"] for u in x["labels"] if (x["layer"], u["unit"]) in chosen]
+        for t in m["confident_concepts"]:
+            t["stable"] = stable(confident, t["concept"])
+        for x, ml in zip(entry["layers"], m["layers"]):
+            for t in ml["top"] + ml["over3"]:
+                t["stable"] = stable(x["labels"], t["concept"])
+
+
+def _stable(t: dict) -> str:
+    """'; 12 stable' after a unit count, when the run measured stability."""
+    return f", {t['stable']} stable" if "stable" in t else ""
+
+
+def _quality_models(results: dict) -> dict[str, dict]:
+    qs = results.get("dissection", {}).get("summary", {}).get("quality") or {}
+    return {m["model"]: m for m in qs.get("models", [])}
+
+
+def _unique_compare(results: dict, a: dict, b: dict, names: dict) -> dict:
+    """Q3's comparison of two models' vocabularies: ranked only when the paired bootstrap over probe images says the
+    difference is not noise."""
+    qs = results["dissection"]["summary"].get("quality") or {}
+    pair = next((c for c in qs.get("comparisons", []) if {c["a"], c["b"]} == {a["model"], b["model"]}), None)
+    na, nb = names[a["model"]], names[b["model"]]
+    if pair is None:  # no resamples: the counts alone, unranked
+        return {"id": "q3-compare", "section": "dissection", "question": "q3",
+                "text": f"Overall, {na} has {a['unique']} unique concepts and {nb} {b['unique']}; without resamples of "
+                        "the probe images (dissect.quality) the report does not say whether they differ.",
+                "numbers": {a["model"]: a["unique"], b["model"]: b["unique"]}}
+    c = pair["unique"] if pair["a"] == a["model"] else {**pair["unique"], "difference": -pair["unique"]["difference"],
+                                                         "low": -pair["unique"]["high"], "high": -pair["unique"]["low"]}
+    s = pair["unique_share"] if pair["a"] == a["model"] else {
+        **pair["unique_share"], "difference": -pair["unique_share"]["difference"],
+        "low": -pair["unique_share"]["high"], "high": -pair["unique_share"]["low"]}
+    qa, qb = _quality_models(results)[a["model"]], _quality_models(results)[b["model"]]
+    counts = (f"{_interval(qa['unique'], 0)} unique concepts for {na} against {_interval(qb['unique'], 0)} for {nb} "
+              f"(95% intervals over {qs['resamples']} bootstrap resamples of the {qs['images']} probe images)")
+    if c["significant"]:
+        more = na if c["difference"] > 0 else nb
+    B = qs["resamples"]
+    if c["significant"]:
+        more = na if c["difference"] > 0 else nb
+        text = (f"Overall, {more} has the more varied vocabulary: {counts}; {na} against {nb}: "
+                + _difference(c, 0, "probe image", "more", "fewer", B)
+                + "; as a share of units, " + _difference(s, 3, "probe image", resamples=B) + ".")
+    else:
+        text = (f"Overall, the two vocabularies are within noise of each other: {counts}; {na} against {nb}: "
+                + _difference(c, 0, "probe image", resamples=B) + "; as a share of units, "
+                + _difference(s, 3, "probe image", resamples=B) + ".")
+    return {"id": "q3-compare", "section": "dissection", "question": "q3", "text": text,
+            "numbers": {a["model"]: a["unique"], b["model"]: b["unique"], "difference": c, "share_difference": s}}

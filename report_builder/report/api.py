@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from report_builder.label_quality import QUALITY_CSV, combination_text
 from report_builder.errors import UserError
 from report_builder.evaluation import registry as metric_registry
 from report_builder.report.rundir import RunFormatError, check_id, inside, load_results
@@ -79,7 +80,10 @@ class Run:
     @functools.cached_property
     def units(self) -> pd.DataFrame:
         """CLIP-Dissect: one row per dissected unit (model, layer, unit, label, similarity, the next-best concepts
-        alt_1..alt_3 with their similarities, scorer); empty without a dissection."""
+        alt_1..alt_3 with their similarities, scorer); with `dissect.quality`, also the label chosen on the first
+        part of the probe (heldout_label) and its held-out pearson, auprc, f1, iou, a random label's (random_*),
+        the Linear-Explanations combination ('0.62 dog + 0.31 grass') and its held-out pearson, and the label's
+        stability over bootstrap resamples; empty without a dissection."""
         rows = []
         for m in self._results.get("dissection", {}).get("models", []):
             for x in m["layers"]:
@@ -90,9 +94,14 @@ class Run:
                         alt = u["alternatives"][k] if k < len(u["alternatives"]) else {}
                         row[f"alt_{k + 1}"] = alt.get("label")
                         row[f"alt_{k + 1}_similarity"] = alt.get("similarity")
+                    for c in QUALITY_CSV:
+                        row[c] = combination_text(u["combination"]) if c == "combination" and "combination" in u \
+                            else u.get(c)
                     rows.append(row)
+        quality = list(QUALITY_CSV) if "quality" in self._results.get("dissection", {}) else []
         return _frame(rows, ["model", "layer", "unit", "label", "similarity", "scorer",
-                             *[f"alt_{k}{s}" for k in range(1, ALTERNATIVES + 1) for s in ("", "_similarity")]])
+                             *[f"alt_{k}{s}" for k in range(1, ALTERNATIVES + 1) for s in ("", "_similarity")],
+                             *quality])
 
     @functools.cached_property
     def netdissect(self) -> pd.DataFrame:

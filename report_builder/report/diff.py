@@ -16,9 +16,9 @@ from PIL import Image
 from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation.agreement import iou, top_n_mask
 from report_builder.errors import UserError
-from report_builder.stats import paired
 from report_builder.files import atomic_dir, clean_nan, write_json
 from report_builder.report.rundir import RunFormatError, inside, load_results
+from report_builder.stats import compare_words, paired
 
 SCHEMA_VERSION = 1
 GRADCAM_TOP_FRACTION = 0.2
@@ -454,6 +454,7 @@ def diff_findings(result: dict) -> list[str]:
                     text += f" ({len(x['gained'])} gained, {len(x['lost'])} lost)"
                 out.append(text + ".")
         out += _new_section_findings(name, p)
+        out.extend(version_tests(name, p))
     return out
 
 
@@ -483,4 +484,21 @@ def _new_section_findings(name: str, p: dict) -> list[str]:
     if sw and sw["compared"]:
         out.append(f"{name}: the LIME sweep's best setting is {sw['best_a']} in run A and {sw['best_b']} in run B"
                    + ("." if sw["changed"] else " (unchanged)."))
+    return out
+
+
+def version_tests(name: str, pair: dict) -> list[str]:
+    """Run B against run A, paired over the shared images: the probability of run A's top-1 class, and LIME's IoU
+    with Grad-CAM; 'within noise' unless the paired test says otherwise (report_builder/stats.py)."""
+    out = []
+    rows = [r for r in pair["predictions"]["rows"] if r["delta"] is not None]
+    if len(rows) >= 2:
+        b = [r["a_class_probability_in_b"] for r in rows]
+        c = paired(b, [x - r["delta"] for x, r in zip(b, rows)])
+        out.append(f"{name}: the probability of run A's top-1 class in run B against run A: "
+                   + compare_words(c, 3) + ".")
+    maps = [r for r in pair["maps"]["rows"] if r.get("lime_gradcam_delta") is not None]
+    if len(maps) >= 2:
+        c = paired([r["lime_gradcam_b"] for r in maps], [r["lime_gradcam_a"] for r in maps])
+        out.append(f"{name}: LIME's IoU with Grad-CAM in run B against run A: " + compare_words(c, 2) + ".")
     return out

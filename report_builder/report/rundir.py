@@ -19,6 +19,7 @@ from typing import Any
 
 from report_builder.errors import UserError
 from report_builder.evaluation import registry as metric_registry
+from report_builder.label_quality import METRICS as QUALITY_METRICS, QUALITY_CSV
 
 SCHEMA_VERSION = 1
 MAX_RESULTS_BYTES = 512 * 1024 * 1024
@@ -461,6 +462,12 @@ NETDISSECT = Then({
     "settings": "mapping", "probe": "mapping",
 }, _categories)
 ALTERNATIVE = {"label": "text", "similarity": Null("number"), "scorer": "scorer"}
+# a label's quality (dissection/quality.py), present when the spec's dissect.quality was on
+LABEL_QUALITY = {"heldout_label?": "text", "random_label?": "text", "stability?": Null("probability"),
+                 "combination_pearson?": Null("correlation"),
+                 "combination?": [{"label": "text", "weight": "number"}],
+                 **{f"{p}{m}?": Null("correlation" if m == "pearson" else "probability")
+                    for p in ("", "random_") for m in QUALITY_METRICS}}
 DISSECTION = {
     "similarity": "text", "similarity_params": "mapping", "pooling": "text",
     "probe": {"description": "text", "images": "count", "sha256": "text"},
@@ -468,9 +475,11 @@ DISSECTION = {
     "models": Then([{"model": "model", "layers": Then([Then({
         "layer": "id", "units": "positive",
         "labels": [{"unit": "int", "label": "text", "similarity": Null("number"), "scorer": "scorer",
-                    "alternatives": Then([ALTERNATIVE], _at_most(3))}],
+                    "alternatives": Then([ALTERNATIVE], _at_most(3)), **LABEL_QUALITY}],
+        "quality?": {"first_images": "count", "heldout_images": "count", "positives": "count", "resamples": "count",
+                     "resample_labels": [["text"]]},
     }, _units("labels"))], _unique("layer"))}], _unique("model")),
-    "summary?": "mapping",
+    "summary?": "mapping", "quality?": "mapping",
 }
 RESULTS = {
     "title": "text", "run_name": "text",
@@ -561,6 +570,8 @@ DISSECTION_CSV = {"layer": _layer_cell, "unit": _count_cell, "description": _tex
                   "alt_1": _text_cell, "alt_1_similarity": _ALT_NUMBER, "alt_2": _text_cell,
                   "alt_2_similarity": _ALT_NUMBER, "alt_3": _text_cell, "alt_3_similarity": _ALT_NUMBER,
                   "scorer": _text_cell}
+QUALITY_CSV_CELLS = {c: _text_cell if c.endswith(("label", "combination")) else _number_cell(empty=True)
+                     for c in QUALITY_CSV}
 NETDISSECT_CSV = {"unit": _count_cell, "layer": _layer_cell, "category": _text_cell, "label": _text_cell,
                   "iou": _number_cell(0, 1 + SLACK, expected="a number from 0 to 1"),
                   "detector": _choice_cell("0", "1"), "threshold": _NUMBER}
@@ -613,7 +624,8 @@ def check_csv(ctx: _Ctx, rel: str, columns: dict, model: str | None = None) -> N
 
 def _check_csvs(results: dict, ctx: _Ctx) -> None:
     check_csv(ctx, "agreement.csv", _agreement_csv(results["agreement"]["thresholds"]))
-    for section, suffix, columns in (("dissection", "", DISSECTION_CSV), ("netdissect", "-netdissect", NETDISSECT_CSV)):
+    dissection = DISSECTION_CSV | (QUALITY_CSV_CELLS if "quality" in results.get("dissection", {}) else {})
+    for section, suffix, columns in (("dissection", "", dissection), ("netdissect", "-netdissect", NETDISSECT_CSV)):
         for m in results.get(section, {}).get("models", []):
             ctx.refs[("layers", m["model"])] = {x["layer"] for x in m["layers"]}
             check_csv(ctx, f"dissection/{m['model']}{suffix}.csv", columns, m["model"])

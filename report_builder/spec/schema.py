@@ -437,6 +437,19 @@ def _scorer_shorthand(value: Any) -> Any:
     return value
 
 
+class QualitySpec(StrictModel):
+    """How sure each label is (dissection/quality.py): held-out scores, bootstrap stability, the combinations."""
+
+    holdout: Float = Field(0.2, ge=0.05, le=0.5, description="the share of probe images held out (seeded); labels "
+                           "are chosen on the rest and scored on these")
+    resamples: Int = Field(20, ge=0, le=500, description="bootstrap resamples of the probe images for the labels' "
+                           "stability and the intervals on unique-concept counts (0: none)")
+    stable: Float = Field(0.8, ge=0.5, le=1.0, description="a unit's label is stable when this share of resamples "
+                          "give it")
+    terms: Int = Field(3, ge=1, le=20, description="at most this many concepts in a unit's Linear-Explanations "
+                       "combination")
+
+
 class DissectSpec(StrictModel):
     probe: ProbeSpec
     concepts: tuple[PathText, ...] = Field(("words-20k",), min_length=1, max_length=20,
@@ -447,6 +460,8 @@ class DissectSpec(StrictModel):
     pooling: Literal["avg", "max", "cls"] = Field("avg", description="a unit's value per image: the mean or the "
                                                   "maximum over space (patch tokens), or the class token's")
     batch_size: BatchSize = "auto"
+    quality: QualitySpec | None = Field(QualitySpec(), description="held-out label quality and stability; null: "
+                                        "none")
 
     @field_validator("scorers", mode="before")
     @classmethod
