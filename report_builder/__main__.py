@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "failed; 2: a problem with the input.")
     chk.add_argument("run_dir", type=Path, help="a run directory (output/demo) or a diff directory")
     chk.add_argument("--spec", type=Path, help="a YAML file whose 'checks:' to evaluate (default: the run's own)")
-    chk.add_argument("--junit", type=Path, help=f"where to write the JUnit XML (default: RUN_DIR/checks.xml)")
+    chk.add_argument("--junit", type=Path, help="where to write the JUnit XML (default: RUN_DIR/checks.xml)")
 
     dif = sub.add_parser("diff", help="compare two run directories (e.g. two versions of a model)",
                          description="Compare two runs: spec keys, weights, predictions, Grad-CAM maps, LIME agreement "

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from report_builder.dissection.similarity import SIMILARITIES
-from report_builder.label_quality import METRICS, QUALITY_CSV, combination_text, sanity_passes  # noqa: F401 - re-exported
+from report_builder.label_quality import METRICS
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,6 @@ from collections import Counter, defaultdict
 import numpy as np
 import pandas as pd
 
-from report_builder.stats import compare_words, paired, share
 from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation.registry import TITLES as METHOD_TITLES
 from report_builder.label_quality import sanity_passes
