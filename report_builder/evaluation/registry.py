@@ -49,6 +49,18 @@ class Column:
     def images_key(self) -> str:
         return f"{self.name.removesuffix('_hit')}_images"
 
+    @property
+    def low_key(self) -> str:
+        """The evaluation summary's key (results.json, open_run().evaluation_summary) of the lower end of this
+        column's 95 % interval over images: of the mean (stats.bootstrap), or, for a hits column, of the share
+        hits / images (stats.share, Wilson's). One rule for both: <name>_low (deletion_auc_low, pointing_hit_low)."""
+        return f"{self.name}_low"
+
+    @property
+    def high_key(self) -> str:
+        """The upper end, as low_key: <name>_high."""
+        return f"{self.name}_high"
+
 
 @dataclass(frozen=True)
 class Rule:

@@ -616,7 +616,12 @@ def evaluation_summary(results: dict) -> list[dict]:
     (its mean; for a hit, the hits and the images scored: pointing_hits of pointing_images; object_fallback: the
     images where no mask label names the predicted class), each per-step column's mean at each step of the sanity
     check (sanity_spearman) and after the last one (spearman_final), and the sanity verdict over its runs (images x
-    seeds: sanity_runs, sanity_fails with its Wilson interval, sanity_flat, the mean ρ and |ρ|, sanity_verdict)."""
+    seeds: sanity_runs, sanity_fails with its Wilson interval, sanity_flat, the mean ρ and |ρ|, sanity_verdict).
+
+    Every per-map column has its 95 % interval over images under the keys Column.low_key / high_key (<name>_low,
+    <name>_high): for a mean, stats.bootstrap of the per-image values (deletion_auc_low); for a hits column, Wilson's
+    interval (stats.share) of the share hits / images (pointing_hit_low of pointing_hits / pointing_images). Both are
+    None where no image has a value."""
     ev = results["evaluation"]
     out = []
     for m in results["models"]:
@@ -630,8 +635,15 @@ def evaluation_summary(results: dict) -> list[dict]:
                     scored = [v for v in values if v is not None]
                     entry[column.hits_key] = _hits(scored) if scored else None
                     entry[column.images_key] = len(scored)
+                    # of the hits as stored (a chance map's, rounded), so that a reader can recompute it
+                    interval = share(entry[column.hits_key], len(scored)) if scored else None
                 else:
-                    entry[column.name] = _mean(values)
+                    interval = bootstrap([np.nan if v is None else v for v in values])
+                    interval = interval if interval.n else None
+                    # the mean the interval was drawn around (np.mean): low <= mean <= high holds exactly
+                    entry[column.name] = None if interval is None else interval.value
+                entry[column.low_key] = None if interval is None else interval.low
+                entry[column.high_key] = None if interval is None else interval.high
             entry["object_fallback"] = sum(r.get("object") == ANY_OBJECT for r in rows)
             entry["sanity_images"] = len(sanity)
             if sanity:
@@ -678,6 +690,23 @@ def _split(rows: list[dict]) -> tuple[list[dict], dict | None]:
             next((r for r in rows if r["method"] == "random"), None))
 
 
+def _stated(row: dict, column: metric_registry.Column) -> str:
+    """A summary row's mean of `column` with its 95 % interval over images: '0.148 [0.101, 0.190]'; a hits column's
+    hits of images with the Wilson interval of the share: '3 of 5 [23 %, 88 %]'."""
+    low, high = row.get(column.low_key), row.get(column.high_key)
+    if column.aggregate == "hits":
+        text = f"{row[column.hits_key]} of {row[column.images_key]}"
+        return text if low is None else f"{text} [{100 * low:.0f} %, {100 * high:.0f} %]"
+    text = _f(row[column.name], column.digits)
+    return text if low is None else f"{text} [{_f(low, column.digits)}, {_f(high, column.digits)}]"
+
+
+def _over(images: list[dict], model: str, row: dict, column: metric_registry.Column) -> str:
+    """'over 5 images': how many images the row's mean of `column` is over."""
+    n = len(_per_image(images, model, row["method"], column.name))
+    return f"over {n} image{'s' if n != 1 else ''}"
+
+
 def _per_image(images: list[dict], model: str, method: str, column: str) -> dict[str, float]:
     return {r["image"]: r.get(column) for r in images if r["model"] == model and r["method"] == method
             and r.get(column) is not None}
@@ -711,7 +740,9 @@ def chance_bars(metric: metric_registry.Metric, model: str, rows: list[dict], im
             verdicts[r["method"]] = {**c.as_dict(), "verdict": ("beats" if better else "worse") if c.significant
                                      else "within noise",
                                      "words": compare_words(c, column.digits)}
-        out[column.name] = {"strongest": strongest["method"], "value": strongest[key], "methods": verdicts,
+        out[column.name] = {"strongest": strongest["method"], "value": strongest[key],
+                            "low": strongest.get(column.low_key), "high": strongest.get(column.high_key),
+                            "stated": _stated(strongest, column), "methods": verdicts,
                             "bars": {r["method"]: r[key] for r in bars}}
     return out
 
@@ -726,8 +757,8 @@ def _chance_clause(bars: dict, column: metric_registry.Column, what: str) -> str
     for method, v in b["methods"].items():
         verb = {"beats": "beats it: ", "worse": "does worse than it: ", "within noise": "is "}[v["verdict"]]
         parts.append(f"{_title(method)} {verb}{v['words']}")
-    return (f" Against the strongest chance map on {what} ({_title(b['strongest'])}, "
-            f"{_f(b['value'], column.digits)}): " + "; ".join(parts) + "." if parts else "")
+    return (f" Against the strongest chance map on {what} ({_title(b['strongest'])}, {b['stated']}): "
+            + "; ".join(parts) + "." if parts else "")
 
 
 def _ranking(images: list[dict], model: str, scored: list[dict], column: metric_registry.Column) -> str:
@@ -751,14 +782,16 @@ def _faithfulness_finding(model: str, name: str, rows: list[dict], images: list[
     d, i = _best(scored, deletion.name, deletion.name), _best(scored, insertion.name, insertion.name)
     text = (f"On {name}, by the areas divided by the intact image's probability (mean over images), removing the "
             f"pixels {_title(d['method'])} ranks first lowers the top-1 probability fastest ({deletion.title} "
-            f"{_f(d[deletion.name], deletion.digits)}, {deletion.better}){_ranking(images, model, scored, deletion)}. "
+            f"{_stated(d, deletion)} {_over(images, model, d, deletion)}, {deletion.better})"
+            f"{_ranking(images, model, scored, deletion)}. "
             f"Revealing {_title(i['method'])}'s first raises it fastest ({insertion.title} "
-            f"{_f(i[insertion.name], insertion.digits)}, {insertion.better})"
+            f"{_stated(i, insertion)} {_over(images, model, i, insertion)}, {insertion.better})"
             f"{_ranking(images, model, scored, insertion)}.")
     bars = chance_bars(metric, model, rows, images)
     text += _chance_clause(bars, deletion, "deletion") + _chance_clause(bars, insertion, "insertion")
     return {"id": f"faithfulness-{model}", "section": "trust", "question": "q5", "text": text,
-            "numbers": {r["method"]: {c.name: r[c.name] for c in metric.columns} for r in rows},
+            "numbers": {r["method"]: {k: r[k] for c in metric.columns for k in (c.name, c.low_key, c.high_key)}
+                        for r in rows},
             "chance": bars}
 
 
@@ -770,9 +803,10 @@ def _road_finding(model: str, name: str, rows: list[dict], images: list[dict]) -
     if not road:
         return None
     best = _best(road, column.name, column.name)
-    text = (f"By ROAD on {name}, {_title(best['method'])} ranks pixels best ({_f(best[column.name], column.digits)}; "
-            + ", ".join(f"{_title(r['method'])} {_f(r[column.name], column.digits)}" for r in road if r is not best)
-            + f"){_ranking(images, model, road, column)}.")
+    others = ", ".join(f"{_title(r['method'])} {_stated(r, column)}" for r in road if r is not best)
+    text = (f"By ROAD on {name}, {_title(best['method'])} ranks pixels best ({_stated(best, column)} "
+            f"{_over(images, model, best, column)}{'; ' + others if others else ''})"
+            f"{_ranking(images, model, road, column)}.")
     bars = chance_bars(metric, model, rows, images)
     text += _chance_clause(bars, column, "ROAD")
     return {"id": f"road-{model}", "section": "trust", "question": "q5", "text": text,
@@ -826,8 +860,8 @@ def _pointing_finding(model: str, name: str, rows: list[dict], images: list[dict
     n = pointed[0][hit.images_key]
     fallback = pointed[0]["object_fallback"]
     text = (f"On the {n} image(s) of {name} with object labels, the maps' maximum falls on the object or near it: "
-            + ", ".join(f"{_title(r['method'])} {r[hit.hits_key]} of {n} ({r[near.hits_key]} of them off the "
-                        f"object; energy {_f(r[energy.name], energy.digits)})" for r in pointed) + "."
+            + ", ".join(f"{_title(r['method'])} {_stated(r, hit)} ({r[near.hits_key]} of them off the "
+                        f"object; energy {_stated(r, energy)})" for r in pointed) + "."
             + (f" On {fallback} of them no mask label names the predicted class, so every labelled object counts."
                if fallback else ""))
     bars = chance_bars(metric, model, rows, images)
