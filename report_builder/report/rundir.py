@@ -124,8 +124,8 @@ def check_schema_version(data: Any, source: Path, supported: int = SCHEMA_VERSIO
 # Every key that render, diff and open_run read is declared here, once, with what it must hold; check_results checks
 # a run's results.json against these schemas (RESULTS), and its CSVs against theirs (*_CSV). A schema is
 #   a kind           "text", "id" (check_id), "int", "count" (a whole number >= 0), "positive" (>= 1), "number" (finite),
-#                    "probability" (a number from 0 to 1), "correlation" (from -1 to 1), "seconds" (>= 0), "bool",
-#                    "mapping", "list", "path" (resolves inside the run: inside()), or a reference: "model", "image",
+#                    "probability" (a number from 0 to 1), "correlation" (from -1 to 1), "seconds" (>= 0), "hits" (>= 0),
+#                    "bool", "mapping", "list", "path" (resolves inside the run: inside()), or a reference: "model", "image",
 #                    "method", "scorer", "eval_method" (one of the ids the run lists for it)
 #   Null(schema)     that, or null (a number that was undefined, NaN, when the run wrote it)
 #   {key: schema}    a mapping with these keys, checked in this order (paths first: a tampered path is named before
@@ -215,6 +215,7 @@ _KINDS = {
     "positive": _ranged(1, MAX_FLOAT, "a whole number, 1 or more", whole=True),
     "number": _ranged(-MAX_FLOAT, MAX_FLOAT, "a finite number"),
     "seconds": _ranged(0, MAX_FLOAT, "a number of seconds, 0 or more"),
+    "hits": _ranged(0, MAX_FLOAT, "a number of hits, 0 or more (a chance map's is a mean over its draws)"),
     "probability": _ranged(0, 1 + SLACK, "a number from 0 to 1"),
     "correlation": _ranged(-1 - SLACK, 1 + SLACK, "a number from -1 to 1"),
     "bool": _typed(bool, "true or false"),
@@ -427,6 +428,46 @@ def _in_range(lo: float, hi: float) -> str:
 _PER_MAP = {c.name: Null(_in_range(*c.value_range)) for _, c in metric_registry.per_map()}
 _PER_STEP = {c.name: [Null(_in_range(*c.value_range))] for _, c in metric_registry.per_step()}
 
+
+
+def _summary_schema() -> dict:
+    """evaluation.summary's entry (analysis.evaluation_summary): per registry column its mean (a hits column: its hits
+    and images) in the column's value_range, and the 95 % interval's ends (Column.low_key, high_key) in the same range
+    (a share of hits: from 0 to 1)."""
+    out: dict[str, Any] = {"model": "model", "method": "eval_method", "images": "count"}
+    for _, c in metric_registry.per_map():
+        if c.aggregate == "hits":
+            out |= {c.hits_key: Null("hits"), c.images_key: "count",
+                    c.low_key: Null("probability"), c.high_key: Null("probability")}
+        else:
+            kind = Null(_in_range(*c.value_range))
+            out |= {c.name: kind, c.low_key: kind, c.high_key: kind}
+    return out
+
+
+def _summary_intervals(entry, where, ctx):
+    """Each interval holds its value (low <= mean <= high; for hits, low <= hits / images <= high), and is there
+    exactly when the value is; hits are at most the images scored."""
+    for _, c in metric_registry.per_map():
+        if c.aggregate == "hits":
+            hits, n = entry[c.hits_key], entry[c.images_key]
+            if hits is not None and hits > n + SLACK:
+                _bad(ctx, _of(where, c.hits_key), hits, f"at most {n}, its {c.images_key}")
+            value, what = (None if hits is None or n == 0 else hits / n), f"the share {c.hits_key} / {c.images_key}"
+        else:
+            value, what = entry[c.name], f"the mean {c.name}"
+        low, high = entry[c.low_key], entry[c.high_key]
+        if value is None:
+            for key, end in ((c.low_key, low), (c.high_key, high)):
+                if end is not None:
+                    _bad(ctx, _of(where, key), end, f"null, as {what} is (no image has a value)")
+            continue
+        if low is None or low > value + SLACK:
+            _bad(ctx, _of(where, c.low_key), low, f"a number at most {value:g}, {what} (an interval holds its value)")
+        if high is None or high < value - SLACK:
+            _bad(ctx, _of(where, c.high_key), high, f"a number at least {value:g}, {what} (an interval holds its value)")
+
+
 MODEL = {"id": "id", "display": "text", "num_classes": "positive"}
 IMAGE = {"id": "id", "sha256": "text"}
 METHOD = {"id": "id", "title": "text"}
@@ -450,6 +491,7 @@ EVALUATION = {
                     _same_lengths("layers", *_PER_STEP))],
     "methods": Then(["id"], _eval_methods),
     "rows": [{"model": "model", "image": "image", "method": "eval_method", **_PER_MAP, "object": Null("text")}],
+    "summary": [Then(_summary_schema(), _summary_intervals)],  # the report's table and the findings read it
 }
 NETDISSECT = Then({
     "models": Then([{"model": "model", "layers": Then([Then({
