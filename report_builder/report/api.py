@@ -141,6 +141,17 @@ class Run:
         return _frame(rows, evaluation_columns())
 
     @functools.cached_property
+    def evaluation_summary(self) -> pd.DataFrame:
+        """The evaluation over images, as the report's trust table: one row per model and method (the chance maps
+        included), per registry column its mean (a hits column: its hits and the images scored) and the ends of its
+        95 % interval over images, `<column>_low` and `<column>_high` (a mean's: bootstrap; a share of hits': Wilson);
+        then the images the localisation fell back to any labelled object on, and the sanity check's value after its
+        last step per method. Empty when the run had no `evaluate:`."""
+        columns = evaluation_summary_columns()
+        rows = [{k: e.get(k) for k in columns} for e in self._results.get("evaluation", {}).get("summary", [])]
+        return _frame(rows, columns)
+
+    @functools.cached_property
     def sanity(self) -> pd.DataFrame:
         """The sanity check: per model, image, method and randomisation step, the similarity to the original map."""
         per_step = [c.name for _, c in metric_registry.per_step()]
@@ -181,6 +192,17 @@ class Run:
 def evaluation_columns() -> list[str]:
     """open_run().evaluation's columns: the metrics registry's per-map columns between the keys and the object."""
     return ["model", "image", "method", *(c.name for _, c in metric_registry.per_map()), "object"]
+
+
+def evaluation_summary_columns() -> list[str]:
+    """open_run().evaluation_summary's columns: per registry column its value(s) and then its interval's ends."""
+    values = []
+    for _, c in metric_registry.per_map():
+        values += [c.hits_key, c.images_key] if c.aggregate == "hits" else [c.name]
+        values += [c.low_key, c.high_key]
+    finals = [m.final_key(c) for m, c in metric_registry.per_step()]
+    return ["model", "method", "images", *values, "object_fallback", *finals, "sanity_runs", "sanity_fails",
+            "sanity_verdict"]
 
 
 def sanity_columns() -> list[str]:
