@@ -456,6 +456,11 @@ def test_the_run_directory_checks_take_the_registry_columns_and_ranges():
     for m, c in per_step():
         assert rundir._metric_cell(m.csv_metric(c, "layer4.1"), None, None)
     assert not rundir._metric_cell("pointing", None, None)
+    summary = rundir.EVALUATION["summary"][0].schema  # the summary's interval ends: the registry's keys, its ranges
+    for _, c in per_map():
+        assert c.low_key in summary and c.high_key in summary, f"evaluation.summary's {c.name}: no interval checked"
+        ends = "probability" if c.aggregate == "hits" else rundir._in_range(*c.value_range)
+        assert summary[c.low_key].schema == summary[c.high_key].schema == ends, c.name
 
 
 def test_the_api_evaluation_columns_are_the_registry_columns():
@@ -469,6 +474,9 @@ def test_the_api_evaluation_columns_are_the_registry_columns():
     assert list(run.evaluation.columns) == ["model", "image", "method", *[c.name for _, c in per_map()], "object"]
     assert list(run.sanity.columns) == ["model", "image", "method", "step", "layer", *[c.name for _, c in per_step()]]
     assert run.sanity[per_step()[0][1].name].tolist() == [0.5, 0.25]
+    columns = list(run.evaluation_summary.columns)
+    for _, c in per_map():  # each registry column with its interval's ends, as results.json keeps them
+        assert {c.low_key, c.high_key} <= set(columns) and (c.name in columns or c.hits_key in columns), c.name
 
 
 def _trust_html(results: dict) -> str:
