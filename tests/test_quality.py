@@ -10,6 +10,7 @@ from sklearn.metrics import average_precision_score
 from report_builder.dissection import quality as q
 from report_builder.dissection.clip_dissect import label_units
 from report_builder.dissection.similarity import SIMILARITIES
+from report_builder.label_quality import sanity_passes
 from report_builder.report import analysis
 
 N, CONCEPTS = 300, 24
@@ -122,7 +123,7 @@ def test_neuroneval_sanity_checks_pass_on_planted_units(planted, similarity):
     for m, counts in out["metrics"].items():
         assert counts["removed_lower"] == q.PLANTED, m
         assert counts["added_raised"] == 0, m
-    assert q.sanity_passes(out)
+    assert sanity_passes(out)
 
 
 def test_sanity_checks_fail_on_a_concept_set_with_twins(planted):
@@ -134,7 +135,7 @@ def test_sanity_checks_fail_on_a_concept_set_with_twins(planted):
                         {"matrix": twins, "concepts": [str(i) for i in range(2 * CONCEPTS)]}, noise=0.1)
     assert out["recovered"] > 0 and out["removed_changed"] == out["recovered"]
     # (a twin that is itself another unit's true concept goes too: those units do lose score)
-    assert out["metrics"]["pearson"]["removed_lower"] < out["recovered"] and not q.sanity_passes(out)
+    assert out["metrics"]["pearson"]["removed_lower"] < out["recovered"] and not sanity_passes(out)
 
 
 def _dissection(vocabularies: dict[str, tuple[int, list[int]]], resamples: int = 20) -> dict:
