@@ -7,9 +7,9 @@ In a notebook:
     r.units.head()
     s = run("specs/my.yaml")            # run a study, then open it
 
-On the command line: `report-builder --help` (or `python -m report_builder --help`). The stages are one module
-each (spec, zoo, data, probe, concepts, scorers, activations, dissect, netdissect, explain, agreement, evaluate,
-analysis, tasks, runner, collect, render, diff, api, bench).
+On the command line: `report-builder --help` (or `python -m report_builder --help`). The stages are one package
+each (spec, models, data, dissection, explanation, evaluation, pipeline, report, bench); stats holds the intervals
+and tests every finding states.
 """
 __version__ = "0.3.0"
 
