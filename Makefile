@@ -42,8 +42,12 @@ diff: setup
 bench: setup
 	$(PY) -m report_builder.bench $(BENCH_ARGS)
 
+# One pytest worker per core, each test file on one worker (its module fixtures built once): most of the suite is
+# single-threaded Python (imports, rendering, subprocess runs), which a single process runs on one core at a time.
+# TEST_ARGS="-n 0" runs it in one process.
+TEST_ARGS ?= -n auto --dist loadfile
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(TEST_ARGS)
 
 clean:
 	rm -rf output/*/ output/.*.partial-* .pytest_cache

@@ -1,16 +1,27 @@
 """Shared fixtures: small models built here, a private cache, and no network."""
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# Under pytest-xdist (make test: one worker per core) each worker, and every run a test starts in a subprocess,
+# gets one torch thread: two workers with a thread per core each would fight for the cores, and OpenMP threads that
+# wait for a descheduled peer spin. Set before torch is imported, so its thread pool and the children's follow.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from torch import nn
 
-from report_builder.spec.schema import ModelSpec
-from report_builder.models.zoo import LoadedModel, Preprocess, weights_hash
+from report_builder.spec.schema import ModelSpec  # noqa: E402
+from report_builder.models.zoo import LoadedModel, Preprocess, weights_hash  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 
