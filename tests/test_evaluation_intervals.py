@@ -136,3 +136,34 @@ def test_the_api_summary_carries_the_low_high_columns():
     run._results = {"evaluation": {}}
     del run.__dict__["evaluation_summary"]
     assert run.evaluation_summary.empty and list(run.evaluation_summary.columns) == evaluation_summary_columns()
+
+
+def _two_methods(n: int, gap: float) -> dict:
+    """Grad-CAM and LIME on n images, LIME's normalised deletion area `gap` below Grad-CAM's on every image (plus a
+    small spread), the random map well above both; every other column alike."""
+    settings = EvaluateSpec().model_dump(mode="json")
+    rows = []
+    for method, shift in (("gradcam", 0.0), ("lime", -gap), ("random", 0.3)):
+        for k in range(n):
+            row = {"model": "m", "image": f"i{k}", "method": method, "object": "cat"}
+            for _, c in registry.per_map():
+                row[c.name] = 0.1 + 0.01 * k if c.aggregate == "mean" else None
+            row["deletion_norm"] = 0.4 + 0.02 * k + shift + 0.001 * ((k * 7) % 3)
+            rows.append(row)
+    results = {"models": [{"id": "m", "display": "Model M"}],
+               "evaluation": {"settings": settings, "methods": ["gradcam", "lime", "random"], "rows": rows,
+                              "sanity": []}}
+    results["evaluation"]["summary"] = analysis.evaluation_summary(results)
+    return {f["id"]: f["text"] for f in analysis.evaluation_findings(results)}
+
+
+def test_a_finding_ranks_two_methods_only_beyond_noise():
+    """Five images cannot separate two methods (the smallest two-sided signed-rank p is 1/16): the finding names the
+    lowest mean and says it is within noise, and does not say which lowers the probability fastest; with 12 images
+    and LIME lower on every one, it does."""
+    few = _two_methods(5, 0.01)["faithfulness-m"]
+    assert "no method lowers the top-1 probability beyond noise" in few and "ranks first lowers" not in few
+    assert "the lowest mean is LIME's" in few and "within noise" in few and "over 5 images" in few
+    many = _two_methods(12, 0.05)["faithfulness-m"]
+    assert "removing the pixels LIME ranks first lowers the top-1 probability fastest" in many
+    assert "no method lowers" not in many and "over 12 images" in many

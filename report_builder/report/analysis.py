@@ -748,28 +748,40 @@ def chance_bars(metric: metric_registry.Metric, model: str, rows: list[dict], im
 
 
 def _chance_clause(bars: dict, column: metric_registry.Column, what: str) -> str:
-    """'Against the strongest chance map on deletion AUC / p (the smooth noise (4 × 4 cells) map, 0.412): Grad-CAM
-    beats it (lower by ...); LIME is within noise of it (...).'"""
+    """'Against the strongest chance map on deletion (the smooth noise (4 × 4 cells) map, 0.412): Grad-CAM beats it
+    (lower by ...); ScoreCAM and LIME are within noise of it (p ≥ 0.5 over 2 images).' The methods within noise
+    share one clause (their numbers are in the table), so a sentence over few images stays readable."""
     if column.name not in bars:
         return ""
     b = bars[column.name]
-    parts = []
+    parts, tied = [], []
     for method, v in b["methods"].items():
-        verb = {"beats": "beats it: ", "worse": "does worse than it: ", "within noise": "is "}[v["verdict"]]
-        parts.append(f"{_title(method)} {verb}{v['words']}")
+        if v["verdict"] == "within noise":
+            tied.append((method, v))
+        else:
+            verb = "beats it: " if v["verdict"] == "beats" else "does worse than it: "
+            parts.append(f"{_title(method)} {verb}{v['words']}")
+    if tied:
+        names = [_title(m) for m, _ in tied]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        n = max(v["n"] for _, v in tied)
+        p = min(v["p_value"] for _, v in tied)
+        parts.append(f"{listed} {'is' if len(names) == 1 else 'are'} within noise of it "
+                     f"(paired over images: p ≥ {p:.2g} over {n} image{'s' if n != 1 else ''})")
     return (f" Against the strongest chance map on {what} ({_title(b['strongest'])}, {b['stated']}): "
             + "; ".join(parts) + "." if parts else "")
 
 
-def _ranking(images: list[dict], model: str, scored: list[dict], column: metric_registry.Column) -> str:
-    """The best method on `column` and whether it is ahead of the next one beyond noise."""
+def _ranking(images: list[dict], model: str, scored: list[dict], column: metric_registry.Column) -> tuple[str, bool]:
+    """The best method on `column` against the next one: the clause, and whether it is ahead beyond noise (a
+    finding ranks the methods only then)."""
     ordered = sorted(scored, key=lambda r: r[column.name], reverse=column.direction == "higher")
     if len(ordered) < 2:
-        return ""
+        return "", True
     c = _paired(images, model, ordered[0]["method"], ordered[1]["method"], column.name)
     if c is None:
-        return ""
-    return f"; against {_title(ordered[1]['method'])}, the next, it is {compare_words(c, column.digits)}"
+        return "", False
+    return f"; against {_title(ordered[1]['method'])}, the next, it is {compare_words(c, column.digits)}", c.significant
 
 
 def _faithfulness_finding(model: str, name: str, rows: list[dict], images: list[dict]) -> dict | None:
@@ -780,13 +792,18 @@ def _faithfulness_finding(model: str, name: str, rows: list[dict], images: list[
     if not scored:
         return None
     d, i = _best(scored, deletion.name, deletion.name), _best(scored, insertion.name, insertion.name)
-    text = (f"On {name}, by the areas divided by the intact image's probability (mean over images), removing the "
-            f"pixels {_title(d['method'])} ranks first lowers the top-1 probability fastest ({deletion.title} "
-            f"{_stated(d, deletion)} {_over(images, model, d, deletion)}, {deletion.better})"
-            f"{_ranking(images, model, scored, deletion)}. "
-            f"Revealing {_title(i['method'])}'s first raises it fastest ({insertion.title} "
-            f"{_stated(i, insertion)} {_over(images, model, i, insertion)}, {insertion.better})"
-            f"{_ranking(images, model, scored, insertion)}.")
+    d_next, d_ahead = _ranking(images, model, scored, deletion)
+    i_next, i_ahead = _ranking(images, model, scored, insertion)
+    d_claim = (f"removing the pixels {_title(d['method'])} ranks first lowers the top-1 probability fastest" if d_ahead
+               else f"no method lowers the top-1 probability beyond noise faster than the others: the lowest mean is "
+                    f"{_title(d['method'])}'s")
+    i_claim = (f"Revealing {_title(i['method'])}'s first raises it fastest" if i_ahead
+               else f"Revealing the pixels, no method raises it beyond noise faster: the highest mean is "
+                    f"{_title(i['method'])}'s")
+    text = (f"On {name}, by the areas divided by the intact image's probability (mean over images), {d_claim} "
+            f"({deletion.title} {_stated(d, deletion)} {_over(images, model, d, deletion)}, {deletion.better})"
+            f"{d_next}. {i_claim} ({insertion.title} {_stated(i, insertion)} {_over(images, model, i, insertion)}, "
+            f"{insertion.better}){i_next}.")
     bars = chance_bars(metric, model, rows, images)
     text += _chance_clause(bars, deletion, "deletion") + _chance_clause(bars, insertion, "insertion")
     return {"id": f"faithfulness-{model}", "section": "trust", "question": "q5", "text": text,
@@ -804,9 +821,11 @@ def _road_finding(model: str, name: str, rows: list[dict], images: list[dict]) -
         return None
     best = _best(road, column.name, column.name)
     others = ", ".join(f"{_title(r['method'])} {_stated(r, column)}" for r in road if r is not best)
-    text = (f"By ROAD on {name}, {_title(best['method'])} ranks pixels best ({_stated(best, column)} "
-            f"{_over(images, model, best, column)}{'; ' + others if others else ''})"
-            f"{_ranking(images, model, road, column)}.")
+    following, ahead = _ranking(images, model, road, column)
+    claim = (f"{_title(best['method'])} ranks pixels best" if ahead
+             else f"no method ranks pixels better than the others beyond noise; the highest is {_title(best['method'])}")
+    text = (f"By ROAD on {name}, {claim} ({_stated(best, column)} "
+            f"{_over(images, model, best, column)}{'; ' + others if others else ''}){following}.")
     bars = chance_bars(metric, model, rows, images)
     text += _chance_clause(bars, column, "ROAD")
     return {"id": f"road-{model}", "section": "trust", "question": "q5", "text": text,
