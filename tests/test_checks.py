@@ -37,7 +37,8 @@ def _results() -> dict:
                **{c: [0.9, final] for c in PER_STEP}} for method, final in (("gradcam", 0.1), ("lime", 0.8))]
     rule = metric_registry.BY_NAME["sanity"].rule
     final = metric_registry.Metric.final_key(metric_registry.column(rule.column))
-    summary = [{"model": "m", "method": "gradcam", final: 0.1}, {"model": "m", "method": "lime", final: 0.8}]
+    summary = [{"model": "m", "method": "gradcam", final: 0.1}, {"model": "m", "method": "lime", final: 0.8},
+               {"model": "m", "method": "scorecam", final: 0.3, "sanity_verdict": "inconclusive"}]
     return {
         "models": [{"id": "m", "display": "M"}],
         "evaluation": {"rows": rows, "sanity": sanity, "summary": summary},
@@ -95,7 +96,10 @@ def test_the_sanity_check_final_step_and_verdict():
     got = _values(evaluate([_check(PER_STEP[0], at_most=0.5)], src))
     assert got == {"m, lime": (0.8, False), "m, gradcam": (0.1, True)}
     verdict = _values(evaluate([_check("sanity_failed", at_most=0)], src))
-    assert verdict == {"m, lime": (1.0, False), "m, gradcam": (0.0, True)}  # the rule: ρ ≥ 0.5 fails
+    # no verdict over runs: the rule on the mean (ρ ≥ 0.5 fails); one over runs: that verdict, inconclusive not failing
+    assert verdict == {"m, lime": (1.0, False), "m, gradcam": (0.0, True), "m, scorecam": (0.0, True)}
+    passed = _values(evaluate([_check("sanity_passed", at_least=1)], src))
+    assert passed == {"m, lime": (0.0, False), "m, gradcam": (1.0, True), "m, scorecam": (0.0, False)}
 
 
 def test_agreement_timings_and_dissection_counts():

@@ -132,15 +132,26 @@ def _final_rows(column: str) -> Callable[[CheckSource], list[dict]]:
     return rows
 
 
-def _verdict_rows(metric: metric_registry.Metric) -> Callable[[CheckSource], list[dict]]:
-    """1 where a method fails the metric's rule (its mean over the images), else 0: per model and method."""
+def _verdict_rows(metric: metric_registry.Metric, wanted: str) -> Callable[[CheckSource], list[dict]]:
+    """1 where a method's verdict on the metric's rule is `wanted` ("fails" or "passes"), else 0, per model and method.
+    The verdict is the summary's over the runs (images x seeds: an "inconclusive" one is neither); a summary without
+    one (a run directory of one run per image) reads the rule on the mean over the images."""
     rule = metric.rule
     column = metric_registry.column(rule.column)
     key = metric.final_key(column) if metric.per_step else column.name
+    verdict_key = f"{metric.name}_verdict"
 
     def rows(src: CheckSource) -> list[dict]:
-        return [{"model": e["model"], "method": e["method"], "value": float(rule.fails(e[key]))}
-                for e in src.results.get("evaluation", {}).get("summary", []) if e.get(key) is not None]
+        out = []
+        for e in src.results.get("evaluation", {}).get("summary", []):
+            if e.get(verdict_key) is not None:
+                verdict = e[verdict_key]
+            elif e.get(key) is not None:
+                verdict = "fails" if rule.fails(e[key]) else "passes"
+            else:
+                continue
+            out.append({"model": e["model"], "method": e["method"], "value": float(verdict == wanted)})
+        return out
     return rows
 
 
@@ -222,8 +233,12 @@ def measures() -> dict[str, Measure]:
                            _final_rows(column.name), _evaluate_needs(metric), column.direction))
     for metric in metric_registry.METRICS:
         if metric.rule:
-            out.append(Measure(f"{metric.name}_failed", f"fails the {metric.title.lower()} (1) or passes (0)", "run",
-                               ("model", "method"), _verdict_rows(metric), _evaluate_needs(metric), "lower"))
+            out.append(Measure(f"{metric.name}_failed", f"fails the {metric.title.lower()} over its runs (1) or not (0)",
+                               "run", ("model", "method"), _verdict_rows(metric, "fails"), _evaluate_needs(metric),
+                               "lower"))
+            out.append(Measure(f"{metric.name}_passed", f"passes the {metric.title.lower()} over its runs (1) or not "
+                               "(0: fails, or inconclusive)", "run", ("model", "method"), _verdict_rows(metric, "passes"),
+                               _evaluate_needs(metric), "higher"))
     out.append(Measure(AGREEMENT_COLUMN, "LIME–CAM IoU (top-n)", "run", each_map, _agreement_rows(AGREEMENT_COLUMN),
                        _agreement_needs(None), "higher"))
     out.append(Measure("seconds", "seconds per explanation", "run", each_map, _timing_rows, direction="lower",
