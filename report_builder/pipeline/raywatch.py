@@ -65,36 +65,27 @@ def _log(text: str) -> None:
             f.write(f"{time.time():.3f} {text}\n")
 
 
+def holds_mark(pid: int, mark: str) -> bool:
+    """Whether the process's environment holds MARK_VARIABLE=mark (False when it is gone or cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{MARK_VARIABLE}={mark}".encode() in f.read().split(b"\0")
+    except OSError:  # gone already, or not ours to read
+        return False
+
+
 def marked(mark: str) -> list[int]:
     """The processes whose environment holds MARK_VARIABLE=mark (this one excepted)."""
-    entry = f"{MARK_VARIABLE}={mark}".encode()
-    found = []
     try:
         names = os.listdir("/proc")
     except OSError:
         return []
-    for name in names:
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:  # gone already, or not ours to read
-            continue
-        if entry in environ.split(b"\0"):
-            found.append(int(name))
-    return found
+    return [int(n) for n in names if n.isdigit() and int(n) != os.getpid() and holds_mark(int(n), mark)]
 
 
 def _ours(pid: int, mark: str, seen: dict[int, int]) -> bool:
     """Whether `pid` is a process of this run: it holds the mark, or it is the very process seen holding it."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            if f"{MARK_VARIABLE}={mark}".encode() in f.read().split(b"\0"):
-                return True
-    except OSError:
-        pass
-    return pid in seen and start_time(pid) == seen[pid]
+    return holds_mark(pid, mark) or (pid in seen and start_time(pid) == seen[pid])
 
 
 def remember(mark: str, seen: dict[int, int]) -> None:
