@@ -54,3 +54,17 @@ def unit_strip(images: list[Image.Image], maps: np.ndarray, threshold: float, si
         tile[find_boundaries(mask, mode="inner")] = (255, 220, 0)
         strip.paste(Image.fromarray(tile.astype(np.uint8)), (i * (size + gap), 0))
     return strip
+
+
+def save_unit_tile(crop: np.ndarray, heat: np.ndarray, path: Path, size: int = 112) -> None:
+    """A small JPEG of one layer map (a unit's activation, or the Grad-CAM map at that layer) over the image: upsampled
+    bilinearly to the crop, scaled by its own maximum (negative values show as none), in the CAM colours."""
+    import torch
+    import torch.nn.functional as F
+
+    up = F.interpolate(torch.from_numpy(np.asarray(heat, np.float32))[None, None], size=crop.shape[:2],
+                       mode="bilinear", align_corners=False)[0, 0].numpy()
+    peak = float(up.max())
+    scaled = np.clip(up, 0, None) / peak if peak > 0 else np.zeros_like(up)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(cam_overlay(crop, scaled)).resize((size, size), Image.BILINEAR).save(path, quality=80)

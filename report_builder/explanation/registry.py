@@ -89,3 +89,47 @@ def resolve(reference: str) -> Callable:
     """The function a "module:function" reference names, imported now."""
     module, _, attr = reference.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+# ---------------------------------------------------------------- concept attribution (explanation/concepts.py)
+
+CONCEPTS = "report_builder.explanation.concepts"
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """How much each unit of a dissected layer contributes to the explained class: `implementation` is a
+    "module:function" f(A, G) -> C, from the layer's map A and its gradient G (both C x h x w)."""
+
+    name: str  # its name in concepts.attribution
+    title: str
+    citation: str
+    implementation: str
+
+
+ATTRIBUTIONS: dict[str, Attribution] = {a.name: a for a in (
+    # their sum over units is the sum of the Grad-CAM map at the layer before its ReLU (IBD's decomposition)
+    Attribution("gradcam_terms", "Grad-CAM channel terms (mean gradient × activation)",
+                "Selvaraju et al., ICCV 2017; Zhou et al., ECCV 2018", f"{CONCEPTS}:gradcam_terms"),
+    Attribution("hirescam_terms", "HiResCAM channel terms (gradient ⊙ activation)", "Draelos & Carin, 2020",
+                f"{CONCEPTS}:hirescam_terms"),
+)}
+
+
+@dataclass(frozen=True)
+class AblationBaseline:
+    """Another way to pick the k units to ablate, against which a concept explanation's top-k units are measured:
+    `implementation` is f(activation (C), k, rng, draws) -> a list of unit index arrays."""
+
+    name: str  # its key in results.json's ablation drops
+    title: str  # as the report's table and the findings name it
+    draws: bool  # several seeded draws (a distribution to test against), or one set
+    implementation: str
+    bar: bool = False  # a concept explanation that does not beat this one fails
+
+
+ABLATION_BASELINES: dict[str, AblationBaseline] = {b.name: b for b in (
+    AblationBaseline("random", "k random units", draws=True, implementation=f"{CONCEPTS}:random_units", bar=True),
+    AblationBaseline("activation", "the k most active units", draws=False, implementation=f"{CONCEPTS}:most_active"),
+)}
+ABLATION_BAR = next(name for name, b in ABLATION_BASELINES.items() if b.bar)

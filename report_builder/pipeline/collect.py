@@ -13,6 +13,8 @@ from PIL import Image
 from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation import agreement as agree
 from report_builder.report import analysis
+from report_builder.report import concepts as concept_analysis
+from report_builder.report.concepts import CONCEPTS_CSV, CONCEPTS_CSV_COLUMNS
 from report_builder.explanation import overlays
 from report_builder.data.images import SampleImage, manifest_hash
 from report_builder.explanation.methods import top_k
@@ -68,6 +70,9 @@ def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Pro
         out["netdissect"] = netdissect_section(spec, inputs, plan, outcome, work)
         write_netdissect_csvs(work / "dissection", out["netdissect"])
         out["netdissect"]["agreement"] = analysis.method_agreement(out)
+    if plan.concepts:  # after the dissections: their labels name the units
+        out["concepts"] = concepts_section(spec, inputs, plan, outcome, work, out)
+        write_concepts_csv(work / CONCEPTS_CSV, out["concepts"])
     if spec.evaluate is not None:
         out["evaluation"] = evaluation_section(spec, inputs, plan, outcome, work)
         write_evaluation_csv(work / "evaluation.csv", out["evaluation"])
@@ -80,6 +85,8 @@ def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Pro
         out["evaluation"]["summary"] = analysis.evaluation_summary(out)
     if "lime_sweep" in out:
         out["lime_sweep"].update(analysis.sweep_summary(out))
+    if "concepts" in out:
+        out["concepts"].update(concept_analysis.summary(out))
     out["findings"] = analysis.findings(out)
     out = clean_nan(out)
     write_agreement_csv(work / "agreement.csv", out["agreement"]["rows"], spec.agreement.thresholds)
@@ -216,6 +223,109 @@ def sweep_section(inputs, plan, outcome) -> dict:
                 rows.append({"model": m.id, "setting": k, "image": im.id, "iou": v["iou"],
                              "seconds": round(float(v["seconds"]), 4)})
     return {"settings": settings, "rows": rows}
+
+
+# ---------------------------------------------------------------- concept attribution
+
+
+def _labels_by_unit(out: dict) -> tuple[dict, dict]:
+    """(model, layer) -> unit -> its CLIP-Dissect label row, and the same for its Network Dissection row."""
+    clip = {(m["model"], x["layer"]): {u["unit"]: u for u in x["labels"]}
+            for m in out.get("dissection", {}).get("models", []) for x in m["layers"]}
+    nd = {(m["model"], x["layer"]): {u["unit"]: u for u in x["unit_labels"]}
+          for m in out.get("netdissect", {}).get("models", []) for x in m["layers"]}
+    return clip, nd
+
+
+def _unit_row(unit: int, rank: int, value: dict, share: np.ndarray, clip: dict, nd: dict) -> dict:
+    c, n = clip.get(unit), nd.get(unit)
+    return {"unit": unit, "rank": rank, "contribution": float(value["contribution"][unit]), "share": float(share[unit]),
+            "activation": float(value["activation"][unit]),
+            "label": c["label"] if c else None, "scorer": c["scorer"] if c else None,
+            "similarity": c["similarity"] if c else None,
+            "netdissect_label": n["label"] if n else None, "netdissect_category": n["category"] if n else None,
+            "iou": n["iou"] if n else None, "detector": bool(n["detector"]) if n else None}
+
+
+def concepts_section(spec, inputs, plan, outcome, work: Path, out: dict) -> dict:
+    """Per model, image and concept layer: every unit's contribution and share with its labels from the run's
+    dissections (`rows`, the CSV's), the top units (with their maps as small overlays), the top concepts (shares
+    summed by label: CLIP-Dissect's where the run has it, else the Network Dissection detectors'), and the ablation
+    drops against each baseline."""
+    from report_builder.explanation.concepts import ranking, shares
+    from report_builder.explanation.registry import ABLATION_BAR, ABLATION_BASELINES, ATTRIBUTIONS
+
+    clip, nd = _labels_by_unit(out)
+    source = "clip-dissect" if clip else "netdissect"
+    records, rows = [], []
+    for m in inputs.models:
+        for im in inputs.images:
+            key = plan.concepts.get((m.id, im.id))
+            if key is None:
+                continue
+            value = outcome.values[key]
+            crop = m.preprocess.crop(im.image)
+            for layer in value["layers"]:
+                name = layer["layer"]
+                lc, ln = clip.get((m.id, name), {}), nd.get((m.id, name), {})
+                contribution = np.asarray(layer["contribution"], np.float64)
+                share = shares(contribution)
+                order = ranking(contribution)
+                units = [_unit_row(int(u), r + 1, layer, share, lc, ln) for r, u in enumerate(order)]
+                rows.extend({"model": m.id, "image": im.id, "layer": name, **u} for u in units)
+                folder = f"concepts/{m.id}/{name}"
+                cam_rel = f"{folder}/{im.id}_gradcam.jpg"
+                overlays.save_unit_tile(crop, layer["cam"], work / cam_rel)
+                top = []
+                for unit, heat in zip(layer["shown"], layer["maps"]):
+                    rel = f"{folder}/{im.id}_unit_{int(unit):04d}.jpg"
+                    overlays.save_unit_tile(crop, heat, work / rel)
+                    top.append({**units[list(order).index(int(unit))], "map": rel})
+                drops = layer["drops"]
+                ablation = {"ks": list(layer["ks"]), "draws": len(drops[ABLATION_BAR][0]),
+                            "top": [d[0] for d in drops["top"]],
+                            "baselines": {b: [[float(x) for x in d] for d in drops[b]] for b in ABLATION_BASELINES}}
+                records.append({
+                    "model": m.id, "image": im.id, "layer": name, "units": int(layer["units"]),
+                    "target_class": int(value["target"]), "target_name": m.class_names[int(value["target"])],
+                    "probability": float(value["probability"]), "forward": layer["forward"], "gradcam": cam_rel,
+                    "top": top, "concepts": concept_groups(units, "label" if source == "clip-dissect" else None),
+                    "netdissect_concepts": concept_groups(units, "netdissect_label") if nd else [],
+                    "ablation": ablation})
+    settings = spec.concepts.model_dump(mode="json")
+    return {"settings": settings, "attribution": ATTRIBUTIONS[settings["attribution"]].title,
+            "citation": ATTRIBUTIONS[settings["attribution"]].citation, "label_source": source,
+            "baselines": [{"name": b.name, "title": b.title, "draws": b.draws, "bar": b.bar}
+                          for b in ABLATION_BASELINES.values()],
+            "records": records, "rows_csv": CONCEPTS_CSV, "_rows": rows}
+
+
+def concept_groups(units: list[dict], key: str | None) -> list[dict]:
+    """Shares summed by label over the units that push toward the class (Network Dissection: detectors only), largest
+    first; the report lists the first few, the profiles average all of them."""
+    if key is None:  # no CLIP-Dissect: the detectors' labels
+        key = "netdissect_label"
+    groups: dict[str, dict] = {}
+    for u in units:
+        label = u[key]
+        if u["share"] <= 0 or label is None or (key == "netdissect_label" and not u["detector"]):
+            continue
+        g = groups.setdefault(label, {"label": label, "share": 0.0, "units": []})
+        g["share"] += u["share"]
+        g["units"].append(u["unit"])
+    ordered = sorted(groups.values(), key=lambda g: (-g["share"], g["label"]))
+    return [{**g, "units": g["units"][:10]} for g in ordered]
+
+
+def write_concepts_csv(path: Path, section: dict) -> None:
+    """concept_attribution.csv: every unit's contribution and share per model, image and layer, with its labels."""
+    rows = section.pop("_rows")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CONCEPTS_CSV_COLUMNS)
+        for r in rows:
+            w.writerow(["" if r[c] is None else (f"{r[c]:.6g}" if isinstance(r[c], float) else r[c])
+                        for c in CONCEPTS_CSV_COLUMNS])
 
 
 # ---------------------------------------------------------------- CLIP-Dissect

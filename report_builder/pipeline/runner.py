@@ -28,6 +28,7 @@ from report_builder.dissection import clip_dissect as dissect
 from report_builder.dissection import quality
 from report_builder.evaluation import metrics as evaluate
 from report_builder.evaluation import registry as metric_registry
+from report_builder.explanation import concepts as concept_attribution
 from report_builder.explanation import methods as explain
 from report_builder.dissection import netdissect
 from report_builder.dissection.scorers import SCORERS, ScorerPlan, concept_scores_task, described, text_hash
@@ -205,13 +206,14 @@ class Plan:
     evaluation: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, image, method|random) -> key
     sanity: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, image, method) -> key
     sweep: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (model, image, setting) -> key
+    concepts: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, image) -> key: concept attribution
     sweep_settings: list = field(default_factory=list)  # the LIME settings the sweep tries, in order
     not_applicable: list[dict] = field(default_factory=list)  # {model, method, reason}: methods a model cannot take
 
     @property
     def wanted(self) -> list[str]:
         return [*self.dissect.values(), *self.quality.values(), *self.label_sanity, *self.netdissect.values(), *self.predict.values(), *self.explain.values(),
-                *self.evaluation.values(), *self.sanity.values(), *self.sweep.values()]
+                *self.evaluation.values(), *self.sanity.values(), *self.sweep.values(), *self.concepts.values()]
 
 
 def build_graph(loaded: LoadedSpec, inputs: Inputs, device: torch.device, shard_images: int | None = None) -> Plan:
@@ -248,6 +250,8 @@ def _explain_tasks(plan: Plan, spec, inputs: Inputs, device: torch.device) -> No
                 plan.explain[(m.id, im.id, method)] = _explain_key(g, m, im, crop, pk, settings, method)
             if spec.evaluate is not None:
                 _evaluate_tasks(plan, spec, m, i, im, crop, pk, settings, methods)
+            if concept_layers(spec, m):
+                plan.concepts[(m.id, im.id)] = _concept_key(g, spec, m, im, crop, pk, dev)
             # every setting of the sweep is compared with the one Grad-CAM map of the image
             gradcam = _explain_key(g, m, im, crop, pk, settings, "gradcam") if plan.sweep_settings else None
             for k, lime in enumerate(plan.sweep_settings):
@@ -257,6 +261,26 @@ def _explain_tasks(plan: Plan, spec, inputs: Inputs, device: torch.device) -> No
                      "code_version": [evaluate.CODE_VERSION, explain.CODE_VERSION]},
                     {"model": m.ref, "crop": crop, "lime": lime, "explain": settings.explain, "seed": spec.seed,
                      "device": dev}, {"gradcam": gradcam}, model=True, shape={"iou": (float, type(None)), "seconds": float})
+
+
+def concept_layers(spec, m) -> list[str]:
+    """The layers of `m` whose units concept attribution weighs: the dissected ones `concepts.layers` names (all
+    by default); none without `concepts:` or without a dissection."""
+    if spec.concepts is None or (spec.dissect is None and spec.netdissect is None):
+        return []
+    return [x for x in m.spec.layers if spec.concepts.layers is None or x in spec.concepts.layers]
+
+
+def _concept_key(g: Graph, spec, m, im, crop, pk: str, dev: str) -> str:
+    """Concept attribution of the top-1 class on one image, every concept layer from one backward pass."""
+    layers = concept_layers(spec, m)
+    settings = spec.concepts.model_dump(mode="json", exclude={"layers"})
+    return g.add("concepts", concept_attribution.concept_task, f"concepts {m.id} {im.id}",
+                 {"weights": m.weights_hash, "preprocess": m.preprocess.as_dict(), "image": im.sha256, "layers": layers,
+                  "settings": settings, "seed": spec.seed, "device": dev,
+                  "code_version": concept_attribution.CODE_VERSION},
+                 {"model": m.ref, "crop": crop, "layers": layers, "settings": settings, "seed": spec.seed,
+                  "device": dev}, {"predictions": pk}, model=True, shape=concept_attribution.RESULT_SHAPE)
 
 
 def _explain_key(g: Graph, m, im, crop, pk: str, settings, method: str) -> str:

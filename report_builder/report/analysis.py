@@ -106,7 +106,10 @@ def _plain(value):
 
 def findings(results: dict) -> list[dict]:
     out: list[dict] = []
-    for fn in (dissection_findings, quality_findings, netdissect_findings, versions_findings, evaluation_findings, _agreement_findings,
+    from report_builder.report import concepts
+
+    for fn in (dissection_findings, quality_findings, netdissect_findings, concepts.findings, versions_findings,
+               evaluation_findings, _agreement_findings,
                _cam_ranking_findings, _speed_findings, sweep_findings, _prediction_findings, _confidence_findings,
                _lime_fit_findings):
         out.extend(fn(results))

@@ -141,6 +141,8 @@ def make_figures(target: Path, run_dir: Path, results: dict) -> dict[str, list[d
         figs.update(trust_figures(out_dir, run_dir, results, names))
     if "lime_sweep" in results:
         figs.update(sweep_figures(out_dir, results, names))
+    if results.get("concepts", {}).get("ablation"):
+        figs.update(concept_figures(out_dir, results, names))
     gradcam_rows = [r for r in results["agreement"]["rows"] if r["method_b"] == "gradcam"]
     if gradcam_rows:
         path = out_dir / "agreement.png"
@@ -423,6 +425,67 @@ def _method_title(method: str) -> str:
     return METHOD_TITLES.get(method, method)
 
 
+def concept_figures(out_dir: Path, results: dict, names: dict) -> dict[str, list[dict]]:
+    """Per model: the drop of the top-1 probability against k, for the top-k concept units, the random bar (its
+    mean and the middle 95% of its sets) and each other baseline, one panel per concept layer."""
+    section = results["concepts"]
+    figs: dict[str, list[dict]] = defaultdict(list)
+    baselines = {b["name"]: b for b in section["baselines"]}
+    for model in names:
+        rows = [r for r in section["ablation"] if r["model"] == model]
+        layers = list(dict.fromkeys(r["layer"] for r in rows))
+        if not layers:
+            continue
+        fig, axes = plt.subplots(1, len(layers), figsize=(min(7.2, 2.5 * len(layers) + 0.6), 2.5), squeeze=False,
+                                 sharey=True)
+        for ax, layer in zip(axes[0], layers):
+            mine = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["k"])
+            ks = [r["k"] for r in mine]
+            for j, (name, b) in enumerate(baselines.items()):
+                if b["draws"]:
+                    ax.fill_between(ks, [r[f"{name}_low"] for r in mine], [r[f"{name}_high"] for r in mine],
+                                    color=PALETTE[1], alpha=0.18, linewidth=0)
+                ax.plot(ks, [r[name] for r in mine], color=PALETTE[1 + j], marker="o", markersize=3, linewidth=1.2,
+                        linestyle="--", label=b["title"])
+            ax.plot(ks, [r["top"] for r in mine], color=PALETTE[0], marker="o", markersize=3.5, linewidth=1.8,
+                    label="top-k concept units")
+            for r in mine:
+                if r["verdict"] == "fails":
+                    ax.plot([r["k"]], [r["top"]], marker="x", color="black", markersize=6)
+            ax.set_xscale("log")
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.minorticks_off()
+            ax.set_title(layer, fontsize=9)
+            ax.set_xlabel("k units ablated", fontsize=8)
+        axes[0][0].set_ylabel("drop of top-1 probability", fontsize=8)
+        axes[0][-1].legend(frameon=False, fontsize=6.5)
+        path = out_dir / f"concepts_ablation_{model}.png"
+        _save(fig, path, list(axes[0]))
+        figs["concepts"].append({"path": path, "model": model, "caption": f"{names[model]}: the mean drop of the top-1 "
+                                 "probability over the explained images when k units are set to zero; the band is "
+                                 "the middle 95% of the random sets' mean drops, and × marks a k where the concept "
+                                 "units do not beat random."})
+    return figs
+
+
+def concept_tiles(run_dir: Path, results: dict) -> list[dict]:
+    """Per model and image, at the deepest concept layer: the Grad-CAM map there and each top unit's map, inlined,
+    with the unit's labels and share."""
+    root = Path(run_dir).resolve()
+    section = results["concepts"]
+    deepest: dict[str, str] = {}
+    for r in section["records"]:
+        deepest[r["model"]] = r["layer"]  # records run through the layers in order
+    out = []
+    for r in section["records"]:
+        if r["layer"] != deepest[r["model"]]:
+            continue
+        out.append({**r, "gradcam_src": _data_uri(inside(run_dir, r["gradcam"], "concepts gradcam", root=root)),
+                    "tiles": [{**u, "src": _data_uri(inside(run_dir, u["map"], "concepts unit map", root=root))}
+                              for u in r["top"]]})
+    return out
+
+
 def galleries(run_dir: Path, results: dict) -> list[dict]:
     """Per model and layer, the `pdf_units` units with the best IoU, each with its gallery strip inlined (units.html
     has every unit)."""
@@ -637,6 +700,7 @@ def render_html(run_dir: Path, results: dict, figures: dict[str, list[dict]], sc
                                   if e["methods"].get("ablationcam", {}).get("implementation") == "grad-cam"}),
         agreement_table=agreement_table(results),
         galleries=galleries(run_dir, results) if "netdissect" in results else [],
+        concept_tiles=concept_tiles(run_dir, results) if "concepts" in results else [],
         units_page="dissection" in results or "netdissect" in results,
         js=(TEMPLATES / "report.js").read_text() if scripts else None,
         screen_css=(TEMPLATES / "screen.css").read_text() if scripts else None,  # the browser's, not the PDF's

@@ -20,6 +20,7 @@ from typing import Any
 from report_builder.errors import UserError
 from report_builder.evaluation import registry as metric_registry
 from report_builder.label_quality import METRICS as QUALITY_METRICS, QUALITY_CSV
+from report_builder.report.concepts import CONCEPTS_CSV
 
 SCHEMA_VERSION = 1
 MAX_RESULTS_BYTES = 512 * 1024 * 1024
@@ -523,6 +524,33 @@ DISSECTION = {
     }, _units("labels"))], _unique("layer"))}], _unique("model")),
     "summary?": "mapping", "quality?": "mapping",
 }
+def _ablation_lengths(entry, where, ctx):
+    """One drop per k for the top units, and per k a list of draws for each baseline."""
+    a = entry["ablation"]
+    n = len(a["ks"])
+    if len(a["top"]) != n:
+        _bad(ctx, _of(where, "ablation.top"), a["top"], f"{n} values, one per k of ablation.ks")
+    for name, per_k in a["baselines"].items():
+        if len(per_k) != n or any(len(d) == 0 for d in per_k):
+            _bad(ctx, _of(where, f"ablation.baselines.{name}"), per_k, f"{n} non-empty lists, one per k")
+
+
+CONCEPT_UNIT = {"map": "path", "unit": "count", "rank": "positive", "contribution": "number", "share": "number",
+                "label": Null("text"), "netdissect_label": Null("text"), "detector": Null("bool")}
+CONCEPTS = {
+    "settings": "mapping", "attribution": "text", "citation": "text", "label_source": "text",
+    "baselines": [{"name": "text", "title": "text", "draws": "bool", "bar": "bool"}],
+    "records": [Then({"model": "model", "image": "image", "layer": "id", "units": "positive",
+                      "target_class": "count", "target_name": "text", "probability": "probability", "gradcam": "path",
+                      "top": [CONCEPT_UNIT], "concepts": [{"label": "text", "share": "number", "units": ["count"]}],
+                      "ablation": {"ks": ["positive"], "draws": "positive", "top": ["number"],
+                                   "baselines": Map([["number"]])}}, _ablation_lengths)],
+    "ablation": [{"model": "model", "layer": "id", "k": "positive", "images": "positive", "top": "number",
+                  "top_low": "number", "top_high": "number", "p_value": "probability", "images_beating": "count",
+                  "verdict": "text"}],
+    "profiles": [{"model": "model", "layer": "id", "class_name": "text", "images": "positive",
+                  "concepts": [{"label": "text", "share": "number", "images": "count"}]}],
+}
 RESULTS = {
     "title": "text", "run_name": "text",
     "models": Then([MODEL], _register("model", "id"), _models),
@@ -532,7 +560,7 @@ RESULTS = {
     "agreement": AGREEMENT, "provenance": "mapping",
     "findings": [{"text": "text", "section": "text", "timing?": "bool"}],
     "timings": "list", "spec": "mapping",
-    "evaluation?": EVALUATION, "netdissect?": NETDISSECT, "dissection?": DISSECTION,
+    "evaluation?": EVALUATION, "netdissect?": NETDISSECT, "dissection?": DISSECTION, "concepts?": CONCEPTS,
     "checks?": [{"name": "text", "metric": "text", "title": "text", "value": Null("number"), "values": "count",
                  "at_least": Null("number"), "at_most": Null("number"), "passed": "bool", "message": "text", "group?": "text"}],
 }
@@ -622,6 +650,13 @@ EVALUATION_CSV = {"model": _ref_cell("model", "models"), "image": _ref_cell("ima
                   "value": _number_cell(empty=True, nan=True)}
 
 
+CONCEPTS_CSV_CELLS = {"model": _ref_cell("model", "models"), "image": _ref_cell("image", "images"), "layer": _text_cell,
+                      "unit": _count_cell, "rank": _count_cell, "contribution": _NUMBER, "share": _NUMBER,
+                      "activation": _NUMBER, "label": _text_cell, "scorer": _text_cell, "similarity": _ALT_NUMBER,
+                      "netdissect_label": _text_cell, "netdissect_category": _text_cell, "iou": _SHARE,
+                      "detector": _choice_cell("True", "False", "")}
+
+
 def _agreement_csv(thresholds: list) -> dict:
     return {"image": _ref_cell("image", "images"), "model": _ref_cell("model", "models"),
             "method_a": _ref_cell("method", "methods"), "method_b": _ref_cell("method", "methods"), "iou": _SHARE,
@@ -673,6 +708,8 @@ def _check_csvs(results: dict, ctx: _Ctx) -> None:
             check_csv(ctx, f"dissection/{m['model']}{suffix}.csv", columns, m["model"])
     if "evaluation" in results:
         check_csv(ctx, "evaluation.csv", EVALUATION_CSV)
+    if "concepts" in results:
+        check_csv(ctx, CONCEPTS_CSV, CONCEPTS_CSV_CELLS)
 
 
 def check_results(results: Any, run_dir: Path) -> dict:

@@ -40,6 +40,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("timings", "Timings"),
     Section("agreement", "LIME vs Grad-CAM agreement"),
     Section("trust", "Which explanations can we trust?", _has("evaluation")),
+    Section("concepts", "Which concepts drive the predictions?", _has("concepts")),
     Section("findings", "Findings"),
     Section("provenance", "Provenance"),
 )

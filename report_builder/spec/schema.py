@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, Strict, Vali
 
 from report_builder.errors import SpecError
 # The explanation methods' names: every one ('all') and the default (the assignment's four), from their registry.
-from report_builder.explanation.registry import DEFAULT as METHODS, NAMES as ALL_METHODS
+from report_builder.explanation.registry import ATTRIBUTIONS, DEFAULT as METHODS, NAMES as ALL_METHODS
 
 # The concept scorers, similarity functions and model sources: the kinds, names and rules the spec takes, from
 # their registries (torch-free declarations).
@@ -551,6 +551,22 @@ class NetDissectSpec(StrictModel):
         return [v] if isinstance(v, dict) else v
 
 
+class ConceptSpec(StrictModel):
+    """Which labelled units drive each prediction (explanation/concepts.py): on when a run both dissects layers and
+    explains images; null: off."""
+
+    layers: tuple[Name, ...] | None = Field(None, max_length=64, description="the dissected layers to attribute; "
+                                            "default: every layer a model lists")
+    attribution: Literal[tuple(ATTRIBUTIONS)] = Field("gradcam_terms", description="a unit's contribution to the class "
+                                                      "(explanation/registry.py ATTRIBUTIONS)")
+    ks: tuple[Annotated[int, Strict(), Field(ge=1, le=100_000)], ...] = Field(
+        (1, 3, 5, 10), min_length=1, max_length=20, description="ablate the top k units, for each k (capped by the "
+        "layer's units)")
+    draws: Int = Field(30, ge=2, le=1000, description="random sets of k units per k, the bar to beat; with 19 or more "
+                       "one image can beat it at p ≤ 0.05")
+    top_units: Int = Field(5, ge=1, le=50, description="units shown per image and layer, each with its map")
+
+
 class CheckSpec(StrictModel):
     """A threshold on one of the run's numbers that passes or fails (report/checks.py): the run's exit code 3 when one
     fails, checks.xml for a CI, the Checks box at the top of the report."""
@@ -589,6 +605,7 @@ class Spec(StrictModel):
     dissect: DissectSpec | None = None
     netdissect: NetDissectSpec | None = None
     evaluate: EvaluateSpec | None = None
+    concepts: ConceptSpec | None = ConceptSpec()
     checks: tuple[CheckSpec, ...] = Field((), max_length=200, description="thresholds that pass or fail")
 
     @field_validator("images", mode="before")
@@ -635,6 +652,11 @@ class Spec(StrictModel):
                 raise ValueError(f"models[{listed}].layers: given, but the spec has neither 'dissect' (CLIP-Dissect) "
                                  "nor 'netdissect' (pixel labels), so nothing would read them; add one, or drop "
                                  "'layers'")
+        for i, layer in enumerate(self.concepts.layers or ()) if self.concepts else ():
+            if not any(layer in m.layers for m in self.models):
+                listed = sorted({x for m in self.models for x in m.layers})
+                raise ValueError(f"concepts.layers[{i}]: found {_show(layer)}, which no model lists in its 'layers' "
+                                 f"(they list {', '.join(listed) or 'none'}); concept attribution reads a dissected layer")
         rotation = self.netdissect.rotation if self.netdissect else None
         if rotation and rotation.layer:
             missing = [m.id for m in self.models if m.layers and rotation.layer not in m.layers]

@@ -1,0 +1,150 @@
+"""Which concepts drive the predictions: the numbers and sentences of the report's concepts section.
+
+From results.json's `concepts` (written by pipeline/collect.py from explanation/concepts.py's tasks):
+- the ablation test per model, layer and k: the mean drop of the top-1 probability when the top-k units by
+  contribution are zeroed, with its bootstrap interval over images, against k random units and the k most active
+  units. The random bar is a Monte Carlo test: each of the `draws` random sets is the same on every image, so each
+  gives a mean drop over the images; p = (1 + #sets whose mean drop ≥ the top-k's) / (draws + 1). A concept
+  explanation beats random when p ≤ ALPHA; otherwise it fails, and the report says so.
+- the concept profile per model, layer and predicted class: each concept's share of the positive contribution,
+  averaged over the images predicted as that class.
+Torch-free: the report side and diff read it.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from report_builder import stats
+
+CONCEPTS_CSV = "concept_attribution.csv"
+CONCEPTS_CSV_COLUMNS = ("model", "image", "layer", "unit", "rank", "contribution", "share", "activation", "label",
+                        "scorer", "similarity", "netdissect_label", "netdissect_category", "iou", "detector")
+SENTENCE_K = 5  # the k the findings state (the nearest listed k when 5 is not)
+PROFILE_CONCEPTS = 5
+
+
+def _sentence_k(ks: list[int]) -> int:
+    return min(ks, key=lambda k: (abs(k - SENTENCE_K), k))
+
+
+def ablation_summary(section: dict) -> list[dict]:
+    """Per model, layer and k: the drops' means over images, the random bar's test and the verdict."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in section["records"]:
+        groups[(r["model"], r["layer"])].append(r)
+    bar = next(b["name"] for b in section["baselines"] if b["bar"])
+    single = [b["name"] for b in section["baselines"] if not b["draws"]]
+    out = []
+    for (model, layer), records in groups.items():
+        ks = records[0]["ablation"]["ks"]
+        for i, k in enumerate(ks):
+            top = np.array([r["ablation"]["top"][i] for r in records], dtype=np.float64)
+            draws = np.array([r["ablation"]["baselines"][bar][i] for r in records], dtype=np.float64)  # images x draws
+            per_set = draws.mean(axis=0)  # each random set's mean drop over the images
+            mean_top = float(top.mean())
+            p = float((1 + np.sum(per_set >= mean_top - 1e-12)) / (len(per_set) + 1))
+            per_image_p = [float((1 + np.sum(d >= t - 1e-12)) / (len(d) + 1)) for t, d in zip(top, draws)]
+            interval = stats.bootstrap(top)
+            row = {"model": model, "layer": layer, "k": k, "units": records[0]["units"], "images": len(records),
+                   "top": mean_top, "top_low": interval.low, "top_high": interval.high,
+                   bar: float(per_set.mean()), f"{bar}_low": float(np.quantile(per_set, 0.025)),
+                   f"{bar}_high": float(np.quantile(per_set, 0.975)), "draws": int(draws.shape[1]),
+                   "p_value": p, "images_beating": int(sum(q <= stats.ALPHA for q in per_image_p)),
+                   "verdict": "beats random" if p <= stats.ALPHA and mean_top > per_set.mean() else "fails"}
+            for name in single:
+                values = [r["ablation"]["baselines"][name][i][0] for r in records]
+                row[name] = float(np.mean(values))
+                row[f"vs_{name}"] = stats.paired(top, values).as_dict()
+            out.append(row)
+    return out
+
+
+def profiles(section: dict) -> list[dict]:
+    """Per model, layer and predicted class: the concepts with the largest mean share over its images."""
+    groups: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
+    for r in section["records"]:
+        groups[(r["model"], r["layer"], r["target_class"])].append(r)
+    out = []
+    for (model, layer, cls), records in groups.items():
+        total: dict[str, float] = defaultdict(float)
+        present: dict[str, int] = defaultdict(int)
+        for r in records:
+            for c in r["concepts"]:
+                total[c["label"]] += c["share"]
+                present[c["label"]] += 1
+        ranked = sorted(total, key=lambda label: (-total[label], label))[:PROFILE_CONCEPTS]
+        out.append({"model": model, "layer": layer, "class_index": cls, "class_name": records[0]["target_name"],
+                    "images": len(records), "image_ids": [r["image"] for r in records],
+                    "concepts": [{"label": label, "share": total[label] / len(records), "images": present[label]}
+                                 for label in ranked]})
+    return sorted(out, key=lambda p: (p["model"], p["layer"], -p["images"], p["class_name"]))
+
+
+def summary(results: dict) -> dict:
+    section = results["concepts"]
+    return {"ablation": ablation_summary(section), "profiles": profiles(section)}
+
+
+def _names(results: dict) -> dict[str, str]:
+    return {m["id"]: m["display"] for m in results["models"]}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def findings(results: dict) -> list[dict]:
+    section = results.get("concepts")
+    if not section or not section.get("ablation"):
+        return []
+    names = _names(results)
+    out = []
+    rows = section["ablation"]
+    by_layer: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        by_layer[(r["model"], r["layer"])].append(r)
+    for (model, layer), entries in by_layer.items():
+        k = _sentence_k([e["k"] for e in entries])
+        r = next(e for e in entries if e["k"] == k)
+        n = r["images"]
+        clause = (f"Ablating {names[model]}'s top-{k} concept units at {layer} (ranked by {section['attribution']}) "
+                  f"lowered the top-1 probability by {r['top']:.2f} [{r['top_low']:.2f}, {r['top_high']:.2f}] on "
+                  f"average over {n} image{'s' if n != 1 else ''}; {k} random units lowered it by {r['random']:.2f} "
+                  f"(the middle 95% of {r['draws']} random sets: {r['random_low']:.2f} to {r['random_high']:.2f})")
+        if r["verdict"] == "beats random":
+            text = (f"{clause}: the concept explanation beats random ablation (p = {r['p_value']:.2g}, Monte Carlo "
+                    f"over the {r['draws']} sets; on its own, {r['images_beating']} of {n} images beat their random "
+                    f"sets at p ≤ {stats.ALPHA:g}).")
+        else:
+            text = (f"{clause}: the concept explanation fails here, as it does not beat random ablation "
+                    f"(p = {r['p_value']:.2g}, Monte Carlo over the {r['draws']} sets).")
+        if "activation" in r:
+            c = stats.Comparison(stats.Interval(r["vs_activation"]["difference"], r["vs_activation"]["low"],
+                                                r["vs_activation"]["high"], n), r["vs_activation"]["p_value"], n)
+            text += (f" Against the {k} most active units (drop {r['activation']:.2f}), the contribution ranking's "
+                     f"drop is {stats.compare_words(c, digits=2)}.")
+        failing = [e["k"] for e in entries if e["verdict"] == "fails"]
+        if failing and r["verdict"] != "fails":
+            text += f" It does not beat random for k = {', '.join(str(x) for x in failing)}."
+        out.append({"id": f"concepts-ablation-{model}-{layer}", "section": "concepts", "text": text})
+    for model in dict.fromkeys(r["model"] for r in section["records"]):
+        layers = [x for (m, x) in by_layer if m == model]
+        layer = layers[-1]  # the deepest concept layer: nearest the decision
+        records = [r for r in section["records"] if r["model"] == model and r["layer"] == layer]
+        total: dict[str, float] = defaultdict(float)
+        for r in records:
+            for c in r["concepts"]:
+                total[c["label"]] += c["share"] / len(records)
+        if not total:
+            continue
+        top = sorted(total, key=lambda label: (-total[label], label))[:3]
+        source = "CLIP-Dissect" if section["label_source"] == "clip-dissect" else "Network Dissection"
+        listed = ", ".join(f"{label} ({_pct(total[label])})" for label in top)
+        out.append({"id": f"concepts-profile-{model}", "section": "concepts",
+                    "text": f"Over its {len(records)} explained image{'s' if len(records) != 1 else ''}, "
+                            f"{names[model]}'s predictions rest most on the {source} concepts {listed} at {layer} "
+                            "(each concept's share of the units' positive contribution, averaged over the images; "
+                            "the labels' own quality is in the dissection section)."})
+    return out

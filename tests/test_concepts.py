@@ -1,0 +1,117 @@
+"""Concept attribution (explanation/concepts.py) on planted truth: a model whose class-3 logit reads only units 5 and
+9 of a layer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from report_builder.explanation import concepts
+from report_builder.explanation.methods import tail_after
+from report_builder.explanation.registry import ATTRIBUTIONS
+
+from conftest import wrap
+
+UNITS = 16
+PLANTED = (5, 9)
+TARGET = 3
+SETTINGS = {"attribution": "gradcam_terms", "ks": [1, 2, 5], "draws": 30, "top_units": 4}
+
+
+class Planted(nn.Module):
+    """features: 16 non-negative units; the head reads units 5 and 9 for class 3 and nothing for the others, so
+    class 3 wins and only those two units carry it."""
+
+    def __init__(self, skip: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, UNITS, 3, padding=1), nn.ReLU())
+        with torch.no_grad():
+            self.features[0].bias.fill_(0.5)  # every unit fires on every image
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(UNITS, 5)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.bias.zero_()
+            self.fc.weight[TARGET, list(PLANTED)] = 6.0
+        self.skip = skip  # a forward that is not the children in order: the tail cannot stand in for it
+
+    def forward(self, x):
+        out = self.fc(self.pool(self.features(x)).flatten(1))
+        return out + x.mean() if self.skip else out  # the same shift of every logit: the same softmax
+
+
+def _run(skip: bool = False, attribution: str = "gradcam_terms") -> dict:
+    model = wrap(Planted(skip), classes=5)
+    crop = np.random.default_rng(0).integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
+    x = model.preprocess.normalize(crop[None], torch.device("cpu"))
+    raw, maps, grads, logits = concepts.layer_terms(model, x, ["features"], TARGET)
+    assert int(logits.argmax()) == TARGET
+    return concepts.attribute_layer(model, x, "features", raw["features"], maps["features"], grads["features"],
+                                    logits, TARGET, {**SETTINGS, "attribution": attribution}, seed=0)
+
+
+@pytest.mark.parametrize("attribution", sorted(ATTRIBUTIONS))
+def test_planted_units_rank_first_and_carry_the_whole_share(attribution):
+    r = _run(attribution=attribution)
+    order = concepts.ranking(r["contribution"].astype(np.float64))
+    assert set(order[:2]) == set(PLANTED)
+    share = concepts.shares(r["contribution"].astype(np.float64))
+    assert share[list(PLANTED)].sum() == pytest.approx(1.0)
+    assert set(r["shown"][:2]) == set(PLANTED)
+
+
+def test_gradcam_terms_add_up_to_the_gradcam_map():
+    r = _run()
+    # Grad-CAM at the layer is ReLU(sum of the channel terms); every term is positive here, so the sums agree
+    assert r["contribution"].sum() == pytest.approx(float(r["cam"].sum()), rel=1e-5)
+
+
+def test_ablating_the_planted_units_beats_random_by_a_wide_margin():
+    r = _run()
+    k2 = r["ks"].index(2)
+    top = r["drops"]["top"][k2][0]
+    random = np.asarray(r["drops"]["random"][k2])
+    assert len(random) == SETTINGS["draws"]
+    assert top > 0.5  # class 3 loses its only evidence
+    assert top > random.mean() + 0.4
+    # a random pair is the planted pair 1 time in 120: at most a draw or two of 30 reach the top's drop
+    assert concepts.empirical_p(top, random) <= 0.1
+
+
+def test_the_tail_and_the_whole_model_give_the_same_drops():
+    fast, hooked = _run(), _run(skip=True)
+    assert fast["forward"] == "tail" and hooked["forward"] == "model"
+    for name in fast["drops"]:
+        np.testing.assert_allclose(fast["drops"][name], hooked["drops"][name], atol=1e-5)
+
+
+def test_seeded_and_deterministic():
+    a, b = _run(), _run()
+    for name in a["drops"]:
+        assert a["drops"][name] == b["drops"][name]
+    np.testing.assert_array_equal(a["contribution"], b["contribution"])
+
+
+def test_k_is_capped_by_the_layer_and_random_sets_have_k_distinct_units():
+    model = wrap(Planted(), classes=5)
+    crop = np.zeros((32, 32, 3), dtype=np.uint8)
+    x = model.preprocess.normalize(crop[None], torch.device("cpu"))
+    raw, maps, grads, logits = concepts.layer_terms(model, x, ["features"], TARGET)
+    r = concepts.attribute_layer(model, x, "features", raw["features"], maps["features"], grads["features"], logits,
+                                 TARGET, {**SETTINGS, "ks": [3, 50]}, seed=1)
+    assert r["ks"] == [3, UNITS]
+    assert np.allclose(r["drops"]["top"][1], r["drops"]["random"][1])  # every unit ablated, whichever way chosen
+    for sets in (concepts.random_units(np.zeros(UNITS), 4, np.random.default_rng(0), 10)):
+        assert len(set(sets.tolist())) == 4
+
+
+def test_empirical_p_counts_ties_against_the_explanation():
+    assert concepts.empirical_p(1.0, np.array([0.0, 0.0, 0.0])) == pytest.approx(0.25)
+    assert concepts.empirical_p(1.0, np.array([1.0, 0.0, 2.0])) == pytest.approx(0.75)
+
+
+def test_tail_used_by_the_ablation_is_the_models_own():
+    model = wrap(Planted(), classes=5)
+    assert tail_after(model, "features") is not None
