@@ -115,3 +115,71 @@ def test_empirical_p_counts_ties_against_the_explanation():
 def test_tail_used_by_the_ablation_is_the_models_own():
     model = wrap(Planted(), classes=5)
     assert tail_after(model, "features") is not None
+
+
+def test_the_planted_units_labels_lead_the_concept_list():
+    from report_builder.pipeline.collect import _unit_row, concept_groups
+
+    r = _run()
+    clip = {u: {"label": f"texture{u % 3}", "scorer": "colours", "similarity": 0.1} for u in range(UNITS)}
+    for u in PLANTED:
+        clip[u] = {"label": "stripes", "scorer": "colours", "similarity": 0.9}
+    nd = {u: {"label": "sky", "category": "scene", "iou": 0.01, "detector": False} for u in range(UNITS)}
+    nd[9] = {"label": "cat", "category": "object", "iou": 0.2, "detector": True}
+    contribution = r["contribution"].astype(np.float64)
+    share = concepts.shares(contribution)
+    units = [_unit_row(int(u), i + 1, r, share, clip, nd) for i, u in enumerate(concepts.ranking(contribution))]
+    groups = concept_groups(units, "label")
+    assert groups[0]["label"] == "stripes" and sorted(groups[0]["units"]) == list(PLANTED)
+    assert groups[0]["share"] == pytest.approx(1.0)
+    detected = concept_groups(units, "netdissect_label")
+    assert [g["label"] for g in detected] == ["cat"]  # Network Dissection: detectors only
+
+
+def _record(model: str, image: str, cls: int, top: list[float], random: list[list[float]], labels: dict) -> dict:
+    return {"model": model, "image": image, "layer": "features", "units": UNITS, "target_class": cls,
+            "target_name": f"class{cls}",
+            "concepts": [{"label": k, "share": v, "units": []} for k, v in labels.items()],
+            "ablation": {"ks": [1, 2], "draws": len(random[0]), "top": top,
+                         "baselines": {"random": random, "activation": [[t / 2] for t in top]}}}
+
+
+def _section(records: list[dict]) -> dict:
+    from report_builder.explanation.registry import ABLATION_BASELINES
+
+    return {"records": records, "attribution": "Grad-CAM channel terms", "label_source": "clip-dissect",
+            "baselines": [{"name": b.name, "title": b.title, "draws": b.draws, "bar": b.bar}
+                          for b in ABLATION_BASELINES.values()]}
+
+
+def test_the_ablation_test_beats_random_only_when_the_top_units_beat_every_set():
+    from report_builder.report import concepts as analysis
+
+    rng = np.random.default_rng(0)
+    noise = lambda: rng.normal(0, 0.01, size=30).tolist()  # noqa: E731
+    # k = 1: the top unit's drop is far above every random set; k = 2: it is one of them
+    records = [_record("m", f"im{i}", 3, [0.5, 0.0], [noise(), noise()], {"stripes": 0.8}) for i in range(4)]
+    rows = {r["k"]: r for r in analysis.ablation_summary(_section(records))}
+    assert rows[1]["verdict"] == "beats random" and rows[1]["p_value"] == pytest.approx(1 / 31)
+    assert rows[1]["images_beating"] == 4
+    assert rows[2]["verdict"] == "fails" and rows[2]["p_value"] > 0.05
+    assert rows[1]["top"] == pytest.approx(0.5) and rows[1]["top_low"] <= 0.5 <= rows[1]["top_high"]
+    text = " ".join(f["text"] for f in analysis.findings({"concepts": {**_section(records), "ablation": list(rows.values())},
+                                                          "models": [{"id": "m", "display": "M"}]}))
+    # the sentence states k = 2 (nearest 5), which fails, and names the k that beats random
+    assert "fails here" in text and "it beats random for k = 1, and fails for k = 2" in text
+
+
+def test_the_profile_averages_each_class_over_its_images():
+    from report_builder.report import concepts as analysis
+
+    flat = [[0.0] * 30, [0.0] * 30]
+    records = [_record("m", "a", 3, [0.1, 0.1], flat, {"stripes": 0.6, "fur": 0.2}),
+               _record("m", "b", 3, [0.1, 0.1], flat, {"fur": 0.4}),
+               _record("m", "c", 1, [0.1, 0.1], flat, {"sky": 0.9})]
+    profiles = {p["class_index"]: p for p in analysis.profiles(_section(records))}
+    three = {c["label"]: c for c in profiles[3]["concepts"]}
+    assert profiles[3]["images"] == 2
+    assert three["stripes"]["share"] == pytest.approx(0.3) and three["stripes"]["images"] == 1
+    assert three["fur"]["share"] == pytest.approx(0.3) and three["fur"]["images"] == 2
+    assert [c["label"] for c in profiles[1]["concepts"]] == ["sky"]

@@ -48,7 +48,7 @@ netdissect:
 SECTIONS = ["Contents", "Assignment questions", "Summary", "Network dissection", "Network Dissection with pixel labels",
             "Setup", "Explanations side by side", "Predictions", "Timings",
             "LIME vs Grad-CAM agreement", "Tuning LIME: the IoU-and-time leaderboard", "Which explanations can we trust?",
-            "Findings", "Provenance"]
+            "Which concepts drive the predictions?", "Findings", "Provenance"]
 
 
 @pytest.fixture(scope="module")
@@ -465,3 +465,43 @@ def test_label_quality_in_csv_api_and_report(run_dir):
     flat = " ".join(pdf_text(run_dir / "report.pdf").split())
     assert "How sure the labels are" in flat and "sanity checks (NeuronEval" in flat
     assert any(f["id"] == "labels-heldout-lite0" for f in r["findings"])
+
+
+def test_concept_attribution_joins_the_dissections_in_csv_api_and_report(run_dir):
+    """On by default when a run dissects and explains: every unit of each concept layer in the CSV (= the API's
+    table), the shown units the CSV's first ranks with the dissection CSVs' labels, the ablation summary from the
+    records' drops, and the section in the PDF with its numbers."""
+    from report_builder import open_run
+
+    r = open_run(run_dir)
+    results = r.results
+    table = r.concept_attribution
+    assert len(table) == 2 * (192 + 320)  # 2 images x every unit of blocks.5 and blocks.6
+    assert set(table.layer) == {"blocks.5", "blocks.6"}
+    clip = {(row["layer"], int(row["unit"])): row["description"]
+            for row in csv.DictReader(open(run_dir / "dissection" / "lite0.csv"))}
+    nd = {(row["layer"], int(row["unit"])): row["label"]
+          for row in csv.DictReader(open(run_dir / "dissection" / "lite0-netdissect.csv"))}
+    for rec in results["concepts"]["records"]:
+        mine = table[(table.image == rec["image"]) & (table.layer == rec["layer"])].sort_values("rank")
+        assert mine.share[mine.share > 0].sum() == pytest.approx(1.0, abs=1e-4)
+        shown = [u["unit"] for u in rec["top"]]
+        assert shown == mine.unit.tolist()[:len(shown)]
+        for u in rec["top"]:
+            assert u["label"] == clip[(rec["layer"], u["unit"])]
+            assert u["netdissect_label"] == nd[(rec["layer"], u["unit"])]
+            assert (run_dir / u["map"]).is_file()
+        assert rec["target_class"] == next(e for e in results["explanations"] if e["image"] == rec["image"]
+                                           )["target_class"]
+    ablation = r.concept_ablation
+    assert len(ablation) == 2 * 4  # 2 layers x k = 1, 3, 5, 10
+    for row in ablation.itertuples():
+        drops = [rec["ablation"]["top"][rec["ablation"]["ks"].index(row.k)] for rec in results["concepts"]["records"]
+                 if rec["layer"] == row.layer]
+        assert row.top == pytest.approx(np.mean(drops))
+        assert row.verdict in {"beats random", "fails"}
+        assert (row.verdict == "beats random") == (row.p_value <= 0.05 and row.top > row.random)
+    text = re.sub(r"\s+", " ", pdf_text(run_dir / "report.pdf"))
+    first = ablation.iloc[0]
+    assert f"{first.top:.3f}" in text and "Concepts relied on" in text
+    assert (run_dir / "figures" / "concepts_ablation_lite0.png").is_file()

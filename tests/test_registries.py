@@ -32,7 +32,7 @@ def test_every_report_section_is_complete(section):
 
 
 def test_every_finding_names_a_registered_section():
-    text = (PACKAGE / "report" / "analysis.py").read_text()
+    text = "".join((PACKAGE / "report" / f).read_text() for f in ("analysis.py", "concepts.py"))
     named = set(re.findall(r'"section": "([a-z_]+)"', text))
     assert named and named <= set(SECTION_IDS), f"findings name sections the registry lacks: {named - set(SECTION_IDS)}"
 
@@ -46,7 +46,7 @@ def test_every_partial_template_belongs_to_a_section_or_is_shared():
 def test_the_rendered_contents_follow_the_registry(monkeypatch):
     results = {"dissection": {"models": []}, "evaluation": {"rows": []}, "versions": []}
     shown = [s.id for s in sections_of(results)]
-    assert shown == [s for s in SECTION_IDS if s not in ("netdissect", "versions", "checks")]  # empty: none
+    assert shown == [s for s in SECTION_IDS if s not in ("netdissect", "versions", "checks", "concepts")]  # empty: none
     trimmed = tuple(s for s in SECTIONS if s.id != "trust")
     monkeypatch.setattr(sys.modules["report_builder.report.sections"], "SECTIONS", trimmed)
     assert "trust" not in [s.id for s in sections_of(results)]  # one table decides what the report shows
@@ -908,3 +908,51 @@ def test_no_generic_code_tests_a_scorer_kind_or_a_model_source_by_its_name():
             if ("kind" in names and values & set(SCORERS)) or ("source" in names and values & set(SOURCES)):
                 found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not found, f"a scorer kind or model source compared by name (use its registry entry): {found}"
+
+
+# ---------------------------------------------------------------- concept attribution
+
+
+def _concept_entries() -> list[tuple[str, str]]:
+    from report_builder.explanation.registry import ABLATION_BASELINES, ATTRIBUTIONS
+
+    return [("ATTRIBUTIONS", n) for n in ATTRIBUTIONS] + [("ABLATION_BASELINES", n) for n in ABLATION_BASELINES]
+
+
+@pytest.mark.parametrize("table, name", _concept_entries(), ids=[f"{t}-{n}" for t, n in _concept_entries()])
+def test_every_concept_attribution_entry_is_complete(table, name):
+    import dataclasses
+    import typing
+
+    from report_builder.explanation import registry
+
+    entry = getattr(registry, table)[name]
+    assert entry.name == name, f"{table} {name!r}: registered under another name ({entry.name!r})"
+    hints = typing.get_type_hints(type(entry))
+    for field in dataclasses.fields(entry):
+        value = getattr(entry, field.name)
+        assert _typed(value, hints[field.name]), f"{table} {name!r}: field {field.name} is {value!r}"
+    assert entry.title.strip(), f"{table} {name!r}: no title"
+    try:
+        function = registry.resolve(entry.implementation)
+    except (ImportError, AttributeError, ValueError) as exc:
+        pytest.fail(f"{table} {name!r}: implementation {entry.implementation!r} cannot be imported ({exc})")
+    assert callable(function), f"{table} {name!r}: implementation {entry.implementation!r} is not a function"
+
+
+def test_the_concept_spec_takes_exactly_the_registered_attributions_and_one_bar():
+    import typing
+
+    from report_builder.explanation.registry import ABLATION_BASELINES, ATTRIBUTIONS
+    from report_builder.spec.schema import ConceptSpec
+
+    assert set(typing.get_args(ConceptSpec.model_fields["attribution"].annotation)) == set(ATTRIBUTIONS)
+    bars = [n for n, b in ABLATION_BASELINES.items() if b.bar]
+    assert len(bars) == 1 and ABLATION_BASELINES[bars[0]].draws, f"one baseline with draws is the bar, found {bars}"
+
+
+def test_the_run_directory_checks_the_concept_csv_columns_as_collect_writes_them():
+    from report_builder.report.concepts import CONCEPTS_CSV_COLUMNS
+    from report_builder.report.rundir import CONCEPTS_CSV_CELLS
+
+    assert tuple(CONCEPTS_CSV_CELLS) == CONCEPTS_CSV_COLUMNS

@@ -143,6 +143,14 @@ BAD = [
     ("label quality unknown key", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
      + "dissect: {probe: {source: samples-augmented}, scorers: [colors], quality: {bootstraps: 5}}\n",
      "dissect.quality.bootstraps"),
+    ("concept layer no model dissects", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
+     + "dissect: {probe: {source: samples-augmented}, scorers: [colors]}\nconcepts: {layers: [blocks.5]}\n",
+     "concepts.layers[0]: found 'blocks.5', which no model lists in its 'layers' (they list blocks.6)"),
+    ("concept ks zero", MINIMAL.replace("name: efficientnet_lite0", "name: efficientnet_lite0, layers: [blocks.6]")
+     + "dissect: {probe: {source: samples-augmented}, scorers: [colors]}\nconcepts: {ks: [0, 5]}\n",
+     "concepts.ks[0]: found 0, expected greater than or equal to 1"),
+    ("concept attribution unknown", MINIMAL + "concepts: {attribution: shap}\n",
+     "concepts.attribution: found 'shap'"),
     ("YAML syntax error", "models: [\n", "line 2, column 1: not valid YAML"),
     ("duplicate key", MINIMAL + "seed: 1\nseed: 2\n", "duplicate key 'seed'"),
     ("empty file", "", "the file is empty"),

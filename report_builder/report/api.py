@@ -167,6 +167,45 @@ class Run:
         measured value, how many values it averages, the thresholds, passed, message); empty without checks."""
         return _frame(self._results.get("checks", []), CHECK_COLUMNS)
 
+    @functools.cached_property
+    def concept_attribution(self) -> pd.DataFrame:
+        """Concept attribution: one row per model, explained image, concept layer and unit (every unit, from
+        concept_attribution.csv): its rank and contribution to the predicted class, its share of the positive
+        contribution, its pooled activation, and its labels from the run's dissections (CLIP-Dissect's label, scorer
+        and similarity; Network Dissection's label, category, IoU and detector flag). Empty when the run had none.
+
+            r.concept_attribution.query("rank <= 5").groupby(["model", "label"]).share.sum()
+        """
+        from report_builder.report.concepts import CONCEPTS_CSV, CONCEPTS_CSV_COLUMNS
+
+        if "concepts" not in self._results:
+            return _frame([], list(CONCEPTS_CSV_COLUMNS))
+        path = inside(self.path, CONCEPTS_CSV, "concept attribution")
+        frame = pd.read_csv(path, dtype={"model": str, "image": str, "layer": str, "label": str,
+                                         "netdissect_label": str}, keep_default_na=False, na_values=[""])
+        frame["detector"] = frame["detector"].map({True: True, False: False, "True": True, "False": False})
+        return _frame(frame.to_dict("records"), list(CONCEPTS_CSV_COLUMNS))
+
+    @functools.cached_property
+    def concept_ablation(self) -> pd.DataFrame:
+        """The concept explanations' ablation test: per model, layer and k, the mean drop of the top-1 probability
+        when the top-k units are set to zero (with its 95 % interval over images), each baseline's (random: the
+        mean over its sets and the middle 95 % of the sets' means), the Monte Carlo p-value against random and the
+        verdict ('beats random' or 'fails')."""
+        rows = [{k: v for k, v in r.items() if not k.startswith("vs_")}
+                for r in self._results.get("concepts", {}).get("ablation", [])]
+        return _frame(rows, ["model", "layer", "k", "units", "images", "top", "top_low", "top_high", "random",
+                             "random_low", "random_high", "draws", "p_value", "images_beating", "verdict"])
+
+    @functools.cached_property
+    def concept_profiles(self) -> pd.DataFrame:
+        """Per model, concept layer and predicted class: each of its top concepts with its mean share over the
+        images predicted as that class, and on how many of them it appears."""
+        rows = [{"model": p["model"], "layer": p["layer"], "class": p["class_name"], "images": p["images"],
+                 "concept": c["label"], "share": c["share"], "appears_on": c["images"]}
+                for p in self._results.get("concepts", {}).get("profiles", []) for c in p["concepts"]]
+        return _frame(rows, ["model", "layer", "class", "images", "concept", "share", "appears_on"])
+
     # ---------------------------------------------------------------- maps
 
     def maps(self, model: str, image: str, method: str) -> np.ndarray:

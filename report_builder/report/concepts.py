@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from report_builder import stats
+from report_builder.stats import ALPHA, Comparison, Interval, bootstrap, compare_words, paired
 
 CONCEPTS_CSV = "concept_attribution.csv"
 CONCEPTS_CSV_COLUMNS = ("model", "image", "layer", "unit", "rank", "contribution", "share", "activation", "label",
@@ -46,17 +46,17 @@ def ablation_summary(section: dict) -> list[dict]:
             mean_top = float(top.mean())
             p = float((1 + np.sum(per_set >= mean_top - 1e-12)) / (len(per_set) + 1))
             per_image_p = [float((1 + np.sum(d >= t - 1e-12)) / (len(d) + 1)) for t, d in zip(top, draws)]
-            interval = stats.bootstrap(top)
+            interval = bootstrap(top)
             row = {"model": model, "layer": layer, "k": k, "units": records[0]["units"], "images": len(records),
                    "top": mean_top, "top_low": interval.low, "top_high": interval.high,
                    bar: float(per_set.mean()), f"{bar}_low": float(np.quantile(per_set, 0.025)),
                    f"{bar}_high": float(np.quantile(per_set, 0.975)), "draws": int(draws.shape[1]),
-                   "p_value": p, "images_beating": int(sum(q <= stats.ALPHA for q in per_image_p)),
-                   "verdict": "beats random" if p <= stats.ALPHA and mean_top > per_set.mean() else "fails"}
+                   "p_value": p, "images_beating": int(sum(q <= ALPHA for q in per_image_p)),
+                   "verdict": "beats random" if p <= ALPHA and mean_top > per_set.mean() else "fails"}
             for name in single:
                 values = [r["ablation"]["baselines"][name][i][0] for r in records]
                 row[name] = float(np.mean(values))
-                row[f"vs_{name}"] = stats.paired(top, values).as_dict()
+                row[f"vs_{name}"] = paired(top, values).as_dict()
             out.append(row)
     return out
 
@@ -116,18 +116,19 @@ def findings(results: dict) -> list[dict]:
         if r["verdict"] == "beats random":
             text = (f"{clause}: the concept explanation beats random ablation (p = {r['p_value']:.2g}, Monte Carlo "
                     f"over the {r['draws']} sets; on its own, {r['images_beating']} of {n} images beat their random "
-                    f"sets at p ≤ {stats.ALPHA:g}).")
+                    f"sets at p ≤ {ALPHA:g}).")
         else:
             text = (f"{clause}: the concept explanation fails here, as it does not beat random ablation "
                     f"(p = {r['p_value']:.2g}, Monte Carlo over the {r['draws']} sets).")
         if "activation" in r:
-            c = stats.Comparison(stats.Interval(r["vs_activation"]["difference"], r["vs_activation"]["low"],
+            c = Comparison(Interval(r["vs_activation"]["difference"], r["vs_activation"]["low"],
                                                 r["vs_activation"]["high"], n), r["vs_activation"]["p_value"], n)
             text += (f" Against the {k} most active units (drop {r['activation']:.2f}), the contribution ranking's "
-                     f"drop is {stats.compare_words(c, digits=2)}.")
-        failing = [e["k"] for e in entries if e["verdict"] == "fails"]
-        if failing and r["verdict"] != "fails":
-            text += f" It does not beat random for k = {', '.join(str(x) for x in failing)}."
+                     f"drop is {compare_words(c, digits=2)}.")
+        failing = [str(e["k"]) for e in entries if e["verdict"] == "fails"]
+        beating = [str(e["k"]) for e in entries if e["verdict"] != "fails"]
+        if failing and beating:
+            text += f" Over every k: it beats random for k = {', '.join(beating)}, and fails for k = {', '.join(failing)}."
         out.append({"id": f"concepts-ablation-{model}-{layer}", "section": "concepts", "text": text})
     for model in dict.fromkeys(r["model"] for r in section["records"]):
         layers = [x for (m, x) in by_layer if m == model]
