@@ -148,6 +148,7 @@ def _section(records: list[dict]) -> dict:
     from report_builder.explanation.registry import ABLATION_BASELINES
 
     return {"records": records, "attribution": "Grad-CAM channel terms", "label_source": "clip-dissect",
+            "settings": {"top_units": 5},
             "baselines": [{"name": b.name, "title": b.title, "draws": b.draws, "bar": b.bar}
                           for b in ABLATION_BASELINES.values()]}
 
@@ -183,3 +184,21 @@ def test_the_profile_averages_each_class_over_its_images():
     assert three["stripes"]["share"] == pytest.approx(0.3) and three["stripes"]["images"] == 1
     assert three["fur"]["share"] == pytest.approx(0.3) and three["fur"]["images"] == 2
     assert [c["label"] for c in profiles[1]["concepts"]] == ["sky"]
+
+
+def test_top_pixels_iou_on_hand_made_maps():
+    from report_builder.pipeline.collect import top_pixels_iou
+
+    a = np.zeros((10, 10), np.float32)
+    a[0:2] = 1.0  # rows 0-1: exactly the top 20% of pixels
+    b = np.zeros((10, 10), np.float32)
+    b[1:3] = 1.0  # rows 1-2: shares row 1 with a
+    assert top_pixels_iou(a, b) == pytest.approx(10 / 30)
+    lime = np.zeros((10, 10), np.float32)
+    lime[0, :] = 0.5  # 10 weighted pixels and 90 at zero: the cut falls on zero, so only the 10 count
+    assert top_pixels_iou(a, lime) == pytest.approx(10 / 20)
+    small = np.array([[1.0, 0.0], [0.0, 0.0]], np.float32)  # a layer map, upsampled to the other's size
+    corner, far = np.zeros((10, 10), np.float32), np.zeros((10, 10), np.float32)
+    corner[:5, :5], far[5:, 5:] = 1.0, 1.0
+    assert top_pixels_iou(small, far) == 0.0 and top_pixels_iou(small, corner) > 0.5
+    assert top_pixels_iou(small, np.ones((10, 10), np.float32)) is None  # a flat map marks nothing

@@ -505,3 +505,7 @@ def test_concept_attribution_joins_the_dissections_in_csv_api_and_report(run_dir
     first = ablation.iloc[0]
     assert f"{first.top:.3f}" in text and "Concepts relied on" in text
     assert (run_dir / "figures" / "concepts_ablation_lite0.png").is_file()
+    q5 = [f for f in results["findings"] if f["id"] == "concepts-agreement-lite0"]
+    assert q5 and q5[0]["question"] == "q5"
+    for row in results["concepts"]["agreement"]:
+        assert f"{row['iou']:.2f} [{row['low']:.2f}, {row['high']:.2f}]" in q5[0]["text"]

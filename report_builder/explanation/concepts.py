@@ -28,7 +28,7 @@ from report_builder.models.hooks import LayerRecorder
 from report_builder.models.zoo import LoadedModel, ModelRef, get_layer, model_for
 
 # Bump when a change alters what the task computes, so cached values are recomputed.
-CODE_VERSION = 2
+CODE_VERSION = 3
 ROWS_PER_PASS = 64  # ablated copies per forward pass: bounded memory on a ViT, whole batches on a ResNet's tail
 
 
@@ -171,6 +171,9 @@ def attribute_layer(model: LoadedModel, x: torch.Tensor, layer: str, raw: torch.
         # (a unit of a linear layer, an EfficientNet block's output, can help the class by being negative)
         "maps": (A[picked] * torch.sign(G[picked].mean(dim=(1, 2)))[:, None, None]).cpu().numpy().astype(np.float16),
         "cam": cam.cpu().numpy().astype(np.float32),
+        # the Grad-CAM map of the shown units alone: where the top concept units point, for comparison with the CAMs
+        "units_cam": torch.relu((G[picked].mean(dim=(1, 2))[:, None, None] * A[picked]).sum(dim=0)
+                                ).cpu().numpy().astype(np.float32),
         "ks": ks,
         "drops": drops,  # name -> per k the drops of p(y): one for top and one-set baselines, `draws` for random
         "forward": ablator.forward,

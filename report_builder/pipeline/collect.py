@@ -265,6 +265,8 @@ def concepts_section(spec, inputs, plan, outcome, work: Path, out: dict) -> dict
                 continue
             value = outcome.values[key]
             crop = m.preprocess.crop(im.image)
+            maps = {k: outcome.values[plan.explain[(m.id, im.id, k)]]["map"] for k in spec.explain.methods
+                    if (m.id, im.id, k) in plan.explain}
             for layer in value["layers"]:
                 name = layer["layer"]
                 lc, ln = clip.get((m.id, name), {}), nd.get((m.id, name), {})
@@ -281,6 +283,7 @@ def concepts_section(spec, inputs, plan, outcome, work: Path, out: dict) -> dict
                     rel = f"{folder}/{im.id}_unit_{int(unit):04d}.jpg"
                     overlays.save_unit_tile(crop, heat, work / rel)
                     top.append({**units[list(order).index(int(unit))], "map": rel})
+                agreement = {method: top_pixels_iou(layer["units_cam"], saliency) for method, saliency in maps.items()}
                 drops = layer["drops"]
                 ablation = {"ks": list(layer["ks"]), "draws": len(drops[ABLATION_BAR][0]),
                             "top": [d[0] for d in drops["top"]],
@@ -291,13 +294,31 @@ def concepts_section(spec, inputs, plan, outcome, work: Path, out: dict) -> dict
                     "probability": float(value["probability"]), "forward": layer["forward"], "gradcam": cam_rel,
                     "top": top, "concepts": concept_groups(units, "label" if source == "clip-dissect" else None),
                     "netdissect_concepts": concept_groups(units, "netdissect_label") if nd else [],
-                    "ablation": ablation})
+                    "ablation": ablation, "cam_agreement": agreement})
     settings = spec.concepts.model_dump(mode="json")
-    return {"settings": settings, "attribution": ATTRIBUTIONS[settings["attribution"]].title,
+    return {"settings": settings, "top_pixels": TOP_PIXELS, "attribution": ATTRIBUTIONS[settings["attribution"]].title,
             "citation": ATTRIBUTIONS[settings["attribution"]].citation, "label_source": source,
             "baselines": [{"name": b.name, "title": b.title, "draws": b.draws, "bar": b.bar}
                           for b in ABLATION_BASELINES.values()],
             "records": records, "rows_csv": CONCEPTS_CSV, "_rows": rows}
+
+
+TOP_PIXELS = 0.2  # the share of pixels each map marks when the concept units' map is compared with a CAM's
+
+
+def top_pixels_iou(small: np.ndarray, full: np.ndarray, share: float = TOP_PIXELS) -> float | None:
+    """IoU of the top `share` of pixels of two maps, the layer-resolution one upsampled bilinearly to the other's
+    size; ties at the cut are all in, except a cut at the map's minimum (LIME's zero weights), which marks only the
+    pixels above it. None when either map is flat (it marks no pixels above the rest)."""
+    up = np.asarray(Image.fromarray(np.asarray(small, np.float32), mode="F").resize(full.shape[::-1], Image.BILINEAR))
+    masks = []
+    for x in (up, np.asarray(full, np.float32)):
+        if float(x.max()) <= float(x.min()):
+            return None
+        cut = np.quantile(x, 1 - share)
+        masks.append(x >= cut if cut > x.min() else x > cut)
+    union = np.logical_or(*masks).sum()
+    return float(np.logical_and(*masks).sum() / union)
 
 
 def concept_groups(units: list[dict], key: str | None) -> list[dict]:

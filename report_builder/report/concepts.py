@@ -82,9 +82,25 @@ def profiles(section: dict) -> list[dict]:
     return sorted(out, key=lambda p: (p["model"], p["layer"], -p["images"], p["class_name"]))
 
 
+def cam_agreement(section: dict) -> list[dict]:
+    """Per model, concept layer and explanation method: the IoU of the top pixels of the top units' own Grad-CAM
+    map with the method's map, its mean over images and 95 % bootstrap interval."""
+    values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in section["records"]:
+        for method, iou in r.get("cam_agreement", {}).items():
+            if iou is not None:
+                values[(r["model"], r["layer"], method)].append(iou)
+    out = []
+    for (model, layer, method), v in values.items():
+        interval = bootstrap(v)
+        out.append({"model": model, "layer": layer, "method": method, "iou": interval.value, "low": interval.low,
+                    "high": interval.high, "images": len(v), "values": v})
+    return out
+
+
 def summary(results: dict) -> dict:
     section = results["concepts"]
-    return {"ablation": ablation_summary(section), "profiles": profiles(section)}
+    return {"ablation": ablation_summary(section), "profiles": profiles(section), "agreement": cam_agreement(section)}
 
 
 def _names(results: dict) -> dict[str, str]:
@@ -130,6 +146,7 @@ def findings(results: dict) -> list[dict]:
         if failing and beating:
             text += f" Over every k: it beats random for k = {', '.join(beating)}, and fails for k = {', '.join(failing)}."
         out.append({"id": f"concepts-ablation-{model}-{layer}", "section": "concepts", "text": text})
+    out.extend(_agreement_findings(results, names))
     for model in dict.fromkeys(r["model"] for r in section["records"]):
         layers = [x for (m, x) in by_layer if m == model]
         layer = layers[-1]  # the deepest concept layer: nearest the decision
@@ -148,4 +165,35 @@ def findings(results: dict) -> list[dict]:
                             f"{names[model]}'s predictions rest most on the {source} concepts {listed} at {layer} "
                             "(each concept's share of the units' positive contribution, averaged over the images; "
                             "the labels' own quality is in the dissection section)."})
+    return out
+
+
+def _agreement_findings(results: dict, names: dict[str, str]) -> list[dict]:
+    """Q5's concept view: per model, at its deepest concept layer, how far each method's map overlaps the map of
+    the top concept units; the closest method is named only when it is closer than the next beyond noise."""
+    from report_builder.explanation.registry import TITLES
+
+    section = results["concepts"]
+    out = []
+    shown = section["settings"]["top_units"]
+    share = section.get("top_pixels", 0.2)
+    for model in dict.fromkeys(r["model"] for r in section.get("agreement", [])):
+        rows = [r for r in section["agreement"] if r["model"] == model]
+        layer = rows[-1]["layer"]
+        rows = sorted((r for r in rows if r["layer"] == layer), key=lambda r: -r["iou"])
+        listed = "; ".join(f"{TITLES.get(r['method'], r['method'])} {r['iou']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+                           for r in rows)
+        n = max(r["images"] for r in rows)
+        text = (f"Where {names[model]}'s top-{shown} concept units at {layer} point (the Grad-CAM map of those units "
+                f"alone) overlaps each method's map by IoU of their top {100 * share:.0f}% of pixels, over {n} "
+                f"image{'s' if n != 1 else ''}: {listed}.")
+        if len(rows) >= 2 and len(rows[0]["values"]) == len(rows[1]["values"]):
+            c = paired(rows[0]["values"], rows[1]["values"])
+            first, second = TITLES.get(rows[0]["method"], rows[0]["method"]), TITLES.get(rows[1]["method"], rows[1]["method"])
+            if c.significant:
+                text += f" {first} agrees with them most; its IoU against {second}'s: {compare_words(c, digits=2)}."
+            else:
+                text += (f" The two closest, {first} and {second}, are within noise of each other (difference "
+                         f"{c.difference.format(2)}, p = {c.p_value:.2g} over {c.n} image{'s' if c.n != 1 else ''}).")
+        out.append({"id": f"concepts-agreement-{model}", "section": "concepts", "question": "q5", "text": text})
     return out
