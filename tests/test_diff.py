@@ -64,6 +64,32 @@ def test_a_run_against_itself_shows_no_change(runs):
     (layer,) = pair["dissection"]["layers"]
     assert layer["changed"] == 0 and layer["gained"] == [] and layer["lost"] == [] and layer["unique_delta"] == 0
     assert (runs["root"] / "self" / "report.pdf").is_file()
+    concepts = pair["concepts"]  # on by default: the run dissects conv1 and explains two images
+    assert concepts["compared"] and concepts["classes"] and concepts["ablation"]
+    assert all(x["gained"] == [] == x["lost"] for x in concepts["classes"])
+    assert not any(x["changed"] for x in concepts["ablation"])
+
+
+def test_concepts_a_class_gained_or_lost_are_named(runs, tmp_path):
+    """B's profile of a class planted with one concept swapped for another: exactly that one is gained and lost."""
+    b = tmp_path / "b"
+    shutil.copytree(runs["a"], b)
+    r = json.loads((b / "results.json").read_text())
+    profile = r["concepts"]["profiles"][0]
+    old = profile["concepts"][0]["label"]
+    profile["concepts"][0]["label"] = "planted concept"
+    (b / "results.json").write_text(json.dumps(r))
+    d = _diff(runs["a"], b, tmp_path / "d")
+    (pair,) = d["pairs"]
+    changed = [x for x in pair["concepts"]["classes"] if x["gained"] or x["lost"]]
+    assert len(changed) == 1 and changed[0]["class_name"] == profile["class_name"]
+    assert changed[0]["gained"] == ["planted concept"] and changed[0]["lost"] == [old]
+    assert any("gained planted concept and lost " + old in f for f in d["findings"])
+    r["concepts"]["attribution"] = "another ranking"
+    (b / "results.json").write_text(json.dumps(r))
+    d = _diff(runs["a"], b, tmp_path / "e")
+    assert d["pairs"][0]["concepts"]["compared"] is False
+    assert any("concept attribution of net not compared" in n for n in d["notices"])
 
 
 def test_planted_unit_swap_shows_exactly_the_swapped_labels(runs):

@@ -340,6 +340,40 @@ def compare_sweep(ra: dict, rb: dict, ma: str, mb: str, notices: list[str]) -> d
                          for k, label in enumerate(labels_a)]}
 
 
+def compare_concepts(ra: dict, rb: dict, ma: str, mb: str, notices: list[str]) -> dict | None:
+    """Concept attribution in A and in B: per layer and predicted class, the concepts of its profile that B gained
+    or lost among the top ones, and per layer and k the ablation test's drop and verdict. Not compared when the runs
+    rank units another way or take their labels from another dissection (the concepts would not mean the same)."""
+    ca, cb = ra.get("concepts"), rb.get("concepts")
+    if not ca or not cb or not any(r["model"] == ma for r in ca["records"]) \
+            or not any(r["model"] == mb for r in cb["records"]):
+        return None
+    reasons = [f"the runs rank units by {ca['attribution']} and {cb['attribution']}"] \
+        if ca["attribution"] != cb["attribution"] else []
+    if ca["label_source"] != cb["label_source"]:
+        reasons.append(f"the labels come from {ca['label_source']} in A and {cb['label_source']} in B")
+    if reasons:
+        notices.append(f"concept attribution of {ma} not compared: {'; '.join(reasons)}")
+        return {"compared": False, "reasons": reasons}
+    pa = {(p["layer"], p["class_name"]): p for p in ca["profiles"] if p["model"] == ma}
+    pb = {(p["layer"], p["class_name"]): p for p in cb["profiles"] if p["model"] == mb}
+    classes = []
+    for key in [k for k in pa if k in pb]:
+        a, b = {c["label"]: c["share"] for c in pa[key]["concepts"]}, {c["label"]: c["share"] for c in pb[key]["concepts"]}
+        classes.append({"layer": key[0], "class_name": key[1], "images_a": pa[key]["images"],
+                        "images_b": pb[key]["images"], "concepts_a": pa[key]["concepts"],
+                        "concepts_b": pb[key]["concepts"], "gained": [c for c in b if c not in a],
+                        "lost": [c for c in a if c not in b]})
+    xa = {(r["layer"], r["k"]): r for r in ca["ablation"] if r["model"] == ma}
+    xb = {(r["layer"], r["k"]): r for r in cb["ablation"] if r["model"] == mb}
+    ablation = [{"layer": k[0], "k": k[1], "top_a": xa[k]["top"], "top_b": xb[k]["top"], "verdict_a": xa[k]["verdict"],
+                 "verdict_b": xb[k]["verdict"], "changed": xa[k]["verdict"] != xb[k]["verdict"]}
+                for k in xa if k in xb]
+    return {"compared": True, "reasons": [], "classes": classes, "ablation": ablation,
+            "only_a": sorted({k[1] for k in pa} - {k[1] for k in pb}),
+            "only_b": sorted({k[1] for k in pb} - {k[1] for k in pa})}
+
+
 def compare_pair(dir_a: Path, dir_b: Path, ra: dict, rb: dict, a: str, b: str, notices: list[str]) -> dict:
     """Everything diff compares for one model of run A against one of run B."""
     models_a = {m["id"]: m for m in ra["models"]}
@@ -354,6 +388,7 @@ def compare_pair(dir_a: Path, dir_b: Path, ra: dict, rb: dict, a: str, b: str, n
         "evaluation": compare_evaluation(ra, rb, a, b, notices),
         "netdissect": compare_netdissect(ra, rb, a, b, notices),
         "lime_sweep": compare_sweep(ra, rb, a, b, notices),
+        "concepts": compare_concepts(ra, rb, a, b, notices),
     }
 
 
@@ -459,7 +494,8 @@ def diff_findings(result: dict) -> list[str]:
 
 
 def _new_section_findings(name: str, p: dict) -> list[str]:
-    """The evaluation, sanity verdicts, Network Dissection and LIME sweep of one pair, in sentences."""
+    """The evaluation, sanity verdicts, Network Dissection, concept attribution and LIME sweep of one pair, in
+    sentences."""
     out = []
     ev = p.get("evaluation")
     if ev and ev["compared"]:
@@ -480,6 +516,17 @@ def _new_section_findings(name: str, p: dict) -> list[str]:
         for x in nd["layers"]:
             out.append(f"{name}, {x['layer']}: Network Dissection detectors go from {x['detectors_a']} to "
                        f"{x['detectors_b']}, their unique concepts from {x['unique_a']} to {x['unique_b']}.")
+    cs = p.get("concepts")
+    if cs and cs["compared"]:
+        for x in cs["classes"]:
+            if x["gained"] or x["lost"]:
+                out.append(f"{name}, {x['layer']}: among the concepts that {x['class_name']} rests on most, run B "
+                           f"gained {', '.join(x['gained']) or 'none'} and lost {', '.join(x['lost']) or 'none'} "
+                           f"({x['images_a']} image(s) of that class in A, {x['images_b']} in B).")
+        for x in cs["ablation"]:
+            if x["changed"]:
+                out.append(f"{name}, {x['layer']}: the top-{x['k']} concept units' ablation {x['verdict_a']} in run A "
+                           f"(drop {x['top_a']:.2f}) and {x['verdict_b']} in run B (drop {x['top_b']:.2f}).")
     sw = p.get("lime_sweep")
     if sw and sw["compared"]:
         out.append(f"{name}: the LIME sweep's best setting is {sw['best_a']} in run A and {sw['best_b']} in run B"
