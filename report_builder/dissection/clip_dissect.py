@@ -123,12 +123,17 @@ def rank_reorder(P: torch.Tensor, A: torch.Tensor, top_fraction: float = 0.05, p
 def clip_dissect_task(layer: str, similarity: str, params: dict, scores: dict, activations: list[dict]) -> dict:
     """One layer labelled: its units' activations over the probe shards against every concept's image scores."""
     A = torch.from_numpy(np.concatenate([a[layer] for a in activations]))
-    S = SIMILARITIES[similarity].function(torch.from_numpy(scores["matrix"]), A, **params)
-    labels = label_units(S, scores["concepts"], scores["scorers"])
+    labels = label_activations(A, similarity, params, scores)
     return {"layer": layer, "units": int(A.shape[1]), "labels": [
         {"unit": u.unit, "label": u.label, "similarity": u.similarity, "scorer": u.scorer,
          "alternatives": [{"label": a, "similarity": v, "scorer": sc} for a, v, sc in u.alternatives]}
         for u in labels]}
+
+
+def label_activations(A: torch.Tensor, similarity: str, params: dict, scores: dict) -> list[UnitLabel]:
+    """Each column of A (images x units, or x learned directions) labelled with its best concept."""
+    S = SIMILARITIES[similarity].function(torch.from_numpy(scores["matrix"]), A, **params)
+    return label_units(S, scores["concepts"], scores["scorers"])
 
 
 RESULT_SHAPE = {"layer": str, "units": int, "labels": [{"unit": int, "label": str, "similarity": float}]}

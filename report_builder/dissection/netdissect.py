@@ -16,6 +16,8 @@ paper defines it.
 The axis-rotation test rotates a layer's channels by a seeded random rotation Q (or Q^alpha, on the
 geodesic from the identity to Q) and dissects again: the representation's information is unchanged,
 only its basis moves, so fewer detectors under rotation means interpretability is tied to the axes.
+Learned directions (dissection/directions.py) are dissected the same way: a job (layer, method) applies the fitted
+k x C projection to the layer's maps, in the same passes as the units and the rotations.
 
 Sharding. The probe set is cut into shards that are dissected apart and merged, and the merge gives what
 one pass over every image gives: a shard keeps its largest values per unit (the exact quantile needs only
@@ -409,42 +411,71 @@ def _label_category(probe: PixelProbe) -> torch.Tensor:
 # ---------------------------------------------------------------- tasks: one model's layers over one shard
 
 
-def _tally_batch(states: dict[str, TallyState], maps: dict[str, torch.Tensor], jobs: list[tuple[str, float]],
-                 labels, thresholds: dict, probe, settings: NetDissectSettings, first: int) -> None:
-    """Add one batch of recorded maps to each job's tally (made on first use), rotated as the job asks."""
+Job = tuple[str, "float | str"]  # (layer, rotation alpha), or (layer, a learned direction's method)
+
+
+def _tally_batch(states: dict[str, TallyState], maps: dict[str, torch.Tensor], jobs: list[Job],
+                 labels, thresholds: dict, probe, settings: NetDissectSettings, first: int,
+                 projections: dict[str, np.ndarray]) -> None:
+    """Add one batch of recorded maps to each job's tally (made on first use), rotated or projected as it asks."""
     batch_labels = [next(labels) for _ in range(next(iter(maps.values())).shape[0])]
-    for layer, alpha in jobs:
+    for layer, basis in jobs:
         a = maps[layer]
-        name = job_name(layer, alpha)
+        name = job_name(layer, basis)
         if name not in states:
             states[name] = TallyState(torch.from_numpy(thresholds[name]["thresholds"]), len(probe.names),
                                       probe.category_names, settings.top_images)
-        states[name].add(rotate(a, rotation_for(a.shape[1], settings.seed, alpha)), batch_labels, first)
+        states[name].add(rotate(a, job_matrix(layer, basis, a.shape[1], settings.seed, projections)), batch_labels,
+                         first)
 
 
-def job_name(layer: str, alpha: float) -> str:
-    return f"{layer}@{alpha:g}"
+def job_name(layer: str, basis: float | str) -> str:
+    """'blocks.6@0' (the units), 'blocks.6@0.5' (rotated by Q^0.5), 'blocks.6@nmf' (a learned direction's basis)."""
+    return f"{layer}@{basis}" if isinstance(basis, str) else f"{layer}@{basis:g}"
 
 
-def _jobs_by_layer(jobs: list[tuple[str, float]]) -> list[str]:
+def job_title(basis: float | str) -> str:
+    """What a job adds to a progress label."""
+    if isinstance(basis, str):
+        return f" {basis} directions"
+    return f" rotated {basis:g}" if basis else ""
+
+
+def job_matrix(layer: str, basis: float | str, channels: int, seed: int,
+               projections: dict[str, np.ndarray]) -> torch.Tensor | None:
+    """The matrix a job applies to the layer's channels: a rotation, a fitted projection (k x C), or None (units)."""
+    if isinstance(basis, str):
+        return torch.from_numpy(projections[job_name(layer, basis)])
+    return rotation_for(channels, seed, basis)
+
+
+def projections_of(directions: list[dict] | None) -> dict[str, np.ndarray]:
+    """The fitted projections (dissection/direction_fits.py fit_task values) by job name."""
+    return {job_name(d["layer"], d["method"]): d["projection"] for d in directions or ()}
+
+
+def _jobs_by_layer(jobs: list[Job]) -> list[str]:
     return list(dict.fromkeys(layer for layer, _ in jobs))
 
 
-def shard_thresholds_task(model: ModelRef, jobs: list[tuple[str, float]], probe: PixelProbe, first_image: int,
-                          total_images: int, settings: NetDissectSettings, device: str, batch_size: int) -> dict:
-    """Pass 1 over a shard: per (layer, alpha), what the threshold needs (ThresholdState, as a dict)."""
+def shard_thresholds_task(model: ModelRef, jobs: list[Job], probe: PixelProbe, first_image: int,
+                          total_images: int, settings: NetDissectSettings, device: str, batch_size: int,
+                          directions: list[dict] | None = None) -> dict:
+    """Pass 1 over a shard: per job, what the threshold needs (ThresholdState, as a dict)."""
     m = model_for(model, device)
+    projections = projections_of(directions)
     states: dict[str, ThresholdState] = {}
     for start, maps in stream_maps(m, _jobs_by_layer(jobs), probe, torch.device(device), batch_size,
                                    f"{model.id} thresholds"):
-        for layer, alpha in jobs:
+        for layer, basis in jobs:
             a = maps[layer]
-            name = job_name(layer, alpha)
+            name = job_name(layer, basis)
             if name not in states:
                 total = total_images * a.shape[2] * a.shape[3]
                 method = choose_method(settings.threshold, total, settings.quantile, a.shape[1])
                 states[name] = ThresholdState(method, total, settings.quantile, settings.seed)
-            states[name].add(rotate(a, rotation_for(a.shape[1], settings.seed, alpha)), first_image + start)
+            states[name].add(rotate(a, job_matrix(layer, basis, a.shape[1], settings.seed, projections)),
+                             first_image + start)
     return {name: state.as_dict() for name, state in states.items()}
 
 
@@ -458,40 +489,43 @@ def thresholds_task(states: dict) -> dict:
             for name, s in states.items()}
 
 
-def shard_tally_task(model: ModelRef, jobs: list[tuple[str, float]], probe: PixelProbe, first_image: int,
-                     thresholds: dict, settings: NetDissectSettings, device: str, batch_size: int) -> dict:
-    """Pass 2 over a shard: per (layer, alpha), intersections, areas, peaks and top images (TallyState)."""
+def shard_tally_task(model: ModelRef, jobs: list[Job], probe: PixelProbe, first_image: int,
+                     thresholds: dict, settings: NetDissectSettings, device: str, batch_size: int,
+                     directions: list[dict] | None = None) -> dict:
+    """Pass 2 over a shard: per job, intersections, areas, peaks and top images (TallyState)."""
     m = model_for(model, device)
+    projections = projections_of(directions)
     states: dict[str, TallyState] = {}
     labels = probe.labels()
     for start, maps in stream_maps(m, _jobs_by_layer(jobs), probe, torch.device(device), batch_size,
                                    f"{model.id} IoU"):
-        _tally_batch(states, maps, jobs, labels, thresholds, probe, settings, first_image + start)
+        _tally_batch(states, maps, jobs, labels, thresholds, probe, settings, first_image + start, projections)
     return {name: state.as_dict() for name, state in states.items()}
 
 
 MAPS_IN_MEMORY = 1024**3  # bytes of recorded maps a one-shard run keeps, to pass over them twice without the model
 
 
-def whole_probe_task(model: ModelRef, jobs: list[tuple[str, float]], probe: PixelProbe, settings: NetDissectSettings,
-                     device: str, batch_size: int) -> dict:
+def whole_probe_task(model: ModelRef, jobs: list[Job], probe: PixelProbe, settings: NetDissectSettings,
+                     device: str, batch_size: int, directions: list[dict] | None = None) -> dict:
     """Both passes over a probe set that is a single shard: {"thresholds": ..., "tally": ...} as the sharded
     tasks give them. The maps are recorded once and kept while they fit in MAPS_IN_MEMORY; beyond that the
     model runs twice (the same numbers either way: the states do not depend on how images are batched)."""
     m = model_for(model, device)
     layers = _jobs_by_layer(jobs)
+    projections = projections_of(directions)
     kept: list[tuple[int, dict[str, torch.Tensor]]] = []
     size = 0
     states: dict[str, ThresholdState] = {}
     for start, maps in stream_maps(m, layers, probe, torch.device(device), batch_size, f"{model.id} maps"):
-        for layer, alpha in jobs:
+        for layer, basis in jobs:
             a = maps[layer]
-            name = job_name(layer, alpha)
+            name = job_name(layer, basis)
             if name not in states:
                 total = len(probe) * a.shape[2] * a.shape[3]
                 states[name] = ThresholdState(choose_method(settings.threshold, total, settings.quantile, a.shape[1]),
                                               total, settings.quantile, settings.seed)
-            states[name].add(rotate(a, rotation_for(a.shape[1], settings.seed, alpha)), start)
+            states[name].add(rotate(a, job_matrix(layer, basis, a.shape[1], settings.seed, projections)), start)
         size += sum(t.numel() * 4 for t in maps.values())
         if kept is not None and size <= MAPS_IN_MEMORY:
             kept.append((start, {k: v.clone() for k, v in maps.items()}))
@@ -499,12 +533,12 @@ def whole_probe_task(model: ModelRef, jobs: list[tuple[str, float]], probe: Pixe
             kept = None  # too large: pass 2 runs the model again
     thresholds = thresholds_task({name: s.as_dict() for name, s in states.items()})
     if kept is None:
-        tally_ = shard_tally_task(model, jobs, probe, 0, thresholds, settings, device, batch_size)
+        tally_ = shard_tally_task(model, jobs, probe, 0, thresholds, settings, device, batch_size, directions)
     else:
         tallies: dict[str, TallyState] = {}
         labels = probe.labels()
         for start, maps in current().track(kept, f"{model.id} IoU", unit="batches"):
-            _tally_batch(tallies, maps, jobs, labels, thresholds, probe, settings, start)
+            _tally_batch(tallies, maps, jobs, labels, thresholds, probe, settings, start, projections)
         tally_ = {name: t.as_dict() for name, t in tallies.items()}
     return {"thresholds": thresholds, "tally": tally_}
 
@@ -515,14 +549,13 @@ def merge_tally_task(parts: list[dict], top: int) -> dict:
 
 def finish_task(name: str, probe_names: tuple[str, ...], label_category: np.ndarray, tally_: dict | None = None,
                 thresholds: dict | None = None, both: dict | None = None) -> dict:
-    """One (layer, alpha) dissected: see `finish`. Takes the merged tally and the thresholds, or `both` from
-    whole_probe_task."""
+    """One job dissected: see `finish`. Takes the merged tally and the thresholds, or `both` from
+    whole_probe_task. Only the units (alpha 0) keep their top maps, for the galleries."""
     if both is not None:
         tally_, thresholds = both["tally"], both["thresholds"]
-    layer_alpha = float(name.rsplit("@", 1)[1])
     t = thresholds[name]
     return finish(torch.from_numpy(t["thresholds"]), t["method"], tally_[name], probe_names,
-                  torch.from_numpy(label_category), layer_alpha == 0)
+                  torch.from_numpy(label_category), name.rsplit("@", 1)[1] == "0")
 
 
 RESULT_SHAPE = {"thresholds": np.ndarray, "iou": np.ndarray, "label": np.ndarray, "best_iou": np.ndarray,

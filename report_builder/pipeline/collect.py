@@ -369,6 +369,8 @@ def dissection_section(spec, inputs, plan, outcome) -> dict:
     if ds.quality is not None and plan.label_sanity:
         extra["quality"] = {**ds.quality.model_dump(mode="json"), "metrics": list(QUALITY_METRICS),
                             "sanity": outcome.values[plan.label_sanity[0]]}
+    if plan.directions:
+        extra["directions"] = directions_records(plan, outcome)
     return {**extra,
         "similarity": ds.similarity,
         "similarity_params": similarity_params(spec.dissect, spec.seed),
@@ -378,6 +380,28 @@ def dissection_section(spec, inputs, plan, outcome) -> dict:
         "concepts": sum(len(s.concepts) for s in inputs.scorers),
         "models": out_models,
     }
+
+
+def directions_records(plan, outcome) -> list[dict]:
+    """Per model, layer and method: the fit's numbers (what its registry entry reports) and each direction's label."""
+    from report_builder.dissection.directions import DIRECTIONS
+
+    out = []
+    for (model, layer, method), key in plan.directions.items():
+        fit, entry = outcome.values[key], DIRECTIONS[method]
+        labels = outcome.values[plan.direction_labels[(model, layer, method)]]["labels"]
+        out.append({"model": model, "layer": layer, "method": method, "title": entry.title,
+                    "citation": entry.citation, "fits": entry.fits, "components": int(fit["components"]),
+                    "components_asked": int(fit["components_asked"]),
+                    **{k: float(fit[k]) for k in ("reconstruction_error", "variance_explained", "sparsity")},
+                    "reports": {k: _plain_number(fit[k]) for k, _ in entry.reports},
+                    "report_meanings": dict(entry.reports),
+                    "unique": len({u["label"] for u in labels}), "labels": labels})
+    return out
+
+
+def _plain_number(value):
+    return int(value) if isinstance(value, (int, np.integer)) else float(value)
 
 
 def with_quality(layer: dict, quality: dict) -> dict:
@@ -453,7 +477,11 @@ def netdissect_section(spec, inputs, plan, outcome, work: Path) -> dict:
             rotation_out = {"layer": rotated, "seed": spec.seed, "alphas": [0.0] + alphas,
                             "detectors": [p["detectors"] for p in points], "unique": [p["unique"] for p in points],
                             "per_category": [p["per_category"] for p in points]}
-        out_models.append({"model": m.id, "layers": layers_out, "rotation": rotation_out})
+        directions = [{"layer": layer, "method": basis, **nd.layer_counts(rows, categories), "unit_labels": rows}
+                      for (mid, layer, basis), key in plan.netdissect.items() if mid == m.id and isinstance(basis, str)
+                      for rows in [nd.unit_rows(outcome.values[key], probe, ns.iou_threshold)]]
+        out_models.append({"model": m.id, "layers": layers_out, "rotation": rotation_out, "directions": directions,
+                           "bases": bases(counted, rotation_out, directions)})
     return {
         "settings": {**settings.as_dict(), "colors": ns.colors, "label_size": ns.label_size,
                      "pdf_units": ns.pdf_units, "rotation": ns.rotation.model_dump() if ns.rotation else None},
@@ -462,6 +490,25 @@ def netdissect_section(spec, inputs, plan, outcome, work: Path) -> dict:
         "categories": categories,
         "models": out_models,
     }
+
+
+def bases(counted: dict, rotation: dict | None, directions: list[dict]) -> list[dict]:
+    """The axis-rotation comparison, per layer with a rotation or learned directions: its units, the full random
+    rotation (the largest alpha), and each learned basis, with detectors and unique concepts side by side."""
+    from report_builder.dissection.directions import DIRECTIONS
+
+    layers = list(dict.fromkeys(([rotation["layer"]] if rotation else []) + [d["layer"] for d in directions]))
+    out = []
+    for layer in layers:
+        rows = [("units", "units", counted[layer])]
+        if rotation and rotation["layer"] == layer and rotation["alphas"][-1] > 0:
+            rows.append(("rotation", f"random rotation (α={rotation['alphas'][-1]:g})",
+                         {"units": counted[layer]["units"], "detectors": rotation["detectors"][-1],
+                          "unique": rotation["unique"][-1]}))
+        rows += [(d["method"], DIRECTIONS[d["method"]].title, d) for d in directions if d["layer"] == layer]
+        out += [{"layer": layer, "basis": basis, "title": title, "size": c["units"], "detectors": c["detectors"],
+                 "unique": c["unique"]} for basis, title, c in rows]
+    return out
 
 
 def category_stats(probe, label_area) -> list[dict]:

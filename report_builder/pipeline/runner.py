@@ -25,12 +25,14 @@ import torch
 from report_builder.dissection import activations
 from report_builder.pipeline import collect
 from report_builder.dissection import clip_dissect as dissect
+from report_builder.dissection import direction_fits
 from report_builder.dissection import quality
 from report_builder.evaluation import metrics as evaluate
 from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation import concepts as concept_attribution
 from report_builder.explanation import methods as explain
 from report_builder.dissection import netdissect
+from report_builder.dissection.directions import DIRECTIONS
 from report_builder.dissection.scorers import SCORERS, ScorerPlan, concept_scores_task, described, text_hash
 from report_builder.pipeline.cache import Cache
 from report_builder.data.images import SampleImage, load_images
@@ -202,7 +204,9 @@ class Plan:
     dissect: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, layer) -> key
     quality: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, layer) -> key: held-out, stability
     label_sanity: list[str] = field(default_factory=list)  # the labeller's sanity checks on planted units (0 or 1)
-    netdissect: dict[tuple[str, str, float], str] = field(default_factory=dict)  # (model, layer, alpha) -> key
+    netdissect: dict[tuple[str, str, float | str], str] = field(default_factory=dict)  # (model, layer, alpha|method)
+    directions: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, layer, method) -> fit key
+    direction_labels: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, layer, method) -> key
     evaluation: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, image, method|random) -> key
     sanity: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (model, image, method) -> key
     sweep: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (model, image, setting) -> key
@@ -212,7 +216,8 @@ class Plan:
 
     @property
     def wanted(self) -> list[str]:
-        return [*self.dissect.values(), *self.quality.values(), *self.label_sanity, *self.netdissect.values(), *self.predict.values(), *self.explain.values(),
+        return [*self.dissect.values(), *self.quality.values(), *self.label_sanity, *self.directions.values(),
+                *self.direction_labels.values(), *self.netdissect.values(), *self.predict.values(), *self.explain.values(),
                 *self.evaluation.values(), *self.sanity.values(), *self.sweep.values(), *self.concepts.values()]
 
 
@@ -381,12 +386,42 @@ def _dissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int
                      "code_version": quality.CODE_VERSION},
                     {"layer": layer, "similarity": ds.similarity, "params": params, "settings": qs},
                     {"scores": scores, "activations": acts}, shape=quality.QUALITY_SHAPE)
+        if ds.directions is not None:
+            _direction_tasks(plan, spec, m, acts, scores, params)
     if ds.quality is not None and dissected:
         plan.label_sanity.append(g.add(
             "label-sanity", quality.sanity_task, "label sanity checks",
             {"similarity": ds.similarity, "params": params, "settings": qs, "code_version": quality.CODE_VERSION},
             {"similarity": ds.similarity, "params": params, "settings": qs}, {"scores": scores},
             shape=quality.SANITY_SHAPE))
+
+
+def direction_layers(spec, m) -> list[str]:
+    """The layers of model m whose learned directions are fitted: those the spec lists, else its last listed one."""
+    d = spec.dissect.directions if spec.dissect is not None else None
+    if d is None or not m.spec.layers:
+        return []
+    return list(d.layers or m.spec.layers[-1:])
+
+
+def _direction_tasks(plan: Plan, spec, m, acts: list[str], scores: str, params: dict) -> None:
+    """Per layer and method, a fit on the activation shards the units' labels read (no forward pass of its own),
+    then its directions labelled like units: the same concept scores, similarity function and parameters."""
+    g, d = plan.graph, spec.dissect.directions
+    for layer in direction_layers(spec, m):
+        for method in d.methods:
+            settings = d.settings(method)
+            fit = plan.directions[(m.id, layer, method)] = g.add(
+                "direction-fit", direction_fits.fit_task, f"{DIRECTIONS[method].title} {m.id} {layer}",
+                {"layer": layer, "method": method, "components": d.components, "settings": settings,
+                 "seed": spec.seed, "code_version": direction_fits.CODE_VERSION},
+                {"layer": layer, "method": method, "components": d.components, "seed": spec.seed,
+                 "settings": settings}, {"activations": acts}, shape=direction_fits.FIT_SHAPE)
+            plan.direction_labels[(m.id, layer, method)] = g.add(
+                "direction-labels", direction_fits.label_task, f"labels of {DIRECTIONS[method].title} {m.id} {layer}",
+                {"similarity": spec.dissect.similarity, "params": params, "code_version": dissect.CODE_VERSION},
+                {"similarity": spec.dissect.similarity, "params": params},
+                {"fit": fit, "scores": scores, "activations": acts}, shape=direction_fits.LABEL_SHAPE)
 
 
 def _netdissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: int) -> None:
@@ -405,38 +440,43 @@ def _netdissect_tasks(plan: Plan, spec, inputs: Inputs, dev: str, shard_images: 
         if not m.spec.layers:
             continue
         rotated = (ns.rotation.layer or m.spec.layers[-1]) if ns.rotation else None
-        jobs = [(layer, 0.0) for layer in m.spec.layers] + [(rotated, a) for a in alphas]
+        # the learned directions' maps are the layer's maps projected by each fit: jobs of the same passes
+        learned = [(layer, method) for (mid, layer, method) in plan.directions if mid == m.id]
+        jobs = [(layer, 0.0) for layer in m.spec.layers] + [(rotated, a) for a in alphas] + learned
+        fits = {"directions": [plan.directions[(m.id, *job)] for job in learned]} if learned else {}
         ident = {"weights": m.weights_hash, "jobs": jobs, "preprocess": m.preprocess.as_dict(),
                  "settings": settings.as_dict(), "labels": probe.manifest, "code_version": netdissect.CODE_VERSION}
         common = {"model": m.ref, "jobs": jobs, "settings": settings, "device": dev, "batch_size": batch}
         if len(shards) == 1:  # one task, one forward pass over the probe set (the maps fit in memory)
             both = g.add("netdissect-passes", netdissect.whole_probe_task, f"NetDissect {m.id}",
-                         {**ident, "shard": probe.manifest}, common, {"probe": probe_keys[0]}, model=True, shape=dict)
+                         {**ident, "shard": probe.manifest}, common, {"probe": probe_keys[0], **fits}, model=True,
+                         shape=dict)
             finish_deps = {"both": both}
         else:
-            finish_deps = _netdissect_shards(g, m, ident, common, shards, firsts, probe_keys, len(probe), ns.top_images)
-        for layer, alpha in jobs:
-            name = netdissect.job_name(layer, alpha)
-            plan.netdissect[(m.id, layer, alpha)] = g.add(
-                "netdissect", netdissect.finish_task, f"NetDissect {m.id} {layer}" + (f" rotated {alpha:g}" if alpha else ""),
+            finish_deps = _netdissect_shards(g, m, ident, common, shards, firsts, probe_keys, len(probe), ns.top_images,
+                                             fits)
+        for layer, basis in jobs:
+            name = netdissect.job_name(layer, basis)
+            plan.netdissect[(m.id, layer, basis)] = g.add(
+                "netdissect", netdissect.finish_task, f"NetDissect {m.id} {layer}" + netdissect.job_title(basis),
                 {"job": name, "code_version": netdissect.CODE_VERSION},
                 {"name": name, "probe_names": probe.names, "label_category": label_category},
                 finish_deps, shape=netdissect.RESULT_SHAPE)
 
 
 def _netdissect_shards(g: Graph, m, ident: dict, common: dict, shards, firsts, probe_keys, total: int,
-                       top: int) -> dict:
+                       top: int, fits: dict) -> dict:
     """Two passes over the probe shards: thresholds (merged), then the tallies (merged)."""
     pass1 = [g.add("netdissect-thresholds", netdissect.shard_thresholds_task, f"NetDissect {m.id} pass 1, {i}",
                    {**ident, "shard": s.manifest, "first": f, "total": total},
-                   {**common, "first_image": f, "total_images": total}, {"probe": pk}, cache=False, model=True)
+                   {**common, "first_image": f, "total_images": total}, {"probe": pk, **fits}, cache=False, model=True)
              for i, (s, f, pk) in enumerate(zip(shards, firsts, probe_keys))]
     merged = _reduce(g, "netdissect-thresholds", netdissect.merge_thresholds_task, pass1, f"NetDissect {m.id}")
     thresholds = g.add("netdissect-thresholds", netdissect.thresholds_task, f"NetDissect {m.id} thresholds",
                        {"code_version": netdissect.CODE_VERSION}, {}, {"states": merged}, shape=dict)
     pass2 = [g.add("netdissect-tally", netdissect.shard_tally_task, f"NetDissect {m.id} pass 2, {i}",
                    {**ident, "shard": s.manifest, "first": f}, {**common, "first_image": f},
-                   {"probe": pk, "thresholds": thresholds}, model=True, shape=dict)
+                   {"probe": pk, "thresholds": thresholds, **fits}, model=True, shape=dict)
              for i, (s, f, pk) in enumerate(zip(shards, firsts, probe_keys))]
     tally = _reduce(g, "netdissect-tally", netdissect.merge_tally_task, pass2, f"NetDissect {m.id}", {"top": top})
     return {"tally_": tally, "thresholds": thresholds}

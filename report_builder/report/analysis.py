@@ -105,11 +105,11 @@ def _plain(value):
 
 
 def findings(results: dict) -> list[dict]:
-    out: list[dict] = []
     from report_builder.report import concepts
 
-    for fn in (dissection_findings, quality_findings, netdissect_findings, concepts.findings, versions_findings,
-               evaluation_findings, _agreement_findings,
+    out: list[dict] = []
+    for fn in (dissection_findings, quality_findings, directions_findings, netdissect_findings, bases_findings,
+               concepts.findings, versions_findings, evaluation_findings, _agreement_findings,
                _cam_ranking_findings, _speed_findings, sweep_findings, _prediction_findings, _confidence_findings,
                _lime_fit_findings):
         out.extend(fn(results))
@@ -209,6 +209,74 @@ def netdissect_findings(results: dict) -> list[dict]:
                 "; ".join(f"{a['layer']}: {a['same']} and {a['in_top']} of {a['detectors']}" for a in rows) + ").")
         out.append({"id": f"methods-{model}", "section": "netdissect", "text": text,
                     "numbers": {"detectors": detectors, "same": same, "in_top": in_top}})
+    return out
+
+
+def directions_findings(results: dict) -> list[dict]:
+    """Per model and layer with learned directions: distinct CLIP-Dissect labels among the units and among each
+    method's directions, with how well and how sparsely the directions reconstruct the layer."""
+    d = results.get("dissection", {})
+    if not d.get("directions"):
+        return []
+    names = _display(results)
+    units = {(m["model"], x["layer"]): x for m in d["summary"]["models"] for x in m["layers"]}
+    by_layer: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for f in d["directions"]:
+        by_layer[(f["model"], f["layer"])].append(f)
+    out = []
+    for (model, layer), fits in by_layer.items():
+        u = units[(model, layer)]
+        parts = [f"its {u['units']} units carry {u['unique']} distinct labels ({_pct(u['unique'], u['units'])})"]
+        for f in fits:
+            clipped = f["reports"].get("clipped")
+            parts.append(f"the {f['components']} {f['title']} directions carry {f['unique']} ({_pct(f['unique'], f['components'])}; "
+                         f"relative reconstruction error {f['reconstruction_error']:.2f}, "
+                         f"{100 * f['sparsity']:.0f}% of codes active"
+                         + (f", {100 * clipped:.0f}% of the activations' mass below 0 clipped before the fit"
+                            if clipped else "") + ")")
+        text = (f"Labelled the same way, {names[model]}'s {layer}: " + "; ".join(parts) + ". The bases differ in size, "
+                "so the shares compare, not the counts; and among a few dozen directions a count of distinct labels "
+                "moves by a few with the seed and the probe images, so only a large gap says one basis is more varied.")
+        out.append({"id": f"directions-{model}-{layer}", "section": "dissection", "question": "directions", "text": text,
+                    "numbers": {"units": {"units": u["units"], "unique": u["unique"]},
+                                **{f["method"]: {k: f[k] for k in ("components", "unique", "reconstruction_error",
+                                                                    "sparsity")} for f in fits}}})
+    return out
+
+
+def bases_findings(results: dict) -> list[dict]:
+    """Network Dissection of the learned directions beside the units and the full random rotation: the share of
+    each basis that are detectors, with Wilson's 95% interval; a basis is called more (or less) interpretable than
+    the units only when the two intervals do not overlap."""
+    if "netdissect" not in results:
+        return []
+    names = _display(results)
+    out = []
+    for m in results["netdissect"]["models"]:
+        by_layer: dict[str, list[dict]] = defaultdict(list)
+        for b in m.get("bases", []):
+            by_layer[b["layer"]].append(b)
+        for layer, rows in by_layer.items():
+            learned = [b for b in rows if b["basis"] not in ("units", "rotation")]
+            if not learned:
+                continue
+            shares = {b["basis"]: share(b["detectors"], b["size"]) for b in rows}
+            parts = [f"{b['title']}: {b['detectors']} detectors of {b['size']} "
+                     f"({100 * shares[b['basis']].value:.0f}% [{100 * shares[b['basis']].low:.0f}, "
+                     f"{100 * shares[b['basis']].high:.0f}]), {b['unique']} unique concepts" for b in rows]
+            units = shares["units"]
+            apart = [(b, "more" if shares[b["basis"]].low > units.high else "less") for b in learned
+                     if shares[b["basis"]].low > units.high or shares[b["basis"]].high < units.low]
+            verdict = ("; ".join(f"{b['title']} directions are detectors {word} often than the units (the 95% intervals "
+                                 "do not overlap)" for b, word in apart) if apart else
+                       "no learned basis's share of detectors differs from the units' beyond the 95% intervals, so "
+                       "these counts do not rank the bases")
+            text = (f"With pixel labels, {names[m['model']]}'s {layer} in each basis: " + "; ".join(parts) + ". "
+                    + verdict[0].upper() + verdict[1:] + ". With few labelled images a count moves by a few from one "
+                    "basis to the next.")
+            out.append({"id": f"bases-{m['model']}-{layer}", "section": "netdissect", "text": text,
+                        "numbers": {b["basis"]: {"size": b["size"], "detectors": b["detectors"], "unique": b["unique"]}
+                                    for b in rows}})
     return out
 
 

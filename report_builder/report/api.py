@@ -26,6 +26,10 @@ from report_builder.report.rundir import RunFormatError, check_id, inside, load_
 ALTERNATIVES = 3
 CHECK_COLUMNS = ["name", "metric", "group", "model", "method", "layer", "image", "category", "value", "values", "at_least",
                  "at_most", "each", "passed", "message"]  # next-best concepts per unit, as in dissection/<model>.csv
+DIRECTION_COLUMNS = ["model", "layer", "method", "direction", "label", "similarity", "scorer", "netdissect_label",
+                     "netdissect_category", "iou", "detector"]
+DIRECTION_FIT_COLUMNS = ["model", "layer", "method", "components", "components_asked", "reconstruction_error",
+                         "variance_explained", "sparsity", "unique"]
 
 
 class Run:
@@ -111,6 +115,35 @@ class Run:
                 for m in self._results.get("netdissect", {}).get("models", []) for x in m["layers"]
                 for u in x["unit_labels"]]
         return _frame(rows, ["model", "layer", "unit", "category", "label", "iou", "detector", "threshold"])
+
+    @functools.cached_property
+    def directions(self) -> pd.DataFrame:
+        """Learned directions (dissect.directions): one row per direction (model, layer, method, direction), its
+        CLIP-Dissect label, similarity and scorer, and where the run had pixel labels its Network Dissection label,
+        category, IoU and whether it is a detector (empty otherwise); empty without directions."""
+        pixel = {(m["model"], d["layer"], d["method"]): d["unit_labels"]
+                 for m in self._results.get("netdissect", {}).get("models", []) for d in m.get("directions", [])}
+        rows = []
+        for d in self._results.get("dissection", {}).get("directions", []):
+            nd = pixel.get((d["model"], d["layer"], d["method"]))
+            for u in d["labels"]:
+                p = nd[u["direction"]] if nd else {}
+                rows.append({"model": d["model"], "layer": d["layer"], "method": d["method"],
+                             "direction": u["direction"], "label": u["label"], "similarity": u["similarity"],
+                             "scorer": u["scorer"], "netdissect_label": p.get("label"),
+                             "netdissect_category": p.get("category"), "iou": p.get("iou"),
+                             "detector": p.get("detector")})
+        return _frame(rows, DIRECTION_COLUMNS)
+
+    @functools.cached_property
+    def direction_fits(self) -> pd.DataFrame:
+        """One row per fit of the learned directions (model, layer, method): components (and how many were asked
+        for), relative reconstruction error, variance explained, sparsity (the mean share of active codes), unique
+        concepts among its labels, then what the method reports of its own (NMF: clipped, iterations; SAE: dead,
+        loss)."""
+        rows = [{k: d[k] for k in DIRECTION_FIT_COLUMNS} | d["reports"]
+                for d in self._results.get("dissection", {}).get("directions", [])]
+        return _frame(rows, DIRECTION_FIT_COLUMNS)
 
     @functools.cached_property
     def predictions(self) -> pd.DataFrame:

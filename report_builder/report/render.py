@@ -317,6 +317,26 @@ def netdissect_figures(out_dir: Path, results: dict, names: dict) -> dict[str, l
         figs["netdissect_rotation"].append({"path": path, "caption": "Network Dissection after rotating the layer's "
                                             "channels by Qᵅ, a seeded random rotation Q taken α of the way "
                                             "from the identity."})
+
+    # The bases side by side: per model and layer, detectors and unique concepts of each basis.
+    panels = [(m, layer, [b for b in m["bases"] if b["layer"] == layer])
+              for m in nd["models"] for layer in dict.fromkeys(b["layer"] for b in m.get("bases", []))]
+    if panels:
+        fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.9 * len(panels) + 0.4), squeeze=False)
+        for ax, (m, layer, rows) in zip(axes[:, 0], panels):
+            x = range(len(rows))
+            ax.bar([i - 0.2 for i in x], [b["detectors"] for b in rows], 0.4, color=PALETTE[0], label="detectors")
+            ax.bar([i + 0.2 for i in x], [b["unique"] for b in rows], 0.4, color=PALETTE[1], label="unique concepts")
+            ax.set_xticks(list(x), [f"{b['title']}\n({b['size']})" for b in rows], fontsize=7)
+            ax.set_ylabel(f"{names[m['model']]}\n{layer}", fontsize=8)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.spines[["top", "right"]].set_visible(False)
+        axes[0, 0].legend(frameon=False, fontsize=7)
+        path = out_dir / "netdissect_bases.png"
+        _save(fig, path, list(axes[:, 0]))
+        figs["netdissect_bases"].append({"path": path, "caption": "Network Dissection in each basis of the layer: "
+                                         "its units, a full random rotation, and the learned directions (in brackets, "
+                                         "the basis's size)."})
     return figs
 
 

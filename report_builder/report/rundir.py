@@ -373,6 +373,20 @@ def _units(key: str):
     return check
 
 
+def _directions(entry, where, ctx):
+    """A fit lists each of its `components` directions once, in order, and counts its labels' distinct concepts."""
+    labels = entry["labels"]
+    if len(labels) != entry["components"]:
+        raise RunFormatError(f"{ctx.source}: {where}.labels: lists {len(labels)} directions, expected "
+                             f"{entry['components']} (its 'components')")
+    for k, u in enumerate(labels):
+        if u["direction"] != k:
+            _bad(ctx, f"{where}.labels[{k}].direction", u["direction"], f"{k} (each direction once, in order)")
+    if entry["unique"] != len({u["label"] for u in labels}):
+        _bad(ctx, f"{where}.unique", entry["unique"], f"{len({u['label'] for u in labels})}, its labels' distinct "
+                                                       "concepts")
+
+
 def _at_most(n: int):
     def check(items, where, ctx):
         if len(items) > n:
@@ -500,7 +514,14 @@ NETDISSECT = Then({
         "unit_labels": [{"gallery": "path", "unit": "int", "label": "text", "category": "text", "iou": "probability",
                          "detector": "bool", "threshold": Null("number"), "top_images?": ["text"]}],
         "units": "positive",
-    }, _units("unit_labels"))], _unique("layer"))}], _unique("model")),
+    }, _units("unit_labels"))], _unique("layer")),
+        # learned directions (dissect.directions) dissected with pixel labels, and the bases side by side
+        "directions?": [Then({"layer": "id", "method": "text", "units": "positive", "detectors": "count",
+                              "unique": "count",
+                              "unit_labels": [{"unit": "int", "label": "text", "category": "text", "iou": "probability",
+                                               "detector": "bool"}]}, _units("unit_labels"))],
+        "bases?": [{"layer": "id", "basis": "text", "title": "text", "size": "positive", "detectors": "count",
+                    "unique": "count"}]}], _unique("model")),
     "categories": Then(["text"], _register("category")),
     "settings": "mapping", "probe": "mapping",
 }, _categories)
@@ -523,6 +544,13 @@ DISSECTION = {
                      "resample_labels": [["text"]]},
     }, _units("labels"))], _unique("layer"))}], _unique("model")),
     "summary?": "mapping", "quality?": "mapping",
+    # learned directions (dissect.directions): per model, layer and method, the fit's numbers and each direction's label
+    "directions?": [Then({"model": "model", "layer": "id", "method": "text", "title": "text", "components": "positive",
+                          "components_asked": "positive", "reconstruction_error": "number",
+                          "variance_explained": "number", "sparsity": "probability", "unique": "count",
+                          "reports": Map("number"), "labels": [{"direction": "int", "label": "text",
+                                                                "similarity": Null("number"), "scorer": "scorer"}]},
+                         _directions)],
 }
 def _ablation_lengths(entry, where, ctx):
     """One drop per k for the top units, and per k a list of draws for each baseline."""

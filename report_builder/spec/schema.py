@@ -24,6 +24,7 @@ from report_builder.explanation.registry import ATTRIBUTIONS, DEFAULT as METHODS
 # their registries (torch-free declarations).
 from report_builder.dissection.scorers import SCORERS
 from report_builder.dissection.similarity import SIMILARITIES
+from report_builder.dissection.directions import DIRECTIONS
 from report_builder.models.sources import SOURCE_KEYS, SOURCES
 
 # Bounds on the file itself, checked before and while parsing.
@@ -450,6 +451,51 @@ class QualitySpec(StrictModel):
                        "combination")
 
 
+class SaeSpec(StrictModel):
+    """The sparse autoencoder of dissect.directions (dissection/direction_fits.py: fit_sae)."""
+
+    kind: Literal["topk", "relu"] = Field("topk", description="TopK codes (the k largest per image), or ReLU codes "
+                                          "with an L1 penalty")
+    k: Int = Field(4, ge=1, le=4096, description="topk: directions active per image")
+    l1: Float = Field(1e-3, ge=0.0, le=100.0, description="relu: the L1 penalty's weight (activations scaled to a "
+                      "root-mean-square norm of 1)")
+    steps: Int = Field(1000, ge=1, le=100_000, description="full-batch Adam steps")
+    lr: Float = Field(3e-3, gt=0.0, le=1.0, description="Adam's learning rate")
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> SaeSpec:
+        for key, kind in (("k", "topk"), ("l1", "relu")):
+            if self.kind != kind and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(f"{key}: found {_show(getattr(self, key))}, but {key!r} goes with kind {kind!r} "
+                                 f"and kind is {self.kind!r}")
+        return self
+
+
+class DirectionsSpec(StrictModel):
+    """Learned directions (dissection/directions.py): bases fitted on a layer's pooled activations, dissected as units
+    are."""
+
+    methods: tuple[Literal[tuple(DIRECTIONS)], ...] = Field(tuple(DIRECTIONS), min_length=1, max_length=16)
+    components: Int = Field(32, ge=1, le=4096, description="directions per method and layer; capped by the layer's "
+                            "channels and the probe images (the report says when)")
+    layers: tuple[Name, ...] | None = Field(None, min_length=1, max_length=64,
+                                            description="the layers to fit; default: each model's last listed layer")
+    sae: SaeSpec = SaeSpec()
+
+    @field_validator("methods")
+    @classmethod
+    def _once_each(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        twice = sorted({m for m in v if v.count(m) > 1})
+        if twice:
+            raise ValueError(f"found {_either(twice)} more than once, expected each method once")
+        return v
+
+    def settings(self, method: str) -> dict:
+        """The keyword settings of a method's fit function (its entry names the block that holds them)."""
+        key = DIRECTIONS[method].settings
+        return getattr(self, key).model_dump(mode="json") if key else {}
+
+
 class DissectSpec(StrictModel):
     probe: ProbeSpec
     concepts: tuple[PathText, ...] = Field(("words-20k",), min_length=1, max_length=20,
@@ -462,6 +508,8 @@ class DissectSpec(StrictModel):
     batch_size: BatchSize = "auto"
     quality: QualitySpec | None = Field(QualitySpec(), description="held-out label quality and stability; null: "
                                         "none")
+    directions: DirectionsSpec | None = Field(None, description="learned directions (NMF, a sparse autoencoder) "
+                                              "dissected like units; null: none")
 
     @field_validator("scorers", mode="before")
     @classmethod
@@ -657,6 +705,12 @@ class Spec(StrictModel):
                 listed = sorted({x for m in self.models for x in m.layers})
                 raise ValueError(f"concepts.layers[{i}]: found {_show(layer)}, which no model lists in its 'layers' "
                                  f"(they list {', '.join(listed) or 'none'}); concept attribution reads a dissected layer")
+        directions = self.dissect.directions if self.dissect else None
+        for j, layer in enumerate(directions.layers or () if directions else ()):
+            missing = [m.id for m in self.models if m.layers and layer not in m.layers]
+            if missing:
+                raise ValueError(f"dissect.directions.layers[{j}]: found {layer!r}, which is not among the 'layers' "
+                                 f"of {', '.join(missing)}")
         rotation = self.netdissect.rotation if self.netdissect else None
         if rotation and rotation.layer:
             missing = [m.id for m in self.models if m.layers and rotation.layer not in m.layers]
