@@ -62,7 +62,7 @@ def save_unit_tile(crop: np.ndarray, heat: np.ndarray, path: Path, size: int = 1
     import torch
     import torch.nn.functional as F
 
-    up = F.interpolate(torch.from_numpy(np.asarray(heat, np.float32))[None, None], size=crop.shape[:2],
+    up = F.interpolate(torch.from_numpy(np.array(heat, np.float32))[None, None], size=crop.shape[:2],
                        mode="bilinear", align_corners=False)[0, 0].numpy()
     peak = float(up.max())
     scaled = np.clip(up, 0, None) / peak if peak > 0 else np.zeros_like(up)
