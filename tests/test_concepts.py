@@ -168,7 +168,7 @@ def test_the_ablation_test_beats_random_only_when_the_top_units_beat_every_set()
     text = " ".join(f["text"] for f in analysis.findings({"concepts": {**_section(records), "ablation": list(rows.values())},
                                                           "models": [{"id": "m", "display": "M"}]}))
     # the sentence states k = 2 (nearest 5), which fails, and names the k that beats random
-    assert "fails here" in text and "it beats random for k = 1, and fails for k = 2" in text
+    assert "It fails at features" in text and "With other k the verdict differs: k = 1 at features beats random" in text
 
 
 def test_the_profile_averages_each_class_over_its_images():

@@ -19,7 +19,9 @@ SPEC = """
 title: "End-to-end check"
 authors: ["Test Author"]
 models:
-  - {id: lite0, label: EfficientNet-Lite0, source: packaged, name: efficientnet_lite0, layers: [blocks.5, blocks.6]}
+  # target blocks.4 (112 channels, not the default's 320): ScoreCAM and its sanity runs cost a third
+  - {id: lite0, label: EfficientNet-Lite0, source: packaged, name: efficientnet_lite0, layers: [blocks.5, blocks.6],
+     target_layer: blocks.4}
 images: {source: samples, names: [chelsea, voc]}
 explain:
   cam: {batch_size: 64}

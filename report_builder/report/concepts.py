@@ -103,6 +103,62 @@ def summary(results: dict) -> dict:
     return {"ablation": ablation_summary(section), "profiles": profiles(section), "agreement": cam_agreement(section)}
 
 
+def _p_words(r: dict) -> str:
+    """'p = 0.032, the smallest 30 sets allow' when no random set reached the top-k units' drop."""
+    smallest = 1 / (r["draws"] + 1)
+    return f"p = {r['p_value']:.2g}" + (f", the smallest {r['draws']} sets allow" if r["p_value"] <= smallest + 1e-12 else "")
+
+
+def _ablation_finding(section: dict, name: str, model: str, layers: dict[str, list[dict]]) -> dict:
+    """One sentence per model: the top-k units' drop at each layer against random sets, the verdict per layer, the
+    most-active baseline; k is the listed k nearest SENTENCE_K, and the k where the verdict differs are named."""
+    k = _sentence_k([e["k"] for entries in layers.values() for e in entries])
+    rows = {layer: next((e for e in entries if e["k"] == k), None) for layer, entries in layers.items()}
+    rows = {layer: r for layer, r in rows.items() if r is not None}
+    n = max(r["images"] for r in rows.values())
+    draws = next(iter(rows.values()))["draws"]
+    drops = "; ".join(f"{r['top']:.2f} [{r['top_low']:.2f}, {r['top_high']:.2f}] at {layer}" for layer, r in rows.items())
+    randoms = ", ".join(f"{r['random']:.2f}" for r in rows.values())
+    text = (f"Ablating {name}'s top-{k} concept units (ranked by {section['attribution']}) lowered the top-1 "
+            f"probability by {drops} (mean over {n} image{'s' if n != 1 else ''}), against {randoms} for {k} "
+            f"random units ({draws} sets each).")
+    beats = [layer for layer, r in rows.items() if r["verdict"] == "beats random"]
+    fails = [layer for layer, r in rows.items() if r["verdict"] != "beats random"]
+    if beats:
+        where = "at every layer" if not fails else f"at {', '.join(beats)}"
+        ps = {_p_words(rows[layer]) for layer in beats}
+        alone = ", ".join(str(rows[layer]["images_beating"]) for layer in beats)
+        if len(ps) == 1:
+            stated = f"{ps.pop()}{' at each' if len(beats) > 1 else ''}"
+        else:
+            stated = "; ".join(f"{layer}: {_p_words(rows[layer])}" for layer in beats)
+        text += (f" The concept explanation beats random ablation {where} ({stated}; on its own, {alone} of {n} "
+                 f"images beat their random sets).")
+    if fails:
+        text += (" It fails at " + ", ".join(f"{layer} ({_p_words(rows[layer])})" for layer in fails)
+                 + ", where it does not beat random ablation.")
+    other_k = sorted({(e["k"], layer) for layer, entries in layers.items() for e in entries
+                      if e["k"] != k and (e["verdict"] == "beats random") != (rows[layer]["verdict"] == "beats random")})
+    if other_k:
+        text += " With other k the verdict differs: " + ", ".join(
+            f"k = {kk} at {layer} {'beats random' if rows[layer]['verdict'] != 'beats random' else 'fails'}"
+            for kk, layer in other_k) + "."
+    single = [b["name"] for b in section["baselines"] if not b["draws"]]
+    for baseline in single:
+        title = next(b["title"] for b in section["baselines"] if b["name"] == baseline).replace("k ", f"{k} ", 1)
+        comparisons = {layer: Comparison(Interval(c["difference"], c["low"], c["high"], c["n"]), c["p_value"], c["n"])
+                       for layer, r in rows.items() for c in [r[f"vs_{baseline}"]]}
+        drops = ", ".join(f"{r[baseline]:.2f}" for r in rows.values())
+        if not any(c.significant for c in comparisons.values()):
+            low = min(c.p_value for c in comparisons.values())
+            text += (f" Against {title} (drops {drops}), the contribution ranking's drop is within noise at "
+                     f"{'every layer' if len(rows) > 1 else next(iter(rows))} (p ≥ {low:.2g} over {n} images).")
+        else:
+            text += f" Against {title} (drops {drops}): " + "; ".join(
+                f"{layer}, {compare_words(c, digits=2)}" for layer, c in comparisons.items()) + "."
+    return {"id": f"concepts-ablation-{model}", "section": "concepts", "text": text}
+
+
 def _names(results: dict) -> dict[str, str]:
     return {m["id"]: m["display"] for m in results["models"]}
 
@@ -121,31 +177,9 @@ def findings(results: dict) -> list[dict]:
     by_layer: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
         by_layer[(r["model"], r["layer"])].append(r)
-    for (model, layer), entries in by_layer.items():
-        k = _sentence_k([e["k"] for e in entries])
-        r = next(e for e in entries if e["k"] == k)
-        n = r["images"]
-        clause = (f"Ablating {names[model]}'s top-{k} concept units at {layer} (ranked by {section['attribution']}) "
-                  f"lowered the top-1 probability by {r['top']:.2f} [{r['top_low']:.2f}, {r['top_high']:.2f}] on "
-                  f"average over {n} image{'s' if n != 1 else ''}; {k} random units lowered it by {r['random']:.2f} "
-                  f"(the middle 95% of {r['draws']} random sets: {r['random_low']:.2f} to {r['random_high']:.2f})")
-        if r["verdict"] == "beats random":
-            text = (f"{clause}: the concept explanation beats random ablation (p = {r['p_value']:.2g}, Monte Carlo "
-                    f"over the {r['draws']} sets; on its own, {r['images_beating']} of {n} images beat their random "
-                    f"sets at p ≤ {ALPHA:g}).")
-        else:
-            text = (f"{clause}: the concept explanation fails here, as it does not beat random ablation "
-                    f"(p = {r['p_value']:.2g}, Monte Carlo over the {r['draws']} sets).")
-        if "activation" in r:
-            c = Comparison(Interval(r["vs_activation"]["difference"], r["vs_activation"]["low"],
-                                                r["vs_activation"]["high"], n), r["vs_activation"]["p_value"], n)
-            text += (f" Against the {k} most active units (drop {r['activation']:.2f}), the contribution ranking's "
-                     f"drop is {compare_words(c, digits=2)}.")
-        failing = [str(e["k"]) for e in entries if e["verdict"] == "fails"]
-        beating = [str(e["k"]) for e in entries if e["verdict"] != "fails"]
-        if failing and beating:
-            text += f" Over every k: it beats random for k = {', '.join(beating)}, and fails for k = {', '.join(failing)}."
-        out.append({"id": f"concepts-ablation-{model}-{layer}", "section": "concepts", "text": text})
+    for model in dict.fromkeys(m for m, _ in by_layer):
+        out.append(_ablation_finding(section, names[model], model,
+                                     {layer: entries for (m, layer), entries in by_layer.items() if m == model}))
     out.extend(_agreement_findings(results, names))
     for model in dict.fromkeys(r["model"] for r in section["records"]):
         layers = [x for (m, x) in by_layer if m == model]
