@@ -16,7 +16,7 @@ models:
 images: {{source: samples, names: [coffee, chelsea]}}
 explain: {{methods: [gradcam, lime], lime: {{num_samples: 20, batch_size: 20}}}}
 dissect:
-  probe: {{source: samples-augmented, per_image: {per_image}}}
+  probe: {{source: samples-augmented, per_image: 2}}
   scorers: [colors]
   similarity_params: {{top_k: 5}}
 """
@@ -24,9 +24,9 @@ dissect:
 SWAPS = [(0, 1), (2, 3), (4, 5), (10, 20)]
 
 
-def _run(root: Path, name: str, ckpt: str, per_image: int = 2) -> Path:
+def _run(root: Path, name: str, ckpt: str) -> Path:
     spec = root / f"{name}.yaml"
-    spec.write_text(SPEC.format(title=name, ckpt=ckpt, per_image=per_image))
+    spec.write_text(SPEC.format(title=name, ckpt=ckpt))
     out = root / "output" / name
     assert main(["run", str(spec), "--out", str(out)]) == 0
     return out
@@ -44,8 +44,7 @@ def runs(tmp_path_factory):
         w[[i, j]] = w[[j, i]]
     state["conv1.weight"] = w
     torch.save(state, root / "b.pt")
-    return {"root": root, "a": _run(root, "a", "a.pt"), "b": _run(root, "b", "b.pt"),
-            "other_probe": _run(root, "c", "a.pt", per_image=3)}
+    return {"root": root, "a": _run(root, "a", "a.pt"), "b": _run(root, "b", "b.pt")}
 
 
 def _diff(a: Path, b: Path, out: Path, *extra: str) -> dict:
@@ -111,8 +110,15 @@ def test_planted_unit_swap_shows_exactly_the_swapped_labels(runs):
     assert any(f"{len(expected)} of 64 units" in f for f in d["findings"])
 
 
-def test_runs_that_cannot_be_compared_say_so(runs):
-    d = _diff(runs["a"], runs["other_probe"], runs["root"] / "probe")
+def test_runs_that_cannot_be_compared_say_so(runs, tmp_path):
+    # run A as a run on another probe set records it: the probe's manifest hash and description (the diff reads
+    # only results.json; a third full run cost the suite half a minute)
+    other = tmp_path / "other_probe"
+    shutil.copytree(runs["a"], other)
+    r = json.loads((other / "results.json").read_text())
+    r["dissection"]["probe"].update(sha256="0" * 64, description="12 packaged photos x 3 seeded crops and flips")
+    (other / "results.json").write_text(json.dumps(r))
+    d = _diff(runs["a"], other, runs["root"] / "probe")
     (pair,) = d["pairs"]
     assert pair["dissection"]["compared"] is False
     assert any("another probe set" in n for n in d["notices"])

@@ -366,3 +366,19 @@ def test_a_tied_maximum_points_by_the_share_of_it_that_hits():
         assert out["pointing_hit"] == 0.5 and out["pointing_near_hit"] == 0.0
     out = ev.pointing(saliency, region, 1)  # row 5 is within 1 pixel: 3 of 4 hit, 1 of them off the object
     assert out["pointing_hit"] == 0.75 and out["pointing_near_hit"] == 0.25
+
+
+def test_the_speed_finding_ranks_the_slowest_only_when_its_range_clears_the_next():
+    from report_builder.report.analysis import _speed_findings
+
+    def results(times: dict[str, list[float]]) -> dict:
+        n = len(next(iter(times.values())))
+        return {"models": [{"id": "m", "display": "M"}], "explanations": [{"model": "m", "image": f"im{i}",
+                                  "methods": {k: {"seconds": v[i], "cached": False} for k, v in times.items()}}
+                                 for i in range(n)]}
+
+    fast = {"gradcam": [0.1, 0.2, 0.15], "ablationcam": [0.3, 0.4, 0.35]}
+    overlapping = _speed_findings(results({**fast, "scorecam": [5.0, 9.0, 7.0], "lime": [6.0, 10.0, 8.0]}))[0]["text"]
+    assert "LIME and ScoreCAM are the slowest" in overlapping and "which is slower can change" in overlapping
+    apart = _speed_findings(results({**fast, "scorecam": [2.0, 3.0, 2.5], "lime": [6.0, 10.0, 8.0]}))[0]["text"]
+    assert "LIME is the slowest" in apart and "which is slower" not in apart

@@ -368,8 +368,15 @@ def _speed_findings(results: dict) -> list[dict]:
         text = f"{METHOD_TITLES[fastest]} is the fastest method: {spread(fastest)}."
     ratio = stats[slowest]["median"] / stats[fastest]["median"] if stats[fastest]["median"] > 0 else None
     if slowest not in (fastest, second) or not overlap:
-        text += f" {METHOD_TITLES[slowest]} is the slowest: {spread(slowest)}"
-        text += f", about {ratio:.0f} times the fastest." if ratio else "."
+        runner_up = order[-2]
+        if stats[slowest]["min"] <= stats[runner_up]["max"] and runner_up not in (fastest, second):
+            # the same rule as for the fastest pair: overlapping ranges do not rank
+            text += (f" {METHOD_TITLES[slowest]} and {METHOD_TITLES[runner_up]} are the slowest: {spread(slowest)} "
+                     f"against {spread(runner_up)}; their ranges overlap, so which is slower can change from run to "
+                     "run" + (f"; the slower takes about {ratio:.0f} times the fastest." if ratio else "."))
+        else:
+            text += f" {METHOD_TITLES[slowest]} is the slowest: {spread(slowest)}"
+            text += f", about {ratio:.0f} times the fastest." if ratio else "."
     lime = [(e["model"], e["methods"]["lime"]["seconds"]) for e in results["explanations"] if "lime" in e["methods"]]
     out = [{"id": "speed", "section": "timings", "question": "q5", "timing": True, "text": text,
             "numbers": {"median_seconds": {m: stats[m]["median"] for m in order}, "ratio": ratio,

@@ -610,7 +610,7 @@ class ConceptSpec(StrictModel):
     ks: tuple[Annotated[int, Strict(), Field(ge=1, le=100_000)], ...] = Field(
         (1, 3, 5, 10), min_length=1, max_length=20, description="ablate the top k units, for each k (capped by the "
         "layer's units)")
-    draws: Int = Field(30, ge=2, le=1000, description="random sets of k units per k, the bar to beat; with 19 or more "
+    draws: Int = Field(100, ge=2, le=1000, description="random sets of k units per k, the bar to beat; with 19 or more "
                        "one image can beat it at p ≤ 0.05")
     top_units: Int = Field(5, ge=1, le=50, description="units shown per image and layer, each with its map")
 
