@@ -80,6 +80,17 @@ def wrap(module: nn.Module, size: int = 32, classes: int = 3, layer: str = "feat
     return m
 
 
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A randomly initialised MobileNetV3-Small checkpoint, as torchvision writes one: the fault and task tests' model."""
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "net.pt"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
+    return path
+
+
 @pytest.fixture
 def tiny_model() -> LoadedModel:
     torch.manual_seed(0)

@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import torchvision
 
 from report_builder.__main__ import main
 
@@ -21,14 +19,6 @@ models:
 images: {images}
 explain: {{methods: [gradcam, lime], lime: {{num_samples: 20, batch_size: 20}}}}
 """
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "net.pt"
-    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
-    return path
 
 
 def spec_file(folder: Path, ckpt: Path, images: str = "{source: samples, names: [coffee, chelsea]}",

@@ -22,7 +22,7 @@ from report_builder.data.images import load_images, unique_ids
 from report_builder.errors import SpecError, UserError
 from report_builder.spec.schema import ImagesSpec
 
-from faults_common import MINIMAL, SPEC, WITH_LAYER, ckpt, good_run, run_cli, snapshot, spec_file  # noqa: F401 - fixtures are found by name
+from faults_common import MINIMAL, SPEC, WITH_LAYER, good_run, run_cli, snapshot, spec_file  # noqa: F401 - fixtures are found by name
 
 # ---------------------------------------------------------------- specs
 

@@ -22,7 +22,7 @@ from report_builder.pipeline.cache import Cache, stage_key
 from report_builder.errors import UserError
 from report_builder.report.rundir import without_timings
 
-from faults_common import REPO, WITH_LAYER, _launch, ckpt, good_run, run_cli, snapshot, spec_file  # noqa: F401 - fixtures are found by name
+from faults_common import REPO, WITH_LAYER, _launch, good_run, run_cli, snapshot, spec_file  # noqa: F401 - fixtures are found by name
 
 
 # ---------------------------------------------------------------- output folders: nothing of the user's is lost
@@ -555,7 +555,7 @@ def test_two_concurrent_runs_on_one_cache(tmp_path, ckpt):
 
 
 @pytest.mark.parametrize("stage", ["load models", "explain", "render report"])
-def test_kill_minus_nine_then_rerun_gives_identical_results(tmp_path, ckpt, good_run, stage):
+def test_kill_minus_nine_then_rerun_gives_identical_results(tmp_path, good_run, stage):
     spec = good_run.parent / "spec.yaml"  # the reference run's own spec file
     out, cache = tmp_path / "out" / "run", tmp_path / "cache"
     p = _launch(spec, out, cache)

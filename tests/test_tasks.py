@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from report_builder.dissection import netdissect as nd
 from report_builder.pipeline import runner
@@ -41,14 +40,6 @@ netdissect:
   pdf_units: 1
   rotation: {{alphas: [1.0]}}
 """
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "net.pt"
-    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), path)
-    return path
 
 
 def write_spec(folder: Path, ckpt: Path, samples: int = 20, probe: str = "samples-augmented", path: str = "") -> Path:
