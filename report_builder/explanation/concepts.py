@@ -22,13 +22,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from report_builder.explanation.methods import tail_after
+from report_builder.explanation.methods import checked_tail
 from report_builder.explanation.registry import ABLATION_BASELINES, ATTRIBUTIONS, resolve
 from report_builder.models.hooks import LayerRecorder
 from report_builder.models.zoo import LoadedModel, ModelRef, get_layer, model_for
 
 # Bump when a change alters what the task computes, so cached values are recomputed.
-CODE_VERSION = 3
+CODE_VERSION = 4
 ROWS_PER_PASS = 64  # ablated copies per forward pass: bounded memory on a ViT, whole batches on a ResNet's tail
 
 
@@ -61,12 +61,6 @@ def shares(contribution: np.ndarray) -> np.ndarray:
     """Each unit's contribution over the sum of the positive ones (0 everywhere when none is positive)."""
     positive = float(np.clip(contribution, 0, None).sum())
     return contribution / positive if positive > 0 else np.zeros_like(contribution)
-
-
-def empirical_p(value: float, draws: np.ndarray) -> float:
-    """One-sided Monte Carlo p-value that `value` is no larger than the draws: (1 + #draws ≥ value) / (draws + 1)."""
-    draws = np.asarray(draws, dtype=np.float64)
-    return float((1 + np.sum(draws >= value)) / (len(draws) + 1))
 
 
 def _channel_axis(raw: torch.Tensor, kind: str) -> int:
@@ -103,14 +97,7 @@ class Ablator:
                  target: int):
         self.model, self.layer, self.x, self.raw, self.target = model, layer, x, raw, target
         self.axis = _channel_axis(raw, model.layout(layer).kind)
-        self.tail = tail_after(model, layer)
-        if self.tail is not None:  # the tail stands in for the model only where it reproduces the model's output
-            try:
-                with torch.inference_mode():
-                    same = torch.allclose(self.tail(raw), logits, rtol=1e-4, atol=1e-4)
-            except (RuntimeError, ValueError):  # shapes that do not fit: a ViT's tokens meet its pooled head
-                same = False
-            self.tail = self.tail if same else None
+        self.tail = checked_tail(model, layer, raw, logits)
         self.forward = "tail" if self.tail is not None else "model"
 
     def _logits(self, ablated: torch.Tensor) -> torch.Tensor:
@@ -139,7 +126,8 @@ class Ablator:
 def attribute_layer(model: LoadedModel, x: torch.Tensor, layer: str, raw: torch.Tensor, A: torch.Tensor,
                     G: torch.Tensor, logits: torch.Tensor, target: int, settings: dict, seed: int) -> dict:
     """One layer's contributions, its Grad-CAM map, the top units' maps and the ablation drops for every k."""
-    contribution = resolve(ATTRIBUTIONS[settings["attribution"]].implementation)(A, G).cpu().numpy().astype(np.float64)
+    # ranked as stored (float32): collect ranks the stored values again, and finds the shown units first
+    contribution = resolve(ATTRIBUTIONS[settings["attribution"]].implementation)(A, G).cpu().numpy().astype(np.float32)
     activation = A.mean(dim=(1, 2)).cpu().numpy().astype(np.float64)  # the pooled value dissection labels
     order = ranking(contribution)
     channels = len(contribution)
@@ -164,7 +152,7 @@ def attribute_layer(model: LoadedModel, x: torch.Tensor, layer: str, raw: torch.
     return {
         "layer": layer,
         "units": channels,
-        "contribution": contribution.astype(np.float32),
+        "contribution": contribution,
         "activation": activation.astype(np.float32),
         "shown": shown.astype(np.int64),
         # each shown unit's activation map, signed by its mean gradient: positive where it pushes toward the class

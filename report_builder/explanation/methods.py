@@ -257,6 +257,20 @@ def tail_after(model: LoadedModel, layer: str) -> Callable[[torch.Tensor], torch
     return tail
 
 
+def checked_tail(model: LoadedModel, layer: str, acts: torch.Tensor, logits: torch.Tensor
+                 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`tail_after(model, layer)` where it reproduces the model's logits from the layer's output `acts`, else None
+    (the layers after it do not run in sequence, or their shapes do not fit: a ViT's tokens meet its pooled head)."""
+    tail = tail_after(model, layer)
+    if tail is None:
+        return None
+    try:
+        with torch.inference_mode():
+            return tail if torch.allclose(tail(acts), logits, rtol=1e-4, atol=1e-4) else None
+    except (RuntimeError, ValueError):
+        return None
+
+
 def target_output(model: LoadedModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The target layer's output and the model's logits, from one pass of the model itself (hooks need it)."""
     layer = get_layer(model, model.target_layer, f"model {model.id} target_layer")
@@ -277,14 +291,14 @@ def ablation_cam(model: LoadedModel, crop: np.ndarray, target: int, settings: Ex
     """
     from pytorch_grad_cam.utils.image import scale_cam_image
 
-    tail = tail_after(model, model.target_layer)
-    if tail is None:  # the layers after the target do not run in sequence (a ViT): grad-cam's own AblationCAM
+    if tail_after(model, model.target_layer) is None:  # the layers after it do not run in sequence (a ViT)
         return {**PACKAGE_CAMS["ablationcam"](model, crop, target, settings), "implementation": "grad-cam"}
     x = model.preprocess.normalize(crop[None], settings.device)
     start = time.perf_counter()
     with torch.inference_mode():
         acts, logits = target_output(model, x)
-        if acts.dim() != 4 or not torch.allclose(tail(acts), logits, rtol=1e-4, atol=1e-4):
+        tail = checked_tail(model, model.target_layer, acts, logits) if acts.dim() == 4 else None
+        if tail is None:  # grad-cam's own AblationCAM
             return {**PACKAGE_CAMS["ablationcam"](model, crop, target, settings), "implementation": "grad-cam"}
         original = float(logits[0, target])
         channels = acts.shape[1]

@@ -71,8 +71,8 @@ def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Pro
         write_netdissect_csvs(work / "dissection", out["netdissect"])
         out["netdissect"]["agreement"] = analysis.method_agreement(out)
     if plan.concepts:  # after the dissections: their labels name the units
-        out["concepts"] = concepts_section(spec, inputs, plan, outcome, work, out)
-        write_concepts_csv(work / CONCEPTS_CSV, out["concepts"])
+        out["concepts"], unit_rows = concepts_section(spec, inputs, plan, outcome, work, out)
+        write_concepts_csv(work / CONCEPTS_CSV, unit_rows)
     if spec.evaluate is not None:
         out["evaluation"] = evaluation_section(spec, inputs, plan, outcome, work)
         write_evaluation_csv(work / "evaluation.csv", out["evaluation"])
@@ -247,16 +247,16 @@ def _unit_row(unit: int, rank: int, value: dict, share: np.ndarray, clip: dict, 
             "iou": n["iou"] if n else None, "detector": bool(n["detector"]) if n else None}
 
 
-def concepts_section(spec, inputs, plan, outcome, work: Path, out: dict) -> dict:
-    """Per model, image and concept layer: every unit's contribution and share with its labels from the run's
-    dissections (`rows`, the CSV's), the top units (with their maps as small overlays), the top concepts (shares
+def concepts_section(spec, inputs, plan, outcome, work: Path, out: dict) -> tuple[dict, list[dict]]:
+    """Per model, image and concept layer: the section of results.json, and every unit's row (its contribution and
+    share with its labels from the run's dissections, concept_attribution.csv's). The section has the top units (with their maps as small overlays), the top concepts (shares
     summed by label: CLIP-Dissect's where the run has it, else the Network Dissection detectors'), and the ablation
     drops against each baseline."""
     from report_builder.explanation.concepts import ranking, shares
     from report_builder.explanation.registry import ABLATION_BAR, ABLATION_BASELINES, ATTRIBUTIONS
 
     clip, nd = _labels_by_unit(out)
-    source = "clip-dissect" if clip else "netdissect"
+    source, label_key = ("clip-dissect", "label") if clip else ("netdissect", "netdissect_label")
     records, rows = [], []
     for m in inputs.models:
         for im in inputs.images:
@@ -279,10 +279,10 @@ def concepts_section(spec, inputs, plan, outcome, work: Path, out: dict) -> dict
                 cam_rel = f"{folder}/{im.id}_gradcam.jpg"
                 overlays.save_unit_tile(crop, layer["cam"], work / cam_rel)
                 top = []
-                for unit, heat in zip(layer["shown"], layer["maps"]):
-                    rel = f"{folder}/{im.id}_unit_{int(unit):04d}.jpg"
+                for row, heat in zip(units, layer["maps"]):  # the shown units are the first of the ranking
+                    rel = f"{folder}/{im.id}_unit_{row['unit']:04d}.jpg"
                     overlays.save_unit_tile(crop, heat, work / rel)
-                    top.append({**units[list(order).index(int(unit))], "map": rel})
+                    top.append({**row, "map": rel})
                 agreement = {method: top_pixels_iou(layer["units_cam"], saliency) for method, saliency in maps.items()}
                 drops = layer["drops"]
                 ablation = {"ks": list(layer["ks"]), "draws": len(drops[ABLATION_BAR][0]),
@@ -292,15 +292,14 @@ def concepts_section(spec, inputs, plan, outcome, work: Path, out: dict) -> dict
                     "model": m.id, "image": im.id, "layer": name, "units": int(layer["units"]),
                     "target_class": int(value["target"]), "target_name": m.class_names[int(value["target"])],
                     "probability": float(value["probability"]), "forward": layer["forward"], "gradcam": cam_rel,
-                    "top": top, "concepts": concept_groups(units, "label" if source == "clip-dissect" else None),
-                    "netdissect_concepts": concept_groups(units, "netdissect_label") if nd else [],
-                    "ablation": ablation, "cam_agreement": agreement})
+                    "top": top, "concepts": concept_groups(units, label_key), "ablation": ablation,
+                    "cam_agreement": agreement})
     settings = spec.concepts.model_dump(mode="json")
     return {"settings": settings, "top_pixels": TOP_PIXELS, "attribution": ATTRIBUTIONS[settings["attribution"]].title,
             "citation": ATTRIBUTIONS[settings["attribution"]].citation, "label_source": source,
             "baselines": [{"name": b.name, "title": b.title, "draws": b.draws, "bar": b.bar}
                           for b in ABLATION_BASELINES.values()],
-            "records": records, "rows_csv": CONCEPTS_CSV, "_rows": rows}
+            "records": records}, rows
 
 
 TOP_PIXELS = 0.2  # the share of pixels each map marks when the concept units' map is compared with a CAM's
@@ -321,11 +320,9 @@ def top_pixels_iou(small: np.ndarray, full: np.ndarray, share: float = TOP_PIXEL
     return float(np.logical_and(*masks).sum() / union)
 
 
-def concept_groups(units: list[dict], key: str | None) -> list[dict]:
-    """Shares summed by label over the units that push toward the class (Network Dissection: detectors only), largest
-    first; the report lists the first few, the profiles average all of them."""
-    if key is None:  # no CLIP-Dissect: the detectors' labels
-        key = "netdissect_label"
+def concept_groups(units: list[dict], key: str) -> list[dict]:
+    """Shares summed by the label under `key` over the units that push toward the class (Network Dissection's,
+    'netdissect_label': detectors only), largest first; the report lists the first few, the profiles average all."""
     groups: dict[str, dict] = {}
     for u in units:
         label = u[key]
@@ -338,9 +335,8 @@ def concept_groups(units: list[dict], key: str | None) -> list[dict]:
     return [{**g, "units": g["units"][:10]} for g in ordered]
 
 
-def write_concepts_csv(path: Path, section: dict) -> None:
+def write_concepts_csv(path: Path, rows: list[dict]) -> None:
     """concept_attribution.csv: every unit's contribution and share per model, image and layer, with its labels."""
-    rows = section.pop("_rows")
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CONCEPTS_CSV_COLUMNS)

@@ -25,6 +25,13 @@ SENTENCE_K = 5  # the k the findings state (the nearest listed k when 5 is not)
 PROFILE_CONCEPTS = 5
 
 
+def empirical_p(value: float, draws) -> float:
+    """One-sided Monte Carlo p-value that `value` is no larger than the draws: (1 + #draws ≥ value) / (draws + 1);
+    a draw equal to the value (within rounding) counts against it."""
+    draws = np.asarray(draws, dtype=np.float64)
+    return float((1 + np.sum(draws >= value - 1e-12)) / (len(draws) + 1))
+
+
 def _sentence_k(ks: list[int]) -> int:
     return min(ks, key=lambda k: (abs(k - SENTENCE_K), k))
 
@@ -44,8 +51,8 @@ def ablation_summary(section: dict) -> list[dict]:
             draws = np.array([r["ablation"]["baselines"][bar][i] for r in records], dtype=np.float64)  # images x draws
             per_set = draws.mean(axis=0)  # each random set's mean drop over the images
             mean_top = float(top.mean())
-            p = float((1 + np.sum(per_set >= mean_top - 1e-12)) / (len(per_set) + 1))
-            per_image_p = [float((1 + np.sum(d >= t - 1e-12)) / (len(d) + 1)) for t, d in zip(top, draws)]
+            p = empirical_p(mean_top, per_set)
+            per_image_p = [empirical_p(t, d) for t, d in zip(top, draws)]
             interval = bootstrap(top)
             row = {"model": model, "layer": layer, "k": k, "units": records[0]["units"], "images": len(records),
                    "top": mean_top, "top_low": interval.low, "top_high": interval.high,
@@ -61,6 +68,19 @@ def ablation_summary(section: dict) -> list[dict]:
     return out
 
 
+def mean_shares(records: list[dict], limit: int) -> list[dict]:
+    """The `limit` concepts with the largest share averaged over the records (0 where a record lacks one), with the
+    number of records each appears in."""
+    total: dict[str, float] = defaultdict(float)
+    present: dict[str, int] = defaultdict(int)
+    for r in records:
+        for c in r["concepts"]:
+            total[c["label"]] += c["share"]
+            present[c["label"]] += 1
+    ranked = sorted(total, key=lambda label: (-total[label], label))[:limit]
+    return [{"label": label, "share": total[label] / len(records), "images": present[label]} for label in ranked]
+
+
 def profiles(section: dict) -> list[dict]:
     """Per model, layer and predicted class: the concepts with the largest mean share over its images."""
     groups: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
@@ -68,17 +88,9 @@ def profiles(section: dict) -> list[dict]:
         groups[(r["model"], r["layer"], r["target_class"])].append(r)
     out = []
     for (model, layer, cls), records in groups.items():
-        total: dict[str, float] = defaultdict(float)
-        present: dict[str, int] = defaultdict(int)
-        for r in records:
-            for c in r["concepts"]:
-                total[c["label"]] += c["share"]
-                present[c["label"]] += 1
-        ranked = sorted(total, key=lambda label: (-total[label], label))[:PROFILE_CONCEPTS]
         out.append({"model": model, "layer": layer, "class_index": cls, "class_name": records[0]["target_name"],
                     "images": len(records), "image_ids": [r["image"] for r in records],
-                    "concepts": [{"label": label, "share": total[label] / len(records), "images": present[label]}
-                                 for label in ranked]})
+                    "concepts": mean_shares(records, PROFILE_CONCEPTS)})
     return sorted(out, key=lambda p: (p["model"], p["layer"], -p["images"], p["class_name"]))
 
 
@@ -185,15 +197,11 @@ def findings(results: dict) -> list[dict]:
         layers = [x for (m, x) in by_layer if m == model]
         layer = layers[-1]  # the deepest concept layer: nearest the decision
         records = [r for r in section["records"] if r["model"] == model and r["layer"] == layer]
-        total: dict[str, float] = defaultdict(float)
-        for r in records:
-            for c in r["concepts"]:
-                total[c["label"]] += c["share"] / len(records)
-        if not total:
+        top = mean_shares(records, 3)
+        if not top:
             continue
-        top = sorted(total, key=lambda label: (-total[label], label))[:3]
         source = "CLIP-Dissect" if section["label_source"] == "clip-dissect" else "Network Dissection"
-        listed = ", ".join(f"{label} ({_pct(total[label])})" for label in top)
+        listed = ", ".join(f"{c['label']} ({_pct(c['share'])})" for c in top)
         out.append({"id": f"concepts-profile-{model}", "section": "concepts",
                     "text": f"Over its {len(records)} explained image{'s' if len(records) != 1 else ''}, "
                             f"{names[model]}'s predictions rest most on the {source} concepts {listed} at {layer} "
