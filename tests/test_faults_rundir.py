@@ -166,6 +166,14 @@ TAMPERED = [
      "results.json: evaluation.rows[0].method: found 'magic'"),
     ("num_classes missing", lambda r: r["models"][0].pop("num_classes"),
      "results.json: models[0].num_classes: missing"),
+    ("a concept unit map that climbs", lambda r: r["concepts"]["records"][0]["top"][0].update(map="../../x.jpg"),
+     "results.json: concepts.records[0].top[0].map"),
+    ("a concept record of an unknown image", lambda r: r["concepts"]["records"][0].update(image="ghost"),
+     "results.json: concepts.records[0].image: found 'ghost', expected one of the run's images"),
+    ("concept ablation drops short of its ks", lambda r: r["concepts"]["records"][0]["ablation"]["top"].pop(),
+     "results.json: concepts.records[0].ablation.top: found"),
+    ("a concept p-value above 1", lambda r: r["concepts"]["ablation"][0].update(p_value=3.0),
+     "results.json: concepts.ablation[0].p_value: found 3.0, expected a number from 0 to 1"),
 ]
 
 
@@ -198,6 +206,10 @@ CSVS = [
     ("netdissect detector", _edit_csv("dissection/net-netdissect.csv", 2, 5, "yes"),
      "dissection/net-netdissect.csv: line 2, detector: found 'yes', expected '0' or '1'"),
     ("agreement IoU", _edit_csv("agreement.csv", 2, 4, "lots"), "agreement.csv: line 2, iou: found 'lots'"),
+    ("concept share", _edit_csv("concept_attribution.csv", 2, 6, "most"),
+     "concept_attribution.csv: line 2, share: found 'most', expected a finite number"),
+    ("concept CSV of an unknown model", _edit_csv("concept_attribution.csv", 3, 0, "ghost"),
+     "concept_attribution.csv: line 3, model: found 'ghost'"),
     ("agreement header", _edit_csv("agreement.csv", 1, None, "image,model,iou"), "agreement.csv: line 1, the header"),
     ("evaluation value", _edit_csv("evaluation.csv", 2, 4, "1e999"), "evaluation.csv: line 2, value: found '1e999'"),
     ("evaluation header", _edit_csv("evaluation.csv", 1, 3, "measure"), "evaluation.csv: line 1, the header"),
