@@ -203,3 +203,20 @@ def test_top_pixels_iou_on_hand_made_maps():
     corner[:5, :5], far[5:, 5:] = 1.0, 1.0
     assert top_pixels_iou(small, far) == 0.0 and top_pixels_iou(small, corner) > 0.5
     assert top_pixels_iou(small, np.ones((10, 10), np.float32)) is None  # a flat map marks nothing
+
+
+@pytest.mark.parametrize("images, leads", [(8, True), (2, False)])
+def test_the_profile_finding_ranks_two_concepts_only_beyond_noise(images, leads):
+    from report_builder.report import concepts as analysis
+
+    flat = [[0.0] * 30, [0.0] * 30]
+    shares = [{"stripes": 0.6 + 0.01 * i, "fur": 0.2} for i in range(images)]
+    records = [_record("m", f"im{i}", 3, [0.1, 0.1], flat, s) for i, s in enumerate(shares)]
+    section = {**_section(records), "ablation": analysis.ablation_summary(_section(records))}
+    text = next(f["text"] for f in analysis.findings({"concepts": section, "models": [{"id": "m", "display": "M"}]})
+                if f["id"] == "concepts-profile-m")
+    stripes = next(c for c in analysis.mean_shares(records, 3) if c["label"] == "stripes")
+    assert stripes["low"] <= stripes["share"] <= stripes["high"]
+    assert f"stripes ({100 * stripes['share']:.0f}% [{100 * stripes['low']:.0f}%, {100 * stripes['high']:.0f}%])" in text
+    assert ("stripes leads fur beyond noise" in text) == leads
+    assert ("within noise of each other" in text) == (not leads)

@@ -68,9 +68,14 @@ def ablation_summary(section: dict) -> list[dict]:
     return out
 
 
+def _share_values(records: list[dict], label: str) -> list[float]:
+    """The concept's share on each record (0 where the record lacks it)."""
+    return [next((c["share"] for c in r["concepts"] if c["label"] == label), 0.0) for r in records]
+
+
 def mean_shares(records: list[dict], limit: int) -> list[dict]:
-    """The `limit` concepts with the largest share averaged over the records (0 where a record lacks one), with the
-    number of records each appears in."""
+    """The `limit` concepts with the largest share averaged over the records (0 where a record lacks one), each with
+    the 95 % bootstrap interval of that mean over the records and the number of records it appears in."""
     total: dict[str, float] = defaultdict(float)
     present: dict[str, int] = defaultdict(int)
     for r in records:
@@ -78,7 +83,12 @@ def mean_shares(records: list[dict], limit: int) -> list[dict]:
             total[c["label"]] += c["share"]
             present[c["label"]] += 1
     ranked = sorted(total, key=lambda label: (-total[label], label))[:limit]
-    return [{"label": label, "share": total[label] / len(records), "images": present[label]} for label in ranked]
+    out = []
+    for label in ranked:
+        interval = bootstrap(_share_values(records, label))
+        out.append({"label": label, "share": total[label] / len(records), "low": interval.low, "high": interval.high,
+                    "images": present[label]})
+    return out
 
 
 def profiles(section: dict) -> list[dict]:
@@ -201,12 +211,19 @@ def findings(results: dict) -> list[dict]:
         if not top:
             continue
         source = "CLIP-Dissect" if section["label_source"] == "clip-dissect" else "Network Dissection"
-        listed = ", ".join(f"{c['label']} ({_pct(c['share'])})" for c in top)
-        out.append({"id": f"concepts-profile-{model}", "section": "concepts",
-                    "text": f"Over its {len(records)} explained image{'s' if len(records) != 1 else ''}, "
-                            f"{names[model]}'s predictions rest most on the {source} concepts {listed} at {layer} "
-                            "(each concept's share of the units' positive contribution, averaged over the images; "
-                            "the labels' own quality is in the dissection section)."})
+        listed = ", ".join(f"{c['label']} ({_pct(c['share'])} [{_pct(c['low'])}, {_pct(c['high'])}])" for c in top)
+        n = len(records)
+        text = (f"Over its {n} explained image{'s' if n != 1 else ''}, {names[model]}'s predictions rest most on the "
+                f"{source} concepts {listed} at {layer} (each concept's share of the units' positive contribution, "
+                "its mean over the images with its 95% bootstrap interval; the labels' own quality is in the "
+                "dissection section).")
+        if len(top) >= 2:
+            first, second = top[0]["label"], top[1]["label"]
+            c = paired(_share_values(records, first), _share_values(records, second))
+            text += (f" {first} leads {second} beyond noise: {compare_words(c, digits=2)}." if c.significant else
+                     f" {first} and {second} are within noise of each other (difference {c.difference.format(2)}, "
+                     f"p = {c.p_value:.2g} over {c.n} image{'s' if c.n != 1 else ''}), so their order is no ranking.")
+        out.append({"id": f"concepts-profile-{model}", "section": "concepts", "text": text})
     return out
 
 
