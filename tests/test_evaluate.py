@@ -161,6 +161,29 @@ def test_randomising_a_model_changes_its_gradient_map_but_not_the_model(tiny_cro
     assert again["spearman"] == out["spearman"]  # seeded
 
 
+def test_an_image_that_does_not_walk_the_steps_ends_where_the_walk_ends(tiny_crop, monkeypatch):
+    """After `sanity.walk` images, an image makes the last step only: the same blocks with the same seeds, so its
+    last-step map and its runs equal the walk's, for one explanation per seed instead of steps + seeds - 1."""
+    from report_builder.explanation import methods
+
+    torch.manual_seed(0)
+    m = wrap(TinyNet())
+    explain = ExplainSpec()
+    original = methods.EXPLAINERS["gradcam"](m, tiny_crop, 1, methods.ExplainSettings(explain, 0, CPU))
+    spec = EvaluateSpec(sanity=SanitySpec(images=2, steps=3, seeds=2))
+    calls = []  # the randomised model is refolded before each of its explanations
+    refold = ev.refold
+    monkeypatch.setattr(ev, "refold", lambda *a: calls.append(1) or refold(*a))
+    walked = ev.sanity_check(m, tiny_crop, "gradcam", explain, spec, 0, "cpu", {**original, "target": 1})
+    assert len(calls) == 3 + 1  # every step, then the second seed's last step
+    calls.clear()
+    jumped = ev.sanity_check(m, tiny_crop, "gradcam", explain, spec, 0, "cpu", {**original, "target": 1}, walk=False)
+    assert len(calls) == 1 + 1
+    assert jumped["layers"] == walked["layers"][-1:] and jumped["blocks"] == walked["blocks"][-1:]
+    assert jumped["spearman"] == walked["spearman"][-1:] and jumped["runs"] == walked["runs"]
+    assert np.array_equal(jumped["maps"][-1], walked["maps"][-1]) and len(jumped["maps"]) == 2
+
+
 class BatchNormNet(nn.Module):
     """Convolutions each followed by a BatchNorm, as real CNNs are: the kind whose forward-only calls run folded."""
 

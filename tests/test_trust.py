@@ -240,7 +240,7 @@ def _planted(resembles):
     return explain
 
 
-def _cascade(monkeypatch, tiny_crop, resembles, seeds=3, images=3) -> list[dict]:
+def _cascade(monkeypatch, tiny_crop, resembles, seeds=3, images=3, walk=3) -> list[dict]:
     from report_builder.explanation import methods
 
     monkeypatch.setattr(methods, "EXPLAINERS", {"planted": _planted(resembles)})
@@ -250,7 +250,7 @@ def _cascade(monkeypatch, tiny_crop, resembles, seeds=3, images=3) -> list[dict]
     original = {"map": np.add.outer(np.arange(32.0), np.arange(32.0)).astype(np.float32), "target": 1}
     out = []
     for k in range(images):  # the planted map does not depend on the image: each image is a run of the seeds
-        v = ev.sanity_check(m, tiny_crop, "planted", ExplainSpec(), spec, k, "cpu", original)
+        v = ev.sanity_check(m, tiny_crop, "planted", ExplainSpec(), spec, k, "cpu", original, walk=k < walk)
         out.append({"model": "m", "image": f"i{k}", "method": "gradcam", **{key: v[key] for key in
                                                                            ("layers", "spearman", "ssim", "runs")}})
     return out
@@ -284,6 +284,20 @@ def test_a_verdict_that_holds_over_the_runs_is_written(monkeypatch, tiny_crop):
     assert "fails the sanity check" in analysis._sanity_finding("m", "M", [entry], [])["text"]
     entry = _summary(_cascade(monkeypatch, tiny_crop, lambda m: False))
     assert entry["sanity_fails"] == 0 and entry["sanity_verdict"] == "passes"
+
+
+def test_only_the_walking_images_make_the_per_step_means_and_every_image_makes_the_verdict(monkeypatch, tiny_crop):
+    sanity = _cascade(monkeypatch, tiny_crop, lambda m: float(m.module.fc.weight.detach().sum()) > 0, walk=1)
+    assert [len(s["layers"]) for s in sanity] == [2, 1, 1]
+    entry = _summary(sanity)
+    assert entry["sanity_steps"] == 2 and entry["sanity_walked"] == 1 and entry["sanity_images"] == 3
+    assert entry["sanity_spearman"] == pytest.approx(sanity[0]["spearman"])  # the walk's own steps
+    finals = [s["spearman"][-1] for s in sanity if s["spearman"][-1] is not None]
+    assert entry["spearman_final"] == pytest.approx(np.mean(finals))  # the last step of all three images
+    assert entry["sanity_runs"] == 9  # 3 images x 3 seeds, as when every image walks
+    text = analysis._sanity_finding("m", "M", [entry], [])["text"]
+    assert "3 images × 3 seeds; the cascade from the output block walks 2 step(s) on 1 image, the others are " \
+           "re-initialised at once" in text
 
 
 def test_a_map_gone_flat_is_flat_not_rho_zero(monkeypatch, tiny_crop):

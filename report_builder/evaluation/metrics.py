@@ -363,16 +363,18 @@ def reinitialise(module: torch.nn.Module, seed: int) -> None:
 
 
 def sanity_task(model: ModelRef, crop: np.ndarray, method: str, explain: ExplainSpec, evaluate: EvaluateSpec,
-                seed: int, device: str, explanation: dict) -> dict:
-    return sanity_check(model_for(model, device), crop, method, explain, evaluate, seed, device, explanation)
+                seed: int, device: str, explanation: dict, walk: bool = True) -> dict:
+    return sanity_check(model_for(model, device), crop, method, explain, evaluate, seed, device, explanation, walk)
 
 
 def sanity_check(base: LoadedModel, crop: np.ndarray, method: str, explain: ExplainSpec, evaluate: EvaluateSpec,
-                 seed: int, device: str, explanation: dict) -> dict:
+                 seed: int, device: str, explanation: dict, walk: bool = True) -> dict:
     """The map of `method` for the same class as blocks are randomised from the top, compared with the original.
     Seed 0 of `sanity.seeds` walks every step (the per-step numbers and the figure); each further seed re-initialises
     every block at once and makes the last step's map only, since the rule reads the last step: seeds - 1 more
-    explanations per image, not steps x seeds. The model given is left as it is: a copy is randomised."""
+    explanations per image, not steps x seeds. With `walk` False (an image after the first `sanity.walk`), seed 0
+    makes the last step only too: the same blocks get the same seeds, so its map is the one the walk ends with, at
+    one explanation instead of `steps`. The model given is left as it is: a copy is randomised."""
     from report_builder.explanation.methods import EXPLAINERS, ExplainSettings
 
     blocks = cascade(base.module)
@@ -388,6 +390,8 @@ def sanity_check(base: LoadedModel, crop: np.ndarray, method: str, explain: Expl
         for name in blocks[done:cut]:
             reinitialise(modules[name], seed + 1000 * (step + 1))
         done = cut
+        if not walk and cut != cuts[-1]:
+            continue  # only the last step's map is made: the blocks are randomised as the walk would leave them
         refold(randomised)  # forward-only calls fold these weights, not the last step's
         new = EXPLAINERS[method](randomised, crop, target, settings)["map"]
         similar = similarity(original, new)

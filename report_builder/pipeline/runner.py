@@ -311,11 +311,13 @@ def _evaluate_tasks(plan: Plan, spec, m, i: int, im, crop, pk: str, settings, me
             {"predictions": pk, "explanation": plan.explain[(m.id, im.id, method)]}, model=True,
             shape=evaluate.RESULT_SHAPE)
         if ev.sanity is not None and i < ev.sanity.images:
+            walk = i < ev.sanity.walk  # the others make the last step only (its map is the same as a walk's)
             plan.sanity[(m.id, im.id, method)] = g.add(
                 "sanity", evaluate.sanity_task, f"sanity {m.id} {im.id} {TITLES[method]}",
-                {"sanity": ev.sanity.model_dump(mode="json"), "code_version": evaluate.CODE_VERSION},
+                {"sanity": ev.sanity.model_dump(mode="json", exclude={"images", "walk"}), "walk": walk,
+                 "code_version": evaluate.CODE_VERSION},
                 {"model": m.ref, "crop": crop, "method": method, "explain": settings.explain, "evaluate": ev,
-                 "seed": spec.seed, "device": dev}, {"explanation": plan.explain[(m.id, im.id, method)]},
+                 "seed": spec.seed, "device": dev, "walk": walk}, {"explanation": plan.explain[(m.id, im.id, method)]},
                 model=True, shape=evaluate.SANITY_SHAPE)
     for chance in metric_registry.chance_methods(ev.model_dump(mode="json")):  # the chance maps, each with its draws
         plan.evaluation[(m.id, im.id, chance)] = g.add(

@@ -725,13 +725,15 @@ def evaluation_summary(results: dict) -> list[dict]:
             entry["object_fallback"] = sum(r.get("object") == ANY_OBJECT for r in rows)
             entry["sanity_images"] = len(sanity)
             if sanity:
-                steps = len(sanity[0]["layers"])
-                entry["sanity_layers"] = sanity[0]["layers"]
+                # the images that walked every step give the per-step means; every image gives the last step's
+                steps = max(len(s["layers"]) for s in sanity)
+                walked = [s for s in sanity if len(s["layers"]) == steps]
+                entry["sanity_steps"], entry["sanity_walked"] = steps, len(walked)
+                entry["sanity_layers"] = walked[0]["layers"]
                 per_step = metric_registry.per_step()
                 for metric, column in per_step:
-                    entry[metric.steps_key(column)] = [_mean([s[column.name][k] for s in sanity]) for k in range(steps)]
-                for metric, column in per_step:
-                    entry[metric.final_key(column)] = entry[metric.steps_key(column)][-1]
+                    entry[metric.steps_key(column)] = [_mean([s[column.name][k] for s in walked]) for k in range(steps)]
+                    entry[metric.final_key(column)] = _mean([s[column.name][-1] for s in sanity])
                 entry.update(_sanity_runs(sanity))
             out.append(entry)
     return out
@@ -910,6 +912,11 @@ def _road_finding(model: str, name: str, rows: list[dict], images: list[dict]) -
             "numbers": {r["method"]: r[column.name] for r in rows}, "chance": bars}
 
 
+def _plural(n: int, noun: str) -> str:
+    """'1 image', '4 images'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _sanity_finding(model: str, name: str, rows: list[dict], images: list[dict]) -> dict | None:
     methods, _ = _split(rows)
     rule = metric_registry.BY_NAME["sanity"].rule
@@ -924,9 +931,14 @@ def _sanity_finding(model: str, name: str, rows: list[dict], images: list[dict])
         parts.append(f"{_title(r['method'])} fails on {r['sanity_fails']} of {r['sanity_runs']} runs "
                      f"({100 * share['value']:.0f} % [{100 * share['low']:.0f}, {100 * share['high']:.0f}]{flat}; "
                      f"mean ρ {_f(r['spearman_runs'], digits)}, |ρ| {_f(r['abs_spearman_runs'], digits)})")
-    runs = sane[0]["sanity_runs"]
-    text = (f"With every block of {name} re-initialised ({sane[0]['sanity_images']} image(s) × "
-            f"{sane[0]['sanity_seeds']} seed(s)), a run fails when its map still resembles the original "
+    first = sane[0]
+    runs = first["sanity_runs"]
+    walked = first.get("sanity_walked", first["sanity_images"])  # older run directories: every image walked
+    steps = first.get("sanity_steps", len(first.get("sanity_layers") or [None]))
+    walk = (f"; the cascade from the output block walks {steps} step(s) on {_plural(walked, 'image')}"
+            f"{'' if walked == first['sanity_images'] else ', the others are re-initialised at once'}")
+    text = (f"With every block of {name} re-initialised ({_plural(first['sanity_images'], 'image')} × "
+            f"{_plural(first['sanity_seeds'], 'seed')}{walk}), a run fails when its map still resembles the original "
             f"({rule.stated}): " + "; ".join(parts) + ". ")
     verdicts = {v: [r for r in sane if r["sanity_verdict"] == v] for v in ("fails", "passes", "inconclusive")}
     said = []

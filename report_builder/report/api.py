@@ -186,12 +186,18 @@ class Run:
 
     @functools.cached_property
     def sanity(self) -> pd.DataFrame:
-        """The sanity check: per model, image, method and randomisation step, the similarity to the original map."""
+        """The sanity check: per model, image, method and randomisation step, the similarity to the original map. An
+        image that did not walk the steps (after `sanity.walk`) has its last step only, numbered as the walk's last."""
         per_step = [c.name for _, c in metric_registry.per_step()]
-        rows = [{"model": s["model"], "image": s["image"], "method": s["method"], "step": k + 1, "layer": layer,
+        sanity = self._results.get("evaluation", {}).get("sanity", [])
+        steps: dict[tuple[str, str], int] = {}
+        for s in sanity:
+            key = (s["model"], s["method"])
+            steps[key] = max(steps.get(key, 0), len(s["layers"]))
+        rows = [{"model": s["model"], "image": s["image"], "method": s["method"],
+                 "step": steps[(s["model"], s["method"])] - len(s["layers"]) + k + 1, "layer": layer,
                  **{name: s[name][k] for name in per_step}}
-                for s in self._results.get("evaluation", {}).get("sanity", [])
-                for k, layer in enumerate(s["layers"])]
+                for s in sanity for k, layer in enumerate(s["layers"])]
         return _frame(rows, sanity_columns())
 
     @functools.cached_property

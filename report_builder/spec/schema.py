@@ -309,6 +309,9 @@ class SanitySpec(StrictModel):
     steps: Int = Field(4, ge=1, le=50, description="randomisation steps, from the output layer to the whole network")
     seeds: Int = Field(3, ge=1, le=20, description="randomisation seeds: the first walks every step, each other one "
                                                    "costs one more explanation per image (the last step only)")
+    walk: Int = Field(1, ge=1, le=1000, description="the first N checked images walk every step (the per-step "
+                                                    "figure and means); the others re-initialise every block at "
+                                                    "once and make the last step only, the one the verdict reads")
 
 
 class ChanceSpec(StrictModel):
