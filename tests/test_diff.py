@@ -19,6 +19,7 @@ dissect:
   probe: {{source: samples-augmented, per_image: 2}}
   scorers: [colors]
   similarity_params: {{top_k: 5}}
+concepts: {{draws: 20}}   # the ablation's bar at 20 random sets, not 100: conv1's tail is all of ResNet18
 """
 
 SWAPS = [(0, 1), (2, 3), (4, 5), (10, 20)]
@@ -170,6 +171,7 @@ dissect:
   probe: {source: samples-augmented, per_image: 2}
   scorers: [colors]
   similarity_params: {top_k: 5}
+concepts: {draws: 20}
 """)
     out = tmp_path / "out"
     assert main(["run", str(spec), "--out", str(out)]) == 0
