@@ -7,6 +7,11 @@ METRICS = ("pearson", "auprc", "f1", "iou")
 # the columns dissection/<model>.csv adds after CLIP-Dissect's when the labels' quality was measured
 QUALITY_CSV = ("heldout_label", *METRICS, "random_label", *(f"random_{m}" for m in METRICS), "combination",
                "combination_pearson", "stability")
+# Linear Explanations' label-only variant as the run's similarity function (dissection/quality.py:
+# linear_explanation) labels each unit by the heaviest concept of the same greedy fit that the unit's combination is:
+# the report must then present the label and the combination as one fit, its heaviest concept against its whole
+COMBINATION_LABELLER = "linear_explanation"
+COMBINATION_TERMS = 3  # at most this many concepts in a fit, by default: the labeller's `terms` and dissect.quality's
 
 
 def combination_text(terms: list[dict]) -> str:

@@ -470,6 +470,54 @@ def test_label_quality_in_csv_api_and_report(run_dir):
     assert any(f["id"] == "labels-heldout-lite0" for f in r["findings"])
 
 
+def test_dissection_summary_carries_the_reports_counts_and_intervals(run_dir):
+    """open_run().dissection_summary: per layer the counts, intervals and held-out comparisons that results.json's
+    quality summary holds and the report prints, and per model an 'all' row over its layers."""
+    from report_builder import open_run
+    from report_builder.report.api import dissection_summary_columns
+
+    r = open_run(run_dir)
+    table = r.dissection_summary
+    assert list(table.columns) == dissection_summary_columns()
+    stated = r.results["dissection"]["summary"]["quality"]["models"][0]  # what the report was rendered from
+    page = " ".join(re.sub(r"<[^>]+>", " ", (run_dir / "report.html").read_text()).split())
+    findings = {f["id"]: f["text"] for f in r.results["findings"]}
+    layers, (total,) = table[table.layer != "all"], table[table.layer == "all"].itertuples()
+    assert layers.model.tolist() == ["lite0", "lite0"] and layers.layer.tolist() == ["blocks.5", "blocks.6"]
+    assert layers.units.tolist() == [192, 320]
+    for row, x in zip(layers.itertuples(), stated["layers"]):
+        assert (row.unique, row.unique_low, row.unique_high) == (x["unique"]["value"], x["unique"]["low"],
+                                                                 x["unique"]["high"])
+        assert row.unique_low <= row.unique <= row.unique_high
+        assert row.unique_share == pytest.approx(row.unique / row.units)
+        assert row.unique_share_low == pytest.approx(row.unique_low / row.units)
+        assert row.stable == x["stable"] and row.stable_share == pytest.approx(row.stable / row.units)
+        assert row.stable_share_low <= row.stable_share <= row.stable_share_high
+        for column, value in (("pearson_median", x["scores"]["pearson"]["median"]),
+                              ("random_pearson_median", x["random"]["pearson"]["median"]),
+                              ("combination_pearson_median", x["combination"]["median"]),
+                              ("label_vs_random", x["label_vs_random"]["difference"]),
+                              ("label_vs_random_p_value", x["label_vs_random"]["p_value"]),
+                              ("combination_vs_label_high", x["combination_vs_label"]["high"])):
+            assert getattr(row, column) == pytest.approx(value), column
+        assert row.label_vs_random_low <= row.label_vs_random <= row.label_vs_random_high
+        # the Q3 table's cell and the held-out finding, as a reader sees them
+        assert (f"{row.layer} {row.unique} / {row.units} ({round(100 * row.unique / row.units)}%; unique "
+                f"[{round(row.unique_low)}, {round(row.unique_high)}])") in page
+        assert f"{row.layer} {row.pearson_median:.2f} against {row.random_pearson_median:.2f}" in \
+            findings["labels-heldout-lite0"]
+    assert total.units == layers.units.sum() == stated["units"] and total.stable == layers.stable.sum()
+    assert (total.unique, total.unique_low, total.unique_high) == (stated["unique"]["value"], stated["unique"]["low"],
+                                                                   stated["unique"]["high"])
+    assert layers.unique.max() <= total.unique <= layers.unique.sum()  # the layers' vocabularies, merged
+    assert (f"all layers {total.unique} / {total.units} ({round(100 * total.unique / total.units)}%; unique "
+            f"[{round(total.unique_low)}, {round(total.unique_high)}])") in page
+    assert np.isnan(total.pearson_median) and np.isnan(total.label_vs_random)  # measured per layer only
+    bare = open_run(run_dir)
+    del bare.results["dissection"]["quality"]  # as a run with dissect.quality: null has it
+    assert bare.dissection_summary.empty and list(bare.dissection_summary.columns) == dissection_summary_columns()
+
+
 def test_concept_attribution_joins_the_dissections_in_csv_api_and_report(run_dir):
     """On by default when a run dissects and explains: every unit of each concept layer in the CSV (= the API's
     table), the shown units the CSV's first ranks with the dissection CSVs' labels, the ablation summary from the

@@ -2,6 +2,9 @@
 hand-computed cases and planted ground truth."""
 from __future__ import annotations
 
+import html
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ from sklearn.metrics import average_precision_score
 from report_builder.dissection import quality as q
 from report_builder.dissection.clip_dissect import label_units
 from report_builder.dissection.similarity import SIMILARITIES
-from report_builder.label_quality import sanity_passes
+from report_builder.label_quality import COMBINATION_LABELLER, sanity_passes
 from report_builder.report import analysis
 
 N, CONCEPTS = 300, 24
@@ -151,7 +154,8 @@ def _dissection(vocabularies: dict[str, tuple[int, list[int]]], resamples: int =
                    "resample_labels": [[f"c{u % k}" for u in range(40)] for k in draws]}
         entries.append({"model": name, "layers": [{"layer": "l", "units": 40, "labels": labels, "quality": quality}]})
         models.append({"id": name, "display": name.upper()})
-    d = {"models": entries, "probe": {"images": 100}, "scorers": {"s": "s"},
+    d = {"models": entries, "probe": {"images": 100}, "scorers": {"s": "s"}, "similarity": "soft_wpmi",
+         "similarity_params": {},
          "quality": {"holdout": 0.2, "resamples": resamples, "stable": 0.8, "terms": 3, "metrics": list(q.METRICS),
                      "sanity": sanity}}
     results = {"models": models, "dissection": d}
@@ -176,3 +180,69 @@ def test_two_vocabularies_are_ranked_only_when_the_resamples_agree():
     assert qs["sanity_passes"]
     q1 = next(f for f in _dissection_findings(clear) if f["id"] == "q1-a")["text"]
     assert "stable)" in q1  # Q1's counts say how many of the units are stable
+
+
+def _planted_run(planted, similarity: str, params: dict) -> tuple[dict, list[dict], str]:
+    """The planted units dissected by `similarity` as a run does it (the dissection, quality and sanity tasks, the
+    layer as collect merges it, the summary and findings), and the dissection section of its report as text."""
+    from collections import defaultdict
+
+    from report_builder.dissection.clip_dissect import clip_dissect_task
+    from report_builder.pipeline.collect import with_quality
+    from report_builder.report import render
+
+    P, A, _ = planted
+    concepts = [f"c{i}" for i in range(CONCEPTS)]
+    scores, activations = {"matrix": P, "concepts": concepts, "scorers": ["s"] * CONCEPTS}, [{"l": A}]
+    layer = with_quality(clip_dissect_task("l", similarity, params, scores, activations),
+                         q.quality_task("l", similarity, params, SETTINGS, scores, activations))
+    d = {"similarity": similarity, "similarity_params": params, "pooling": "avg",
+         "probe": {"description": "planted", "images": N, "sha256": "0"}, "scorers": {"s": "planted scores"},
+         "concepts": CONCEPTS, "models": [{"model": "m", "layers": [layer]}],
+         "quality": {"holdout": SETTINGS["holdout"], "resamples": SETTINGS["resamples"], "stable": 0.8,
+                     "terms": SETTINGS["terms"], "metrics": list(q.METRICS),
+                     "sanity": q.sanity_task(similarity, params, SETTINGS, scores)}}
+    results = {"models": [{"id": "m", "display": "Model M"}], "dissection": d}
+    d["summary"] = analysis.dissection_summary(results)
+    results["findings"] = analysis.dissection_findings(results) + analysis.quality_findings(results)
+    page = render.environment().get_template("partials/dissection.html").render(
+        r=results, numbers={"dissection": 5}, names={"m": "Model M"}, figures=defaultdict(list))
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+    return results, layer["labels"], text
+
+
+def test_linear_explanations_labels_are_reported_as_their_own_combinations_heaviest_concept(planted):
+    """With dissect.similarity linear_explanation, the label is the heaviest concept of the very fit that the
+    combination column shows: the report names the similarity for the label and says the two are one fit (the whole
+    combination against its heaviest concept), not a CLIP-Dissect label against Linear Explanations."""
+    results, labels, text = _planted_run(planted, COMBINATION_LABELLER, {})
+    assert all(u["heldout_label"] == u["combination"][0]["label"] for u in labels)  # what the report claims
+    found = {f["id"]: f["text"] for f in results["findings"]}
+    assert ("Chosen on 240 probe images by linear_explanation (each the heaviest concept of its unit's combination) "
+            "and scored on 60 held-out ones") in found["labels-heldout-m"]
+    combination = found["labels-combination-m"]
+    assert "each label is the heaviest concept of the unit's combination of at most 3 concepts, so label and " \
+           "combination are one fit" in combination
+    assert combination.endswith("(the whole combination against its heaviest concept alone).")
+    assert "against single label" not in combination
+    assert "the label is chosen on the other 240 by linear_explanation , and it is the heaviest concept of the " \
+           "combination, which is that same fit" in text
+    assert "Pearson, label random whole combination AUPRC" in text
+    assert "its most activating images" not in text  # CLIP-Dissect's rule is not this labeller's
+    assert "weight in that combination (a unit that no concept fits gets its best correlation minus 2)" in text
+    for finding in found.values():
+        assert finding in text  # every finding shown, none lost to the template
+
+    # the labeller's own fit shorter than the combination: the same greedy fit, stopped earlier, not "one fit"
+    results, _, text = _planted_run(planted, COMBINATION_LABELLER, {"terms": 1})
+    combination = {f["id"]: f["text"] for f in results["findings"]}["labels-combination-m"]
+    assert "the same greedy fit as the combination, run to at most 1 concept instead of 3" in combination
+    assert combination.endswith("(combination against label).") and "one fit" not in combination
+    assert "Pearson, label random combination AUPRC" in text and "one method" not in text
+
+    # any other similarity: two methods, as before
+    results, _, text = _planted_run(planted, "soft_wpmi", {"top_k": 10})
+    found = {f["id"]: f["text"] for f in results["findings"]}
+    assert "probe images by soft_wpmi and scored" in found["labels-heldout-m"]
+    assert found["labels-combination-m"].endswith("(combination against single label).")
+    assert "chosen on the other 240 by soft_wpmi ; the random concept" in text and "its most activating images" in text

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from report_builder.dissection.similarity import SIMILARITIES
-from report_builder.label_quality import METRICS
+from report_builder.label_quality import COMBINATION_TERMS, METRICS
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +120,7 @@ def _standardise(X: np.ndarray, mean=None, sd=None):
     return np.where(sd > 0, (X - mean) / safe, 0.0), mean, sd
 
 
-def fit_combination(P: np.ndarray, A: np.ndarray, terms: int = 3) -> np.ndarray:
+def fit_combination(P: np.ndarray, A: np.ndarray, terms: int = COMBINATION_TERMS) -> np.ndarray:
     """units x concepts non-negative weights, at most `terms` non-zero per unit: the unit's standardised activations
     as a combination of the standardised concept scores. Greedy: add the concept best correlated with what is left
     unexplained, refit all chosen weights by non-negative least squares, stop when no concept is positively
@@ -162,7 +162,7 @@ def simulate(W: np.ndarray, P_first: np.ndarray, P_held: np.ndarray) -> np.ndarr
     return Z @ W.T
 
 
-def linear_explanation(P: torch.Tensor, A: torch.Tensor, terms: int = 3) -> torch.Tensor:
+def linear_explanation(P: torch.Tensor, A: torch.Tensor, terms: int = COMBINATION_TERMS) -> torch.Tensor:
     """Linear Explanations' label-only variant (Oikarinen & Weng, ICML 2024) as a similarity function.
 
     W = fit_combination(P, A, terms): each unit's standardised activations ≈ Σ_c W[k, c] z(P[:, c]), W ≥ 0, at most

@@ -14,7 +14,7 @@ import pandas as pd
 
 from report_builder.evaluation import registry as metric_registry
 from report_builder.explanation.registry import TITLES as METHOD_TITLES
-from report_builder.label_quality import sanity_passes
+from report_builder.label_quality import COMBINATION_LABELLER, COMBINATION_TERMS, sanity_passes
 from report_builder.stats import bootstrap, compare_words, from_draws, paired, paired_draws, share
 
 
@@ -1135,6 +1135,51 @@ def quality_summary(d: dict) -> dict | None:
             "comparisons": pairs, "sanity": q["sanity"], "sanity_passes": sanity_passes(q["sanity"])}
 
 
+def label_fit(d: dict) -> dict:
+    """How the labels relate to the combinations beside them: the run's similarity; the combinations' terms
+    (dissect.quality.terms, None without it); `label_terms`, when the similarity is Linear Explanations' own labeller,
+    the terms of the fit whose heaviest concept each label is (None for any other similarity); and `same`, whether
+    that fit is the combination itself (the same greedy fit on the same images: the terms agree)."""
+    similarity = d["similarity"]
+    label_terms = (int(d["similarity_params"].get("terms", COMBINATION_TERMS))
+                   if similarity == COMBINATION_LABELLER else None)
+    terms = (d.get("quality") or {}).get("terms")
+    return {"similarity": similarity, "terms": terms, "label_terms": label_terms,
+            "same": label_terms is not None and label_terms == terms}
+
+
+def _concepts(n: int) -> str:
+    return f"{n} concept{'s' if n != 1 else ''}"
+
+
+def _labeller(fit: dict) -> str:
+    """'soft_wpmi', or for Linear Explanations' own labeller what its label is."""
+    if fit["label_terms"] is None:
+        return fit["similarity"]
+    of = "its unit's combination" if fit["same"] else f"a fit of at most {_concepts(fit['label_terms'])}"
+    return f"{fit['similarity']} (each the heaviest concept of {of})"
+
+
+def _combination_text(fit: dict, name: str, first_images: int, versus: str) -> str:
+    """The finding on the combinations: against labels of another method, or, when the labeller is Linear
+    Explanations' own, against that same fit's heaviest concept (one method, not two)."""
+    if fit["label_terms"] is None:
+        return (f"Linear Explanations' combinations of at most {_concepts(fit['terms'])}, fitted on the same "
+                f"{first_images} images, simulate the units of {name} on the same held-out images with a median "
+                f"Pearson of {versus} (combination against single label).")
+    if fit["same"]:
+        whose = (f"each label is the heaviest concept of the unit's combination of at most {_concepts(fit['terms'])}, "
+                 "so label and combination are one fit")
+        against = "the whole combination against its heaviest concept alone"
+    else:  # the greedy fit adds a concept per step: the label's fit is the combination's, stopped at another length
+        whose = (f"each label is the heaviest concept of the same greedy fit as the combination, run to at most "
+                 f"{_concepts(fit['label_terms'])} instead of {fit['terms']}")
+        against = "combination against label"
+    return (f"The labels of {name} are Linear Explanations' own ({fit['similarity']}): {whose}. Fitted on the same "
+            f"{first_images} images, the combination simulates the units on the same held-out images with a median "
+            f"Pearson of {versus} ({against}).")
+
+
 def _interval(x: dict, digits: int = 2, pct: bool = False) -> str:
     """'0.35 [0.21, 0.48]' (or '35% [21%, 48%]') from an Interval's dict."""
     if pct:
@@ -1161,6 +1206,7 @@ def quality_findings(results: dict) -> list[dict]:
     if not qs:
         return []
     names = _display(results)
+    fit = label_fit(results["dissection"])
     out = []
     for m in qs["models"]:
         name = names[m["model"]]
@@ -1170,9 +1216,10 @@ def quality_findings(results: dict) -> list[dict]:
             f"{x['layer']} {_f(x['scores']['pearson']['median'] if x['scores']['pearson'] else None)} against "
             f"{_f(x['random']['pearson']['median'] if x['random']['pearson'] else None)}" for x in layers)
         beats = "; ".join(f"{x['layer']} " + _difference(x["label_vs_random"], 2, "unit") for x in layers)
-        text = (f"Chosen on {x0['first_images']} probe images and scored on {x0['heldout_images']} held-out ones, the "
-                f"labels of {name} predict their units with a median Pearson correlation (the simulation score) of "
-                f"{per_layer} for a random concept of the same set. Label against random, per unit: {beats}.")
+        text = (f"Chosen on {x0['first_images']} probe images by {_labeller(fit)} and scored on "
+                f"{x0['heldout_images']} held-out ones, the labels of {name} predict their units with a median "
+                f"Pearson correlation (the simulation score) of {per_layer} for a random concept of the same set. "
+                f"Label against random, per unit: {beats}.")
         out.append({"id": f"labels-heldout-{m['model']}", "section": "dissection", "question": "labels", "text": text,
                     "numbers": {x["layer"]: {"pearson": x["scores"]["pearson"], "random": x["random"]["pearson"],
                                              "difference": x["label_vs_random"]} for x in layers}})
@@ -1180,10 +1227,7 @@ def quality_findings(results: dict) -> list[dict]:
             f"{x['layer']} {_f(x['combination']['median'] if x['combination'] else None)} against "
             f"{_f(x['scores']['pearson']['median'] if x['scores']['pearson'] else None)}, "
             + _difference(x["combination_vs_label"], 2, "unit") for x in layers)
-        terms = results["dissection"]["quality"]["terms"]
-        text = (f"Linear Explanations' combinations of at most {terms} concepts, fitted on the same "
-                f"{x0['first_images']} images, simulate the units of {name} on the same held-out images with a median "
-                f"Pearson of {versus} (combination against single label).")
+        text = _combination_text(fit, name, x0["first_images"], versus)
         out.append({"id": f"labels-combination-{m['model']}", "section": "dissection", "question": "labels",
                     "text": text, "numbers": {x["layer"]: {"combination": x["combination"],
                                                            "difference": x["combination_vs_label"]} for x in layers}})

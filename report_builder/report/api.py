@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from report_builder.label_quality import QUALITY_CSV, combination_text
+from report_builder.label_quality import METRICS as QUALITY_METRICS, QUALITY_CSV, combination_text
 from report_builder.errors import UserError
 from report_builder.evaluation import registry as metric_registry
+from report_builder.report import analysis
 from report_builder.report.rundir import RunFormatError, check_id, inside, load_results
 
 ALTERNATIVES = 3
@@ -28,6 +29,9 @@ CHECK_COLUMNS = ["name", "metric", "group", "model", "method", "layer", "image",
                  "at_most", "each", "passed", "message"]  # next-best concepts per unit, as in dissection/<model>.csv
 DIRECTION_COLUMNS = ["model", "layer", "method", "direction", "label", "similarity", "scorer", "netdissect_label",
                      "netdissect_category", "iou", "detector"]
+ALL_LAYERS = "all"  # dissection_summary's layer for a model's row over all its layers
+# dissection_summary's paired comparisons over a layer's units, as analysis.quality_summary names them
+COMPARISONS = ("label_vs_random", "combination_vs_label")
 DIRECTION_FIT_COLUMNS = ["model", "layer", "method", "components", "components_asked", "reconstruction_error",
                          "variance_explained", "sparsity", "unique"]
 
@@ -185,6 +189,31 @@ class Run:
         return _frame(rows, columns)
 
     @functools.cached_property
+    def dissection_summary(self) -> pd.DataFrame:
+        """How sure the dissection's counts are (dissect.quality), as the report states them: one row per model and
+        layer, then one per model whose layer is 'all' (its units over every dissected layer). Columns: units; unique
+        concepts and their share of the units, each with the ends of its 95 % bootstrap interval over the probe
+        images, `<column>_low` and `<column>_high`; stable labels and their share with Wilson's interval; the median
+        held-out score over units of the labels (`<metric>_median`: pearson, auprc, f1, iou), of the random labels
+        (`random_<metric>_median`) and of the combinations (`combination_pearson_median`); the paired comparisons
+        over units label_vs_random (label minus random label, pearson) and combination_vs_label (combination minus
+        label): the mean difference, `_low`, `_high`, `_p_value` (Wilcoxon), `_n` (units compared) and
+        `_significant`. The report measures held-out scores and comparisons per layer only, so on an 'all' row
+        those columns are empty. Empty when the run measured no held-out quality."""
+        columns = dissection_summary_columns()
+        d = self._results.get("dissection", {})
+        rows = []
+        try:
+            summary = analysis.quality_summary(d) if d else None  # the report's numbers, by the report's code
+            for m in summary["models"] if summary else []:
+                rows += [{"model": m["model"], "layer": x["layer"], **_counts(x), **_heldout(x)} for x in m["layers"]]
+                rows.append({"model": m["model"], "layer": ALL_LAYERS, **_counts(m)})
+        except (KeyError, TypeError, IndexError, ValueError) as exc:  # results.json's quality mapping is unchecked
+            raise RunFormatError(f"{self.path / 'results.json'}: its dissection's quality does not have the layout "
+                                 f"this report_builder writes ({type(exc).__name__}: {str(exc)[:200]})") from None
+        return _frame(rows, columns)
+
+    @functools.cached_property
     def sanity(self) -> pd.DataFrame:
         """The sanity check: per model, image, method and randomisation step, the similarity to the original map. An
         image that did not walk the steps (after `sanity.walk`) has its last step only, numbered as the walk's last."""
@@ -281,6 +310,42 @@ def evaluation_summary_columns() -> list[str]:
     finals = [m.final_key(c) for m, c in metric_registry.per_step()]
     return ["model", "method", "images", *values, "object_fallback", *finals, "sanity_runs", "sanity_fails",
             "sanity_verdict"]
+
+
+def dissection_summary_columns() -> list[str]:
+    """open_run().dissection_summary's columns: the counts with their intervals' ends, the held-out medians, then
+    each paired comparison's difference, ends, p-value, units compared and verdict."""
+    counts = [f"{name}{end}" for name in ("unique", "unique_share") for end in ("", "_low", "_high")]
+    medians = [f"{who}{m}_median" for who in ("", "random_") for m in QUALITY_METRICS]
+    compared = [f"{name}{part}" for name in COMPARISONS
+                for part in ("", "_low", "_high", "_p_value", "_n", "_significant")]
+    return ["model", "layer", "units", *counts, "stable", "stable_share", "stable_share_low", "stable_share_high",
+            *medians, "combination_pearson_median", *compared]
+
+
+def _ends(name: str, interval: dict) -> dict:
+    """An interval's dict (stats.Interval.as_dict) as `<name>`, `<name>_low`, `<name>_high`."""
+    return {name: interval["value"], f"{name}_low": interval["low"], f"{name}_high": interval["high"]}
+
+
+def _counts(x: dict) -> dict:
+    """A layer's or a model's counts from analysis.quality_summary (both have the same keys)."""
+    return {"units": x["units"], **_ends("unique", x["unique"]), "unique": int(x["unique"]["value"]),
+            **_ends("unique_share", x["unique_share"]), "stable": x["stable"],
+            **_ends("stable_share", x["stable_share"])}
+
+
+def _heldout(x: dict) -> dict:
+    """A layer's held-out medians and paired comparisons from analysis.quality_summary (quartiles are None when no
+    unit had a score)."""
+    median = lambda q: None if q is None else q["median"]  # noqa: E731
+    row = {f"{m}_median": median(x["scores"][m]) for m in QUALITY_METRICS}
+    row |= {f"random_{m}_median": median(x["random"][m]) for m in QUALITY_METRICS}
+    row["combination_pearson_median"] = median(x["combination"])
+    for name in COMPARISONS:
+        c = x[name]  # stats.Comparison.as_dict: the difference first, then its ends and test
+        row |= {name: c["difference"], **{f"{name}_{k}": c[k] for k in ("low", "high", "p_value", "n", "significant")}}
+    return row
 
 
 def sanity_columns() -> list[str]:

@@ -652,6 +652,7 @@ def _environment() -> Environment:
     env.globals["chance_kind"] = metric_registry.chance_kind
     env.globals["chance_title"] = metric_registry.chance_title
     env.globals["beats_chance"] = _beats_chance
+    env.globals["label_fit"] = analysis.label_fit
     return env
 
 

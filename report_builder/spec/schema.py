@@ -25,6 +25,7 @@ from report_builder.explanation.registry import ATTRIBUTIONS, DEFAULT as METHODS
 from report_builder.dissection.scorers import SCORERS
 from report_builder.dissection.similarity import SIMILARITIES
 from report_builder.dissection.directions import DIRECTIONS
+from report_builder.label_quality import COMBINATION_TERMS
 from report_builder.models.sources import SOURCE_KEYS, SOURCES
 
 # Bounds on the file itself, checked before and while parsing.
@@ -450,8 +451,8 @@ class QualitySpec(StrictModel):
                            "stability and the intervals on unique-concept counts (0: none)")
     stable: Float = Field(0.8, ge=0.5, le=1.0, description="a unit's label is stable when this share of resamples "
                           "give it")
-    terms: Int = Field(3, ge=1, le=20, description="at most this many concepts in a unit's Linear-Explanations "
-                       "combination")
+    terms: Int = Field(COMBINATION_TERMS, ge=1, le=20, description="at most this many concepts in a unit's "
+                       "Linear-Explanations combination")
 
 
 class SaeSpec(StrictModel):
