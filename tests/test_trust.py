@@ -296,7 +296,7 @@ def test_only_the_walking_images_make_the_per_step_means_and_every_image_makes_t
     assert entry["spearman_final"] == pytest.approx(np.mean(finals))  # the last step of all three images
     assert entry["sanity_runs"] == 9  # 3 images x 3 seeds, as when every image walks
     text = analysis._sanity_finding("m", "M", [entry], [])["text"]
-    assert "3 images × 3 seeds; the cascade from the output block walks 2 step(s) on 1 image, the others are " \
+    assert "3 images × 3 seeds; the cascade from the output block walks 2 steps on 1 image, the others are " \
            "re-initialised at once" in text
 
 

@@ -935,7 +935,7 @@ def _sanity_finding(model: str, name: str, rows: list[dict], images: list[dict])
     runs = first["sanity_runs"]
     walked = first.get("sanity_walked", first["sanity_images"])  # older run directories: every image walked
     steps = first.get("sanity_steps", len(first.get("sanity_layers") or [None]))
-    walk = (f"; the cascade from the output block walks {steps} step(s) on {_plural(walked, 'image')}"
+    walk = (f"; the cascade from the output block walks {_plural(steps, 'step')} on {_plural(walked, 'image')}"
             f"{'' if walked == first['sanity_images'] else ', the others are re-initialised at once'}")
     text = (f"With every block of {name} re-initialised ({_plural(first['sanity_images'], 'image')} × "
             f"{_plural(first['sanity_seeds'], 'seed')}{walk}), a run fails when its map still resembles the original "
