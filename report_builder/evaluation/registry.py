@@ -176,8 +176,10 @@ METRICS: tuple[Metric, ...] = (
         title="Sanity check",
         description="Adebayo et al. (2018), cascading randomisation: the model's blocks are re-initialised from the "
                     "output down in {{ s.steps }} steps and the map for the same class is made again, on the first "
-                    "{{ s.images }} image(s), with {{ s.seeds }} randomisation seed(s) (the first walks every step, "
-                    "the others re-initialise every block at once). ρ is the Spearman rank correlation with the "
+                    "{{ s.images }} image(s), with {{ s.seeds }} randomisation seed(s): the first seed on the first "
+                    "{{ [s.get('walk', s.images), s.images]|min }} image(s) walks every step (the figure and the "
+                    "per-step numbers); every other run re-initialises the same blocks at once and makes the last "
+                    "step's map only, the map a walk ends with. ρ is the Spearman rank correlation with the "
                     "original map after the last step (every block random), |ρ| its size; a run fails when "
                     "{{ rule.stated }}. A map gone flat is reported as flat (no ρ, no SSIM: a constant has no ranks, "
                     "and SSIM against it rewards a sparse map). Over the runs (images × seeds), a method fails when "
