@@ -155,6 +155,7 @@ netdissect:
   top_images: 2
   pdf_units: 1
   rotation: {{alphas: [1.0]}}
+concepts: {{draws: 20}}   # a ViT's ablated copies run the whole model: 20 random sets per k, not 100
 """
 
 
