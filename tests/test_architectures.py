@@ -29,15 +29,6 @@ ARCHITECTURES = {
 }
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("timm")
-    out = {}
-    for name in ARCHITECTURES:
-        torch.manual_seed(0)
-        out[name] = folder / f"{name}.pt"
-        torch.save(timm.create_model(name, pretrained=False).state_dict(), out[name])
-    return out
 
 
 # The method sweep runs each architecture's own timm code at a narrower width (the same blocks, windows, tokens and
@@ -50,15 +41,25 @@ NARROW = {
 }
 
 
-@pytest.fixture(scope="module")
-def narrow_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("timm-narrow")
+def _checkpoints(folder: Path, narrow: bool) -> dict[str, Path]:
+    """Each architecture's random weights (seed 0) as a state-dict file: at its real width, or at NARROW's."""
     out = {}
     for name in ARCHITECTURES:
         torch.manual_seed(0)
         out[name] = folder / f"{name}.pt"
-        torch.save(timm.create_model(name, pretrained=False, **NARROW.get(name, {})).state_dict(), out[name])
+        widths = NARROW.get(name, {}) if narrow else {}
+        torch.save(timm.create_model(name, pretrained=False, **widths).state_dict(), out[name])
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    return _checkpoints(tmp_path_factory.mktemp("timm"), narrow=False)
+
+
+@pytest.fixture(scope="module")
+def narrow_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    return _checkpoints(tmp_path_factory.mktemp("timm-narrow"), narrow=True)
 
 
 @pytest.fixture(scope="module")
