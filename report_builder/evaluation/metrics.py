@@ -193,17 +193,29 @@ def road_score(model: torch.nn.Module, x: torch.Tensor, saliency: np.ndarray, ta
     """grad-cam's ROADCombined, with the imputer as a parameter: (mean over percentiles of LeRF's confidence
     change - the same for MoRF) / 2, LeRF first, as grad-cam draws the imputation noise. A confidence change is
     (perturbed - original), so this is (MoRF drop - LeRF drop) / 2: higher when removing the top pixels hurts more
-    than removing the bottom ones."""
-    from pytorch_grad_cam.metrics.perturbation_confidence import (AveragerAcrossThresholds,
-                                                                   PerturbationConfidenceMetric,
-                                                                   RemoveLeastRelevantFirst,
-                                                                   RemoveMostRelevantFirst)
+    than removing the bottom ones. Computed as grad-cam computes it (its removal masks, float32 scores, the same
+    order of noise draws and means), except that the intact image goes through the model once: grad-cam's
+    PerturbationConfidenceMetric repeats that pass for every percentile of each order (9 passes instead of 16 per
+    map with the default 4 percentiles; a test holds the result equal to grad-cam's, bit for bit)."""
+    from pytorch_grad_cam.metrics.perturbation_confidence import RemoveLeastRelevantFirst, RemoveMostRelevantFirst
 
-    def averaged(removal):
-        return AveragerAcrossThresholds(lambda p: PerturbationConfidenceMetric(removal(p, imputer())), percentiles)
+    def scores(inputs: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return np.float32([target(output).cpu().numpy() for target, output in zip(targets, model(inputs))])
 
-    lerf = averaged(RemoveLeastRelevantFirst)(x, saliency, targets, model)
-    morf = averaged(RemoveMostRelevantFirst)(x, saliency, targets, model)
+    intact = scores(x)
+
+    def averaged(removal) -> np.ndarray:
+        changes = []
+        for percentile in percentiles:
+            perturb = removal(percentile, imputer())
+            imputed = torch.cat([perturb(x[i].cpu(), torch.from_numpy(saliency[i])).to(x.device)[None]
+                                 for i in range(x.shape[0])])
+            changes.append(scores(imputed) - intact)
+        return np.mean(np.float32(changes), axis=0)
+
+    lerf = averaged(RemoveLeastRelevantFirst)
+    morf = averaged(RemoveMostRelevantFirst)
     return (lerf - morf) / 2
 
 
