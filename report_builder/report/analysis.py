@@ -1148,15 +1148,11 @@ def label_fit(d: dict) -> dict:
             "same": label_terms is not None and label_terms == terms}
 
 
-def _concepts(n: int) -> str:
-    return f"{n} concept{'s' if n != 1 else ''}"
-
-
 def _labeller(fit: dict) -> str:
     """'soft_wpmi', or for Linear Explanations' own labeller what its label is."""
     if fit["label_terms"] is None:
         return fit["similarity"]
-    of = "its unit's combination" if fit["same"] else f"a fit of at most {_concepts(fit['label_terms'])}"
+    of = "its unit's combination" if fit["same"] else f"a fit of at most {_plural(fit['label_terms'], 'concept')}"
     return f"{fit['similarity']} (each the heaviest concept of {of})"
 
 
@@ -1164,16 +1160,16 @@ def _combination_text(fit: dict, name: str, first_images: int, versus: str) -> s
     """The finding on the combinations: against labels of another method, or, when the labeller is Linear
     Explanations' own, against that same fit's heaviest concept (one method, not two)."""
     if fit["label_terms"] is None:
-        return (f"Linear Explanations' combinations of at most {_concepts(fit['terms'])}, fitted on the same "
+        return (f"Linear Explanations' combinations of at most {_plural(fit['terms'], 'concept')}, fitted on the same "
                 f"{first_images} images, simulate the units of {name} on the same held-out images with a median "
                 f"Pearson of {versus} (combination against single label).")
     if fit["same"]:
-        whose = (f"each label is the heaviest concept of the unit's combination of at most {_concepts(fit['terms'])}, "
+        whose = (f"each label is the heaviest concept of the unit's combination of at most {_plural(fit['terms'], 'concept')}, "
                  "so label and combination are one fit")
         against = "the whole combination against its heaviest concept alone"
     else:  # the greedy fit adds a concept per step: the label's fit is the combination's, stopped at another length
         whose = (f"each label is the heaviest concept of the same greedy fit as the combination, run to at most "
-                 f"{_concepts(fit['label_terms'])} instead of {fit['terms']}")
+                 f"{_plural(fit['label_terms'], 'concept')} instead of {fit['terms']}")
         against = "combination against label"
     return (f"The labels of {name} are Linear Explanations' own ({fit['similarity']}): {whose}. Fitted on the same "
             f"{first_images} images, the combination simulates the units on the same held-out images with a median "
