@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -36,6 +37,10 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                                                     "or ~/.cache/report_builder)")
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                      help="local: every task in this process (default); ray: the same tasks on Ray")
+    parser.add_argument("--workers", metavar="N", default=None,
+                        help="with --executor local: run independent tasks in N worker processes that share the "
+                             "cores, or 'auto' (default, or $REPORT_BUILDER_WORKERS: on a CPU one per core, at most 4 "
+                             "and one per 2 GiB free; 1 on a GPU); 1 runs every task in this process")
     parser.add_argument("--ray-address", metavar="ADDR",
                      help="with --executor ray: 'auto', host:port or ray://host:port for an existing cluster "
                           "(refused within about 10 s when nothing answers there); default: a local Ray "
@@ -144,6 +149,7 @@ def _main(args: argparse.Namespace) -> int:
             from report_builder.pipeline.runner import run
             from report_builder.spec.schema import load_spec
 
+            workers = _workers(args.workers, args.executor)
             loaded = load_spec(DEMO_SPEC if args.command == "demo" else args.spec)
             out = args.out or Path("output") / loaded.run_name
             if args.ray_address and args.executor != "ray":
@@ -154,7 +160,8 @@ def _main(args: argparse.Namespace) -> int:
                 check_ray_address(args.ray_address)
             run(loaded, out, cache=Cache(args.cache_dir, enabled=not args.no_cache),
                 progress=Progress(quiet=args.quiet, verbose=args.verbose), executor=args.executor,
-                ray_address=args.ray_address, allow_code=args.allow_code, allow_code_from=args.allow_code_from)
+                ray_address=args.ray_address, allow_code=args.allow_code, allow_code_from=args.allow_code_from,
+                workers=workers)
             if loaded.spec.checks:
                 from report_builder.report.checks import CHECKS_FAILED, run_outcome
 
@@ -206,6 +213,24 @@ def _main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as exc:
         return _interrupted(getattr(exc, "signum", None))
     return 1
+
+
+def _workers(given: str | None, executor: str) -> int | str:
+    """--workers (else $REPORT_BUILDER_WORKERS, else auto): a whole number from 1, or 'auto'; only the local
+    executor has workers."""
+    where = "--workers"
+    if given is None:
+        given, where = os.environ.get("REPORT_BUILDER_WORKERS") or None, "REPORT_BUILDER_WORKERS"
+        if given is None or executor != "local":
+            return "auto"
+    elif executor != "local":
+        raise UserError(f"--workers: given with --executor {executor}, whose tasks run in its own workers; "
+                        "leave --workers out")
+    if given == "auto":
+        return given
+    if not given.isdigit() or int(given) < 1 or int(given) > 256:
+        raise UserError(f"{where}: found {given!r}, expected a whole number from 1 to 256, or auto")
+    return int(given)
 
 
 def _places(args: argparse.Namespace) -> str:

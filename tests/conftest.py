@@ -35,6 +35,9 @@ def _offline_and_private(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("REPORT_BUILDER_CACHE", str(tmp_path_factory.mktemp("cache")))
         mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        # runs in this process, so that a test's monkeypatched model or source is the one that runs (a worker
+        # process would import its own); tests/test_workers.py asks for workers by name
+        mp.setenv("REPORT_BUILDER_WORKERS", "1")
 
         def no_network(*args, **kwargs):
             raise OSError("network disabled in tests")

@@ -489,7 +489,7 @@ def _netdissect_shards(g: Graph, m, ident: dict, common: dict, shards, firsts, p
 
 def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress: Progress | None = None,
         executor: str = "local", ray_address: str | None = None, allow_code: bool = False,
-        allow_code_from: Sequence[Path] = ()) -> Path:
+        allow_code_from: Sequence[Path] = (), workers: int | str = 1) -> Path:
     """Run a spec end to end; return the finished run directory. The Python code a spec names runs only when
     allowed (see `preflight`)."""
     from report_builder.report.render import render_run
@@ -510,7 +510,11 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
     progress.say(f"spec {loaded.path} -> {out_dir} on {device_description(device)}")
     inputs = preflight(loaded, device, progress, allow_code, allow_code_from)
     plan = build_graph(loaded, inputs, device)
-    with executor_for(executor, ray_address, gpu=device.type == "cuda") as ex:
+    if workers == "auto":
+        from report_builder.pipeline.workers import auto_workers
+
+        workers = auto_workers(device.type, torch.get_num_threads()) if executor == "local" else 1
+    with executor_for(executor, ray_address, gpu=device.type == "cuda", workers=int(workers)) as ex:
         where = ex.describe() if hasattr(ex, "describe") else "local (this process)"
         progress.say(f"{len(plan.graph.tasks)} tasks, executor {where}")
         with progress.stage("compute"):

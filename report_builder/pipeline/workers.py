@@ -1,0 +1,258 @@
+"""The local executor with worker processes: independent tasks of a CPU run at the same time, each worker with its
+share of the cores.
+
+A model's forward pass on a small batch does not use two cores twice as well as one (EfficientNet-Lite's
+depthwise convolutions are bound by memory), and much of an explanation's or an evaluation's time is single-threaded
+(LIME's segmentation, ROAD's sparse solve, SSIM): two workers with one thread each finish such tasks sooner than one
+process with two threads. `make bench` measures both on the demo's explanation tasks.
+
+What stays as in-process:
+- the same tasks, keys and cache: the driver loads cached values, sends each task its inputs, and stores what comes
+  back, so the cache has one writer;
+- the values: to the bit, at the same thread count per task. A forward pass's sums can change with the number of
+  threads (oneDNN splits some 1x1 convolutions' reductions across threads: EfficientNet-Lite's outputs move by
+  ~3e-6), so 2 workers x 1 thread equal 1 process x 1 thread, not 1 process x 2 threads;
+- errors: a task's exception is raised in the driver (a UserError is printed as one); a worker that dies (killed,
+  out of memory) is an error naming the task; Ctrl-C and SIGTERM stop the workers with the run (they ignore SIGINT,
+  so the driver decides), and no output is written;
+- memory: a worker holds the models of the tasks it ran (models.zoo keeps up to LOADED_MAX), so the peak is about
+  workers x (models + one task's working set); a value that is not cached (a probe shard's decoded pixels) is read
+  by its readers before more such values are made, as in-process.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import multiprocessing
+import os
+import signal
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from report_builder.errors import UserError
+from report_builder.pipeline.cache import Cache
+from report_builder.pipeline.progress import Progress
+from report_builder.pipeline.tasks import Graph, Outcome, StageClock
+
+MAX_AUTO_WORKERS = 4  # `auto` on a many-core machine: 4 workers share the cores (each holds its own models)
+WORKER_MEMORY = 2 << 30  # what `auto` sets aside per worker: the demo's workers peaked at about 1.5 GiB each
+
+
+def auto_workers(device_type: str, threads: int, available: int | None = None) -> int:
+    """`--workers auto`: on a CPU, one worker per thread this process was given (torch's thread count: the cores,
+    or OMP_NUM_THREADS), at most MAX_AUTO_WORKERS and at most one per WORKER_MEMORY of the memory available now; on
+    an accelerator one process, since every task that runs a model would queue for the one device anyway."""
+    if device_type != "cpu":
+        return 1
+    available = memory_available() if available is None else available
+    by_memory = MAX_AUTO_WORKERS if available is None else available // WORKER_MEMORY
+    return max(1, min(threads, MAX_AUTO_WORKERS, by_memory))
+
+
+def memory_available() -> int | None:
+    """Bytes of memory available to start new processes (Linux's MemAvailable), or None where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _start_worker(threads: int) -> None:
+    """Each worker's first step: its share of the cores, and Ctrl-C left to the driver (which stops the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run(fn, args: dict[str, Any], values: dict[str, Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    value = fn(**args, **values)
+    return value, time.perf_counter() - start
+
+
+class WorkerExecutor:
+    """Tasks in `workers` processes of `threads` threads each, in the in-process executor's order (dependencies first,
+    depth first), as many at once as there are workers."""
+
+    name = "local"
+
+    def __init__(self, workers: int, threads: int):
+        self.workers = workers
+        self.threads = threads
+        self._pool: ProcessPoolExecutor | None = None
+
+    def describe(self) -> str:
+        return (f"local ({self.workers} worker processes × {self.threads} thread{'s' if self.threads != 1 else ''})")
+
+    def __enter__(self) -> WorkerExecutor:
+        # spawn, not fork: a forked copy of a process whose OpenMP threads have run can hang in its first parallel op
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_start_worker, initargs=(self.threads,))
+        # Start every worker now and wait until each has answered. A pool that spawns its workers as tasks come
+        # can miss the death of one spawned while its manager thread was already waiting (the wait does not watch
+        # the new process): a killed worker then went unnoticed until another task ended, up to minutes later.
+        wait([self._pool.submit(os.getpid) for _ in range(self.workers)])
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if exc_type is None:
+            pool.shutdown(wait=True)
+            return
+        # an error or Ctrl-C: the other tasks' work is not wanted; stop the workers now rather than after their task
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            if p.is_alive():
+                p.kill()
+        for p in processes:
+            p.join(timeout=5)
+
+    def run(self, graph: Graph, wanted: list[str], cache: Cache, progress: Progress) -> Outcome:
+        assert self._pool is not None, "use the executor as a context manager"
+        todo = graph.plan(wanted, cache)
+        clock = StageClock(graph, todo, progress)
+        order = itertools.count()
+        place: dict[str, int] = {}  # the in-process executor's order: the tie-break among ready tasks
+        waiting: dict[str, set[str]] = {}  # a planned task -> its planned deps not yet computed
+        readers: dict[str, list[str]] = defaultdict(list)
+        remaining: Counter = Counter()  # a value -> its readers not yet started
+        memo: dict[str, Any] = {}
+        keep = set(wanted)
+        computed: set[str] = set()
+        ready: list[tuple[int, int, str]] = []  # (0 if it reads an uncached value else 1, place, key)
+        running: dict[Future, str] = {}
+        uncached_held = 0  # uncached values made and not yet read by all their readers, or being made
+
+        def schedule(keys: list[str]) -> None:
+            for k in keys:
+                if k in place:
+                    continue
+                place[k] = next(order)
+                deps = graph.dep_keys(graph.tasks[k])
+                waiting[k] = {d for d in deps if d in place and d not in computed}
+                for d in deps:
+                    readers[d].append(k)
+                    remaining[d] += 1
+                if not waiting[k]:
+                    push(k)
+
+        def push(k: str) -> None:
+            reads_uncached = any(not graph.tasks[d].cache and graph.tasks[d].fn is not None
+                                 for d in graph.dep_keys(graph.tasks[k]))
+            heapq.heappush(ready, (0 if reads_uncached else 1, place[k], k))
+
+        def value_of(d: str) -> tuple[bool, Any]:
+            """(available, value) of a dep: computed, a value node, or a cache entry (loaded once for its readers)."""
+            if d in memo:
+                return True, memo[d]
+            t = graph.tasks[d]
+            if t.fn is None:
+                return True, t.value
+            value = cache.load(t.stage, d, t.shape) if t.cache else None
+            if value is None:
+                return False, None
+            memo[d] = value
+            return True, value
+
+        def release(d: str) -> None:
+            nonlocal uncached_held
+            remaining[d] -= 1
+            if remaining[d] <= 0 and d not in keep and d in memo:
+                del memo[d]
+                if not graph.tasks[d].cache and graph.tasks[d].fn is not None:
+                    uncached_held -= 1
+
+        def start(k: str) -> bool:
+            """Send task k to a worker; False when a cached input turned out bad and must be computed first."""
+            nonlocal uncached_held
+            t = graph.tasks[k]
+            missing = []
+            for d in graph.dep_keys(t):
+                if not value_of(d)[0]:
+                    missing.append(d)
+            if missing:  # a cache entry failed its check (and was removed): compute it, then come back to k
+                schedule(graph.plan(missing, cache))
+                waiting[k] = {d for d in missing if d not in computed}
+                return False
+            values = {name: value_of(d)[1] if isinstance(d, str) else [value_of(x)[1] for x in d]
+                      for name, d in t.deps.items()}
+            for d in graph.dep_keys(t):
+                release(d)
+            if not t.cache:
+                uncached_held += 1
+            clock.start(t)
+            bar.doing(t.label)
+            running[self._pool.submit(_run, t.fn, t.args, values)] = k
+            return True
+
+        def finish(future: Future) -> None:
+            nonlocal uncached_held
+            k = running.pop(future)
+            t = graph.tasks[k]
+            try:
+                value, seconds = future.result()
+            except BrokenProcessPool:  # every running task sees it: which one's worker died is not known
+                labels = " or ".join(repr(graph.tasks[x].label) for x in [k, *running.values()])
+                raise UserError(f"a worker process died while it ran {labels} (killed, or out of memory); "
+                                "run again with --workers 1 to use one process") from None
+            clock.finish(t, seconds)
+            computed.add(k)
+            bar.update()
+            if t.cache:
+                cache.save(t.stage, k, value)
+            if remaining[k] > 0 or k in keep:
+                memo[k] = value
+            elif not t.cache:
+                uncached_held -= 1
+            for r in readers[k]:
+                if r in waiting and k in waiting[r]:
+                    waiting[r].discard(k)
+                    if not waiting[r] and r not in computed:
+                        push(r)
+
+        with progress.bar("tasks", len(todo)) as bar:
+            schedule(todo)
+            while ready or running:
+                held = []
+                while ready and len(running) < self.workers:
+                    item = heapq.heappop(ready)
+                    k = item[2]
+                    # a task that makes an uncached value waits while as many such values are held as there are
+                    # workers, unless nothing else can run (then waiting could never end)
+                    if not graph.tasks[k].cache and uncached_held >= self.workers and (running or ready):
+                        held.append(item)
+                        continue
+                    start(k)
+                for item in held:
+                    heapq.heappush(ready, item)
+                if not running:
+                    continue
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finish(future)
+        out = {}
+        for k in wanted:
+            available, value = value_of(k)
+            if not available:  # a wanted entry that was cached when planned and failed its check when read
+                return self._recompute(graph, wanted, cache, progress, computed, clock)
+            out[k] = value
+        return Outcome(out, computed, dict(clock.seconds))
+
+    def _recompute(self, graph, wanted, cache, progress, computed, clock) -> Outcome:
+        """A wanted cache entry was removed when read (it failed a check): plan again, which now computes it."""
+        again = self.run(graph, wanted, cache, progress)
+        seconds = Counter(clock.seconds)
+        seconds.update(again.seconds)
+        return Outcome(again.values, computed | again.computed, dict(seconds))
