@@ -504,20 +504,32 @@ def bench_mixed_precision(device: torch.device, words: int, images: int) -> list
 
 
 def bench_demo(out: Path) -> list[dict]:
-    cache = out / "demo-cache"
-    cmd = [sys.executable, "-m", "report_builder", "run", "specs/demo.yaml", "--out", str(out / "demo"),
-           "--cache-dir", str(cache)]
-    if cache.exists():
-        import shutil
+    """The demo as `make report` runs it (worker processes: --workers auto), cold against the same in one process
+    (--workers 1), each with an empty cache; then a warm rerun, which only renders."""
+    import shutil
 
-        shutil.rmtree(cache)
-    times = []
-    for label in ("cold", "warm"):
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - start)
-        print(f"  demo spec, {label} cache: {times[-1]:.1f} s", file=sys.stderr, flush=True)
-    return [row("Whole demo spec: warm cache (rendering only)", times[1], times[0], "cold cache", "warm < 30 s")]
+    runs = {}
+    for label, workers in (("one process", "1"), ("cold", "auto"), ("warm", "auto")):
+        cache = out / f"demo-cache-{workers}"
+        if label != "warm":
+            shutil.rmtree(cache, ignore_errors=True)
+        run_dir = out / f"demo-{label.replace(' ', '-')}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        wall, peak, results = timed_run([sys.executable, "-m", "report_builder", "--quiet", "run", "specs/demo.yaml",
+                                         "--out", str(run_dir), "--cache-dir", str(cache), "--workers", workers],
+                                        run_dir)
+        runs[label] = {"wall": wall, "peak": peak, "stages": results["provenance"]["stage_seconds"],
+                       "executor": results["provenance"]["executor"]}
+        print(f"  demo spec, {label} ({runs[label]['executor']}): {wall:.1f} s, peak memory {peak / 2**30:.2f} GiB",
+              file=sys.stderr, flush=True)
+    cold, one = runs["cold"], runs["one process"]
+    return [row(f"Whole demo spec, cold: {cold['executor']}", cold["wall"], one["wall"], "cold, one process",
+                "<= 240 s", stages={k: v for k, v in cold["stages"].items() if v >= 1},
+                stages_before={k: v for k, v in one["stages"].items() if v >= 1}, wall_s=cold["wall"],
+                baseline_wall_s=one["wall"], peak_rss_gib=cold["peak"] / 2**30,
+                baseline_peak_rss_gib=one["peak"] / 2**30),
+            row("Whole demo spec: warm cache (rendering only)", runs["warm"]["wall"], cold["wall"], "cold cache",
+                "warm < 30 s")]
 
 
 def bench_demo_against(out: Path, rev: str) -> list[dict]:
@@ -553,6 +565,92 @@ def bench_demo_against(out: Path, rev: str) -> list[dict]:
     return rows
 
 
+def tree_rss(pid: int) -> int:
+    """Bytes resident in process `pid` and all its descendants now (Linux /proc; 0 elsewhere): a run with worker
+    processes holds memory in each of them."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            pages = int((entry / "statm").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+        rss[int(entry.name)] = pages * os.sysconf("SC_PAGE_SIZE")
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo.extend(children.get(p, []))
+    return total
+
+
+def timed_run(cmd: list[str], out: Path) -> tuple[float, int, dict]:
+    """A run as a user starts it: its wall seconds, the peak memory of its process tree (sampled every 0.2 s), and
+    its results.json."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss(proc.pid))
+        time.sleep(0.2)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
+    return wall, peak, json.loads((out / "results.json").read_text())
+
+
+def explain_only_spec(folder: Path) -> Path:
+    """The demo spec with only its explanations (no dissection, evaluation or concepts): the executor row's work."""
+    import yaml
+
+    spec = yaml.safe_load(Path("specs/demo.yaml").read_text())
+    for key in ("dissect", "netdissect", "evaluate"):
+        spec.pop(key, None)
+    spec["concepts"] = None
+    for m in spec["models"]:
+        m.pop("layers", None)
+    path = folder / "demo-explain.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def bench_executor(out: Path, spec: Path | None = None, label: str = "the demo's 40 explanations") -> list[dict]:
+    """The same tasks, cold, in one process with every thread against worker processes of one thread each
+    (--workers 1 and --workers N, N = torch's threads), one after the other; wall time of the compute stage, the
+    whole run, the process tree's peak memory, and the largest difference between the two runs' maps."""
+    spec = spec or explain_only_spec(out)
+    threads = torch.get_num_threads()
+    runs = {}
+    for workers in (1, threads):
+        run_dir = out / f"executor-{workers}"
+        cache = out / f"executor-cache-{workers}"
+        for folder in (run_dir, cache):
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)
+        wall, peak, results = timed_run([sys.executable, "-m", "report_builder", "--quiet", "run", str(spec),
+                                         "--out", str(run_dir), "--cache-dir", str(cache), "--workers", str(workers)],
+                                        run_dir)
+        runs[workers] = {"wall": wall, "peak": peak, "compute": results["provenance"]["stage_seconds"]["compute"],
+                         "dir": run_dir}
+        print(f"  {label}, {workers} worker(s): compute {runs[workers]['compute']:.1f} s, wall {wall:.1f} s, "
+              f"peak memory {peak / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    diff = 0.0
+    for a in sorted(runs[1]["dir"].glob("explanations/**/*.npz")):
+        with np.load(a) as x, np.load(runs[threads]["dir"] / a.relative_to(runs[1]["dir"])) as y:
+            diff = max([diff] + [float(np.abs(x[k].astype(np.float64) - y[k]).max()) for k in x.files
+                                 if x[k].dtype.kind == "f" and x[k].size])
+    one, many = runs[1], runs[threads]
+    return [row(f"Executor, {label}: {threads} workers x 1 thread", many["compute"], one["compute"],
+                f"1 process x {threads} threads", "faster than one process", max_abs_diff=diff,
+                wall_s=many["wall"], baseline_wall_s=one["wall"], peak_rss_gib=many["peak"] / 2**30,
+                baseline_peak_rss_gib=one["peak"] / 2**30)]
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -560,12 +658,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m report_builder.bench", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("output/bench"))
     p.add_argument("--quick", action="store_true", help="smaller sizes, and no whole-demo run (a smoke test)")
-    p.add_argument("--only", choices=("items", "scale", "demo"), action="append",
-                   help="run only these sections (repeatable): the optimised items, the full-size scale runs, the demo")
+    p.add_argument("--only", choices=("items", "scale", "demo", "executor"), action="append",
+                   help="run only these sections (repeatable): the optimised items, the full-size scale runs, the demo, "
+                        "the executor (one process against worker processes)")
     p.add_argument("--demo-against", metavar="COMMIT",
                    help="also time the cold demo with COMMIT's code (a git worktree), side by side with this code's")
     args = p.parse_args(argv)
-    sections = set(args.only or ("items", "scale", "demo"))
+    sections = set(args.only or ("items", "scale", "demo", "executor"))
     if args.demo_against:  # checked now, not after an hour of other items
         found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.demo_against}^{{commit}}"],
                                capture_output=True, text=True)
@@ -618,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
             r["device"] = "cpu"
             rows.append(r)
             print(_line(r), flush=True)
+    if not q and "executor" in sections:
+        print("[cpu] executor: one process against worker processes ...", file=sys.stderr, flush=True)
+        for r in bench_executor(args.out):
+            r["device"] = "cpu"
+            rows.append(r)
+            print(_line(r), flush=True)
     if len(devices) == 1:
         print("GPU items skipped: no CUDA device on this machine.")
     (args.out / "bench.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
@@ -635,6 +740,9 @@ def _line(r: dict) -> str:
         extra += f"  masks equal: {r['masks_equal']}"
     if "peak_rss_gib" in r:
         extra += f"  peak RSS {r['peak_rss_gib']:.2f} GiB"
+    if "baseline_peak_rss_gib" in r and "images_per_s" not in r:
+        extra += (f"\n       wall {r['wall_s']:.1f} s against {r['baseline_wall_s']:.1f} s; peak memory of the process "
+                  f"tree {r['peak_rss_gib']:.2f} GiB against {r['baseline_peak_rss_gib']:.2f} GiB")
     if "images_per_s" in r:
         extra += f"  {r['images_per_s']:.1f} images/s (at 1/10 the size: {r['baseline_images_per_s']:.1f}, " \
                  f"peak RSS {r['baseline_peak_rss_gib']:.2f} GiB)"
