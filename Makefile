@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,ray]'
 	@touch $(STAMP)
 
-# make report [SPEC=specs/my.yaml] [EXECUTOR=ray] [RAY_ADDRESS=auto]
+# make report [SPEC=specs/my.yaml] [EXECUTOR=ray] [RAY_ADDRESS=auto] [WORKERS=N|auto]
 report: setup
-	$(PY) -m report_builder run $(SPEC) --executor $(EXECUTOR) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
+	$(PY) -m report_builder run $(SPEC) --executor $(EXECUTOR) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) $(if $(WORKERS),--workers $(WORKERS))
 
 render: setup
 	$(PY) -m report_builder render $(RUN)

@@ -168,6 +168,9 @@ def test_a_run_with_workers_equals_one_in_process_to_the_bit(tmp_path, ckpt):
                  "--workers", "2"]) == 0
     runs = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two")]
     assert runs[1]["provenance"]["executor"].startswith("local (2 worker processes")
+    # a worker has a share of the cores, so the report says where the methods were timed
+    speed = [next(f["text"] for f in r["findings"] if f["id"] == "speed") for r in runs]
+    assert "worker processes" not in speed[0] and "timed in one of 2 worker processes of 1 thread each" in speed[1]
     for r in runs:  # where it ran: the executor, the thread count in the device's line, the cache folder
         for key in ("executor", "device", "cache"):
             r["provenance"].pop(key)
@@ -191,8 +194,10 @@ def test_ctrl_c_stops_the_workers_with_the_run_and_writes_nothing(tmp_path, ckpt
                           str(out), "--cache-dir", str(tmp_path / "cache"), "--workers", "2"],
                          cwd=Path(__file__).resolve().parent.parent, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
+    computing = False
     for line in p.stderr:
-        if "] compute ..." in line:  # the workers are up and the first tasks are theirs
+        computing = computing or "] compute ..." in line
+        if computing and line.rstrip().endswith("tasks ..."):  # the workers are up and running the first tasks
             break
     time.sleep(1.0)
     os.killpg(p.pid, signal.SIGINT)

@@ -27,8 +27,10 @@ from report_builder.spec.schema import LoadedSpec
 from report_builder.models.zoo import LoadedModel
 
 
-def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Progress, device_type: str) -> dict:
-    """Everything the report needs, with the files it refers to written under `work`."""
+def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Progress, device_type: str,
+            executor: str = "local (this process)") -> dict:
+    """Everything the report needs, with the files it refers to written under `work`; `executor` says where the
+    tasks ran (their timings depend on it)."""
     spec = loaded.spec
     explanations, agreement_rows = [], []
     for m in inputs.models:
@@ -60,6 +62,7 @@ def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Pro
             "weights_sha256": {m.id: m.weights_hash for m in inputs.models},
             "images_sha256": manifest_hash(inputs.images),
             "tasks": len(plan.graph.tasks),
+            "executor": executor,
         },
     }
     if spec.dissect is not None:

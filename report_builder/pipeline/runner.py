@@ -521,7 +521,7 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
             outcome = ex.run(plan.graph, plan.wanted, cache, progress)
     with atomic_dir(out_dir, "run", first="results.json") as work:
         with progress.stage("write results"):
-            results = collect.results(loaded, inputs, plan, outcome, work, progress, device.type)
+            results = collect.results(loaded, inputs, plan, outcome, work, progress, device.type, where)
         results["provenance"].update(started=started, device=device_description(device), device_type=device.type,
                                      executor=where, packages=package_versions(), platform=platform.platform(),
                                      cache={"hits": cache.hits, "computed": cache.misses, "root": str(cache.root),

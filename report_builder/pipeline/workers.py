@@ -94,6 +94,10 @@ class WorkerExecutor:
         return (f"local ({self.workers} worker processes × {self.threads} thread{'s' if self.threads != 1 else ''})")
 
     def __enter__(self) -> WorkerExecutor:
+        return self
+
+    def _start(self) -> None:
+        """Start the workers, when there is something to compute (a warm rerun starts none)."""
         # spawn, not fork: a forked copy of a process whose OpenMP threads have run can hang in its first parallel op
         self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start_worker, initargs=(self.threads,))
@@ -101,7 +105,6 @@ class WorkerExecutor:
         # can miss the death of one spawned while its manager thread was already waiting (the wait does not watch
         # the new process): a killed worker then went unnoticed until another task ended, up to minutes later.
         wait([self._pool.submit(os.getpid) for _ in range(self.workers)])
-        return self
 
     def __exit__(self, exc_type, *exc) -> None:
         pool, self._pool = self._pool, None
@@ -120,8 +123,9 @@ class WorkerExecutor:
             p.join(timeout=5)
 
     def run(self, graph: Graph, wanted: list[str], cache: Cache, progress: Progress) -> Outcome:
-        assert self._pool is not None, "use the executor as a context manager"
         todo = graph.plan(wanted, cache)
+        if todo and self._pool is None:
+            self._start()
         clock = StageClock(graph, todo, progress)
         order = itertools.count()
         place: dict[str, int] = {}  # the in-process executor's order: the tie-break among ready tasks

@@ -377,6 +377,7 @@ def _speed_findings(results: dict) -> list[dict]:
         else:
             text += f" {METHOD_TITLES[slowest]} is the slowest: {spread(slowest)}"
             text += f", about {ratio:.0f} times the fastest." if ratio else "."
+    text += _timed_where(results)
     lime = [(e["model"], e["methods"]["lime"]["seconds"]) for e in results["explanations"] if "lime" in e["methods"]]
     out = [{"id": "speed", "section": "timings", "question": "q5", "timing": True, "text": text,
             "numbers": {"median_seconds": {m: stats[m]["median"] for m in order}, "ratio": ratio,
@@ -389,9 +390,22 @@ def _speed_findings(results: dict) -> list[dict]:
         text = "LIME took " + "; ".join(
             f"{_f(statistics.median(v), 1)} s per image on {names[m]} ({_f(min(v), 1)}–{_f(max(v), 1)} s)"
             for m, v in per_model.items()) + " (medians and ranges; wall-clock times vary between runs)."
+        text += _timed_where(results)
         out.append({"id": "lime-time", "section": "agreement", "question": "q6", "timing": True, "text": text,
                     "numbers": {m: statistics.median(v) for m, v in per_model.items()}})
     return out
+
+
+def _timed_where(results: dict) -> str:
+    """Where the times were taken, when that was not this process with all its threads: a worker has a share of
+    the cores, so each task takes longer than alone (and more of them run at once)."""
+    executor = results.get("provenance", {}).get("executor", "")
+    fresh = any(not entry.get("cached") for e in results["explanations"] for entry in e["methods"].values())
+    if "worker processes" not in executor or not fresh:  # cached times were taken by another run
+        return ""
+    where = executor.removeprefix("local (").rstrip(")").replace(" × ", " of ")
+    return (f" Each explanation was timed in one of {where} each, running side by side (with --workers 1 they are "
+            "timed in one process with every thread).")
 
 
 def _prediction_findings(results: dict) -> list[dict]:
