@@ -42,7 +42,8 @@ from report_builder.data.probe import ProbeSet, pixels_task
 from report_builder.pipeline.progress import Progress
 from report_builder.explanation.registry import CAM_NAMES, TITLES
 from report_builder.spec.schema import LoadedSpec, resolve_batch
-from report_builder.pipeline.tasks import Graph, executor_for
+from report_builder.pipeline.tasks import Graph
+from report_builder.pipeline.workers import executor_for
 from report_builder.models.zoo import LoadedModel, check_code, default_target_layer, get_layer, load_model, remember
 
 PACKAGES = ("report_builder", "torch", "torchvision", "timm", "grad-cam", "lime", "numpy", "scikit-image",

@@ -8,7 +8,7 @@ pulls: a wanted task whose key is in the cache is loaded, and the tasks only it 
 rerun of a full-size spec loads its final results and renders.
 
 Executors: `local` runs tasks in this process, depth first, dropping each intermediate value once its
-last consumer has run (or, with workers, in worker processes in the same order: pipeline/workers.py); `ray` submits the same tasks to Ray (a local one started for the run, or a
+last consumer has run (or, with workers, in worker processes in the same order: pipeline/workers.py, which also picks the executor); `ray` submits the same tasks to Ray (a local one started for the run, or a
 cluster), with a GPU for the tasks that run a model when the run's device is CUDA.
 """
 from __future__ import annotations
@@ -525,20 +525,3 @@ class RayExecutor:
                 raise cause from None
             raise
         return Outcome(out, computed, dict(clock.seconds))
-
-
-def executor_for(name: str, address: str | None = None, gpu: bool = False, workers: int = 1):
-    """The executor of a run; `workers` > 1 (local only) runs tasks in that many processes sharing the cores."""
-    if name == "local":
-        if address:
-            raise UserError("--ray-address: given with --executor local; add --executor ray")
-        if workers > 1:
-            import torch
-
-            from report_builder.pipeline.workers import WorkerExecutor
-
-            return WorkerExecutor(workers, max(1, torch.get_num_threads() // workers))
-        return LocalExecutor()
-    if name == "ray":
-        return RayExecutor(address or None, gpu=gpu)
-    raise UserError(f"--executor: found {name!r}, expected local or ray")

@@ -35,7 +35,7 @@ from typing import Any
 from report_builder.errors import UserError
 from report_builder.pipeline.cache import Cache
 from report_builder.pipeline.progress import Progress
-from report_builder.pipeline.tasks import Graph, Outcome, StageClock
+from report_builder.pipeline.tasks import Graph, LocalExecutor, Outcome, RayExecutor, StageClock
 
 MAX_AUTO_WORKERS = 4  # `auto` on a many-core machine: 4 workers share the cores (each holds its own models)
 WORKER_MEMORY = 2 << 30  # what `auto` sets aside per worker: the demo's workers peaked at about 1.5 GiB each
@@ -260,3 +260,19 @@ class WorkerExecutor:
         seconds = Counter(clock.seconds)
         seconds.update(again.seconds)
         return Outcome(again.values, computed | again.computed, dict(seconds))
+
+
+def executor_for(name: str, address: str | None = None, gpu: bool = False, workers: int = 1):
+    """The executor of a run: in this process, in `workers` processes sharing the cores (local only), or on Ray.
+    (Here rather than in tasks.py, which holds the other two: the worker executor builds on tasks.py.)"""
+    if name == "local":
+        if address:
+            raise UserError("--ray-address: given with --executor local; add --executor ray")
+        if workers > 1:
+            import torch
+
+            return WorkerExecutor(workers, max(1, torch.get_num_threads() // workers))
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address or None, gpu=gpu)
+    raise UserError(f"--executor: found {name!r}, expected local or ray")
