@@ -174,9 +174,10 @@ def test_a_run_with_workers_equals_one_in_process_to_the_bit(tmp_path, ckpt):
     # a worker has a share of the cores, so the report says where the methods were timed
     speed = [next(f["text"] for f in r["findings"] if f["id"] == "speed") for r in runs]
     assert "worker processes" not in speed[0] and "timed in one of 2 worker processes of 1 thread each" in speed[1]
-    for r in runs:  # where it ran: the executor, the thread count in the device's line, the cache folder
-        for key in ("executor", "device", "cache"):
-            r["provenance"].pop(key)
+    assert runs[1]["provenance"]["workers"] == {"processes": 2, "threads": 1} and "workers" not in runs[0]["provenance"]
+    for r in runs:  # where it ran: the executor and its workers, the thread count in the device's line, the cache
+        for key in ("executor", "workers", "device", "cache"):
+            r["provenance"].pop(key, None)
     assert without_timings(runs[0]) == without_timings(runs[1])
     arrays = sorted((tmp_path / "one").glob("**/*.npz"))
     assert arrays  # the maps and activations behind the numbers, compared array by array

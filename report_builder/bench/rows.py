@@ -506,21 +506,11 @@ def bench_mixed_precision(device: torch.device, words: int, images: int) -> list
 def bench_demo(out: Path) -> list[dict]:
     """The demo as `make report` runs it (worker processes: --workers auto), cold against the same in one process
     (--workers 1), each with an empty cache; then a warm rerun, which only renders."""
-    import shutil
-
-    runs = {}
-    for label, workers in (("one process", "1"), ("cold", "auto"), ("warm", "auto")):
-        cache = out / f"demo-cache-{workers}"
-        if label != "warm":
-            shutil.rmtree(cache, ignore_errors=True)
-        run_dir = out / f"demo-{label.replace(' ', '-')}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        wall, peak, results = timed_run([sys.executable, "-m", "report_builder", "--quiet", "run", "specs/demo.yaml",
-                                         "--out", str(run_dir), "--cache-dir", str(cache), "--workers", workers],
-                                        run_dir)
-        runs[label] = {"wall": wall, "peak": peak, "stages": results["provenance"]["stage_seconds"],
-                       "executor": results["provenance"]["executor"]}
-        print(f"  demo spec, {label} ({runs[label]['executor']}): {wall:.1f} s, peak memory {peak / 2**30:.2f} GiB",
+    runs = {label: cli_run(Path("specs/demo.yaml"), out / f"demo-{label.replace(' ', '-')}",
+                           out / f"demo-cache-{workers}", workers, cold=label != "warm")
+            for label, workers in (("one process", "1"), ("cold", "auto"), ("warm", "auto"))}
+    for label, r in runs.items():
+        print(f"  demo spec, {label} ({r['executor']}): {r['wall']:.1f} s, peak memory {r['peak'] / 2**30:.2f} GiB",
               file=sys.stderr, flush=True)
     cold, one = runs["cold"], runs["one process"]
     return [row(f"Whole demo spec, cold: {cold['executor']}", cold["wall"], one["wall"], "cold, one process",
@@ -587,9 +577,16 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def timed_run(cmd: list[str], out: Path) -> tuple[float, int, dict]:
-    """A run as a user starts it: its wall seconds, the peak memory of its process tree (sampled every 0.2 s), and
-    its results.json."""
+def cli_run(spec: Path, run_dir: Path, cache: Path, workers: str, cold: bool = True) -> dict:
+    """`run` as a user starts it, with --workers `workers` (cold: the run folder and the cache emptied first): its
+    wall seconds, the peak memory of its process tree (sampled every 0.2 s), its stage seconds and its executor;
+    `dir` is the run directory."""
+    import shutil
+
+    for folder in (run_dir, cache) if cold else (run_dir,):
+        shutil.rmtree(folder, ignore_errors=True)
+    cmd = [sys.executable, "-m", "report_builder", "--quiet", "run", str(spec), "--out", str(run_dir),
+           "--cache-dir", str(cache), "--workers", workers]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0
@@ -599,7 +596,9 @@ def timed_run(cmd: list[str], out: Path) -> tuple[float, int, dict]:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
-    return wall, peak, json.loads((out / "results.json").read_text())
+    provenance = json.loads((run_dir / "results.json").read_text())["provenance"]
+    return {"wall": wall, "peak": peak, "stages": provenance["stage_seconds"], "executor": provenance["executor"],
+            "dir": run_dir}
 
 
 def explain_only_spec(folder: Path) -> Path:
@@ -617,38 +616,28 @@ def explain_only_spec(folder: Path) -> Path:
     return path
 
 
-def bench_executor(out: Path, spec: Path | None = None, label: str = "the demo's 40 explanations") -> list[dict]:
-    """The same tasks, cold, in one process with every thread against worker processes of one thread each
+def bench_executor(out: Path) -> list[dict]:
+    """The demo's explanations, cold, in one process with every thread against worker processes of one thread each
     (--workers 1 and --workers N, N = torch's threads), one after the other; wall time of the compute stage, the
     whole run, the process tree's peak memory, and the largest difference between the two runs' maps."""
-    spec = spec or explain_only_spec(out)
+    spec = explain_only_spec(out)
     threads = torch.get_num_threads()
+    label = "the demo's 40 explanations"
     runs = {}
     for workers in (1, threads):
-        run_dir = out / f"executor-{workers}"
-        cache = out / f"executor-cache-{workers}"
-        for folder in (run_dir, cache):
-            if folder.exists():
-                import shutil
-
-                shutil.rmtree(folder)
-        wall, peak, results = timed_run([sys.executable, "-m", "report_builder", "--quiet", "run", str(spec),
-                                         "--out", str(run_dir), "--cache-dir", str(cache), "--workers", str(workers)],
-                                        run_dir)
-        runs[workers] = {"wall": wall, "peak": peak, "compute": results["provenance"]["stage_seconds"]["compute"],
-                         "dir": run_dir}
-        print(f"  {label}, {workers} worker(s): compute {runs[workers]['compute']:.1f} s, wall {wall:.1f} s, "
-              f"peak memory {peak / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+        r = runs[workers] = cli_run(spec, out / f"executor-{workers}", out / f"executor-cache-{workers}", str(workers))
+        print(f"  {label}, {workers} worker(s): compute {r['stages']['compute']:.1f} s, wall {r['wall']:.1f} s, "
+              f"peak memory {r['peak'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    one, many = runs[1], runs[threads]
     diff = 0.0
-    for a in sorted(runs[1]["dir"].glob("explanations/**/*.npz")):
-        with np.load(a) as x, np.load(runs[threads]["dir"] / a.relative_to(runs[1]["dir"])) as y:
+    for a in sorted(one["dir"].glob("explanations/**/*.npz")):
+        with np.load(a) as x, np.load(many["dir"] / a.relative_to(one["dir"])) as y:
             diff = max([diff] + [float(np.abs(x[k].astype(np.float64) - y[k]).max()) for k in x.files
                                  if x[k].dtype.kind == "f" and x[k].size])
-    one, many = runs[1], runs[threads]
-    return [row(f"Executor, {label}: {threads} workers x 1 thread", many["compute"], one["compute"],
-                f"1 process x {threads} threads", "faster than one process", max_abs_diff=diff,
-                wall_s=many["wall"], baseline_wall_s=one["wall"], peak_rss_gib=many["peak"] / 2**30,
-                baseline_peak_rss_gib=one["peak"] / 2**30)]
+    return [row(f"Executor, {label}: {threads} workers x 1 thread", many["stages"]["compute"],
+                one["stages"]["compute"], f"1 process x {threads} threads", "faster than one process",
+                max_abs_diff=diff, wall_s=many["wall"], baseline_wall_s=one["wall"],
+                peak_rss_gib=many["peak"] / 2**30, baseline_peak_rss_gib=one["peak"] / 2**30)]
 
 
 # ---------------------------------------------------------------- main

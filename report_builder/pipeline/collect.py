@@ -28,9 +28,9 @@ from report_builder.models.zoo import LoadedModel
 
 
 def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Progress, device_type: str,
-            executor: str = "local (this process)") -> dict:
+            executor: str, shares: dict | None) -> dict:
     """Everything the report needs, with the files it refers to written under `work`; `executor` says where the
-    tasks ran (their timings depend on it)."""
+    tasks ran, and `shares` how worker processes shared the cores (None: one process): their timings depend on it."""
     spec = loaded.spec
     explanations, agreement_rows = [], []
     for m in inputs.models:
@@ -63,6 +63,7 @@ def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Pro
             "images_sha256": manifest_hash(inputs.images),
             "tasks": len(plan.graph.tasks),
             "executor": executor,
+            **({"workers": shares} if shares else {}),
         },
     }
     if spec.dissect is not None:

@@ -516,15 +516,15 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
 
         workers = auto_workers(device.type, torch.get_num_threads()) if executor == "local" else 1
     with executor_for(executor, ray_address, gpu=device.type == "cuda", workers=int(workers)) as ex:
-        where = ex.describe() if hasattr(ex, "describe") else "local (this process)"
+        where = ex.describe()
         progress.say(f"{len(plan.graph.tasks)} tasks, executor {where}")
         with progress.stage("compute"):
             outcome = ex.run(plan.graph, plan.wanted, cache, progress)
     with atomic_dir(out_dir, "run", first="results.json") as work:
         with progress.stage("write results"):
-            results = collect.results(loaded, inputs, plan, outcome, work, progress, device.type, where)
+            results = collect.results(loaded, inputs, plan, outcome, work, progress, device.type, where, ex.shares)
         results["provenance"].update(started=started, device=device_description(device), device_type=device.type,
-                                     executor=where, packages=package_versions(), platform=platform.platform(),
+                                     packages=package_versions(), platform=platform.platform(),
                                      cache={"hits": cache.hits, "computed": cache.misses, "root": str(cache.root),
                                             "tasks_computed": len(outcome.computed)})
         results["provenance"]["stage_seconds"] = {k: round(v, 3) for k, v in

@@ -8,8 +8,9 @@ pulls: a wanted task whose key is in the cache is loaded, and the tasks only it 
 rerun of a full-size spec loads its final results and renders.
 
 Executors: `local` runs tasks in this process, depth first, dropping each intermediate value once its
-last consumer has run (or, with workers, in worker processes in the same order: pipeline/workers.py, which also picks the executor); `ray` submits the same tasks to Ray (a local one started for the run, or a
-cluster), with a GPU for the tasks that run a model when the run's device is CUDA.
+last consumer has run (with workers, in worker processes in the same order: pipeline/workers.py, which also
+picks the executor); `ray` submits the same tasks to Ray (a local one started for the run, or a cluster), with
+a GPU for the tasks that run a model when the run's device is CUDA.
 """
 from __future__ import annotations
 
@@ -142,9 +143,13 @@ class LocalExecutor:
     """Every task in this process, one after the other."""
 
     name = "local"
+    shares = None  # worker processes and threads each (pipeline/workers.py); None: one process, every thread
 
     def __enter__(self) -> LocalExecutor:
         return self
+
+    def describe(self) -> str:
+        return "local (this process)"
 
     def __exit__(self, *exc) -> None:
         return None
@@ -372,6 +377,7 @@ class RayExecutor:
     count gives the same floating-point sums, so a Ray run's numbers equal a local run's."""
 
     name = "ray"
+    shares = None  # each task gets as many threads as the driver has
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None, gpu: bool = False,
                  cpus_per_task: int | None = None):

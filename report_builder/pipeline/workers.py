@@ -90,6 +90,11 @@ class WorkerExecutor:
         self.threads = threads
         self._pool: ProcessPoolExecutor | None = None
 
+    @property
+    def shares(self) -> dict:
+        """How the cores were shared, for provenance: the tasks' timings depend on it."""
+        return {"processes": self.workers, "threads": self.threads}
+
     def describe(self) -> str:
         return (f"local ({self.workers} worker processes × {self.threads} thread{'s' if self.threads != 1 else ''})")
 
@@ -182,15 +187,13 @@ class WorkerExecutor:
             """Send task k to a worker; False when a cached input turned out bad and must be computed first."""
             nonlocal uncached_held
             t = graph.tasks[k]
-            missing = []
-            for d in graph.dep_keys(t):
-                if not value_of(d)[0]:
-                    missing.append(d)
+            inputs = {d: value_of(d) for d in graph.dep_keys(t)}
+            missing = [d for d, (available, _) in inputs.items() if not available]
             if missing:  # a cache entry failed its check (and was removed): compute it, then come back to k
                 schedule(graph.plan(missing, cache))
                 waiting[k] = {d for d in missing if d not in computed}
                 return False
-            values = {name: value_of(d)[1] if isinstance(d, str) else [value_of(x)[1] for x in d]
+            values = {name: inputs[d][1] if isinstance(d, str) else [inputs[x][1] for x in d]
                       for name, d in t.deps.items()}
             for d in graph.dep_keys(t):
                 release(d)

@@ -399,13 +399,14 @@ def _speed_findings(results: dict) -> list[dict]:
 def _timed_where(results: dict) -> str:
     """Where the times were taken, when that was not this process with all its threads: a worker has a share of
     the cores, so each task takes longer than alone (and more of them run at once)."""
-    executor = results.get("provenance", {}).get("executor", "")
+    shares = results.get("provenance", {}).get("workers")
     fresh = any(not entry.get("cached") for e in results["explanations"] for entry in e["methods"].values())
-    if "worker processes" not in executor or not fresh:  # cached times were taken by another run
+    if not shares or not fresh:  # cached times were taken by another run
         return ""
-    where = executor.removeprefix("local (").rstrip(")").replace(" × ", " of ")
-    return (f" Each explanation was timed in one of {where} each, running side by side (with --workers 1 they are "
-            "timed in one process with every thread).")
+    processes = shares["processes"]
+    return (f" Each explanation was timed in one of {processes} worker process{'es' if processes != 1 else ''} of "
+            f"{_plural(shares['threads'], 'thread')} each, running side by side (with --workers 1 they are timed in "
+            "one process with every thread).")
 
 
 def _prediction_findings(results: dict) -> list[dict]:
