@@ -284,3 +284,32 @@ def test_the_gallery_outline_is_skimages_inner_boundary():
         masks.append(gaussian_filter(rng.random(shape), 2) > 0.5)
     for mask in masks:
         assert np.array_equal(inner_boundary(mask), find_boundaries(mask, mode="inner")), mask.shape
+
+
+def test_a_gallery_strip_dims_outside_each_mask_and_outlines_it():
+    """unit_strip on planted maps: each tile is the thumbnail inside its mask, 0.3 of it outside, yellow on the mask's
+    inner boundary (as skimage finds it), and the tiles stand 3 white pixels apart; a stack of masks gets the
+    boundary of each."""
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+
+    from report_builder.explanation.overlays import inner_boundary, unit_strip
+
+    rng = np.random.default_rng(1)
+    thumbs = [rng.integers(0, 256, (80, 80, 3), dtype=np.uint8) for _ in range(3)]
+    maps = np.zeros((3, 8, 8), np.float32)
+    maps[0, 2:5, 2:6] = 1  # a block
+    maps[1] = 1            # everything
+    strip = np.asarray(unit_strip([Image.fromarray(t) for t in thumbs], maps, 0.5))  # and nothing for the third
+    assert strip.shape == (80, 3 * 80 + 2 * 3, 3)
+    assert (strip[:, 80:83] == 255).all() and (strip[:, 163:166] == 255).all()
+    up = torch.nn.functional.interpolate(torch.from_numpy(maps)[:, None], size=(80, 80), mode="bilinear",
+                                         align_corners=False)[:, 0].numpy() > 0.5
+    for i, (thumb, mask) in enumerate(zip(thumbs, up)):
+        tile = strip[:, i * 83 : i * 83 + 80]
+        edge = find_boundaries(mask, mode="inner")
+        assert (tile[edge] == (255, 220, 0)).all()
+        assert np.array_equal(tile[mask & ~edge], thumb[mask & ~edge])
+        assert np.array_equal(tile[~mask], (thumb[~mask].astype(np.float32) * np.float32(0.3)).astype(np.uint8))
+    assert up[0].any() and not up[0].all() and up[1].all() and not up[2].any()
+    assert np.array_equal(inner_boundary(up), np.stack([find_boundaries(m, mode="inner") for m in up]))

@@ -150,6 +150,17 @@ def test_sample_images_are_real_photos():
         assert arr.ndim == 3 and arr.shape[2] == 3 and min(arr.shape[:2]) >= 200 and arr.std() > 10
 
 
+def test_sklearn_photos_are_the_pixels_sklearn_returns():
+    """They are read straight from sklearn's files (importing sklearn costs 2 s): the same pixels as its loader."""
+    from sklearn.datasets import load_sample_image
+
+    from report_builder.data.images import SAMPLES
+
+    for name, file in (("china", "china.jpg"), ("flower", "flower.jpg")):
+        ours, theirs = SAMPLES[name][1](), load_sample_image(file)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape and np.array_equal(ours, theirs)
+
+
 def test_corrupt_image_names_the_file(tmp_path):
     (tmp_path / "ok.png").write_bytes(b"")
     from PIL import Image

@@ -39,29 +39,32 @@ def save_lime(crop: np.ndarray, mask: np.ndarray, segments: np.ndarray, path: Pa
 
 
 def inner_boundary(mask: np.ndarray) -> np.ndarray:
-    """The mask's pixels with a 4-neighbour outside it (the image's border repeats its edge pixels): skimage's
-    find_boundaries(mask, mode="inner"), which took 4.6 s of the demo's 11 s of unit galleries; this takes an eighth."""
-    p = np.pad(mask, 1, mode="edge")
-    inside = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    """The mask's pixels with a 4-neighbour outside it (the image's border repeats its edge pixels), over the last two
+    axes (so a stack of masks at once): skimage's find_boundaries(mask, mode="inner") of each, which took 4.6 s of the
+    demo's 11 s of unit galleries; this takes an eighth."""
+    p = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
+    inside = p[..., :-2, 1:-1] & p[..., 2:, 1:-1] & p[..., 1:-1, :-2] & p[..., 1:-1, 2:]
     return mask & ~inside
 
 
 def unit_strip(images: list[Image.Image], maps: np.ndarray, threshold: float, size: int = 80) -> Image.Image:
-    """A unit's top images side by side, dimmed outside the unit's mask (map upsampled bilinearly, > T)."""
+    """A unit's top images side by side, dimmed outside the unit's mask (map upsampled bilinearly, > T), 3 white
+    pixels apart. All tiles at once, as arrays: half the time of a loop over the tiles (5.0 -> 2.5 ms a strip), which
+    took 4.8 of the demo's 6 s of galleries."""
     import torch
     import torch.nn.functional as F
 
     up = F.interpolate(torch.from_numpy(np.asarray(maps, np.float32))[:, None], size=(size, size), mode="bilinear",
                        align_corners=False)[:, 0].numpy()
+    masks = up[: len(images)] > threshold
+    tiles = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)) for im in images])
+    tiles = tiles.astype(np.float32) * np.where(masks, np.float32(1), np.float32(0.3))[..., None]
+    tiles[inner_boundary(masks)] = (255, 220, 0)
     gap = 3
-    strip = Image.new("RGB", (len(images) * (size + gap) - gap, size), (255, 255, 255))
-    for i, (image, heat) in enumerate(zip(images, up)):
-        mask = heat > threshold
-        tile = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
-        tile[~mask] *= 0.3
-        tile[inner_boundary(mask)] = (255, 220, 0)
-        strip.paste(Image.fromarray(tile.astype(np.uint8)), (i * (size + gap), 0))
-    return strip
+    strip = np.full((size, len(images) * (size + gap) - gap, 3), 255, np.uint8)
+    for i, tile in enumerate(tiles.astype(np.uint8)):
+        strip[:, i * (size + gap) : i * (size + gap) + size] = tile
+    return Image.fromarray(strip)
 
 
 def save_unit_tile(crop: np.ndarray, heat: np.ndarray, path: Path, size: int = 112) -> None:
