@@ -65,6 +65,10 @@ def test_an_installed_wheel_runs_a_spec_and_renders_outside_the_repository(wheel
         assert p.returncode == 0, p.stderr[-3000:]
     assert (work / "run" / "report.pdf").read_bytes().startswith(b"%PDF")
     assert "LIME vs Grad-CAM agreement" in (work / "run" / "report.html").read_text()
-    p = subprocess.run([sys.executable, "-m", "report_builder", "validate", str(target / "report_builder" / "demo.yaml")],
+    script = str(target / "bin" / "report-builder")  # the console script, whose exit code is the command's
+    p = subprocess.run([script, "validate", str(target / "report_builder" / "demo.yaml")],
                        cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+    p = subprocess.run([script, "validate", "no-such.yaml"], cwd=work, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2 and "no-such.yaml" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
