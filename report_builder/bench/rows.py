@@ -184,15 +184,20 @@ def peak_gflops() -> tuple[float | None, str]:
                   f"= {peak:.0f} GFLOP/s fp32")
 
 
-def forward_flops(m: LoadedModel) -> float:
-    """FLOPs of one image's forward pass (a multiply-add counts 2), by torch's own counter."""
+def counted_flops(call: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
+    """FLOPs of call(x) (a multiply-add counts 2), by torch's own counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    size = m.preprocess.input_size
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
-        m.module(torch.zeros(1, 3, size, size, device=next(m.module.parameters()).device))
+        call(x)
     return float(counter.get_total_flops())
+
+
+def forward_flops(m: LoadedModel) -> float:
+    """FLOPs of one image's forward pass."""
+    size = m.preprocess.input_size
+    return counted_flops(m.module, torch.zeros(1, 3, size, size, device=next(m.module.parameters()).device))
 
 
 def bench_forward_throughput(device: torch.device, images: int) -> list[dict]:
@@ -278,16 +283,11 @@ def _clip_forward_row(device: torch.device, images: int, peak: float | None, how
     pixels = preprocess(Image.fromarray(SAMPLES["chelsea"][1]()))
     x_all = pixels[None].repeat(images, 1, 1, 1).to(device)
     fastpath = torch.backends.mha.get_fastpath_enabled()
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with counter, torch.inference_mode():
-            model.encode_image(x_all[:1])
+        flops = counted_flops(model.encode_image, x_all[:1])
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    flops = float(counter.get_total_flops())
     batch = resolve_batch("auto", device.type)
 
     def run(fn, b: int, fused: bool = True, threads: int | None = None):
@@ -737,6 +737,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads; "
           f"GPU: {info['gpu'] or 'none (GPU items skipped)'}", flush=True)
     rows: list[dict] = []
+
+    def record(new: list[dict], device: str) -> None:  # each row kept and printed as soon as it is measured
+        for r in new:
+            r["device"] = device
+            rows.append(r)
+            print(_line(r), flush=True)
+
     for device in devices if "items" in sections else ():
         cuda = device.type == "cuda"
         steps = [
@@ -757,36 +764,22 @@ def main(argv: list[str] | None = None) -> int:
             steps.append(("soft_wpmi", lambda: bench_soft_wpmi(896, 2000 if q else 20000, 1000)))
         for name, step in steps:
             print(f"[{device.type}] {name} ...", file=sys.stderr, flush=True)
-            for r in step():
-                r["device"] = device.type
-                rows.append(r)
-                print(_line(r), flush=True)
+            record(step(), device.type)
     for device in devices if "forward" in sections else ():
         print(f"[{device.type}] forward throughput ...", file=sys.stderr, flush=True)
-        for r in bench_forward_throughput(device, 16 if q else 64):
-            r["device"] = device.type
-            rows.append(r)
-            print(_line(r), flush=True)
+        record(bench_forward_throughput(device, 16 if q else 64), device.type)
     if "scale" in sections:
         from report_builder.bench.scale import bench_full_size, bench_netdissect_scale, bench_report_size
 
         for step in (bench_report_size, bench_full_size, bench_netdissect_scale):
-            for r in step(args.out, q, row):
-                r["device"] = "cpu"
-                rows.append(r)
-                print(_line(r), flush=True)
+            record(step(args.out, q, row), "cpu")
     if not q and "demo" in sections:
         print("[cpu] whole demo spec, cold then warm ...", file=sys.stderr, flush=True)
-        for r in bench_demo(args.out) + (bench_demo_against(args.out, args.demo_against) if args.demo_against else []):
-            r["device"] = "cpu"
-            rows.append(r)
-            print(_line(r), flush=True)
+        record(bench_demo(args.out) + (bench_demo_against(args.out, args.demo_against) if args.demo_against else []),
+               "cpu")
     if not q and "executor" in sections:
         print("[cpu] executor: one process against worker processes ...", file=sys.stderr, flush=True)
-        for r in bench_executor(args.out):
-            r["device"] = "cpu"
-            rows.append(r)
-            print(_line(r), flush=True)
+        record(bench_executor(args.out), "cpu")
     if len(devices) == 1:
         print("GPU items skipped: no CUDA device on this machine.")
     (args.out / "bench.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
