@@ -118,6 +118,27 @@ def test_tail_used_by_the_ablation_is_the_models_own():
     assert tail_after(model, "features") is not None
 
 
+@pytest.mark.parametrize("name, layer, runs_the_tail", [
+    ("mobilenet_v3_small", "features.9", True),  # its head: pool, then a Sequential that starts with a Linear
+    ("mobilenet_v2", "features.17", False),  # pools and flattens inside its forward, which no tail can see
+])
+def test_a_torchvision_head_in_a_sequential_gets_the_tail_and_the_same_drops(name, layer, runs_the_tail):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = wrap(getattr(torchvision.models, name)().eval(), size=64, classes=1000, layer=layer)
+    x = torch.rand(1, 3, 64, 64)
+    raw, maps, grads, logits = concepts.layer_terms(model, x, [layer], 0)
+    args = (model, x, layer, raw[layer], maps[layer], grads[layer], logits, 0, SETTINGS)
+    r = concepts.attribute_layer(*args, seed=1)
+    assert r["forward"] == ("tail" if runs_the_tail else "model")
+    if runs_the_tail:  # the drops of the whole model with the ablated output hooked in, to float precision
+        tail, hooked = (concepts.Ablator(model, layer, x, raw[layer], logits, 0) for _ in range(2))
+        hooked.tail = None
+        sets = concepts.random_units(r["activation"], 5, np.random.default_rng(0), 8)
+        np.testing.assert_allclose(tail.probabilities(sets), hooked.probabilities(sets), rtol=1e-4, atol=1e-7)
+
+
 def test_the_planted_units_labels_lead_the_concept_list():
     from report_builder.pipeline.collect import _unit_row, concept_groups
 

@@ -28,7 +28,7 @@ from report_builder.models.hooks import LayerRecorder
 from report_builder.models.zoo import LoadedModel, ModelRef, get_layer, model_for
 
 # Bump when a change alters what the task computes, so cached values are recomputed.
-CODE_VERSION = 4
+CODE_VERSION = 5  # 5: the ablated copies of MobileNet- and VGG-style heads run the tail only
 ROWS_PER_PASS = 64  # ablated copies per forward pass: bounded memory on a ViT, whole batches on a ResNet's tail
 
 

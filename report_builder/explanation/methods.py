@@ -25,7 +25,7 @@ from report_builder.spec.schema import ExplainSpec, resolve_batch
 from report_builder.models.zoo import LoadedModel, ModelRef, get_layer, model_for
 
 # Bump when a change alters what an explainer computes, so cached maps are recomputed.
-CODE_VERSION = 3
+CODE_VERSION = 4  # 4: AblationCAM runs the tail of MobileNet- and VGG-style heads (nested Sequentials)
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,9 @@ def tail_after(model: LoadedModel, layer: str) -> Callable[[torch.Tensor], torch
 
     `layer` is a top-level child (`layer4`) or a path through nn.Sequential containers (`blocks.6`):
     the later siblings at each level run in order, innermost first, then the top-level children after
-    it, with a flatten before the first Linear. That is the forward of ResNets, VGGs and timm
+    it, with a flatten before the first Linear. A later sibling that is itself an nn.Sequential runs as
+    its children, so that a head like torchvision's MobileNet and VGG classifiers (a Sequential that
+    starts with a Linear) gets its flatten too. That is the forward of ResNets, VGGs, MobileNets and
     EfficientNets; callers check the tail against the full model before trusting it. None when the
     path leaves nn.Sequential containers.
     """
@@ -245,7 +247,7 @@ def tail_after(model: LoadedModel, layer: str) -> Callable[[torch.Tensor], torch
             return None
         stages.append([m for _, m in children[names.index(name) + 1 :]])
         parent = children[names.index(name)][1]
-    rest = [m for stage in reversed(stages) for m in stage]
+    rest = [leaf for stage in reversed(stages) for m in stage for leaf in _in_order(m)]
 
     def tail(x: torch.Tensor) -> torch.Tensor:
         for m in rest:
@@ -255,6 +257,13 @@ def tail_after(model: LoadedModel, layer: str) -> Callable[[torch.Tensor], torch
         return x
 
     return tail
+
+
+def _in_order(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules an nn.Sequential's forward runs, in order, nested Sequentials unrolled; else the module."""
+    if type(module) is not torch.nn.Sequential:  # a subclass may have a forward of its own
+        return [module]
+    return [leaf for child in module for leaf in _in_order(child)]
 
 
 def checked_tail(model: LoadedModel, layer: str, acts: torch.Tensor, logits: torch.Tensor
