@@ -24,7 +24,7 @@ class Planted(nn.Module):
     """features: 16 non-negative units; the head reads units 5 and 9 for class 3 and nothing for the others, so
     class 3 wins and only those two units carry it."""
 
-    def __init__(self, skip: bool = False):
+    def __init__(self, skip: bool = False, batch_read: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.features = nn.Sequential(nn.Conv2d(3, UNITS, 3, padding=1), nn.ReLU())
@@ -37,14 +37,17 @@ class Planted(nn.Module):
             self.fc.bias.zero_()
             self.fc.weight[TARGET, list(PLANTED)] = 6.0
         self.skip = skip  # a forward that is not the children in order: the tail cannot stand in for it
+        self.batch_read = batch_read  # and one that reshapes by the batch size of its input
 
     def forward(self, x):
         out = self.fc(self.pool(self.features(x)).flatten(1))
+        if self.batch_read:
+            out = out.reshape(len(x), -1)
         return out + x.mean() if self.skip else out  # the same shift of every logit: the same softmax
 
 
-def _run(skip: bool = False, attribution: str = "gradcam_terms") -> dict:
-    model = wrap(Planted(skip), classes=5)
+def _run(skip: bool = False, attribution: str = "gradcam_terms", batch_read: bool = False) -> dict:
+    model = wrap(Planted(skip, batch_read), classes=5)
     crop = np.random.default_rng(0).integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
     x = model.preprocess.normalize(crop[None], torch.device("cpu"))
     raw, maps, grads, logits = concepts.layer_terms(model, x, ["features"], TARGET)
@@ -81,10 +84,12 @@ def test_ablating_the_planted_units_beats_random_by_a_wide_margin():
     assert report_concepts.empirical_p(top, random) <= 0.1
 
 
-def test_the_tail_and_the_whole_model_give_the_same_drops():
-    fast, hooked = _run(), _run(skip=True)
-    assert fast["forward"] == "tail" and hooked["forward"] == "model"
+def test_the_tail_the_broadcast_and_the_whole_model_give_the_same_drops():
+    fast, broadcast, hooked = _run(), _run(skip=True), _run(skip=True, batch_read=True)
+    # the layers before run once where the model's rows stay apart; a reshape by the input's batch size mixes them
+    assert (fast["forward"], broadcast["forward"], hooked["forward"]) == ("tail", "broadcast", "model")
     for name in fast["drops"]:
+        np.testing.assert_allclose(fast["drops"][name], broadcast["drops"][name], atol=1e-5)
         np.testing.assert_allclose(fast["drops"][name], hooked["drops"][name], atol=1e-5)
 
 
@@ -118,25 +123,24 @@ def test_tail_used_by_the_ablation_is_the_models_own():
     assert tail_after(model, "features") is not None
 
 
-@pytest.mark.parametrize("name, layer, runs_the_tail", [
-    ("mobilenet_v3_small", "features.9", True),  # its head: pool, then a Sequential that starts with a Linear
-    ("mobilenet_v2", "features.17", False),  # pools and flattens inside its forward, which no tail can see
+@pytest.mark.parametrize("name, layer, forward", [
+    ("mobilenet_v3_small", "features.9", "tail"),  # its head: pool, then a Sequential that starts with a Linear
+    ("mobilenet_v2", "features.17", "broadcast"),  # pools and flattens inside its forward, which no tail can see
 ])
-def test_a_torchvision_head_in_a_sequential_gets_the_tail_and_the_same_drops(name, layer, runs_the_tail):
+def test_a_torchvision_model_runs_the_fastest_way_its_forward_allows_with_the_same_drops(name, layer, forward):
     import torchvision
 
     torch.manual_seed(0)
     model = wrap(getattr(torchvision.models, name)().eval(), size=64, classes=1000, layer=layer)
     x = torch.rand(1, 3, 64, 64)
     raw, maps, grads, logits = concepts.layer_terms(model, x, [layer], 0)
-    args = (model, x, layer, raw[layer], maps[layer], grads[layer], logits, 0, SETTINGS)
-    r = concepts.attribute_layer(*args, seed=1)
-    assert r["forward"] == ("tail" if runs_the_tail else "model")
-    if runs_the_tail:  # the drops of the whole model with the ablated output hooked in, to float precision
-        tail, hooked = (concepts.Ablator(model, layer, x, raw[layer], logits, 0) for _ in range(2))
-        hooked.tail = None
-        sets = concepts.random_units(r["activation"], 5, np.random.default_rng(0), 8)
-        np.testing.assert_allclose(tail.probabilities(sets), hooked.probabilities(sets), rtol=1e-4, atol=1e-7)
+    r = concepts.attribute_layer(model, x, layer, raw[layer], maps[layer], grads[layer], logits, 0, SETTINGS, seed=1)
+    assert r["forward"] == forward
+    # against the whole model on one copy of the image per set, each with its ablated output hooked in
+    fast, hooked = (concepts.Ablator(model, layer, x, raw[layer], logits, 0) for _ in range(2))
+    hooked.tail, hooked.forward = None, "model"
+    sets = concepts.random_units(r["activation"], 5, np.random.default_rng(0), 8)
+    np.testing.assert_allclose(fast.probabilities(sets), hooked.probabilities(sets), rtol=1e-4, atol=1e-7)
 
 
 def test_the_planted_units_labels_lead_the_concept_list():

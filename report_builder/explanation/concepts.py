@@ -12,7 +12,7 @@ Is that explanation faithful? The top-k units by contribution are ablated (set t
 Bau et al. PNAS 2020 ablate units) and the drop of p(y) is compared with the drop for k units picked by each
 `ABLATION_BASELINES` entry: random units (seeded draws: the bar a ranking must beat) and the k most active units. The
 ablated copies run as one batch, through the layers after the ablated one only where the model allows it (the
-AblationCAM path), else through the whole model with a hook that swaps in the ablated output.
+AblationCAM path), else through the model with a hook that swaps in the ablated output (`Ablator`).
 
 `concept_task` is one task per model x image: one forward and one backward pass give every listed layer's terms.
 Labels are joined later, from the run's dissections (pipeline/collect.py): the task knows only unit indices.
@@ -28,7 +28,7 @@ from report_builder.models.hooks import LayerRecorder
 from report_builder.models.zoo import LoadedModel, ModelRef, get_layer, model_for
 
 # Bump when a change alters what the task computes, so cached values are recomputed.
-CODE_VERSION = 5  # 5: the ablated copies of MobileNet- and VGG-style heads run the tail only
+CODE_VERSION = 5  # 5: MobileNet- and VGG-style heads run the tail only; other models run the layers before once
 ROWS_PER_PASS = 64  # ablated copies per forward pass: bounded memory on a ViT, whole batches on a ResNet's tail
 
 
@@ -91,34 +91,64 @@ def layer_terms(model: LoadedModel, x: torch.Tensor, layers: list[str], target: 
 
 
 class Ablator:
-    """p(target) after zeroing sets of units of one layer, many sets per forward pass."""
+    """p(target) after zeroing sets of units of one layer, many sets per forward pass.
+
+    Three ways to run the ablated copies, fastest first, each checked against the model before it is used:
+    "tail": the layers after the ablated one, as a function of its output (`checked_tail`);
+    "broadcast": the model on the one image, its layer's output swapped for the batch of ablated copies, so the
+    layers before it run once and the rest on the batch (a residual add of the image's stream broadcasts);
+    "model": the model on as many copies of the image as there are sets, each swapped in at the layer.
+    """
 
     def __init__(self, model: LoadedModel, layer: str, x: torch.Tensor, raw: torch.Tensor, logits: torch.Tensor,
                  target: int):
         self.model, self.layer, self.x, self.raw, self.target = model, layer, x, raw, target
+        self.module = get_layer(model, layer, f"model {model.id} layer {layer}")
         self.axis = _channel_axis(raw, model.layout(layer).kind)
         self.tail = checked_tail(model, layer, raw, logits)
-        self.forward = "tail" if self.tail is not None else "model"
+        self.forward = "tail" if self.tail is not None else "broadcast" if self._broadcasts() else "model"
+
+    def _swapped(self, x: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
+        handle = self.module.register_forward_hook(lambda m, inputs, output: ablated)
+        try:
+            return self.model.module(x)
+        finally:
+            handle.remove()
+
+    def _broadcasts(self) -> bool:
+        """Whether the one image's pass with two different ablated copies swapped in gives, row by row, what each
+        copy gives alone (a model that reshapes by a batch size read before the layer does not)."""
+        channels = self.raw.shape[self.axis]
+        if len(self.raw) != 1 or channels < 2:
+            return False
+        pair = self._ablated([np.array([0]), np.arange(channels // 2)])
+        with torch.inference_mode():
+            try:
+                both = self._swapped(self.x, pair)
+                alone = torch.cat([self._swapped(self.x, pair[i : i + 1]) for i in range(2)])
+            except (RuntimeError, ValueError, IndexError, TypeError):
+                return False
+        return both.shape == alone.shape and bool(torch.allclose(both, alone, rtol=1e-4, atol=1e-4))
+
+    def _ablated(self, unit_sets: list[np.ndarray]) -> torch.Tensor:
+        ablated = self.raw.repeat(len(unit_sets), *([1] * (self.raw.dim() - 1)))
+        for row, units in enumerate(unit_sets):
+            index = [row] + [slice(None)] * (self.axis - 1) + [torch.as_tensor(units, dtype=torch.long)]
+            ablated[tuple(index)] = 0
+        return ablated
 
     def _logits(self, ablated: torch.Tensor) -> torch.Tensor:
         if self.tail is not None:
             return self.tail(ablated)
-        module = get_layer(self.model, self.layer, f"model {self.model.id} layer {self.layer}")
-        handle = module.register_forward_hook(lambda m, inputs, output: ablated)
-        try:
-            return self.model.module(self.x.expand(len(ablated), *self.x.shape[1:]))
-        finally:
-            handle.remove()
+        if self.forward == "broadcast":
+            return self._swapped(self.x, ablated)
+        return self._swapped(self.x.expand(len(ablated), *self.x.shape[1:]), ablated)
 
     def probabilities(self, unit_sets: list[np.ndarray]) -> np.ndarray:
         out = []
         with torch.inference_mode():
             for first in range(0, len(unit_sets), ROWS_PER_PASS):
-                chunk = unit_sets[first : first + ROWS_PER_PASS]
-                ablated = self.raw.repeat(len(chunk), *([1] * (self.raw.dim() - 1)))
-                for row, units in enumerate(chunk):
-                    index = [row] + [slice(None)] * (self.axis - 1) + [torch.as_tensor(units, dtype=torch.long)]
-                    ablated[tuple(index)] = 0
+                ablated = self._ablated(unit_sets[first : first + ROWS_PER_PASS])
                 out.append(torch.softmax(self._logits(ablated).float(), dim=1)[:, self.target].cpu())
         return torch.cat(out).numpy().astype(np.float64)
 
