@@ -1,4 +1,6 @@
 """Each explainer on tiny models: shapes, ranges, a planted ground truth, and LIME's determinism."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -80,6 +82,30 @@ def test_lime_is_deterministic_and_seeded(tiny_model, tiny_crop):
     other = ExplainSettings(settings().explain, seed=1, device=CPU)
     c = EXPLAINERS["lime"](tiny_model, tiny_crop, 0, other)
     assert c["score"] != a["score"]
+
+
+def test_lime_segments_a_crop_once_per_process_and_still_times_the_segmentation(tiny_model, tiny_crop, monkeypatch):
+    # the sanity check's steps and the sweep's settings explain one crop many times
+    from report_builder.explanation import methods
+
+    monkeypatch.setattr(methods, "_SEGMENTS", {})
+    calls = []
+    segmenter = methods.lime_segmenter
+
+    def slow_segmenter(s):
+        def segment(crop):
+            calls.append(crop.shape)
+            time.sleep(0.2)
+            return segmenter(s)(crop)
+        return segment
+
+    monkeypatch.setattr(methods, "lime_segmenter", slow_segmenter)
+    first, again = (methods.lime_explain(tiny_model, tiny_crop, 0, settings()) for _ in range(2))
+    assert len(calls) == 1 and again["seconds"] >= 0.2  # its seconds count the segmentation it was handed
+    assert np.array_equal(first["segments"], again["segments"]) and np.array_equal(first["mask"], again["mask"])
+    methods.lime_explain(tiny_model, tiny_crop, 0, settings(segmentation={"algorithm": "slic", "n_segments": 12}))
+    methods.lime_explain(tiny_model, 255 - tiny_crop, 0, settings())
+    assert len(calls) == 3  # another segmentation, another crop: segmented anew
 
 
 def test_top_k_orders_by_probability():
