@@ -34,6 +34,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     """The options of `run`, which `demo` shares."""
     parser.add_argument("--out", type=Path, help="run directory to write (default: output/<run_name>)")
     parser.add_argument("--no-cache", action="store_true", help="recompute everything instead of reusing cached results")
+    _pdf_flag(parser)
     parser.add_argument("--cache-dir", type=Path, help="where cached results live (default: $REPORT_BUILDER_CACHE "
                                                     "or ~/.cache/report_builder)")
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -47,6 +48,12 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                           "(refused within about 10 s when nothing answers there); default: a local Ray "
                           "started for this run and stopped after it")
     _code_flags(parser)
+
+
+def _pdf_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-pdf", action="store_true",
+                        help="write report.html (and units.html) but not report.pdf, which takes most of the rendering "
+                             "time; `render RUN_DIR` writes it later")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     ren = sub.add_parser("render", help="re-render report.html and report.pdf from a run directory",
                          description="Re-render a run directory's report from its results.json; no model is loaded.")
     ren.add_argument("run_dir", type=Path, help="a run directory, e.g. output/demo")
+    _pdf_flag(ren)
 
     chk = sub.add_parser("check", help="test a run's or a diff's numbers against thresholds (exit 3 if one fails)",
                          description="Evaluate checks (thresholds on the run's numbers: pointing_hit, deletion_auc, "
@@ -162,7 +170,7 @@ def _main(args: argparse.Namespace) -> int:
             run(loaded, out, cache=Cache(args.cache_dir, enabled=not args.no_cache),
                 progress=Progress(quiet=args.quiet, verbose=args.verbose), executor=args.executor,
                 ray_address=args.ray_address, allow_code=args.allow_code, allow_code_from=args.allow_code_from,
-                workers=workers)
+                workers=workers, pdf=not args.no_pdf)
             if loaded.spec.checks:
                 from report_builder.report.checks import CHECKS_FAILED, run_outcome
 
@@ -191,8 +199,8 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "render":
             from report_builder.report.render import render_run
 
-            render_run(args.run_dir)
-            print(f"wrote {args.run_dir}/report.html and {args.run_dir}/report.pdf")
+            render_run(args.run_dir, pdf=not args.no_pdf)
+            print(f"wrote {args.run_dir}/report.html" + ("" if args.no_pdf else f" and {args.run_dir}/report.pdf"))
             return 0
     except UserError as exc:
         if pending_signal() is not None:

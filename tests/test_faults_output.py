@@ -93,6 +93,26 @@ def test_render_replaces_only_its_own_files(tmp_path, capsys, good_run):
     assert [p.name for p in run.iterdir() if ".partial-" in p.name or ".old-" in p.name] == []
 
 
+def test_no_pdf_leaves_no_older_pdf_behind_and_render_writes_it_later(tmp_path, capsys, good_run):
+    # a PDF beside a report is always of the same results: a rerun or re-render without one removes the older one
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    _add_users_files(run)
+    code, err = run_cli(capsys, "run", good_run.parent / "spec.yaml", "--out", run, "--no-pdf")
+    assert code == 0, err
+    assert (run / "report.html").is_file() and not (run / "report.pdf").exists()
+    assert "report.pdf" not in json.loads((run / ".report_builder").read_text())["files"]
+    assert _users_files(run) == USERS_FILES
+    code, err = run_cli(capsys, "render", run)
+    assert code == 0, err
+    assert (run / "report.pdf").read_bytes().startswith(b"%PDF")
+    html = (run / "report.html").read_bytes()
+    code, err = run_cli(capsys, "render", run, "--no-pdf")
+    assert code == 0, err
+    assert not (run / "report.pdf").exists() and (run / "report.html").read_bytes() == html
+    assert _users_files(run) == USERS_FILES
+
+
 @pytest.mark.parametrize("found", ["results.json", "diff.json"])
 def test_another_tools_results_json_does_not_make_a_folder_ours(tmp_path, capsys, good_run, found):
     other = tmp_path / "other"

@@ -164,11 +164,12 @@ def test_a_run_with_workers_equals_one_in_process_to_the_bit(tmp_path, ckpt):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["run", str(spec), "--out", str(tmp_path / "one"), "--no-cache", "--workers", "1"]) == 0
+        assert main(["run", str(spec), "--out", str(tmp_path / "one"), "--no-cache", "--workers", "1",
+                     "--no-pdf"]) == 0
     finally:
         torch.set_num_threads(threads)
     assert main(["run", str(spec), "--out", str(tmp_path / "two"), "--cache-dir", str(tmp_path / "cache"),
-                 "--workers", "2"]) == 0
+                 "--workers", "2", "--no-pdf"]) == 0
     runs = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two")]
     assert runs[1]["provenance"]["executor"].startswith("local (2 worker processes")
     # a worker has a share of the cores, so the report says where the methods were timed

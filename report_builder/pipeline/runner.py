@@ -490,9 +490,9 @@ def _netdissect_shards(g: Graph, m, ident: dict, common: dict, shards, firsts, p
 
 def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress: Progress | None = None,
         executor: str = "local", ray_address: str | None = None, allow_code: bool = False,
-        allow_code_from: Sequence[Path] = (), workers: int | str = 1) -> Path:
+        allow_code_from: Sequence[Path] = (), workers: int | str = 1, pdf: bool = True) -> Path:
     """Run a spec end to end; return the finished run directory. The Python code a spec names runs only when
-    allowed (see `preflight`)."""
+    allowed (see `preflight`). With `pdf` false, the report is report.html only (no report.pdf)."""
     from report_builder.report.render import render_run
 
     progress = progress or Progress()
@@ -535,10 +535,11 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
             results["checks"] = checks.evaluate([c.model_dump() for c in spec.checks], checks.CheckSource(results, work))
             atomic_write(work / checks.CHECKS_XML, checks.junit(results["checks"]))
         with progress.stage("render report"):
-            render_run(work, results)
+            render_run(work, results, pdf=pdf)
         # The report shows the compute stages; results.json also keeps the rendering time.
         results["provenance"]["stage_seconds"]["render report"] = round(progress.durations["render report"], 3)
         results["provenance"]["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         write_json(work / "results.json", results)
-    progress.say(f"wrote {out_dir}/report.html and report.pdf (cache: {cache.hits} hits, {cache.misses} computed)")
+    progress.say(f"wrote {out_dir}/report.html{' and report.pdf' if pdf else ''} "
+                 f"(cache: {cache.hits} hits, {cache.misses} computed)")
     return out_dir

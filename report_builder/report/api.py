@@ -367,12 +367,13 @@ def open_run(path: str | Path) -> Run:
 
 def run(spec: str | Path | dict[str, Any], out: str | Path | None = None, *, no_cache: bool = False,
         cache_dir: str | Path | None = None, executor: str = "local", quiet: bool = False, allow_code: bool = False,
-        allow_code_from: tuple[str | Path, ...] | list[str | Path] = ()) -> Run:
+        allow_code_from: tuple[str | Path, ...] | list[str | Path] = (), pdf: bool = True) -> Run:
     """Run a study and open it: `spec` is a spec file, or a dict written as the YAML would be (checked as a file
     is; its paths are taken from the current folder, and without run_name the run is called 'notebook'). The run
     directory is `out`, else output/<run_name>. A spec that names Python code (source: python) runs it only with
     `allow_code=True` (a factory file in the spec's folder, or an installed module) or when the file lies under a
-    folder of `allow_code_from`, as --allow-code and --allow-code-from do."""
+    folder of `allow_code_from`, as --allow-code and --allow-code-from do. `pdf=False` writes no report.pdf (as
+    --no-pdf): the HTML report alone renders in a fraction of the time."""
     from report_builder.pipeline.cache import Cache
     from report_builder.pipeline.progress import Progress
     from report_builder.pipeline.runner import run as run_spec
@@ -385,5 +386,5 @@ def run(spec: str | Path | dict[str, Any], out: str | Path | None = None, *, no_
     target = Path(out) if out is not None else Path("output") / loaded.run_name
     run_spec(loaded, target, cache=Cache(Path(cache_dir) if cache_dir else None, enabled=not no_cache),
              progress=Progress(quiet=quiet), executor=executor, allow_code=allow_code,
-             allow_code_from=[Path(d) for d in allow_code_from])
+             allow_code_from=[Path(d) for d in allow_code_from], pdf=pdf)
     return open_run(target)

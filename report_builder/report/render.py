@@ -38,8 +38,8 @@ PALETTE = ["#3b6ea5", "#d1495b", "#edae49", "#00798c", "#66a182", "#8d6a9f"]
 REPORT_FILES = ("report.html", "report.pdf", "units.html")
 
 
-def render_run(run_dir: Path, results: dict | None = None) -> None:
-    """Write figures/, report.html and report.pdf into `run_dir`.
+def render_run(run_dir: Path, results: dict | None = None, pdf: bool = True) -> None:
+    """Write figures/, report.html and report.pdf (unless `pdf` is false) into `run_dir`.
 
     With `results` given (a run being written, in its temporary folder) they are written in place. Without,
     results.json is read and checked, everything is rendered into a temporary folder inside the run, and
@@ -47,14 +47,14 @@ def render_run(run_dir: Path, results: dict | None = None) -> None:
     """
     run_dir = Path(run_dir)
     if results is not None:
-        _render_into(run_dir, run_dir, results)
+        _render_into(run_dir, run_dir, results, pdf)
         return
     results = load_results(run_dir)
     check_output(run_dir, "run", option="render")  # only a folder whose marker lists what we wrote is written into
     stage = partial_folder(run_dir, "run")
     try:
         try:
-            _render_into(stage, run_dir, results)
+            _render_into(stage, run_dir, results, pdf)
         except (KeyError, TypeError, IndexError, AttributeError, ValueError, UndefinedError) as exc:
             raise RunFormatError(f"{run_dir / 'results.json'}: does not have the layout this report_builder writes "
                                  f"({type(exc).__name__}: {str(exc)[:200]}); re-run the spec, or render it with the "
@@ -73,14 +73,16 @@ def _is_report_file(rel: str) -> bool:
     return rel in REPORT_FILES or rel.split("/")[0] == "figures"
 
 
-def _render_into(out_dir: Path, run_dir: Path, results: dict) -> None:
+def _render_into(out_dir: Path, run_dir: Path, results: dict, pdf: bool = True) -> None:
     """Figures into out_dir/figures and the reports into out_dir, reading the run's files from run_dir: report.html
-    (with its scripts), units.html (every dissected unit, searchable) and report.pdf (the same report, printed)."""
+    (with its scripts), units.html (every dissected unit, searchable) and report.pdf (the same report, printed; a
+    re-render without it leaves no older report.pdf behind, since what rendering wrote before is replaced)."""
     figures = make_figures(out_dir, run_dir, results)
     atomic_write(out_dir / "report.html", render_html(run_dir, results, figures, scripts=True).encode("utf-8"))
     if "dissection" in results or "netdissect" in results:
         atomic_write(out_dir / "units.html", render_units(run_dir, results).encode("utf-8"))
-    write_pdf(render_html(run_dir, results, figures, scripts=False), out_dir / "report.pdf", out_dir)
+    if pdf:
+        write_pdf(render_html(run_dir, results, figures, scripts=False), out_dir / "report.pdf", out_dir)
 
 
 def write_pdf(html: str, path: Path, base: Path) -> None:
