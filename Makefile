@@ -45,7 +45,7 @@ bench: setup
 # One pytest worker per core, each test file on one worker (its module fixtures built once): most of the suite is
 # single-threaded Python (imports, rendering, subprocess runs), which a single process runs on one core at a time.
 # TEST_ARGS="-n 0" runs it in one process. The 15 slowest items are printed at the end (the suite's budget is 10 min).
-TEST_ARGS ?= -n auto --dist loadfile
+TEST_ARGS ?= -n auto --dist loadfile --no-loadscope-reorder
 test: setup
 	$(PY) -m pytest -q --durations=15 $(TEST_ARGS)
 
