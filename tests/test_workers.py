@@ -2,8 +2,10 @@
 side, a dying worker named, uncached values held no longer than in-process, and a real run equal to the bit."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -15,7 +17,8 @@ import torch
 from report_builder.__main__ import main
 from report_builder.errors import UserError
 from report_builder.pipeline.cache import Cache
-from report_builder.pipeline.progress import Progress
+from report_builder.pipeline import progress as progress_module
+from report_builder.pipeline.progress import Progress, current
 from report_builder.pipeline.tasks import Graph, LocalExecutor
 from report_builder.pipeline.workers import WorkerExecutor, auto_workers, executor_for
 from report_builder.report.rundir import without_timings
@@ -50,6 +53,12 @@ def logged(log: str, text: str, value: int | None = None, pixels: int | None = N
         f.write(f"{text}\n")
     time.sleep(0.05)
     return value if value is not None else len(text)
+
+
+def counted(steps: int, pause: float) -> int:
+    for _ in current().track(range(steps), "planted loop", unit="steps"):
+        time.sleep(pause)
+    return steps
 
 
 def _graph() -> tuple[Graph, str, list[str]]:
@@ -96,6 +105,23 @@ def test_a_failing_task_fails_the_run_with_its_own_error(tmp_path, kind, error, 
     # the other worker's 30 s task is stopped with the run, not waited for
     assert time.perf_counter() - started < 20
     assert not list(tmp_path.glob("fail/*/*.pt"))
+
+
+def test_a_long_task_shows_its_own_count_rate_and_eta_in_the_log(tmp_path, monkeypatch):
+    """Off a terminal, the log's progress line names each running task with the bars it has open in its worker:
+    a stage of a few long tasks (CLIP's images, a LIME run) shows where each task is, not only 0 of 2 tasks."""
+    monkeypatch.setattr(progress_module, "LOG_SECONDS", 0.4)
+    g = Graph()
+    keys = [g.add("counted", counted, f"counted {i}", {"i": i}, {"steps": 10, "pause": 0.3}) for i in range(2)]
+    log = io.StringIO()
+    with WorkerExecutor(2, 1) as ex:
+        out = ex.run(g, keys, Cache(tmp_path), Progress(stream=log, live=False))
+    assert [out.values[k] for k in keys] == [10, 10]
+    lines = log.getvalue().splitlines()
+    both = [line for line in lines if re.search(r"counted 0: planted loop \d+/10 \(\d+%\) [\d.]+ steps/s ETA", line)
+            and re.search(r"counted 1: planted loop \d+/10", line)]
+    assert both, lines  # the two tasks side by side, each with its own count, rate and ETA
+    assert len({re.search(r"counted 0: planted loop (\d+)/10", line).group(1) for line in both}) > 1  # it moves
 
 
 def test_uncached_values_are_read_before_more_are_made(tmp_path):

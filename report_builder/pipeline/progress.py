@@ -4,7 +4,8 @@ On a terminal, long loops draw one status line at the bottom (every open bar, in
 redrawn in place; the stage lines print above it. Elsewhere (CI, a log file) the stage lines are the log, and
 while any bar is open a line with every open bar (count, rate, ETA) is logged every LOG_SECONDS, so a long
 stage never goes quiet in a log file. Stage code never takes a Progress argument: it asks for `current()`, which
-is the run's Progress in the driver and a silent one anywhere else (a Ray worker, a test).
+is the run's Progress in the driver, a Forwarded one in a local worker process (its bars are shown beside its task
+on the driver's line), and a silent one anywhere else (a Ray worker, a test).
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import threading
 import time
 import types
 from contextlib import contextmanager
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 REDRAW_SECONDS = 0.1
 LOG_SECONDS = 30.0  # off a terminal: the longest a run goes without a line while a bar is open
+FORWARD_SECONDS = 1.0  # how often a worker process sends its bars to the driver
 
 
 def _clock(seconds: float) -> str:
@@ -35,11 +37,17 @@ class Bar:
         self.owner, self.label, self.total, self.unit = owner, label, total, unit
         self.done = 0
         self.note = ""  # what it is doing now
+        self.detail: Callable[[], str] | None = None  # or, read when drawn: what it is doing now
         self.start = time.perf_counter()
 
     def update(self, n: int = 1) -> None:
         self.done += n
         self.owner._draw()
+
+    def refresh(self) -> None:
+        """Redraw the terminal's line (at most every REDRAW_SECONDS) from another thread: its detail has changed."""
+        with self.owner._lock:
+            self.owner._draw()
 
     def doing(self, note: str) -> None:
         self.note = note
@@ -61,7 +69,8 @@ class Bar:
             text = f"{self.label} {self.done}/{self.total} ({100 * self.done / self.total:.0f}%) {speed}{eta}"
         else:
             text = f"{self.label} {self.done} {speed}"
-        return f"{text} · {self.note}" if self.note else text
+        note = self.detail() if self.detail is not None else self.note
+        return f"{text} · {note}" if note else text
 
 
 class Progress:
@@ -171,6 +180,27 @@ class Progress:
             yield self
         finally:
             _current.reset(token)
+
+
+class Forwarded(Progress):
+    """A worker process's Progress: its open bars (count, rate, ETA) are handed to `send` as one line, at most every
+    FORWARD_SECONDS and when a bar opens or closes, for the driver to show beside the task; it prints only
+    warnings, as a silent Progress does."""
+
+    def __init__(self, send: Callable[[str], None]):
+        super().__init__(quiet=True)
+        self._send = send
+
+    @property
+    def live(self) -> bool:
+        return True  # its bars are drawn, by sending them (and no heartbeat thread is started)
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self._drawn < FORWARD_SECONDS:
+            return
+        self._drawn = now
+        self._send(" | ".join(b.text() for b in self._bars))
 
 
 _current: contextvars.ContextVar[Progress] = contextvars.ContextVar("progress", default=Progress(quiet=True))

@@ -25,7 +25,9 @@ import heapq
 import itertools
 import multiprocessing
 import os
+import queue
 import signal
+import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -34,7 +36,7 @@ from typing import Any
 
 from report_builder.errors import UserError
 from report_builder.pipeline.cache import Cache
-from report_builder.pipeline.progress import Progress
+from report_builder.pipeline.progress import Forwarded, Progress
 from report_builder.pipeline.tasks import Graph, LocalExecutor, Outcome, RayExecutor, StageClock
 
 MAX_AUTO_WORKERS = 4  # `auto` on a many-core machine: 4 workers share the cores (each holds its own models)
@@ -64,18 +66,32 @@ def memory_available() -> int | None:
     return None
 
 
-def _start_worker(threads: int) -> None:
+_TO_DRIVER = None  # in a worker: the queue its tasks' progress goes to
+
+
+def _start_worker(threads: int, to_driver) -> None:
     """Each worker's first step: its share of the cores, and Ctrl-C left to the driver (which stops the pool)."""
+    global _TO_DRIVER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _TO_DRIVER = to_driver
+    to_driver.cancel_join_thread()  # a worker's exit never waits to deliver progress
     import torch
 
     torch.set_num_threads(threads)
 
 
-def _run(fn, args: dict[str, Any], values: dict[str, Any]) -> tuple[Any, float]:
+def _send(key: str, text: str) -> None:
+    try:
+        _TO_DRIVER.put_nowait((key, text))
+    except (AttributeError, ValueError, OSError):  # no queue, or closed: progress is not worth failing a task for
+        pass
+
+
+def _run(fn, args: dict[str, Any], values: dict[str, Any], key: str) -> tuple[Any, float]:
     start = time.perf_counter()
-    value = fn(**args, **values)
+    with Forwarded(lambda text: _send(key, text)).active():  # the task's own bars, shown by the driver
+        value = fn(**args, **values)
     return value, time.perf_counter() - start
 
 
@@ -89,6 +105,10 @@ class WorkerExecutor:
         self.workers = workers
         self.threads = threads
         self._pool: ProcessPoolExecutor | None = None
+        self._from_workers = None  # a queue of (task key, its bars' line) from the workers
+        self._doing: dict[str, str] = {}  # a running task's key -> its bars' latest line
+        self._listening = threading.Event()
+        self._bar = None  # the run's tasks bar, redrawn when a worker's progress comes
 
     @property
     def shares(self) -> dict:
@@ -104,17 +124,37 @@ class WorkerExecutor:
     def _start(self) -> None:
         """Start the workers, when there is something to compute (a warm rerun starts none)."""
         # spawn, not fork: a forked copy of a process whose OpenMP threads have run can hang in its first parallel op
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start_worker, initargs=(self.threads,))
+        context = multiprocessing.get_context("spawn")
+        self._from_workers = context.Queue()
+        self._listening.set()
+        threading.Thread(target=self._listen, args=(self._from_workers,), name="worker-progress", daemon=True).start()
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
+                                         initargs=(self.threads, self._from_workers))
         # Start every worker now and wait until each has answered. A pool that spawns its workers as tasks come
         # can miss the death of one spawned while its manager thread was already waiting (the wait does not watch
         # the new process): a killed worker then went unnoticed until another task ended, up to minutes later.
         wait([self._pool.submit(os.getpid) for _ in range(self.workers)])
 
+    def _listen(self, from_workers) -> None:
+        """The driver's side of the workers' progress, a daemon thread that ends with the pool. The driver only reads
+        the queue: a worker killed while writing to it can hold its lock, and nothing of the driver's waits on it."""
+        while self._listening.is_set():
+            try:
+                key, text = from_workers.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            except (EOFError, OSError, ValueError):  # a worker killed mid-message: its progress is not worth more
+                return
+            self._doing[key] = text
+            bar = self._bar
+            if bar is not None:
+                bar.refresh()
+
     def __exit__(self, exc_type, *exc) -> None:
         pool, self._pool = self._pool, None
         if pool is None:
             return
+        self._listening.clear()
         if exc_type is None:
             pool.shutdown(wait=True)
             return
@@ -200,13 +240,14 @@ class WorkerExecutor:
             if not t.cache:
                 uncached_held += 1
             clock.start(t)
-            bar.doing(t.label)
-            running[self._pool.submit(_run, t.fn, t.args, values)] = k
+            bar.doing(t.label)  # a redraw now (the line itself shows doing(): every running task)
+            running[self._pool.submit(_run, t.fn, t.args, values, k)] = k
             return True
 
         def finish(future: Future) -> None:
             nonlocal uncached_held
             k = running.pop(future)
+            self._doing.pop(k, None)
             t = graph.tasks[k]
             try:
                 value, seconds = future.result()
@@ -229,26 +270,39 @@ class WorkerExecutor:
                     if not waiting[r] and r not in computed:
                         push(r)
 
+        def doing() -> str:
+            """Every running task, with its own bars where it has sent them (what a worker is at, and its ETA)."""
+            shown = []
+            for k in list(running.values()):
+                inner = self._doing.get(k)
+                shown.append(f"{graph.tasks[k].label}: {inner}" if inner else graph.tasks[k].label)
+            return " | ".join(shown)
+
         with progress.bar("tasks", len(todo)) as bar:
-            schedule(todo)
-            while ready or running:
-                held = []
-                while ready and len(running) < self.workers:
-                    item = heapq.heappop(ready)
-                    k = item[2]
-                    # a task that makes an uncached value waits while as many such values are held as there are
-                    # workers, unless nothing else can run (then waiting could never end)
-                    if not graph.tasks[k].cache and uncached_held >= self.workers and (running or ready):
-                        held.append(item)
+            bar.detail = doing
+            self._bar = bar
+            try:
+                schedule(todo)
+                while ready or running:
+                    held = []
+                    while ready and len(running) < self.workers:
+                        item = heapq.heappop(ready)
+                        k = item[2]
+                        # a task that makes an uncached value waits while as many such values are held as there are
+                        # workers, unless nothing else can run (then waiting could never end)
+                        if not graph.tasks[k].cache and uncached_held >= self.workers and (running or ready):
+                            held.append(item)
+                            continue
+                        start(k)
+                    for item in held:
+                        heapq.heappush(ready, item)
+                    if not running:
                         continue
-                    start(k)
-                for item in held:
-                    heapq.heappush(ready, item)
-                if not running:
-                    continue
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    finish(future)
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        finish(future)
+            finally:
+                self._bar = None
         out = {}
         for k in wanted:
             available, value = value_of(k)
