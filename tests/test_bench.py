@@ -12,3 +12,24 @@ def test_activations_in_one_pass_equal_one_pass_per_layer():
 def test_vectorised_soft_wpmi_equals_the_per_unit_loop():
     (r,) = bench_soft_wpmi(units=12, concepts=40, images=150)
     assert r["max_abs_diff"] < 1e-4
+
+
+def test_the_full_assignments_floors_count_its_passes_from_its_spec(monkeypatch):
+    """specs/assignment4.yaml as written: 2 models x 10 images x 4 methods, 13 maps an image for deletion and ROAD,
+    and a sanity check of 12 explanations per model and method (a walk of 4 steps, 2 more images, 2 more seeds on
+    each of 3 images). With planted per-call costs the floors are the hand-computed sums."""
+    from report_builder.bench import scale
+    from report_builder.spec.schema import load_spec
+
+    monkeypatch.setattr(scale, "resnet18_call_costs", lambda *_: (1.0, 10.0))  # a forward; Grad-CAM's pair
+    monkeypatch.setattr(scale, "_ablation_seconds", lambda: 100.0)
+    monkeypatch.setattr(scale, "_per_call", lambda fn, repeats: 0.5)  # each ROAD solve
+    spec = load_spec("specs/assignment4.yaml").written.model_dump(mode="json")
+    results = {"spec": spec, "models": [{}, {}], "images": [{}] * 10}
+    floors, counts = scale.assignment_floors(results, 1000, 18868)
+    explanation = 1000 + 513 + 10 + 100  # LIME's samples, ScoreCAM's masks and the intact image, Grad-CAM, AblationCAM
+    assert floors["explain"] == 2 * 10 * explanation
+    maps = 2 * 10 * (4 + 3 * 3)  # 4 methods; 3 draws of per-pixel noise and of 2 sizes of smooth noise
+    assert floors["evaluate"] == maps * (2 * 21 + 1 + 2 * 4) + maps * 2 * 4 * 0.5  # passes, then LeRF/MoRF solves
+    assert floors["sanity"] == 2 * 12 * explanation
+    assert counts["sanity"] == "96 explanations" and counts["evaluate"].startswith("260 maps x 51 passes")

@@ -721,14 +721,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m report_builder.bench", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("output/bench"))
     p.add_argument("--quick", action="store_true", help="smaller sizes, and no whole-demo run (a smoke test)")
-    p.add_argument("--only", choices=("items", "forward", "scale", "demo", "executor"), action="append",
+    p.add_argument("--only", choices=("items", "forward", "scale", "assignment", "demo", "executor"), action="append",
                    help="run only these sections (repeatable): the optimised items, the forward passes against the "
-                        "processor's peak, the full-size scale runs, the demo, the executor (one process against "
+                        "processor's peak, the full-size scale runs, the full assignment spec (about an hour), the demo, the executor (one process against "
                         "worker processes)")
     p.add_argument("--demo-against", metavar="COMMIT",
                    help="also time the cold demo with COMMIT's code (a git worktree), side by side with this code's")
     args = p.parse_args(argv)
-    sections = set(args.only or ("items", "forward", "scale", "demo", "executor"))
+    sections = set(args.only or ("items", "forward", "scale", "assignment", "demo", "executor"))
     if args.demo_against:  # checked now, not after an hour of other items
         found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.demo_against}^{{commit}}"],
                                capture_output=True, text=True)
@@ -778,6 +778,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for step in (bench_report_size, bench_full_size, bench_netdissect_scale):
             record(step(args.out, q, row), "cpu")
+    if "assignment" in sections:
+        from report_builder.bench.scale import bench_full_assignment
+
+        record(bench_full_assignment(args.out, q, row), "cpu")
     if not q and "demo" in sections:
         print("[cpu] whole demo spec, cold then warm ...", file=sys.stderr, flush=True)
         record(bench_demo(args.out) + (bench_demo_against(args.out, args.demo_against) if args.demo_against else []),

@@ -89,31 +89,16 @@ def bare_forwards(n_probe: int, words: list[str], images: int, samples: int) -> 
     batch sizes (8 on a CPU): CLIP images and text, ResNet18 activations, predictions, LIME's and ScoreCAM's
     forward passes, Grad-CAM's forward and backward, AblationCAM's tail passes (its own cost)."""
     import open_clip
-    import torchvision
 
     from report_builder.dissection.scorers.clip import encode_texts
 
-    torch.manual_seed(0)
     device = torch.device("cpu")
-    net = torchvision.models.resnet18().eval().to(memory_format=torch.channels_last)
-    x = torch.randn(8, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-
-    def per_call(fn, repeats: int) -> float:
-        fn()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (time.perf_counter() - start) / repeats
-
-    with torch.inference_mode():
-        resnet8 = per_call(lambda: net(x), 8) / 8  # one image's forward pass, in a batch of 8
-    one = x[:1].clone().requires_grad_(True)
-    grad = per_call(lambda: net(one)[0, 0].backward(), 4)
+    resnet8, grad = resnet18_call_costs(8, 4)
     clip = open_clip.create_model("ViT-B-16", pretrained=None).eval()
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     pixels = torch.randn(8, 3, 224, 224)
     with torch.inference_mode():
-        clip_image = per_call(lambda: clip.encode_image(pixels), 2) / 8
+        clip_image = _per_call(lambda: clip.encode_image(pixels), 2) / 8
     sample = list(np.random.default_rng(0).choice(words, size=min(2000, len(words)), replace=False))
     start = time.perf_counter()
     encode_texts(clip, tokenizer, sample, device)
@@ -130,6 +115,29 @@ def bare_forwards(n_probe: int, words: list[str], images: int, samples: int) -> 
         "AblationCAM tail passes": 2 * images * ablation,
     }
     return sum(parts.values()), parts
+
+
+def _per_call(fn, repeats: int) -> float:
+    """Seconds per call of fn, after one call to warm it."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def resnet18_call_costs(forward_repeats: int, grad_repeats: int) -> tuple[float, float]:
+    """A random ResNet18's forward pass per image in a batch of 8 (channels-last, as the run's), and one image's
+    forward and backward (Grad-CAM's), at the current thread count."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        forward = _per_call(lambda: net(x), forward_repeats) / 8
+    one = x[:1].clone().requires_grad_(True)
+    return forward, _per_call(lambda: net(one)[0, 0].backward(), grad_repeats)
 
 
 def _ablation_seconds() -> float:
@@ -229,3 +237,99 @@ def bench_report_size(out: Path, quick: bool, row) -> list[dict]:
     report, units = ((run / name).stat().st_size / 1e6 for name in ("report.html", "units.html"))
     return [row("report.html, 2 ResNet18 x 896 units, both dissections", report, report + units,
                 "report + units.html in one file", "< 8 MB", unit="MB", units_html_mb=units)]
+
+
+def bench_full_assignment(out: Path, quick: bool, row) -> list[dict]:
+    """specs/assignment4.yaml itself, cold, with random weights in the real formats and a synthetic probe folder in
+    place of the two things it downloads or reads from disk: every stage (explanations of 10 images, the
+    evaluation's deletion, ROAD and chance maps, the sanity check, the concepts) as the spec sets it. Each stage's
+    compute seconds (summed over the worker processes, each on one thread) against the same stage's model calls
+    timed alone on one thread, counted from the spec: the ratio is what our code costs beyond its passes."""
+    import yaml
+
+    root = Path(tempfile.mkdtemp(prefix="report_builder-assignment-", dir=out)).absolute()
+    hub = root / "torch"
+    paths = write_assignment_checkpoints(hub / "hub")
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "specs" / "assignment4.yaml").read_text())
+    n_probe = 60 if quick else raw["dissect"]["probe"]["limit"]
+    raw["dissect"]["probe"] = {"source": "folder", "path": str(write_probe_folder(root / "probe", n_probe))}
+    raw["dissect"]["scorers"] = [{"kind": "clip", "model": "ViT-B-16", "path": str(paths["clip"])}]
+    if quick:  # a smoke test of the row: 2 images, 100 LIME samples, 500 words, a 2-image sanity check
+        (root / "words.txt").write_text("\n".join(words_of(raw)[:500]))
+        raw["dissect"]["concepts"] = [str(root / "words.txt")]
+        raw["images"]["limit"] = 2
+        raw["explain"]["lime"]["num_samples"] = 100
+        raw["evaluate"] = {"sanity": {"images": 2, "steps": 2, "seeds": 2}}
+    spec = root / "assignment4.yaml"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    print("[cpu] the full assignment spec, cold ...", file=sys.stderr, flush=True)
+    run = root / "run"
+    wall, peak = run_measured(["run", str(spec), "--out", str(run), "--cache-dir", str(root / "cache")],
+                              {**os.environ, "TORCH_HOME": str(hub)}, root / "assignment.log")
+    results = json.loads((run / "results.json").read_text())
+    stages = results["provenance"]["stage_seconds"]
+    print("[cpu] the full assignment's model calls alone, one thread ...", file=sys.stderr, flush=True)
+    floors, counts = assignment_floors(results, n_probe, len(words_of(raw)))
+    rows = []
+    for stage, floor in floors.items():
+        rows.append(row(f"Full assignment, {stage} ({counts[stage]})", stages[stage], floor,
+                        "its model calls alone, one thread", "overhead <= 1.2", overhead=stages[stage] / floor))
+    rows.append(row("Full assignment, cold, wall clock (2 worker processes x 1 thread)", wall, 1200,
+                    "the speed issue's 20 minutes", "<= 1200 s", peak_rss_gib=peak / 2**30, stages=stages,
+                    executor=results["provenance"]["executor"]))
+    return rows
+
+
+def words_of(raw: dict) -> list[str]:
+    from report_builder.data.concepts import words_20k
+
+    given = raw["dissect"]["concepts"][0]
+    return words_20k() if given == "words-20k" else Path(given).read_text().split("\n")
+
+
+def assignment_floors(results: dict, n_probe: int, n_words: int) -> tuple[dict[str, float], dict[str, str]]:
+    """Per stage, the seconds of the model calls it cannot avoid, from per-call costs timed here on one thread (as
+    each worker runs), counted from the run's own settings: ResNet18 forward passes in batches of 8 (LIME's samples,
+    ScoreCAM's 512 masked images and the intact one, deletion and insertion's steps, ROAD's intact and imputed
+    images), Grad-CAM's forward and backward, AblationCAM's tail, and for the sanity check the explanations it
+    makes. The evaluation's floor adds ROAD's sparse solves (the imputation the metric is made of), timed alone too."""
+    from report_builder.evaluation.metrics import LinearImputer, chance_maps
+
+    spec = results["spec"]
+    ev, ex = spec["evaluate"], spec["explain"]
+    n_models, n_images = len(results["models"]), len(results["images"])
+    methods, samples = list(ex["methods"]), ex["lime"]["num_samples"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        forward, grad = resnet18_call_costs(4, 3)
+        ablation = _ablation_seconds()
+        # ROAD removes the top (MoRF) and the bottom (LeRF) p % of a map's pixels: connected regions, whose sparse
+        # systems take longer to solve than scattered pixels do, so a smooth chance map's are timed
+        img, smooth = torch.rand(3, 224, 224), chance_maps("random-smooth4", (224, 224), 0, "0" * 64, 1)[0]
+
+        def solve(removed: np.ndarray) -> float:
+            return _per_call(lambda: LinearImputer()(img, torch.from_numpy(~removed).float()), 2)
+
+        per_map_solves = sum(solve(smooth >= np.percentile(smooth, 100 - p)) + solve(smooth <= np.percentile(smooth, p))
+                             for p in ev["road"]["percentiles"])
+    finally:
+        torch.set_num_threads(threads)
+    per_method = {"lime": samples * forward, "scorecam": 513 * forward, "gradcam": grad, "ablationcam": ablation}
+    explanation = sum(per_method[m] for m in methods)
+    chance = ev["chance"]
+    maps = len(methods) + chance["draws"] * (1 + len(chance["smooth"]))  # per model and image; the centre is free
+    per_map = 2 * (ev["deletion"]["steps"] + 1) + 1 + 2 * len(ev["road"]["percentiles"])
+    sanity = ev["sanity"]
+    checked = min(sanity["images"], n_images)
+    walked = min(sanity["walk"], checked)
+    made = walked * sanity["steps"] + (checked - walked) + checked * (sanity["seeds"] - 1)  # per model and method
+    n_maps = n_models * n_images * maps
+    road_solves = n_maps * per_map_solves
+    floors = {"explain": n_models * n_images * explanation,
+              "evaluate": n_maps * per_map * forward + road_solves,
+              "sanity": n_models * made * explanation}
+    counts = {"explain": f"{n_models} models x {n_images} images x {len(methods)} methods",
+              "evaluate": f"{n_maps} maps x {per_map} passes, and ROAD's {road_solves:.0f} s of sparse solves",
+              "sanity": f"{n_models * made * len(methods)} explanations"}
+    return floors, counts
