@@ -18,7 +18,7 @@ from report_builder.dissection import netdissect as nd
 from report_builder.pipeline import runner
 from report_builder.__main__ import main
 from report_builder.pipeline.cache import Cache
-from report_builder.pipeline.progress import Progress, folded_tqdm
+from report_builder.pipeline.progress import Bar, Progress, folded_tqdm
 from report_builder.report.rundir import without_timings
 from report_builder.pipeline.tasks import Graph, LocalExecutor
 
@@ -224,6 +224,10 @@ def test_bars_show_count_rate_and_eta_on_a_terminal(monkeypatch):
             time.sleep(0.01)
     text = screen.getvalue()
     assert "LIME 2/4 (50%)" in text and "batches/s" in text and "ETA 0:00" in text
+    slow = Bar(p, "CLIP images", 63, "batches")  # under one a second, the time per item, in the singular
+    slow.start -= 10.0
+    slow.done = 2
+    assert "CLIP images 2/63 (3%) 5.0 s per batch ETA 5:0" in slow.text()
     plain = io.StringIO()  # not a terminal: no bars, only the stage lines
     q = Progress(stream=plain)
     with q.stage("explain"):

@@ -30,6 +30,13 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _one(unit: str) -> str:
+    """A plural unit in the singular, for 's per batch': batches -> batch, steps -> step, unit chunks -> unit chunk."""
+    if unit.endswith(("ches", "shes", "xes", "sses")):
+        return unit[:-2]
+    return unit[:-1] if unit.endswith("s") and not unit.endswith("ss") else unit
+
+
 class Bar:
     """One loop's progress: done / total, rate, and the time left at the average rate so far."""
 
@@ -60,7 +67,7 @@ class Bar:
         if rate >= 1:
             speed = f"{rate:.1f}{unit}/s"
         elif rate > 0:
-            speed = f"{1 / rate:.1f} s per{unit or ' item'}"
+            speed = f"{1 / rate:.1f} s per {_one(self.unit) or 'item'}"
         else:
             speed = "…"
         if self.total:
