@@ -296,7 +296,9 @@ def assignment_floors(results: dict, n_probe: int, n_words: int) -> tuple[dict[s
     from report_builder.evaluation.metrics import LinearImputer, chance_maps
 
     spec = results["spec"]
-    ev, ex = spec["evaluate"], spec["explain"]
+    from report_builder.spec.schema import EvaluateSpec
+
+    evaluate, ex = EvaluateSpec.model_validate(spec["evaluate"]), spec["explain"]
     n_models, n_images = len(results["models"]), len(results["images"])
     methods, samples = list(ex["methods"]), ex["lime"]["num_samples"]
     threads = torch.get_num_threads()
@@ -312,18 +314,18 @@ def assignment_floors(results: dict, n_probe: int, n_words: int) -> tuple[dict[s
             return _per_call(lambda: LinearImputer()(img, torch.from_numpy(~removed).float()), 2)
 
         per_map_solves = sum(solve(smooth >= np.percentile(smooth, 100 - p)) + solve(smooth <= np.percentile(smooth, p))
-                             for p in ev["road"]["percentiles"])
+                             for p in evaluate.road.percentiles)
     finally:
         torch.set_num_threads(threads)
     per_method = {"lime": samples * forward, "scorecam": 513 * forward, "gradcam": grad, "ablationcam": ablation}
     explanation = sum(per_method[m] for m in methods)
-    chance = ev["chance"]
-    maps = len(methods) + chance["draws"] * (1 + len(chance["smooth"]))  # per model and image; the centre is free
-    per_map = 2 * (ev["deletion"]["steps"] + 1) + 1 + 2 * len(ev["road"]["percentiles"])
-    sanity = ev["sanity"]
-    checked = min(sanity["images"], n_images)
-    walked = min(sanity["walk"], checked)
-    made = walked * sanity["steps"] + (checked - walked) + checked * (sanity["seeds"] - 1)  # per model and method
+    chance = evaluate.chance
+    maps = len(methods) + chance.draws * (1 + len(chance.smooth))  # per model and image; the centre is free
+    per_map = 2 * (evaluate.deletion.steps + 1) + 1 + 2 * len(evaluate.road.percentiles)
+    sanity = evaluate.sanity
+    checked = min(sanity.images, n_images)
+    walked = min(sanity.walk, checked)
+    made = walked * sanity.steps + (checked - walked) + checked * (sanity.seeds - 1)  # per model and method
     n_maps = n_models * n_images * maps
     road_solves = n_maps * per_map_solves
     floors = {"explain": n_models * n_images * explanation,
