@@ -26,7 +26,7 @@ def test_the_full_assignments_floors_count_its_passes_from_its_spec(monkeypatch)
     monkeypatch.setattr(scale, "_per_call", lambda fn, repeats: 0.5)  # each ROAD solve
     spec = load_spec("specs/assignment4.yaml").written.model_dump(mode="json")
     results = {"spec": spec, "models": [{}, {}], "images": [{}] * 10}
-    floors, counts = scale.assignment_floors(results, 1000, 18868)
+    floors, counts = scale.assignment_floors(results)
     explanation = 1000 + 513 + 10 + 100  # LIME's samples, ScoreCAM's masks and the intact image, Grad-CAM, AblationCAM
     assert floors["explain"] == 2 * 10 * explanation
     maps = 2 * 10 * (4 + 3 * 3)  # 4 methods; 3 draws of per-pixel noise and of 2 sizes of smooth noise

@@ -723,8 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes, and no whole-demo run (a smoke test)")
     p.add_argument("--only", choices=("items", "forward", "scale", "assignment", "demo", "executor"), action="append",
                    help="run only these sections (repeatable): the optimised items, the forward passes against the "
-                        "processor's peak, the full-size scale runs, the full assignment spec (about an hour), the demo, the executor (one process against "
-                        "worker processes)")
+                        "processor's peak, the full-size scale runs, the full assignment spec (25-60 minutes), the demo, "
+                        "the executor (one process against worker processes)")
     p.add_argument("--demo-against", metavar="COMMIT",
                    help="also time the cold demo with COMMIT's code (a git worktree), side by side with this code's")
     args = p.parse_args(argv)

@@ -247,6 +247,8 @@ def bench_full_assignment(out: Path, quick: bool, row) -> list[dict]:
     timed alone on one thread, counted from the spec: the ratio is what our code costs beyond its passes."""
     import yaml
 
+    from report_builder.data.concepts import words_20k
+
     root = Path(tempfile.mkdtemp(prefix="report_builder-assignment-", dir=out)).absolute()
     hub = root / "torch"
     paths = write_assignment_checkpoints(hub / "hub")
@@ -255,7 +257,7 @@ def bench_full_assignment(out: Path, quick: bool, row) -> list[dict]:
     raw["dissect"]["probe"] = {"source": "folder", "path": str(write_probe_folder(root / "probe", n_probe))}
     raw["dissect"]["scorers"] = [{"kind": "clip", "model": "ViT-B-16", "path": str(paths["clip"])}]
     if quick:  # a smoke test of the row: 2 images, 100 LIME samples, 500 words, a 2-image sanity check
-        (root / "words.txt").write_text("\n".join(words_of(raw)[:500]))
+        (root / "words.txt").write_text("\n".join(words_20k()[:500]))
         raw["dissect"]["concepts"] = [str(root / "words.txt")]
         raw["images"]["limit"] = 2
         raw["explain"]["lime"]["num_samples"] = 100
@@ -269,7 +271,7 @@ def bench_full_assignment(out: Path, quick: bool, row) -> list[dict]:
     results = json.loads((run / "results.json").read_text())
     stages = results["provenance"]["stage_seconds"]
     print("[cpu] the full assignment's model calls alone, one thread ...", file=sys.stderr, flush=True)
-    floors, counts = assignment_floors(results, n_probe, len(words_of(raw)))
+    floors, counts = assignment_floors(results)
     rows = []
     for stage, floor in floors.items():
         rows.append(row(f"Full assignment, {stage} ({counts[stage]})", stages[stage], floor,
@@ -280,27 +282,19 @@ def bench_full_assignment(out: Path, quick: bool, row) -> list[dict]:
     return rows
 
 
-def words_of(raw: dict) -> list[str]:
-    from report_builder.data.concepts import words_20k
-
-    given = raw["dissect"]["concepts"][0]
-    return words_20k() if given == "words-20k" else Path(given).read_text().split("\n")
-
-
-def assignment_floors(results: dict, n_probe: int, n_words: int) -> tuple[dict[str, float], dict[str, str]]:
+def assignment_floors(results: dict) -> tuple[dict[str, float], dict[str, str]]:
     """Per stage, the seconds of the model calls it cannot avoid, from per-call costs timed here on one thread (as
     each worker runs), counted from the run's own settings: ResNet18 forward passes in batches of 8 (LIME's samples,
     ScoreCAM's 512 masked images and the intact one, deletion and insertion's steps, ROAD's intact and imputed
     images), Grad-CAM's forward and backward, AblationCAM's tail, and for the sanity check the explanations it
     makes. The evaluation's floor adds ROAD's sparse solves (the imputation the metric is made of), timed alone too."""
     from report_builder.evaluation.metrics import LinearImputer, chance_maps
+    from report_builder.spec.schema import EvaluateSpec, ExplainSpec
 
-    spec = results["spec"]
-    from report_builder.spec.schema import EvaluateSpec
-
-    evaluate, ex = EvaluateSpec.model_validate(spec["evaluate"]), spec["explain"]
+    evaluate = EvaluateSpec.model_validate(results["spec"]["evaluate"])
+    explain = ExplainSpec.model_validate(results["spec"]["explain"])
     n_models, n_images = len(results["models"]), len(results["images"])
-    methods, samples = list(ex["methods"]), ex["lime"]["num_samples"]
+    methods, samples = list(explain.methods), explain.lime.num_samples
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

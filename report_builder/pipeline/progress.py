@@ -51,10 +51,11 @@ class Bar:
         self.done += n
         self.owner._draw()
 
-    def refresh(self) -> None:
-        """Redraw the terminal's line (at most every REDRAW_SECONDS) from another thread: its detail has changed."""
+    def refresh(self, force: bool = False) -> None:
+        """Redraw the line, from any thread, now that its detail has changed (unless forced, at most every
+        REDRAW_SECONDS)."""
         with self.owner._lock:
-            self.owner._draw()
+            self.owner._draw(force)
 
     def doing(self, note: str) -> None:
         self.note = note

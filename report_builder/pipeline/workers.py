@@ -240,7 +240,7 @@ class WorkerExecutor:
             if not t.cache:
                 uncached_held += 1
             clock.start(t)
-            bar.doing(t.label)  # a redraw now (the line itself shows doing(): every running task)
+            bar.refresh(force=True)  # the line shows doing(): every running task, this one now too
             running[self._pool.submit(_run, t.fn, t.args, values, k)] = k
             return True
 
