@@ -212,11 +212,11 @@ def test_the_sanity_check_of_a_forward_only_method_sees_each_randomised_step(tin
     explain = ExplainSpec()
     original = EXPLAINERS["scorecam"](m, tiny_crop, 1, ExplainSettings(explain, 0, CPU))
     spec = EvaluateSpec(sanity=SanitySpec(images=1, steps=3, seeds=1))
-    made, fold = [], zoo.fold_batchnorm
-    monkeypatch.setattr(zoo, "fold_batchnorm", lambda *a: made.append(fold(*a)) or made[-1])
+    made, fold = [], zoo.fast_copy
+    monkeypatch.setattr(zoo, "fast_copy", lambda *a: made.append(fold(*a)) or made[-1])
     folded = ev.sanity_check(m, tiny_crop, "scorecam", explain, spec, 0, "cpu", {**original, "target": 1})
     assert len(made) == 3 and all(f is not None for f in made)  # a folded copy of each step's weights
-    monkeypatch.setattr(zoo, "fold_batchnorm", lambda *a: None)
+    monkeypatch.setattr(zoo, "fast_copy", lambda *a: None)
     plain = ev.sanity_check(m, tiny_crop, "scorecam", explain, spec, 0, "cpu", {**original, "target": 1})
     assert np.abs(folded["maps"].astype(np.float32) - plain["maps"].astype(np.float32)).max() < 1e-3
     assert np.allclose(folded["spearman"], plain["spearman"], atol=1e-4)

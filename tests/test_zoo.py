@@ -208,7 +208,7 @@ def test_the_batchnorm_folded_copy_gives_the_models_outputs(name, chelsea, tmp_p
 def test_a_convolution_that_feeds_more_than_its_batchnorm_is_not_folded():
     from torch import nn
 
-    from report_builder.models.zoo import fold_batchnorm
+    from report_builder.models.zoo import fast_copy
 
     class Shared(nn.Module):  # the convolution's output goes to the BatchNorm and around it
         def __init__(self):
@@ -223,7 +223,7 @@ def test_a_convolution_that_feeds_more_than_its_batchnorm_is_not_folded():
     torch.manual_seed(0)
     net = Shared().eval()
     net.bn.running_mean.uniform_(-1, 1)
-    assert fold_batchnorm(net, 16, "cpu") is None
+    assert fast_copy(net, 16, "cpu") is None
 
 
 def test_our_score_cam_on_a_folded_model_equals_grad_cam(chelsea):
