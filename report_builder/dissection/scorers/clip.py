@@ -18,6 +18,7 @@ from report_builder.data.concepts import load_concepts
 from report_builder.data.probe import Pixels, ProbeSet, cut_batches
 from report_builder.dissection.scorers import ScorerPlan, text_hash
 from report_builder.errors import UserError
+from report_builder.models.onednn import route_checked
 from report_builder.models.zoo import weights_hash
 from report_builder.network import cache_only, hub_offline
 from report_builder.pipeline.progress import current
@@ -86,12 +87,22 @@ def clip_for(ref_or_spec: ClipRef | ScorerSpec, device: torch.device | str, wher
     key = (spec.model_dump_json(), str(device))
     if key not in _CLIPS:
         model, preprocess, tokenizer = load_clip(spec, torch.device(device), where)
+        route_image_tower(model)
         _CLIPS.clear()  # one CLIP at a time: they are large
         _CLIPS[key] = (model, preprocess, tokenizer, weights_hash(model))
     found = _CLIPS[key]
     if isinstance(ref_or_spec, ClipRef) and found[3] != ref_or_spec.weights_hash:
         raise UserError(f"{where}: the CLIP weights changed while the run was going; run again")
     return found
+
+
+def route_image_tower(model) -> bool:
+    """On a CPU, the image tower's linear layers and attention through oneDNN (models/onednn.py: 1.3x here), kept
+    only when one seeded image gives the same embedding both ways."""
+    size = getattr(model.visual, "image_size", 224)
+    size = size if isinstance(size, int) else size[0]
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return route_checked(model.visual, lambda tower: tower(example.to(next(tower.parameters()).device)))
 
 
 @dataclass(frozen=True, eq=False)
