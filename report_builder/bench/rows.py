@@ -27,6 +27,7 @@ from report_builder.explanation.methods import (PACKAGE_CAMS, ExplainSettings, a
 from report_builder.models.outputs import class_probabilities
 from report_builder.spec.schema import CamSpec, ExplainSpec, LimeSpec, resolve_batch
 from report_builder.bench.synthetic import photo, random_model
+from report_builder.models.onednn import default_paths
 from report_builder.models.zoo import LoadedModel
 
 
@@ -160,7 +161,8 @@ def bench_road_imputer(device: torch.device) -> list[dict]:
 def peak_gflops() -> tuple[float | None, str]:
     """This CPU's fp32 peak, cores x clock x FLOPs per cycle, and how it was computed. FLOPs per cycle assume two
     fused multiply-add units per core at the widest vector width the CPU reports (true of Intel since Haswell and
-    AMD since Zen 2; an older or smaller core has less): AVX-512 64, AVX2 with FMA 32, AVX 16, else 8."""
+    AMD since Zen 2; an older or smaller core has less): AVX-512 64, AVX2 with FMA 32, AVX 16, else 8; AMD's Zen 4
+    reports AVX-512 but executes it on 256-bit pipes, so 32 there."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -168,6 +170,11 @@ def peak_gflops() -> tuple[float | None, str]:
     flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
     per_cycle, width = ((64, "AVX-512") if "avx512f" in flags else (32, "AVX2+FMA") if {"avx2", "fma"} <= flags
                         else (16, "AVX") if "avx" in flags else (8, "SSE"))
+    first = dict((k.strip(), v.strip()) for k, v in (ln.split(":", 1) for ln in info.split("\n\n")[0].splitlines()
+                                                      if ":" in ln))
+    if per_cycle == 64 and first.get("vendor_id") == "AuthenticAMD" and first.get("cpu family") == "25":
+        # Zen 4 (family 19h) decodes AVX-512 but runs it on its two 256-bit FMA pipes: AVX2's rate per cycle
+        per_cycle, width = 32, "AVX-512 on 256-bit units (AMD Zen 4)"
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
     cores, mhz = set(), []
     for block in info.split("\n\n"):
@@ -185,7 +192,7 @@ def peak_gflops() -> tuple[float | None, str]:
             return None, "no clock reported: peak unknown"
         ghz, clock = max(mhz) / 1000, "reported clock"
     peak = len(cores) * ghz * per_cycle
-    return peak, (f"{len(cores)} cores x {ghz:.2f} GHz ({clock}) x {per_cycle} FLOP/cycle ({width}, 2 FMA units) "
+    return peak, (f"{len(cores)} cores x {ghz:.2f} GHz ({clock}) x {per_cycle} FLOP/cycle ({width}, 2 FMA pipes) "
                   f"= {peak:.0f} GFLOP/s fp32")
 
 
@@ -249,12 +256,16 @@ def _forward_row(name: str, device: torch.device, images: int, peak: float | Non
         return single
 
     before = run(m.module, batch)
+    torch_paths = default_paths(m.outputs)  # folded, but 1x1 convolutions and linear layers where torch sends them
     variants = {"BatchNorm folded (used now)": run(m.outputs, batch),
+                "folded, torch's default paths (not oneDNN)": run(torch_paths, batch),
                 "contiguous NCHW input": run(m.module, batch, contiguous=True),
                 f"folded, batch {batch // 2}": run(m.outputs, batch // 2),
                 f"folded, batch {4 * batch}": run(m.outputs, 4 * batch),
-                "folded, 1 thread": one_thread(run(m.outputs, batch))}
-    fast, compile_s, why = compiled(m.outputs, m.preprocess.normalize(crops[:batch], device), inductor)
+                "folded, 1 thread": one_thread(run(m.outputs, batch)),
+                "folded, 1 thread, torch's default paths": one_thread(run(torch_paths, batch))}
+    # inductor traces torch's own ops (it cannot fake oneDNN's direct calls), and fuses its own kernels anyway
+    fast, compile_s, why = compiled(torch_paths, m.preprocess.normalize(crops[:batch], device), inductor)
     if fast is not None:
         variants["folded, torch.compile"] = run(fast, batch)
     times = {k: side_by_side(fn, before, device, 3)[:2] for k, fn in variants.items()}
@@ -274,13 +285,15 @@ def _forward_row(name: str, device: torch.device, images: int, peak: float | Non
 
 def _clip_forward_row(device: torch.device, images: int, peak: float | None, how: str, inductor: str) -> dict:
     """CLIP ViT-B-16's image tower (random weights), as CLIP-Dissect's image embeddings run it: `encode_image` in
-    batches of "auto", with nn.MultiheadAttention's fused inference path (torch's default). FLOPs are counted with
-    that path off: FlopCounterMode does not see inside the fused kernel and would miss the attention and its
-    projections (22.5 of 33.7 GFLOP per image counted)."""
+    batches of "auto", routed through oneDNN on a CPU (route_image_tower), against torch's default paths (MKL's
+    sgemm, nn.MultiheadAttention's fused inference path). FLOPs are counted on torch's paths with the fused path
+    off: FlopCounterMode sees neither inside the fused kernel (it would count 22.5 of 33.7 GFLOP per image) nor
+    oneDNN's ops."""
     import open_clip
     from PIL import Image
 
     from report_builder.data.images import SAMPLES
+    from report_builder.dissection.scorers.clip import route_image_tower
 
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained=None, device=device)
@@ -290,9 +303,11 @@ def _clip_forward_row(device: torch.device, images: int, peak: float | None, how
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        flops = counted_flops(model.encode_image, x_all[:1])
+        flops = counted_flops(model.encode_image, x_all[:1])  # before routing: the counter does not see oneDNN's ops
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+    torch_paths = default_paths(model)  # torch's own: MKL's sgemm for the projections, the fused attention kernel
+    route_image_tower(model)  # as a run uses it (a no-op on a GPU)
     batch = resolve_batch("auto", device.type)
 
     def run(fn, b: int, fused: bool = True, threads: int | None = None):
@@ -314,12 +329,14 @@ def _clip_forward_row(device: torch.device, images: int, peak: float | None, how
         return images * flops / seconds / 1e9
 
     used = run(model.encode_image, batch)
-    variants = {f"as used (batch {batch}, fused attention)": used,
-                "attention through scaled_dot_product_attention (fused path off)": run(model.encode_image, batch, False),
+    variants = {f"as used (batch {batch})": used,
+                "torch's default paths (MKL projections, fused attention)": run(torch_paths.encode_image, batch),
+                "torch's default paths, fused attention off": run(torch_paths.encode_image, batch, False),
                 f"batch {batch // 2}": run(model.encode_image, batch // 2),
                 f"batch {2 * batch}": run(model.encode_image, 2 * batch),
-                "1 thread": run(model.encode_image, batch, threads=1)}
-    fast, compile_s, why = compiled(model.encode_image, x_all[:batch], inductor)
+                "1 thread": run(model.encode_image, batch, threads=1),
+                "1 thread, torch's default paths": run(torch_paths.encode_image, batch, threads=1)}
+    fast, compile_s, why = compiled(torch_paths.encode_image, x_all[:batch], inductor)
     if fast is not None:
         variants["torch.compile"] = run(fast, batch)
     # each variant against the one in use, so every ratio comes from the same minutes of these shared cores
