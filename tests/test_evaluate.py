@@ -292,3 +292,44 @@ def test_road_with_our_imputer_equals_grad_cams_road_combined(tiny_model, tiny_c
     torch.manual_seed(0)
     ours = ev.road_score(tiny_model.module, x, saliency, targets, [20, 50, 80])
     assert np.array_equal(ours, theirs)
+
+
+class Counting(nn.Module):
+    """A module that counts the images it is given (and returns a fixed function of them)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, x):
+        self.seen.extend(x.detach().reshape(len(x), -1).clone())
+        return self.inner(x)
+
+
+def test_each_distinct_image_of_an_evaluation_goes_through_the_model_once(tiny_model, tiny_crop):
+    """The intact crop is deletion's first point, insertion's last and ROAD's reference, and the baseline is every
+    map's deletion end and insertion start: a task runs the intact crop not at all (the prediction task did) and the
+    baseline once for all its draws, and its numbers are those of running every image."""
+    counting = wrap(Counting(tiny_model.module), classes=3)
+    spec = EvaluateSpec(deletion=DeletionSpec(steps=4, baseline="blur"), road=RoadSpec(percentiles=[50]))
+    predictions = ev.class_probabilities(counting, tiny_crop[None], CPU, 1)  # what the prediction task gives
+    runs = counting.outputs  # the copy the evaluation calls (BatchNorms folded), a Counting too
+    runs.seen.clear()
+    s = ev.EvaluationSettings(spec, seed=0, device=CPU)
+    s.known[ev._known_key(counting, tiny_crop, "intact")] = (counting, predictions[0])
+    maps = ev.chance_maps("random", (32, 32), 0, "ab" * 32, 3)
+    shared = [{**ev.deletion_insertion(counting, tiny_crop, 1, m, None, s), **ev.road(counting, tiny_crop, 1, m, None, s)}
+              for m in maps]
+    seen = torch.stack(runs.seen)
+    # per map: 3 steps between the ends for each curve and ROAD's 2 imputed images; the baseline once in all
+    assert len(seen) == 3 * (2 * 3 + 2) + 1
+    intact = counting.preprocess.normalize(tiny_crop[None]).reshape(1, -1)
+    assert not (seen == intact).all(dim=1).any()
+    # against a task that knows nothing beforehand and runs the ends of every curve anew
+    for m, got in zip(maps, shared):
+        alone = ev.EvaluationSettings(spec, seed=0, device=CPU)
+        fresh = {**ev.deletion_insertion(counting, tiny_crop, 1, m, None, alone),
+                 **ev.road(counting, tiny_crop, 1, m, None, alone)}
+        for key, value in fresh.items():
+            assert np.allclose(got[key], value, rtol=1e-6, atol=1e-7), key
+        assert got["deletion_curve"][0] == got["insertion_curve"][-1] == np.float32(predictions[0, 1])

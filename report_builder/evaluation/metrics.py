@@ -12,7 +12,10 @@ words on planted cases. What this module adds is how:
   LeRF confidence change - the MoRF one) / 2; the imputer's noise is seeded;
 - the chance maps (per-pixel noise, smooth noise at a few scales, a centre prior), several seeded draws each;
 - the sanity cascade over several randomisation seeds: seed 0 runs every step (the figure), the others only the
-  last step (every block random), which is where the rule is read.
+  last step (every block random), which is where the rule is read;
+- the images every map of one image shares go through the model once per task (`known_probabilities`): the intact
+  crop (deletion's first point, insertion's last, ROAD's reference) comes from the prediction task, and the
+  baseline (deletion's last point, insertion's first) is run once for all the maps and draws of a task.
 
 Each metric's function is bound here by the metric's name in CALCULATIONS: f(model, crop, target, saliency,
 objects, settings) -> numbers (the sanity check, with its steps, is a task of its own: sanity_task).
@@ -36,7 +39,8 @@ from report_builder.spec.schema import EvaluateSpec, ExplainSpec, resolve_batch
 from report_builder.models.outputs import class_probabilities
 from report_builder.models.zoo import LoadedModel, ModelRef, model_for, refold
 
-CODE_VERSION = 3  # 2: SSIM on maps scaled in float64; 3: tied pixels removed together, chance maps, seeds
+# 4: the intact crop's probabilities from the prediction task, the baseline's once per task
+CODE_VERSION = 4  # 2: SSIM on maps scaled in float64; 3: tied pixels removed together, chance maps, seeds
 BLUR_SIGMA = 5.0  # RISE's insertion baseline: a Gaussian blur of sigma 5 pixels at 224
 SANITY_MAP_SIZE = 56  # the side of the maps kept for the randomisation figure
 
@@ -46,10 +50,28 @@ class EvaluationSettings:
     evaluate: EvaluateSpec
     seed: int
     device: torch.device
+    # class probabilities already known, by (model, image, what): see known_probabilities
+    known: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def batch(self) -> int:
         return resolve_batch(self.evaluate.batch_size, self.device.type)
+
+
+def _known_key(model: LoadedModel, image: np.ndarray, what: str) -> tuple:
+    import hashlib
+
+    return id(model), hashlib.blake2b(np.ascontiguousarray(image).view(np.uint8).ravel()).digest(), image.shape, what
+
+
+def known_probabilities(model: LoadedModel, image: np.ndarray, what: str, settings: EvaluationSettings) -> np.ndarray:
+    """The class probabilities of one uint8 image (`what`: the intact crop, a baseline made from it), through the
+    model once however many maps, draws and metrics of a task need them. evaluate_task seeds the intact crop's with
+    the prediction task's, which are the same model's on the same crop."""
+    key = _known_key(model, image, what)
+    if key not in settings.known:  # the model is kept with its value, so its id names no other model meanwhile
+        settings.known[key] = (model, class_probabilities(model, image[None], settings.device, 1)[0])
+    return settings.known[key][1]
 
 
 # ---------------------------------------------------------------- deletion and insertion
@@ -120,11 +142,16 @@ def deletion_insertion(model: LoadedModel, crop: np.ndarray, target: int, salien
     gone = rank[None] < torch.tensor(needed)[:, None]  # counts x pixels: removed (deletion) / revealed (insertion)
     deleted = torch.where(gone[..., None], base, original).reshape(len(needed), h, w, 3)
     inserted = torch.where(gone[..., None], original, base).reshape(len(needed), h, w, 3)
-    # the target class's softmax probability for each image (a map without ties: the steps' images, as before)
-    p = class_probabilities(model, torch.cat([deleted, inserted]), settings.device, settings.batch)[:, target]
-    p = p.astype(np.float64)
-    at = {c: j for j, c in enumerate(needed)}
+    # the target class's softmax probability for each image (a map without ties: the steps' images, as before).
+    # needed runs from 0 pixels to all of them, so each curve's two ends are the intact crop and the baseline,
+    # which every map of the image shares: those come from known_probabilities, the steps between from the model
+    intact = known_probabilities(model, crop, "intact", settings)[target]
+    blank = known_probabilities(model, base.reshape(h, w, 3).numpy(), f"baseline {spec.baseline}", settings)[target]
+    middle = class_probabilities(model, torch.cat([deleted[1:-1], inserted[1:-1]]), settings.device,
+                                 settings.batch)[:, target] if len(needed) > 2 else np.zeros(0, np.float32)
     n = len(needed)
+    p = np.concatenate([[intact], middle[: n - 2], [blank], [blank], middle[n - 2 :], [intact]]).astype(np.float64)
+    at = {c: j for j, c in enumerate(needed)}
 
     def curve(offset: int) -> np.ndarray:
         return np.array([p[offset + at[lo]] if weight == 0 else
@@ -189,21 +216,23 @@ class LinearImputer:
 
 
 def road_score(model: torch.nn.Module, x: torch.Tensor, saliency: np.ndarray, targets: list,
-               percentiles: list[int], imputer: Callable[[], Callable] = LinearImputer) -> np.ndarray:
+               percentiles: list[int], imputer: Callable[[], Callable] = LinearImputer,
+               intact: np.ndarray | None = None) -> np.ndarray:
     """grad-cam's ROADCombined, with the imputer as a parameter: (mean over percentiles of LeRF's confidence
     change - the same for MoRF) / 2, LeRF first, as grad-cam draws the imputation noise. A confidence change is
     (perturbed - original), so this is (MoRF drop - LeRF drop) / 2: higher when removing the top pixels hurts more
     than removing the bottom ones. Computed as grad-cam computes it (its removal masks, float32 scores, the same
     order of noise draws and means), except that the intact image goes through the model once: grad-cam's
     PerturbationConfidenceMetric repeats that pass for every percentile of each order (9 passes instead of 16 per
-    map with the default 4 percentiles; a test holds the result equal to grad-cam's, bit for bit)."""
+    map with the default 4 percentiles; a test holds the result equal to grad-cam's, bit for bit). `intact`, when
+    given, is that pass's scores, already known (8 passes)."""
     from pytorch_grad_cam.metrics.perturbation_confidence import RemoveLeastRelevantFirst, RemoveMostRelevantFirst
 
     def scores(inputs: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
             return np.float32([target(output).cpu().numpy() for target, output in zip(targets, model(inputs))])
 
-    intact = scores(x)
+    intact = scores(x) if intact is None else np.float32(intact)
 
     def averaged(removal) -> np.ndarray:
         changes = []
@@ -224,8 +253,9 @@ def road(model: LoadedModel, crop: np.ndarray, target: int, saliency: np.ndarray
 
     x = model.preprocess.normalize(crop[None], settings.device)
     torch.manual_seed(settings.seed)  # the imputer draws its noise from torch's global generator
+    intact = known_probabilities(model, crop, "intact", settings)[target : target + 1]
     score = road_score(model.outputs, x, saliency[None].astype(np.float32), [ClassifierOutputSoftmaxTarget(target)],
-                       list(settings.evaluate.road.percentiles))
+                       list(settings.evaluate.road.percentiles), intact=intact)
     return {"road": float(score[0])}
 
 
@@ -308,6 +338,7 @@ def evaluate_task(model: ModelRef, crop: np.ndarray, objects, evaluate: Evaluate
     draws, for the model's top-1 class. `objects` (data.ObjectLabels or None) gives the object region of that class."""
     m = model_for(model, device)
     settings = EvaluationSettings(evaluate, seed, torch.device(device))
+    settings.known[_known_key(m, crop, "intact")] = (m, predictions[0])  # the prediction task's pass of this crop
     target = int(np.argsort(-predictions[0], kind="stable")[0])
     draws = evaluate.chance.draws if evaluate.chance is not None else 1
     maps = (chance_maps(chance, crop.shape[:2], seed, image_sha, draws) if explanation is None
