@@ -13,6 +13,7 @@ from conftest import TinyNet, wrap
 from report_builder.evaluation import metrics as ev
 from report_builder.data.images import ObjectLabels, same_object
 from report_builder.spec.schema import DeletionSpec, EvaluateSpec, ExplainSpec, LimeSpec, RoadSpec, SanitySpec, SweepSpec
+from report_builder.models import blocks
 from report_builder.models.zoo import weights_hash
 
 CPU = torch.device("cpu")
@@ -318,8 +319,8 @@ def test_each_distinct_image_of_an_evaluation_goes_through_the_model_once(tiny_m
     s = ev.EvaluationSettings(spec, seed=0, device=CPU)
     s.known[ev._known_key(counting, tiny_crop, "intact")] = (counting, predictions[0])
     maps = ev.chance_maps("random", (32, 32), 0, "ab" * 32, 3)
-    shared = [{**ev.deletion_insertion(counting, tiny_crop, 1, m, None, s), **ev.road(counting, tiny_crop, 1, m, None, s)}
-              for m in maps]
+    shared = [{**ev.deletion_insertion(counting, tiny_crop, 1, m, None, s),
+               **ev.road(counting, tiny_crop, 1, m, None, s)} for m in maps]
     seen = torch.stack(runs.seen)
     # per map: 3 steps between the ends for each curve and ROAD's 2 imputed images; the baseline once in all
     assert len(seen) == 3 * (2 * 3 + 2) + 1
@@ -333,3 +334,51 @@ def test_each_distinct_image_of_an_evaluation_goes_through_the_model_once(tiny_m
         for key, value in fresh.items():
             assert np.allclose(got[key], value, rtol=1e-6, atol=1e-7), key
         assert got["deletion_curve"][0] == got["insertion_curve"][-1] == np.float32(predictions[0, 1])
+
+
+class ScaledAfterHead(BatchNormNet):
+    """Its output block (fc) is not the last thing its forward runs: the head's inputs alone do not give its output."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("method", ["lime", "scorecam"])
+def test_a_walks_first_step_reuses_the_explanations_passes_and_gives_the_same_numbers(tiny_crop, monkeypatch, method):
+    """The first step randomises the output block alone, so the explanation's inputs to that block are all it needs:
+    every batch of the step is replayed through the randomised block, and the numbers are those of running the
+    randomised model in full, to the bit."""
+    from report_builder.explanation.methods import EXPLAINERS, ExplainSettings
+
+    torch.manual_seed(0)
+    m = wrap(BatchNormNet())
+    explain = ExplainSpec(lime=LimeSpec(num_samples=24, batch_size=8))
+    keeping, kept = blocks.keeping_head_inputs(m)
+    original = {**EXPLAINERS[method](keeping, tiny_crop, 1, ExplainSettings(explain, 0, CPU)), "target": 1}
+    head_inputs = kept()
+    assert head_inputs is not None and head_inputs["inputs"].shape[1:] == (8,)  # fc's input, per image
+    # one input per perturbed image: LIME's samples, ScoreCAM's distinct masked images
+    assert head_inputs["rows"].sum() == len(head_inputs["inputs"]) == (24 if method == "lime" else
+                                                                        original["passes"] - 1)
+    # the explanation is unchanged by keeping
+    plain = EXPLAINERS[method](m, tiny_crop, 1, ExplainSettings(explain, 0, CPU))
+    assert np.array_equal(plain["map"], original["map"])
+
+    spec = EvaluateSpec(sanity=SanitySpec(images=1, steps=3, seeds=2))
+    made, replaying = [], ev.replaying_head_inputs
+    monkeypatch.setattr(ev, "replaying_head_inputs", lambda *a: made.append(replaying(*a)) or made[-1])
+    reused = ev.sanity_check(m, tiny_crop, method, explain, spec, 0, "cpu", {**original, "head_inputs": head_inputs})
+    assert len(made) == 1 and made[0].outputs.replayed == len(head_inputs["rows"])  # every batch of step 1
+    anew = ev.sanity_check(m, tiny_crop, method, explain, spec, 0, "cpu", original)
+    assert len(made) == 1  # without kept inputs nothing is replayed
+    assert reused["spearman"] == anew["spearman"] and reused["ssim"] == anew["ssim"]
+    assert reused["runs"] == anew["runs"] and np.array_equal(reused["maps"], anew["maps"])
+
+
+def test_a_model_whose_output_block_is_not_last_keeps_nothing(tiny_crop):
+    from report_builder.explanation.methods import EXPLAINERS, ExplainSettings
+
+    torch.manual_seed(0)
+    keeping, kept = blocks.keeping_head_inputs(wrap(ScaledAfterHead()))
+    EXPLAINERS["scorecam"](keeping, tiny_crop, 1, ExplainSettings(ExplainSpec(), 0, CPU))
+    assert kept() is None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -37,6 +38,7 @@ from report_builder.explanation.agreement import scale01
 from report_builder.pipeline.progress import current
 from report_builder.spec.schema import EvaluateSpec, ExplainSpec, resolve_batch
 from report_builder.models.outputs import class_probabilities
+from report_builder.models.blocks import cascade, replaying_head_inputs
 from report_builder.models.zoo import LoadedModel, ModelRef, model_for, refold
 
 # 4: the intact crop's probabilities from the prediction task, the baseline's once per task
@@ -59,8 +61,6 @@ class EvaluationSettings:
 
 
 def _known_key(model: LoadedModel, image: np.ndarray, what: str) -> tuple:
-    import hashlib
-
     return id(model), hashlib.blake2b(np.ascontiguousarray(image).view(np.uint8).ravel()).digest(), image.shape, what
 
 
@@ -372,19 +372,6 @@ def evaluate_task(model: ModelRef, crop: np.ndarray, objects, evaluate: Evaluate
 # ---------------------------------------------------------------- sanity: cascading randomisation
 
 
-def cascade(module: torch.nn.Module) -> list[str]:
-    """The model's blocks holding parameters, from the output back to the input: top-level children, with a
-    Sequential or ModuleList of blocks (ResNet's layer4, timm's blocks) opened one level down."""
-    out = []
-    for name, child in module.named_children():
-        if isinstance(child, (torch.nn.Sequential, torch.nn.ModuleList)) and len(child) > 1:
-            out.extend(f"{name}.{sub}" for sub, grandchild in child.named_children()
-                       if any(True for _ in grandchild.parameters()))
-        elif any(True for _ in child.parameters()):
-            out.append(name)
-    return out[::-1]
-
-
 def cascade_steps(blocks: list[str], steps: int) -> list[int]:
     """How many blocks are randomised at each step: evenly spread, the first step only the output block, the
     last every block."""
@@ -436,7 +423,9 @@ def sanity_check(base: LoadedModel, crop: np.ndarray, method: str, explain: Expl
         if not walk and cut != cuts[-1]:
             continue  # only the last step's map is made: the blocks are randomised as the walk would leave them
         refold(randomised)  # forward-only calls fold these weights, not the last step's
-        new = EXPLAINERS[method](randomised, crop, target, settings)["map"]
+        head_inputs = explanation.get("head_inputs") if cut == 1 else None
+        runs = randomised if head_inputs is None else replaying_head_inputs(randomised, head_inputs)
+        new = EXPLAINERS[method](runs, crop, target, settings)["map"]
         similar = similarity(original, new)
         rows["layers"].append(blocks[cut - 1])
         rows["blocks"].append(cut)

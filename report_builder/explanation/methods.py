@@ -475,9 +475,14 @@ def predict_task(model: ModelRef, crops: np.ndarray, device: str) -> np.ndarray:
 
 
 def explain_task(model: ModelRef, crop: np.ndarray, index: int, method: str, explain: ExplainSpec, seed: int,
-                 device: str, predictions: np.ndarray) -> dict:
-    """One method's explanation of the model's top-1 class on one image."""
+                 device: str, predictions: np.ndarray, keep_head_inputs: bool = False) -> dict:
+    """One method's explanation of the model's top-1 class on one image. `keep_head_inputs` (an image whose sanity
+    check walks its steps): also what its passes fed the model's output block, which the first step reuses."""
+    from report_builder.models.blocks import keeping_head_inputs
+
     m = model_for(model, device)
     target = int(np.argsort(-predictions[index], kind="stable")[0])
-    value = EXPLAINERS[method](m, crop, target, ExplainSettings(explain, seed, torch.device(device)))
-    return {**value, "target": target}
+    runs, kept = keeping_head_inputs(m) if keep_head_inputs else (m, lambda: None)
+    value = EXPLAINERS[method](runs, crop, target, ExplainSettings(explain, seed, torch.device(device)))
+    head_inputs = kept()
+    return {**value, "target": target, **({"head_inputs": head_inputs} if head_inputs is not None else {})}

@@ -38,6 +38,9 @@ class Method:
     own_targets: bool = False  # it picks the classes it contrasts the target with (FinerCAM): told the target only
     second_derivatives: bool = False  # it differentiates twice (ShapleyCAM): the plain attention kernel is needed
     forward_only_batches: bool = False  # it runs masked inputs forward in batches of explain.cam.batch_size
+    # its passes go through the model's outputs module (model.outputs), whose output block's inputs a sanity walk's
+    # first step (that block alone randomised) reuses
+    output_passes: bool = False
     ablation_batch: int | None = None  # grad-cam's ablation: this many ablated channels per batch, a fixed size
     key_settings: str | None = None  # the explain section (explain.<it>) whose values enter the cache key
     seeded: bool = False  # it draws at random: the spec's seed enters the cache key
@@ -69,14 +72,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                          "convolutional layers only; this model's layers hold tokens"),
     # grad-cam's math, each distinct masked image run once (equal to grad-cam's within float rounding)
     Method("scorecam", "ScoreCAM", cam_class="ScoreCAM", implementation=f"{OURS}:score_cam", needs_gradients=False,
-           forward_only_batches=True, key_params=(("distinct_masks_once", True),), default=3),
+           forward_only_batches=True, output_passes=True, key_params=(("distinct_masks_once", True),), default=3),
     # grad-cam's math, only the layers after the target re-run
     Method("ablationcam", "AblationCAM", cam_class="AblationCAM", implementation=f"{OURS}:ablation_cam",
            needs_gradients=False, ablation_batch=ABLATION_BATCH, key_params=(("batch_size", ABLATION_BATCH),),
            default=2),
     # the lime package's math, seeded, with the perturbed images built as whole batches
     Method("lime", "LIME", kind="superpixels", implementation=f"{OURS}:lime_explain", needs_gradients=False,
-           key_settings="lime", seeded=True, default=4),
+           key_settings="lime", seeded=True, output_passes=True, default=4),
 )}
 
 NAMES = tuple(METHODS)  # every method, in the registry's order ('all')

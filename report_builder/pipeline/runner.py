@@ -40,7 +40,7 @@ from report_builder.errors import UserError
 from report_builder.files import atomic_dir, atomic_write, check_cache_apart, check_output, write_json
 from report_builder.data.probe import ProbeSet, pixels_task
 from report_builder.pipeline.progress import Progress
-from report_builder.explanation.registry import CAM_NAMES, TITLES
+from report_builder.explanation.registry import CAM_NAMES, METHODS, TITLES
 from report_builder.spec.schema import LoadedSpec, resolve_batch
 from report_builder.pipeline.tasks import Graph
 from report_builder.pipeline.workers import executor_for
@@ -252,8 +252,11 @@ def _explain_tasks(plan: Plan, spec, inputs: Inputs, device: torch.device) -> No
                         "device": dev, "code_version": explain.CODE_VERSION},
                        {"model": m.ref, "crops": crop[None], "device": dev}, model=True, shape=np.ndarray)
             plan.predict[(m.id, im.id)] = pk
+            walks = spec.evaluate is not None and spec.evaluate.sanity is not None and i < min(
+                spec.evaluate.sanity.images, spec.evaluate.sanity.walk)
             for method in methods:
-                plan.explain[(m.id, im.id, method)] = _explain_key(g, m, im, crop, pk, settings, method)
+                plan.explain[(m.id, im.id, method)] = _explain_key(
+                    g, m, im, crop, pk, settings, method, keep_head_inputs=walks and METHODS[method].output_passes)
             if spec.evaluate is not None:
                 _evaluate_tasks(plan, spec, m, i, im, crop, pk, settings, methods)
             if concept_layers(spec, m):
@@ -289,12 +292,14 @@ def _concept_key(g: Graph, spec, m, im, crop, pk: str, dev: str) -> str:
                   "device": dev}, {"predictions": pk}, model=True, shape=concept_attribution.RESULT_SHAPE)
 
 
-def _explain_key(g: Graph, m, im, crop, pk: str, settings, method: str) -> str:
-    """The key of an explanation task (added if the spec did not ask for the method: the sweep needs Grad-CAM)."""
+def _explain_key(g: Graph, m, im, crop, pk: str, settings, method: str, keep_head_inputs: bool = False) -> str:
+    """The key of an explanation task (added if the spec did not ask for the method: the sweep needs Grad-CAM);
+    `keep_head_inputs` for an image whose sanity check walks (metrics.keeping_head_inputs)."""
+    identity = explain.identity(method, m, im.sha256, settings)
     return g.add("explain", explain.explain_task, f"explain {m.id} {im.id} {TITLES[method]}",
-                 explain.identity(method, m, im.sha256, settings),
+                 {**identity, "keep_head_inputs": True} if keep_head_inputs else identity,
                  {"model": m.ref, "crop": crop, "index": 0, "method": method, "explain": settings.explain,
-                  "seed": settings.seed, "device": settings.device.type},
+                  "seed": settings.seed, "device": settings.device.type, "keep_head_inputs": keep_head_inputs},
                  {"predictions": pk}, model=True, shape=explain.RESULT_SHAPE)
 
 
