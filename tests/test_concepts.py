@@ -141,6 +141,8 @@ def test_a_torchvision_model_runs_the_fastest_way_its_forward_allows_with_the_sa
     hooked.tail, hooked.forward = None, "model"
     sets = concepts.random_units(r["activation"], 5, np.random.default_rng(0), 8)
     np.testing.assert_allclose(fast.probabilities(sets), hooked.probabilities(sets), rtol=1e-4, atol=1e-7)
+    # concepts.batch_size sets only how many ablated copies share a pass
+    np.testing.assert_allclose(fast.probabilities(sets, 3), fast.probabilities(sets), rtol=1e-6, atol=1e-9)
 
 
 def test_the_planted_units_labels_lead_the_concept_list():

@@ -29,7 +29,7 @@ from report_builder.models.zoo import LoadedModel, ModelRef, get_layer, model_fo
 
 # Bump when a change alters what the task computes, so cached values are recomputed.
 CODE_VERSION = 5  # 5: MobileNet- and VGG-style heads run the tail only; other models run the layers before once
-ROWS_PER_PASS = 64  # ablated copies per forward pass: bounded memory on a ViT, whole batches on a ResNet's tail
+ROWS_PER_PASS = 64  # ablated copies per forward pass unless concepts.batch_size says: bounded memory on a ViT
 
 
 def gradcam_terms(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -144,11 +144,11 @@ class Ablator:
             return self._swapped(self.x, ablated)
         return self._swapped(self.x.expand(len(ablated), *self.x.shape[1:]), ablated)
 
-    def probabilities(self, unit_sets: list[np.ndarray]) -> np.ndarray:
+    def probabilities(self, unit_sets: list[np.ndarray], rows: int = ROWS_PER_PASS) -> np.ndarray:
         out = []
         with torch.inference_mode():
-            for first in range(0, len(unit_sets), ROWS_PER_PASS):
-                ablated = self._ablated(unit_sets[first : first + ROWS_PER_PASS])
+            for first in range(0, len(unit_sets), rows):
+                ablated = self._ablated(unit_sets[first : first + rows])
                 out.append(torch.softmax(self._logits(ablated).float(), dim=1)[:, self.target].cpu())
         return torch.cat(out).numpy().astype(np.float64)
 
@@ -176,7 +176,7 @@ def attribute_layer(model: LoadedModel, x: torch.Tensor, layer: str, raw: torch.
             where[(name, k)] = slice(len(sets), len(sets) + len(pick))
             sets.extend(pick)
     ablator = Ablator(model, layer, x, raw, logits, target)
-    p = ablator.probabilities(sets)
+    p = ablator.probabilities(sets, int(settings.get("batch_size", ROWS_PER_PASS)))
     before = float(torch.softmax(logits.float(), dim=1)[0, target])
     drops = {name: [(before - p[where[(name, k)]]).tolist() for k in ks] for name in ["top", *ABLATION_BASELINES]}
     return {
