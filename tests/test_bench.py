@@ -17,7 +17,8 @@ def test_vectorised_soft_wpmi_equals_the_per_unit_loop():
 def test_the_full_assignments_floors_count_its_passes_from_its_spec(monkeypatch):
     """specs/assignment4.yaml as written: 2 models x 10 images x 4 methods, 13 maps an image for deletion and ROAD,
     and a sanity check of 12 explanations per model and method (a walk of 4 steps, 2 more images, 2 more seeds on
-    each of 3 images). With planted per-call costs the floors are the hand-computed sums."""
+    each of 3 images), whose first step LIME and ScoreCAM make from the explanation's kept inputs. With planted
+    per-call costs the floors are the hand-computed sums."""
     from report_builder.bench import scale
     from report_builder.spec.schema import load_spec
 
@@ -30,6 +31,10 @@ def test_the_full_assignments_floors_count_its_passes_from_its_spec(monkeypatch)
     explanation = 1000 + 513 + 10 + 100  # LIME's samples, ScoreCAM's masks and the intact image, Grad-CAM, AblationCAM
     assert floors["explain"] == 2 * 10 * explanation
     maps = 2 * 10 * (4 + 3 * 3)  # 4 methods; 3 draws of per-pixel noise and of 2 sizes of smooth noise
-    assert floors["evaluate"] == maps * (2 * 21 + 1 + 2 * 4) + maps * 2 * 4 * 0.5  # passes, then LeRF/MoRF solves
-    assert floors["sanity"] == 2 * 12 * explanation
-    assert counts["sanity"] == "96 explanations" and counts["evaluate"].startswith("260 maps x 51 passes")
+    tasks = 2 * 10 * (4 + 3)  # one evaluation task per method and per kind of chance map, each with its baseline
+    # deletion and insertion's 19 steps between their ends, ROAD's 8 imputed images; then LeRF/MoRF solves
+    assert floors["evaluate"] == maps * (2 * 19 + 2 * 4) + tasks + maps * 2 * 4 * 0.5
+    # the walk's first step: LIME's and ScoreCAM's explanations run only the output block (ScoreCAM's target pass)
+    assert floors["sanity"] == 2 * 12 * explanation - 2 * (1000 + 513 - 1)
+    assert counts["sanity"] == "96 explanations, of which 4 run the output block alone"
+    assert counts["evaluate"].startswith("260 maps x 46 passes, 140 baselines")

@@ -285,9 +285,9 @@ def bench_full_assignment(out: Path, quick: bool, row) -> list[dict]:
 def assignment_floors(results: dict) -> tuple[dict[str, float], dict[str, str]]:
     """Per stage, the seconds of the model calls it cannot avoid, from per-call costs timed here on one thread (as
     each worker runs), counted from the run's own settings: ResNet18 forward passes in batches of 8 (LIME's samples,
-    ScoreCAM's 512 masked images and the intact one, deletion and insertion's steps, ROAD's intact and imputed
-    images), Grad-CAM's forward and backward, AblationCAM's tail, and for the sanity check the explanations it
-    makes. The evaluation's floor adds ROAD's sparse solves (the imputation the metric is made of), timed alone too."""
+    ScoreCAM's 512 masked images and the intact one, deletion and insertion's steps and each task's baseline, ROAD's
+    imputed images), Grad-CAM's forward and backward, AblationCAM's tail, and for the sanity check the explanations
+    it makes, less the passes a walk's first step reuses. The evaluation's floor adds ROAD's sparse solves (the imputation the metric is made of), timed alone too."""
     from report_builder.evaluation.metrics import LinearImputer, chance_maps
     from report_builder.spec.schema import EvaluateSpec, ExplainSpec
 
@@ -314,18 +314,28 @@ def assignment_floors(results: dict) -> tuple[dict[str, float], dict[str, str]]:
     per_method = {"lime": samples * forward, "scorecam": 513 * forward, "gradcam": grad, "ablationcam": ablation}
     explanation = sum(per_method[m] for m in methods)
     chance = evaluate.chance
+    tasks = len(methods) + 1 + len(chance.smooth)  # evaluation tasks per model and image: each method, each chance map
     maps = len(methods) + chance.draws * (1 + len(chance.smooth))  # per model and image; the centre is free
-    per_map = 2 * (evaluate.deletion.steps + 1) + 1 + 2 * len(evaluate.road.percentiles)
+    # deletion's and insertion's steps between their ends (the intact crop comes from the prediction task, the
+    # baseline is run once per task), and ROAD's imputed images
+    per_map = 2 * (evaluate.deletion.steps - 1) + 2 * len(evaluate.road.percentiles)
     sanity = evaluate.sanity
     checked = min(sanity.images, n_images)
     walked = min(sanity.walk, checked)
     made = walked * sanity.steps + (checked - walked) + checked * (sanity.seeds - 1)  # per model and method
+    # a walk's first step randomises only the output block: LIME and ScoreCAM run that block alone on the inputs
+    # their explanation kept (ScoreCAM's one pass for the target layer remains)
+    reused = {"lime": 0.0, "scorecam": forward} if sanity.steps >= 2 else {}
+    sanity_seconds = sum(made * per_method[m] - (walked * (per_method[m] - reused[m]) if m in reused else 0)
+                         for m in methods)
     n_maps = n_models * n_images * maps
     road_solves = n_maps * per_map_solves
     floors = {"explain": n_models * n_images * explanation,
-              "evaluate": n_maps * per_map * forward + road_solves,
-              "sanity": n_models * made * explanation}
+              "evaluate": (n_maps * per_map + n_models * n_images * tasks) * forward + road_solves,
+              "sanity": n_models * sanity_seconds}
     counts = {"explain": f"{n_models} models x {n_images} images x {len(methods)} methods",
-              "evaluate": f"{n_maps} maps x {per_map} passes, and ROAD's {road_solves:.0f} s of sparse solves",
-              "sanity": f"{n_models * made * len(methods)} explanations"}
+              "evaluate": f"{n_maps} maps x {per_map} passes, {n_models * n_images * tasks} baselines, and ROAD's "
+                          f"{road_solves:.0f} s of sparse solves",
+              "sanity": f"{n_models * made * len(methods)} explanations, of which "
+                        f"{n_models * walked * len([m for m in methods if m in reused])} run the output block alone"}
     return floors, counts
