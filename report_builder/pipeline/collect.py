@@ -493,11 +493,12 @@ def netdissect_section(spec, inputs, plan, outcome, work: Path) -> dict:
 
 
 def bases(counted: dict, rotation: dict | None, directions: list[dict]) -> list[dict]:
-    """The axis-rotation comparison, per layer with a rotation or learned directions: its units, the full random
-    rotation (the largest alpha), and each learned basis, with detectors and unique concepts side by side."""
+    """Per layer with learned directions: its units, the full random rotation (the largest alpha) where that layer is
+    rotated, and each learned basis, with detectors and unique concepts side by side. A layer that is only rotated
+    has none: the rotation's own table compares it with the units."""
     from report_builder.dissection.directions import DIRECTIONS
 
-    layers = list(dict.fromkeys(([rotation["layer"]] if rotation else []) + [d["layer"] for d in directions]))
+    layers = list(dict.fromkeys(d["layer"] for d in directions))
     out = []
     for layer in layers:
         rows = [("units", "units", counted[layer])]
