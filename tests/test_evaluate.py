@@ -317,7 +317,7 @@ def test_each_distinct_image_of_an_evaluation_goes_through_the_model_once(tiny_m
     runs = counting.outputs  # the copy the evaluation calls (BatchNorms folded), a Counting too
     runs.seen.clear()
     s = ev.EvaluationSettings(spec, seed=0, device=CPU)
-    s.known[ev._known_key(counting, tiny_crop, "intact")] = (counting, predictions[0])
+    s.known[ev._known_key(counting, tiny_crop)] = (counting, predictions[0])
     maps = ev.chance_maps("random", (32, 32), 0, "ab" * 32, 3)
     shared = [{**ev.deletion_insertion(counting, tiny_crop, 1, m, None, s),
                **ev.road(counting, tiny_crop, 1, m, None, s)} for m in maps]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -38,7 +37,7 @@ from report_builder.explanation.agreement import scale01
 from report_builder.pipeline.progress import current
 from report_builder.spec.schema import EvaluateSpec, ExplainSpec, resolve_batch
 from report_builder.models.outputs import class_probabilities
-from report_builder.models.blocks import cascade, replaying_head_inputs
+from report_builder.models.blocks import cascade, digest, replaying_head_inputs
 from report_builder.models.zoo import LoadedModel, ModelRef, model_for, refold
 
 # 4: the intact crop's probabilities from the prediction task, the baseline's once per task
@@ -52,7 +51,7 @@ class EvaluationSettings:
     evaluate: EvaluateSpec
     seed: int
     device: torch.device
-    # class probabilities already known, by (model, image, what): see known_probabilities
+    # class probabilities already known, by (model, image): see known_probabilities
     known: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -60,15 +59,15 @@ class EvaluationSettings:
         return resolve_batch(self.evaluate.batch_size, self.device.type)
 
 
-def _known_key(model: LoadedModel, image: np.ndarray, what: str) -> tuple:
-    return id(model), hashlib.blake2b(np.ascontiguousarray(image).view(np.uint8).ravel()).digest(), image.shape, what
+def _known_key(model: LoadedModel, image: np.ndarray) -> tuple:
+    return id(model), digest(image)
 
 
-def known_probabilities(model: LoadedModel, image: np.ndarray, what: str, settings: EvaluationSettings) -> np.ndarray:
-    """The class probabilities of one uint8 image (`what`: the intact crop, a baseline made from it), through the
-    model once however many maps, draws and metrics of a task need them. evaluate_task seeds the intact crop's with
-    the prediction task's, which are the same model's on the same crop."""
-    key = _known_key(model, image, what)
+def known_probabilities(model: LoadedModel, image: np.ndarray, settings: EvaluationSettings) -> np.ndarray:
+    """The class probabilities of one uint8 image (the intact crop, a baseline made from it), through the model once
+    however many maps, draws and metrics of a task need them. evaluate_task seeds the intact crop's with the
+    prediction task's, which are the same model's on the same crop."""
+    key = _known_key(model, image)
     if key not in settings.known:  # the model is kept with its value, so its id names no other model meanwhile
         settings.known[key] = (model, class_probabilities(model, image[None], settings.device, 1)[0])
     return settings.known[key][1]
@@ -145,8 +144,8 @@ def deletion_insertion(model: LoadedModel, crop: np.ndarray, target: int, salien
     # the target class's softmax probability for each image (a map without ties: the steps' images, as before).
     # needed runs from 0 pixels to all of them, so each curve's two ends are the intact crop and the baseline,
     # which every map of the image shares: those come from known_probabilities, the steps between from the model
-    intact = known_probabilities(model, crop, "intact", settings)[target]
-    blank = known_probabilities(model, base.reshape(h, w, 3).numpy(), f"baseline {spec.baseline}", settings)[target]
+    intact = known_probabilities(model, crop, settings)[target]
+    blank = known_probabilities(model, base.reshape(h, w, 3).numpy(), settings)[target]
     middle = class_probabilities(model, torch.cat([deleted[1:-1], inserted[1:-1]]), settings.device,
                                  settings.batch)[:, target] if len(needed) > 2 else np.zeros(0, np.float32)
     n = len(needed)
@@ -253,7 +252,7 @@ def road(model: LoadedModel, crop: np.ndarray, target: int, saliency: np.ndarray
 
     x = model.preprocess.normalize(crop[None], settings.device)
     torch.manual_seed(settings.seed)  # the imputer draws its noise from torch's global generator
-    intact = known_probabilities(model, crop, "intact", settings)[target : target + 1]
+    intact = known_probabilities(model, crop, settings)[target : target + 1]
     score = road_score(model.outputs, x, saliency[None].astype(np.float32), [ClassifierOutputSoftmaxTarget(target)],
                        list(settings.evaluate.road.percentiles), intact=intact)
     return {"road": float(score[0])}
@@ -338,7 +337,7 @@ def evaluate_task(model: ModelRef, crop: np.ndarray, objects, evaluate: Evaluate
     draws, for the model's top-1 class. `objects` (data.ObjectLabels or None) gives the object region of that class."""
     m = model_for(model, device)
     settings = EvaluationSettings(evaluate, seed, torch.device(device))
-    settings.known[_known_key(m, crop, "intact")] = (m, predictions[0])  # the prediction task's pass of this crop
+    settings.known[_known_key(m, crop)] = (m, predictions[0])  # the prediction task's pass of this crop
     target = int(np.argsort(-predictions[0], kind="stable")[0])
     draws = evaluate.chance.draws if evaluate.chance is not None else 1
     maps = (chance_maps(chance, crop.shape[:2], seed, image_sha, draws) if explanation is None
