@@ -252,8 +252,7 @@ def _explain_tasks(plan: Plan, spec, inputs: Inputs, device: torch.device) -> No
                         "device": dev, "code_version": explain.CODE_VERSION},
                        {"model": m.ref, "crops": crop[None], "device": dev}, model=True, shape=np.ndarray)
             plan.predict[(m.id, im.id)] = pk
-            walks = spec.evaluate is not None and spec.evaluate.sanity is not None and i < min(
-                spec.evaluate.sanity.images, spec.evaluate.sanity.walk)
+            walks = sanity_walks(spec.evaluate, i)
             for method in methods:
                 plan.explain[(m.id, im.id, method)] = _explain_key(
                     g, m, im, crop, pk, settings, method, keep_head_inputs=walks and METHODS[method].output_passes)
@@ -270,6 +269,12 @@ def _explain_tasks(plan: Plan, spec, inputs: Inputs, device: torch.device) -> No
                      "code_version": [evaluate.CODE_VERSION, explain.CODE_VERSION]},
                     {"model": m.ref, "crop": crop, "lime": lime, "explain": settings.explain, "seed": spec.seed,
                      "device": dev}, {"gradcam": gradcam}, model=True, shape={"iou": (float, type(None)), "seconds": float})
+
+
+def sanity_walks(evaluate, i: int) -> bool:
+    """Whether the sanity check of image i walks every step: one of the first `sanity.walk` checked images."""
+    return evaluate is not None and evaluate.sanity is not None and i < min(evaluate.sanity.images,
+                                                                          evaluate.sanity.walk)
 
 
 def concept_layers(spec, m) -> list[str]:
@@ -317,7 +322,7 @@ def _evaluate_tasks(plan: Plan, spec, m, i: int, im, crop, pk: str, settings, me
             {"predictions": pk, "explanation": plan.explain[(m.id, im.id, method)]}, model=True,
             shape=evaluate.RESULT_SHAPE)
         if ev.sanity is not None and i < ev.sanity.images:
-            walk = i < ev.sanity.walk  # the others make the last step only (its map is the same as a walk's)
+            walk = sanity_walks(ev, i)  # the others make the last step only (its map is the same as a walk's)
             plan.sanity[(m.id, im.id, method)] = g.add(
                 "sanity", evaluate.sanity_task, f"sanity {m.id} {im.id} {TITLES[method]}",
                 {"sanity": ev.sanity.model_dump(mode="json", exclude={"images", "walk"}), "walk": walk,
