@@ -287,7 +287,8 @@ def assignment_floors(results: dict) -> tuple[dict[str, float], dict[str, str]]:
     each worker runs), counted from the run's own settings: ResNet18 forward passes in batches of 8 (LIME's samples,
     ScoreCAM's 512 masked images and the intact one, deletion and insertion's steps and each task's baseline, ROAD's
     imputed images), Grad-CAM's forward and backward, AblationCAM's tail, and for the sanity check the explanations
-    it makes, less the passes a walk's first step reuses. The evaluation's floor adds ROAD's sparse solves (the imputation the metric is made of), timed alone too."""
+    it makes, less the passes a walk's first step reuses. The evaluation's floor adds ROAD's sparse solves (the
+    imputation the metric is made of), timed alone too."""
     from report_builder.evaluation.metrics import LinearImputer, chance_maps
     from report_builder.spec.schema import EvaluateSpec, ExplainSpec
 
