@@ -42,3 +42,19 @@ def test_disabled_cache_always_computes(tmp_path):
     cache.get_or_compute("s", {"x": 1}, lambda: {"v": 1})
     _, cached = cache.get_or_compute("s", {"x": 1}, lambda: {"v": 1})
     assert not cached and not list(tmp_path.rglob("*.pt"))
+
+
+def test_stored_files_come_back_as_written_and_only_plain_names_and_bytes_are_trusted(tmp_path):
+    """Figures and unit strips are kept as files by name: what comes back is written into the run folder, so a
+    name that is a path, a hidden name or values that are not bytes make the entry unusable (drawn again)."""
+    cache = Cache(tmp_path)
+    files = {"grid_coffee.jpg": b"\xff\xd8jpeg", "timings.png": b"\x89PNG", "empty.png": b""}
+    cache.save_files("figures", "k1", files)
+    assert cache.load_files("figures", "k1") == files
+    assert (cache.hits, cache.misses) == (0, 0)  # not a task's entry: the run's counts are of tasks
+    for name in ("../outside.png", "sub/inner.png", ".hidden"):
+        cache.save_files("figures", "k2", {**files, name: b"x"})
+        assert cache.load_files("figures", "k2") is None
+    cache.save("figures", "k3", {"timings.png": np.zeros(3, np.float32)}, count=False)
+    assert cache.load_files("figures", "k3") is None
+    assert Cache(tmp_path, enabled=False).load_files("figures", "k1") is None

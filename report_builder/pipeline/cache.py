@@ -183,6 +183,19 @@ class Cache:
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def save_files(self, stage: str, key: str, files: dict[str, bytes]) -> None:
+        """Files by name (figures, unit strips: drawn, not computed by a task), stored under one key; not counted
+        among the run's task entries."""
+        self.save(stage, key, {n: np.frombuffer(bytearray(data), np.uint8) for n, data in files.items()}, count=False)
+
+    def load_files(self, stage: str, key: str) -> dict[str, bytes] | None:
+        """What save_files stored: file name -> bytes, or None when absent or not plain file names and bytes."""
+        stored = self.load(stage, key, {}, count=False)
+        if stored is None or not all(isinstance(n, str) and Path(n).name == n and not n.startswith(".")
+                                     and isinstance(v, np.ndarray) and v.dtype == np.uint8 for n, v in stored.items()):
+            return None
+        return {n: v.tobytes() for n, v in stored.items()}
+
     def remove_stale_temporaries(self) -> int:
         """Remove the half-written entries that ended processes left (a kill -9 in the middle of a write): each
         temporary file names its writer's host and pid. Another live process's temporaries are left alone."""

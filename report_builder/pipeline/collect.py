@@ -534,30 +534,26 @@ def write_gallery(work: Path, model_id: str, layer: str, rows: list[dict], resul
     folder = work / "netdissect" / model_id / layer
     folder.mkdir(parents=True, exist_ok=True)
     names = [f"unit_{row['unit']:04d}.jpg" for row in rows]
+    for row, top, name in zip(rows, result["top_images"], names):
+        row["gallery"] = f"netdissect/{model_id}/{layer}/{name}"
+        row["top_images"] = [probe.items[int(i)].id for i in top]
     key = stage_key("galleries", {"task": task_key, "probe": probe.manifest, "code": package_digest(),
                                   "pil": Image.__version__, "rows": [[r["unit"], r["threshold"]] for r in rows]}
                     ) if cache is not None and task_key else None
-    stored = None if key is None else cache.load("galleries", key, {}, count=False)
-    if stored is not None and sorted(stored) == sorted(names) and all(
-            isinstance(v, np.ndarray) and v.dtype == np.uint8 for v in stored.values()):
-        for row, top, name in zip(rows, result["top_images"], names):
-            atomic_write(folder / name, stored[name].tobytes())
-            row["gallery"] = f"netdissect/{model_id}/{layer}/{name}"
-            row["top_images"] = [probe.items[int(i)].id for i in top]
+    stored = None if key is None else cache.load_files("galleries", key)
+    if stored is not None and sorted(stored) == sorted(names):
+        for name in names:
+            atomic_write(folder / name, stored[name])
         return
-    for row, top, maps in zip(rows, result["top_images"], result["top_maps"]):
+    for row, top, maps, name in zip(rows, result["top_images"], result["top_maps"], names):
         images = []
         for i in top:
             if int(i) not in thumbs:
                 thumbs[int(i)] = probe.items[int(i)].image.load().convert("RGB").resize((80, 80), Image.BILINEAR)
             images.append(thumbs[int(i)])
-        rel = f"netdissect/{model_id}/{layer}/unit_{row['unit']:04d}.jpg"
-        overlays.unit_strip(images, maps, row["threshold"]).save(work / rel, quality=75)
-        row["gallery"] = rel
-        row["top_images"] = [probe.items[int(i)].id for i in top]
+        overlays.unit_strip(images, maps, row["threshold"]).save(folder / name, quality=75)
     if key is not None:
-        cache.save("galleries", key, {name: np.frombuffer(bytearray((folder / name).read_bytes()), dtype=np.uint8)
-                                      for name in names}, count=False)
+        cache.save_files("galleries", key, {name: (folder / name).read_bytes() for name in names})
 
 
 def write_netdissect_csvs(folder: Path, netdissection: dict) -> None:

@@ -299,7 +299,7 @@ def _concept_key(g: Graph, spec, m, im, crop, pk: str, dev: str) -> str:
 
 def _explain_key(g: Graph, m, im, crop, pk: str, settings, method: str, keep_head_inputs: bool = False) -> str:
     """The key of an explanation task (added if the spec did not ask for the method: the sweep needs Grad-CAM);
-    `keep_head_inputs` for an image whose sanity check walks (metrics.keeping_head_inputs)."""
+    `keep_head_inputs` for an image whose sanity check walks (models.blocks.keeping_head_inputs)."""
     identity = explain.identity(method, m, im.sha256, settings)
     return g.add("explain", explain.explain_task, f"explain {m.id} {im.id} {TITLES[method]}",
                  {**identity, "keep_head_inputs": True} if keep_head_inputs else identity,
@@ -530,10 +530,11 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
         progress.say(f"{len(plan.graph.tasks)} tasks, executor {where}")
         with progress.stage("compute"):
             outcome = ex.run(plan.graph, plan.wanted, cache, progress)
+    drawn = cache if cache.enabled else None  # where galleries and figures drawn before are kept
     with atomic_dir(out_dir, "run", first="results.json") as work:
         with progress.stage("write results"):
             results = collect.results(loaded, inputs, plan, outcome, work, progress, device.type, where, ex.shares,
-                                      cache if cache.enabled else None)
+                                      drawn)
         results["provenance"].update(started=started, device=device_description(device), device_type=device.type,
                                      packages=package_versions(), platform=platform.platform(),
                                      cache={"hits": cache.hits, "computed": cache.misses, "root": str(cache.root),
@@ -546,7 +547,7 @@ def run(loaded: LoadedSpec, out_dir: Path, cache: Cache | None = None, progress:
             results["checks"] = checks.evaluate([c.model_dump() for c in spec.checks], checks.CheckSource(results, work))
             atomic_write(work / checks.CHECKS_XML, checks.junit(results["checks"]))
         with progress.stage("render report"):
-            render_run(work, results, pdf=pdf, cache=cache if cache.enabled else None)
+            render_run(work, results, pdf=pdf, cache=drawn)
         # The report shows the compute stages; results.json also keeps the rendering time.
         results["provenance"]["stage_seconds"]["render report"] = round(progress.durations["render report"], 3)
         results["provenance"]["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

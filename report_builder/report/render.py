@@ -160,7 +160,7 @@ def make_figures(target: Path, run_dir: Path, results: dict) -> dict[str, list[d
     return figs
 
 
-FIGURE_SHAPE = {"files": {}, "figures": [{"section": str, "name": str, "fields": str}]}
+FIGURE_LIST = "figures.json"  # in a cached set of figures: each one's section, file name and fields
 
 
 def cached_figures(target: Path, run_dir: Path, results: dict, cache) -> dict[str, list[dict]]:
@@ -168,50 +168,51 @@ def cached_figures(target: Path, run_dir: Path, results: dict, cache) -> dict[st
     cache counts) and their `cached` flags (which results came from the cache: a table says it, no figure does),
     of the run's data files and of this code with its plotting libraries, and all of those are in the key: a rerun
     whose results are the same copies the figures (about 7 s of the demo's warm rerun)."""
+    from report_builder.pipeline.cache import conforms
+
+    out_dir = target / "figures"
     key = figures_key(run_dir, results)
-    hit = cache.load("figures", key, FIGURE_SHAPE, count=False)
-    names = [] if hit is None else [f["name"] for f in hit["figures"]]
-    if hit is not None and set(names) == set(hit["files"]) and all(
-            Path(n).name == n and not n.startswith(".") and isinstance(hit["files"][n], np.ndarray) for n in names):
-        out_dir = target / "figures"
+    stored = cache.load_files("figures", key)
+    try:
+        listed = json.loads(stored.pop(FIGURE_LIST, b"null")) if stored is not None else None
+    except ValueError:
+        listed = None
+    if conforms(listed, [{"section": str, "name": str, "fields": dict}]) and sorted(
+            f["name"] for f in listed) == sorted(stored):
         out_dir.mkdir(exist_ok=True)
         figs: dict[str, list[dict]] = defaultdict(list)
-        for f in hit["figures"]:
-            atomic_write(out_dir / f["name"], hit["files"][f["name"]].tobytes())
-            figs[f["section"]].append({**json.loads(f["fields"]), "path": out_dir / f["name"]})
+        for f in listed:
+            atomic_write(out_dir / f["name"], stored[f["name"]])
+            figs[f["section"]].append({**f["fields"], "path": out_dir / f["name"]})
         return figs
     figs = make_figures(target, run_dir, results)
-    stored = [{"section": section, "name": f["path"].name,
-               "fields": json.dumps({k: v for k, v in f.items() if k != "path"})}  # caption, model, ...
-              for section, items in figs.items() for f in items]
-    files = {f["name"]: np.frombuffer(bytearray((target / "figures" / f["name"]).read_bytes()), dtype=np.uint8)
-             for f in stored}
-    cache.save("figures", key, {"files": files, "figures": stored}, count=False)
+    listed = [{"section": section, "name": f["path"].name, "fields": {k: v for k, v in f.items() if k != "path"}}
+              for section, items in figs.items() for f in items]  # fields: the caption, the model, ...
+    cache.save_files("figures", key, {**{f["name"]: (out_dir / f["name"]).read_bytes() for f in listed},
+                                      FIGURE_LIST: json.dumps(listed).encode()})
     return figs
 
 
 def figures_key(run_dir: Path, results: dict) -> str:
-    """blake2b of what the figures are drawn from: results.json's content but its provenance, every data file of
-    the run directory (not the report files, nor figures/), the package's source and the plotting libraries."""
+    """The cache key of what the figures are drawn from: results.json's content but its provenance, every data
+    file of the run directory (not the report files, nor figures/), the package's source and the plotting
+    libraries."""
     import PIL
 
-    h = hashlib.blake2b(digest_size=32)
-    for part in (matplotlib.__version__, PIL.__version__, np.__version__, package_digest(),
-                 json.dumps(_drawn_from(results), sort_keys=True, default=str)):
-        h.update(part.encode())
-        h.update(b"\0")
-    root = Path(run_dir)
-    for folder, dirs, files in os.walk(root):
+    from report_builder.pipeline.cache import stage_key  # here: `render RUN_DIR` draws without a cache, and torch
+
+    root, files = Path(run_dir), {}
+    for folder, dirs, names in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not (folder == str(root) and (d.startswith(".") or d == "figures")))
-        for name in sorted(files):
+        for name in sorted(names):
             path = Path(folder) / name
             rel = path.relative_to(root).as_posix()
-            if _is_report_file(rel) or rel in ("results.json", OWNER) or rel.startswith("."):
-                continue
-            h.update(rel.encode() + b"\0")
-            h.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
-            h.update(b"\0")
-    return h.hexdigest()
+            if not (_is_report_file(rel) or rel in ("results.json", OWNER) or rel.startswith(".")):
+                data = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
+                files[rel] = hashlib.blake2b(data, digest_size=32).hexdigest()
+    return stage_key("figures", {"code": package_digest(), "matplotlib": matplotlib.__version__,
+                                 "pil": PIL.__version__, "numpy": np.__version__, "results": _drawn_from(results),
+                                 "files": files})
 
 
 def _drawn_from(value, top: bool = True):
