@@ -211,6 +211,27 @@ def test_html_is_self_contained_and_escaped(run_dir):
         assert title in html
 
 
+def test_each_question_lists_its_findings_one_an_item(run_dir):
+    """A question answered by several findings (one per model and per test) shows them as a list, in results'
+    order, rather than as one block of sentences; a question with one finding keeps a paragraph."""
+    import html as html_lib
+
+    results = json.loads((run_dir / "results.json").read_text())
+    page = (run_dir / "report.html").read_text()
+    blocks = re.findall(r'<div class="question">(.*?)</div>', page, flags=re.S)
+    assert blocks
+    several = 0
+    for block in blocks:
+        texts = [html_lib.unescape(t).strip() for t in re.findall(r"<li>(.*?)</li>", block, flags=re.S)]
+        if texts:
+            several += 1
+            mine = [f["text"] for f in results["findings"] if f["text"] in texts]
+            assert texts == mine and len(texts) > 1
+        else:
+            assert len(re.findall(r"<p>", block)) == 1
+    assert several >= 4  # the demo's Q1-Q5 each have a finding per model
+
+
 def test_render_reuses_the_run_directory_only(run_dir, capsys, caplog):
     before = (run_dir / "results.json").read_bytes()
     (run_dir / "report.pdf").unlink()
