@@ -38,3 +38,18 @@ def test_the_full_assignments_floors_count_its_passes_from_its_spec(monkeypatch)
     assert floors["sanity"] == 2 * 12 * explanation - 2 * (1000 + 513 - 1)
     assert counts["sanity"] == "96 explanations, of which 4 run the output block alone"
     assert counts["evaluate"].startswith("260 maps x 46 passes, 140 baselines")
+
+
+def test_concurrent_workers_share_the_images_out_and_stop_when_closed():
+    """The forward rows' worker processes (one thread each, as the run's executor makes them): a round makes
+    exactly the images asked for between them, rounds repeat, and closing stops every process cleanly."""
+    from report_builder.bench.rows import ConcurrentWorkers
+
+    pool = ConcurrentWorkers("efficientnet_lite0", 2, 5, 2)
+    try:
+        assert pool.shares == [3, 2]
+        pool(), pool()
+        assert all(p.is_alive() for p in pool.procs)
+    finally:
+        pool.close()
+    assert [p.exitcode for p in pool.procs] == [0, 0]

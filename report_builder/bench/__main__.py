@@ -3,4 +3,5 @@ import sys
 
 from report_builder.bench.rows import main
 
-sys.exit(main())
+if __name__ == "__main__":  # the forward rows' worker processes are spawned, and import this module again
+    sys.exit(main())

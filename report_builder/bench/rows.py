@@ -217,7 +217,8 @@ def bench_forward_throughput(device: torch.device, images: int) -> list[dict]:
     (`module`: channels-last weights, inputs as `Preprocess.normalize` gives them, batch "auto") and as they make
     them now (`outputs`: BatchNorms folded into their convolutions), each side by side with the first; plus
     contiguous NCHW inputs (what channels-last is worth), the folded model at half and four times the batch, on one
-    thread instead of all, and through torch.compile (its compile time measured apart, with the images it takes to
+    thread instead of all, in one-thread worker processes running side by side (as a run's executor uses the
+    cores), and through torch.compile (its compile time measured apart, with the images it takes to
     pay that back)."""
     peak, how = peak_gflops() if device.type == "cpu" else (None, "GPU: peak not computed")
     print(f"  peak: {how}", file=sys.stderr, flush=True)
@@ -226,6 +227,59 @@ def bench_forward_throughput(device: torch.device, images: int) -> list[dict]:
                 for name in ("resnet18", "efficientnet_lite0", "efficientnet_lite2")] + \
                [_clip_forward_row(device, max(images // 4, 2 * resolve_batch("auto", device.type)), peak, how,
                                   inductor)]  # a quarter of the images: ViT-B-16 costs 9x ResNet18's FLOPs
+
+
+def _worker_forwards(name: str, images: int, batch: int, conn) -> None:
+    """One worker process as a run's local executor makes it (one torch thread, the model loaded in the worker):
+    builds `name`'s forward-only copy, then runs `images` forward passes in batches of `batch` whenever told to."""
+    torch.set_num_threads(1)
+    m = random_model(name, torch.device("cpu"))
+    crops = np.repeat(photo(m)[None], images, axis=0)
+
+    def go():
+        with torch.inference_mode():
+            for i in range(0, images, batch):
+                m.outputs(m.preprocess.normalize(crops[i : i + batch], torch.device("cpu")))
+
+    go()  # warm-up, before the parent starts timing
+    conn.send("ready")
+    while conn.recv() == "go":
+        go()
+        conn.send("done")
+
+
+class ConcurrentWorkers:
+    """`n` worker processes of one thread each, running their share of the images at the same time; calling it
+    times one round. The run's graph executor works this way (`--workers auto`), and two one-thread processes
+    share memory bandwidth and cache, so their rate is measured together, not as twice one thread's."""
+
+    def __init__(self, name: str, n: int, images: int, batch: int):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter, as the executor's workers are
+        self.pipes, self.procs = [], []
+        self.shares = [images // n + (i < images % n) for i in range(n)]  # a round makes exactly `images` passes
+        for share in self.shares:
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_worker_forwards, args=(name, share, batch, theirs), daemon=True)
+            proc.start()
+            self.pipes.append(mine)
+            self.procs.append(proc)
+        for pipe in self.pipes:
+            if pipe.recv() != "ready":
+                raise RuntimeError(f"a forward-pass worker for {name} did not start")
+
+    def __call__(self) -> None:
+        for pipe in self.pipes:
+            pipe.send("go")
+        for pipe in self.pipes:
+            pipe.recv()
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.send("stop")
+        for proc in self.procs:
+            proc.join(timeout=30)
 
 
 def _forward_row(name: str, device: torch.device, images: int, peak: float | None, how: str, inductor: str) -> dict:
@@ -268,14 +322,29 @@ def _forward_row(name: str, device: torch.device, images: int, peak: float | Non
     fast, compile_s, why = compiled(torch_paths, m.preprocess.normalize(crops[:batch], device), inductor)
     if fast is not None:
         variants["folded, torch.compile"] = run(fast, batch)
-    times = {k: side_by_side(fn, before, device, 3)[:2] for k, fn in variants.items()}
+    threads = torch.get_num_threads()
+    pools = []
+    if device.type == "cpu" and threads > 1:  # how a run uses the cores: one-thread worker processes
+        for b in (batch, batch // 2):
+            pools.append(ConcurrentWorkers(name, threads, images, b))
+            variants[f"{threads} workers x 1 thread, batch {b}"] = pools[-1]
+    try:
+        times = {k: side_by_side(fn, before, device, 3)[:2] for k, fn in variants.items()}
+    finally:
+        for pool in pools:
+            pool.close()
     t_new, t_old = times["BatchNorm folded (used now)"]
     t_before = statistics.median(t for _, t in times.values())
     share = (lambda t: f" ({100 * rate(t) / peak:.0f}%)") if peak else (lambda t: "")
-    compile_note = {"compile_s": compile_s, "compile_failed": why}
+    compile_note: dict = {"compile_s": compile_s, "compile_failed": why}
     if fast is not None:  # images after which the compiled model has made up for its compile time, if ever
         saved = (t_new - times["folded, torch.compile"][0]) / images
         compile_note["compile_pays_back_after_images"] = compile_s / saved if saved > 0 else None
+    workers = [k for k in times if "workers x 1 thread" in k]
+    if workers:  # the rate a run's worker processes get, at the better of the two batch sizes
+        best = min(workers, key=lambda k: times[k][0])
+        compile_note["in_workers"] = {"variant": best, "gflops": rate(times[best][0]),
+                                      "share_of_peak": rate(times[best][0]) / peak if peak else None}
     return row(f"Forward, {name}: {rate(t_old):.0f}{share(t_old)} -> {rate(t_new):.0f}{share(t_new)} GFLOP/s",
                t_new, t_old, "unfolded, as before", "Lite >= 1.3x, ResNet18 no slower",
                gflops={f"before (batch {batch})": rate(t_before), **{k: rate(t) for k, (t, _) in times.items()}},
@@ -838,6 +907,10 @@ def _line(r: dict) -> str:
     if "gflops" in r:
         line += "\n       GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in r["gflops"].items())
         line += f"\n       peak: {r['peak_how']}"
+    if "in_workers" in r:
+        w = r["in_workers"]
+        share = f" ({100 * w['share_of_peak']:.0f}% of the peak)" if w["share_of_peak"] else ""
+        line += f"\n       in worker processes, as a run uses the cores ({w['variant']}): {w['gflops']:.0f} GFLOP/s{share}"
     if r.get("compile_failed"):
         line += f"\n       torch.compile failed, measured without it: {r['compile_failed']}"
     elif "compile_s" in r:
