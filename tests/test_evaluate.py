@@ -336,6 +336,27 @@ def test_each_distinct_image_of_an_evaluation_goes_through_the_model_once(tiny_m
         assert got["deletion_curve"][0] == got["insertion_curve"][-1] == np.float32(predictions[0, 1])
 
 
+def test_deletion_passes_counts_the_images_deletion_and_insertion_run(tiny_model, tiny_crop):
+    """What make bench counts as the evaluation's floor: on a 32 x 32 map with 4 steps (256 pixels a step), no ties
+    cost 3 images a curve; two tied halves only the half-way image; 16 tied columns of 2 x 32 pixels (64 each) are
+    cut by no step (256 is 4 columns); 3 tied bands of 384, 320 and 320 pixels are each cut by a step, and the
+    groups' ends between 0 and 1,024 pixels are 384 and 704: 2 images a curve."""
+    counting = wrap(Counting(tiny_model.module), classes=3)
+    runs = counting.outputs
+    spec = EvaluateSpec(deletion=DeletionSpec(steps=4, baseline="zero"), road=None)
+    bands = np.repeat([3.0, 2.0, 1.0], [12, 10, 10])[:, None] * np.ones((1, 32))
+    cases = {"no ties": (np.arange(1024.0).reshape(32, 32), 2 * 3), "halves": (np.repeat([[1.0], [0.0]], 16, 0) *
+             np.ones((1, 32)), 2 * 1), "columns": (np.repeat(np.arange(16.0), 2)[None] * np.ones((32, 1)), 2 * 3),
+             "bands": (bands, 2 * 2)}
+    for name, (saliency, expected) in cases.items():
+        s = ev.EvaluationSettings(spec, seed=0, device=CPU)
+        for end in (tiny_crop, ev.baseline_image(tiny_crop, "zero")):  # the ends, known as in a task
+            ev.known_probabilities(counting, end, s)
+        runs.seen.clear()
+        ev.deletion_insertion(counting, tiny_crop, 1, saliency, None, s)
+        assert ev.deletion_passes(saliency, 4) == len(runs.seen) == expected, name
+
+
 class ScaledAfterHead(BatchNormNet):
     """Its output block (fc) is not the last thing its forward runs: the head's inputs alone do not give its output."""
 

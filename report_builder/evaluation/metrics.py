@@ -107,6 +107,24 @@ def tie_aware_counts(counts: list[int], bounds: np.ndarray) -> tuple[list[int], 
     return needed, where
 
 
+def step_counts(saliency: np.ndarray, steps: int) -> tuple[np.ndarray, list[int], list[tuple[int, int, float]]]:
+    """A map's pixel order, the pixel counts deletion and insertion put through the model (0 and all pixels
+    included) and each step's (lower, upper, weight): see tie_aware_counts."""
+    h, w = saliency.shape
+    order = pixel_order(saliency)
+    counts = [round(k * h * w / steps) for k in range(steps + 1)]
+    needed, where = tie_aware_counts(counts, tie_bounds(saliency, order))
+    return order, needed, where
+
+
+def deletion_passes(saliency: np.ndarray, steps: int) -> int:
+    """The forward passes deletion and insertion make for one map: each curve's points between its two ends (the
+    intact crop and the baseline, which every map of an image shares). A map without ties needs steps - 1 per
+    curve; a step that cuts a tied group needs both of the group's ends, so a map of few large ties (LIME's
+    superpixels) can need up to twice as many, and one of two halves only one."""
+    return 2 * max(len(step_counts(saliency, steps)[1]) - 2, 0)
+
+
 def baseline_image(crop: np.ndarray, kind: str) -> np.ndarray:
     """What a removed pixel shows: a blurred copy of the image, its mean colour, or black."""
     if kind == "blur":
@@ -128,11 +146,8 @@ def auc(curve: np.ndarray) -> float:
 def deletion_insertion(model: LoadedModel, crop: np.ndarray, target: int, saliency: np.ndarray, objects,
                        settings: EvaluationSettings) -> dict:
     spec = settings.evaluate.deletion
-    steps = spec.steps
     h, w = saliency.shape
-    order_np = pixel_order(saliency)
-    counts = [round(k * h * w / steps) for k in range(steps + 1)]
-    needed, where = tie_aware_counts(counts, tie_bounds(saliency, order_np))
+    order_np, needed, where = step_counts(saliency, spec.steps)
     order = torch.from_numpy(order_np)
     original = torch.from_numpy(crop).reshape(h * w, 3)
     base = torch.from_numpy(baseline_image(crop, spec.baseline)).reshape(h * w, 3)
