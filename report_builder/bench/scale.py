@@ -271,7 +271,7 @@ def bench_full_assignment(out: Path, quick: bool, row) -> list[dict]:
     results = json.loads((run / "results.json").read_text())
     stages = results["provenance"]["stage_seconds"]
     print("[cpu] the full assignment's model calls alone, one thread ...", file=sys.stderr, flush=True)
-    floors, counts = assignment_floors(results)
+    floors, counts = assignment_floors(results, run)
     rows = []
     for stage, floor in floors.items():
         rows.append(row(f"Full assignment, {stage} ({counts[stage]})", stages[stage], floor,
@@ -282,13 +282,15 @@ def bench_full_assignment(out: Path, quick: bool, row) -> list[dict]:
     return rows
 
 
-def assignment_floors(results: dict) -> tuple[dict[str, float], dict[str, str]]:
+def assignment_floors(results: dict, run: Path | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """Per stage, the seconds of the model calls it cannot avoid, from per-call costs timed here on one thread (as
     each worker runs), counted from the run's own settings: ResNet18 forward passes in batches of 8 (LIME's samples,
     ScoreCAM's 512 masked images and the intact one, deletion and insertion's steps and each task's baseline, ROAD's
     imputed images), Grad-CAM's forward and backward, AblationCAM's tail, and for the sanity check the explanations
     it makes, less the passes a walk's first step reuses. The evaluation's floor adds ROAD's sparse solves (the
-    imputation the metric is made of), timed alone too."""
+    imputation the metric is made of), timed alone too. Deletion and insertion's passes are counted from the run's
+    own maps when its directory `run` is given (a step that cuts a tied group of pixels needs both of the group's
+    ends: metrics.deletion_passes), and as steps - 1 per curve, a map without ties, when it is not."""
     from report_builder.evaluation.metrics import LinearImputer, chance_maps
     from report_builder.spec.schema import EvaluateSpec, ExplainSpec
 
@@ -320,6 +322,8 @@ def assignment_floors(results: dict) -> tuple[dict[str, float], dict[str, str]]:
     # deletion's and insertion's steps between their ends (the intact crop comes from the prediction task, the
     # baseline is run once per task), and ROAD's imputed images
     per_map = 2 * (evaluate.deletion.steps - 1) + 2 * len(evaluate.road.percentiles)
+    n_maps = n_models * n_images * maps
+    passes = n_maps * per_map if run is None else deletion_and_road_passes(results, run, evaluate)
     sanity = evaluate.sanity
     checked = min(sanity.images, n_images)
     walked = min(sanity.walk, checked)
@@ -329,14 +333,33 @@ def assignment_floors(results: dict) -> tuple[dict[str, float], dict[str, str]]:
     reused = {"lime": 0.0, "scorecam": forward} if sanity.steps >= 2 else {}
     sanity_seconds = sum(made * per_method[m] - (walked * (per_method[m] - reused[m]) if m in reused else 0)
                          for m in methods)
-    n_maps = n_models * n_images * maps
     road_solves = n_maps * per_map_solves
     floors = {"explain": n_models * n_images * explanation,
-              "evaluate": (n_maps * per_map + n_models * n_images * tasks) * forward + road_solves,
+              "evaluate": (passes + n_models * n_images * tasks) * forward + road_solves,
               "sanity": n_models * sanity_seconds}
     counts = {"explain": f"{n_models} models x {n_images} images x {len(methods)} methods",
-              "evaluate": f"{n_maps} maps x {per_map} passes, {n_models * n_images * tasks} baselines, and ROAD's "
+              "evaluate": f"{n_maps} maps x {passes / n_maps:.0f} passes, {n_models * n_images * tasks} baselines, and ROAD's "
                           f"{road_solves:.0f} s of sparse solves",
               "sanity": f"{n_models * made * len(methods)} explanations, of which "
                         f"{n_models * walked * len([m for m in methods if m in reused])} run the output block alone"}
     return floors, counts
+
+
+def deletion_and_road_passes(results: dict, run: Path, evaluate) -> int:
+    """The forward passes the run's deletion, insertion and ROAD made over every map they scored: each method's map
+    from the run's explanations, each chance map drawn again from its seed (the same map the run scored)."""
+    from report_builder.evaluation import registry
+    from report_builder.evaluation.metrics import chance_maps, deletion_passes
+
+    scored = set(next(m for m in registry.METRICS if m.name == "deletion").chance)  # chance kinds deletion scores
+    chances = [c for c in registry.chance_methods(results["spec"]["evaluate"]) if registry.chance_kind(c) in scored]
+    draws, seed, road = evaluate.chance.draws, results["spec"]["seed"], 2 * len(evaluate.road.percentiles)
+    total = 0
+    for model in results["models"]:
+        for image in results["images"]:
+            with np.load(run / "explanations" / model["id"] / f"{image['id']}.npz") as saved:
+                maps = [saved[m["id"]] for m in results["methods"]]
+            shape = maps[0].shape
+            maps += [d for c in chances for d in chance_maps(c, shape, seed, image["sha256"], draws)]
+            total += sum(deletion_passes(m, evaluate.deletion.steps) + road for m in maps)
+    return total
