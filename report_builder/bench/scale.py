@@ -346,20 +346,23 @@ def assignment_floors(results: dict, run: Path | None = None) -> tuple[dict[str,
 
 
 def deletion_and_road_passes(results: dict, run: Path, evaluate) -> int:
-    """The forward passes the run's deletion, insertion and ROAD made over every map they scored: each method's map
-    from the run's explanations, each chance map drawn again from its seed (the same map the run scored)."""
+    """The forward passes the run's deletion, insertion and ROAD made over every map each scored (Metric.scores):
+    each method's map from the run's explanations, each chance map drawn again from its seed (the map the run
+    scored)."""
     from report_builder.evaluation import registry
     from report_builder.evaluation.metrics import chance_maps, deletion_passes
 
-    scored = set(next(m for m in registry.METRICS if m.name == "deletion").chance)  # chance kinds deletion scores
-    chances = [c for c in registry.chance_methods(results["spec"]["evaluate"]) if registry.chance_kind(c) in scored]
-    draws, seed, road = evaluate.chance.draws, results["spec"]["seed"], 2 * len(evaluate.road.percentiles)
+    deletion, road = (next(m for m in registry.METRICS if m.name == name) for name in ("deletion", "road"))
+    chances = registry.chance_methods(results["spec"]["evaluate"])
+    seed, draws, road_passes = results["spec"]["seed"], evaluate.chance.draws, 2 * len(evaluate.road.percentiles)
     total = 0
     for model in results["models"]:
         for image in results["images"]:
             with np.load(run / "explanations" / model["id"] / f"{image['id']}.npz") as saved:
-                maps = [saved[m["id"]] for m in results["methods"]]
-            shape = maps[0].shape
-            maps += [d for c in chances for d in chance_maps(c, shape, seed, image["sha256"], draws)]
-            total += sum(deletion_passes(m, evaluate.deletion.steps) + road for m in maps)
+                maps = [(None, saved[m["id"]]) for m in results["methods"]]
+            shape = maps[0][1].shape
+            maps += [(registry.chance_kind(c), d) for c in chances
+                     for d in chance_maps(c, shape, seed, image["sha256"], draws)]
+            total += sum((deletion_passes(m, evaluate.deletion.steps) if deletion.scores(kind) else 0)
+                         + (road_passes if road.scores(kind) else 0) for kind, m in maps)
     return total

@@ -369,7 +369,7 @@ def evaluate_task(model: ModelRef, crop: np.ndarray, objects, evaluate: Evaluate
             # a chance map is scored only where it is a bar (registry: Metric.chance): the centre prior on
             # localisation alone, which costs no forward pass
             if (not metric.per_step and getattr(evaluate, metric.spec_key) is not None
-                    and (kind is None or kind in metric.chance)):
+                    and metric.scores(kind)):
                 one.update(CALCULATIONS[metric.name](m, crop, target, saliency, region, settings))
         each.append(one)
     out: dict = {"target": target, "draws": len(maps), **each[0]}

@@ -106,6 +106,11 @@ class Metric:
     chance: tuple[str, ...] = ()  # the kinds of chance map (CHANCE) whose strongest is the bar a method must beat
     summary: tuple[str, ...] = ()  # the columns the findings compare (their mean over images, and against chance)
 
+    def scores(self, kind: str | None) -> bool:
+        """Whether the metric is computed on a map of this chance kind (None: an explanation's map): a chance map is
+        scored only where it is a bar."""
+        return kind is None or kind in self.chance
+
     def csv_metric(self, column: Column, layer: str | None = None) -> str:
         """evaluation.csv's `metric` for a value of `column`: its name; per step, '<metric>_<column>@<layer>'."""
         return f"{self.name}_{column.name}@{layer}" if self.per_step else column.name
