@@ -345,8 +345,9 @@ def test_deletion_passes_counts_the_images_deletion_and_insertion_run(tiny_model
     runs = counting.outputs
     spec = EvaluateSpec(deletion=DeletionSpec(steps=4, baseline="zero"), road=None)
     bands = np.repeat([3.0, 2.0, 1.0], [12, 10, 10])[:, None] * np.ones((1, 32))
-    cases = {"no ties": (np.arange(1024.0).reshape(32, 32), 2 * 3), "halves": (np.repeat([[1.0], [0.0]], 16, 0) *
-             np.ones((1, 32)), 2 * 1), "columns": (np.repeat(np.arange(16.0), 2)[None] * np.ones((32, 1)), 2 * 3),
+    cases = {"no ties": (np.arange(1024.0).reshape(32, 32), 2 * 3),
+             "halves": (np.repeat([[1.0], [0.0]], 16, 0) * np.ones((1, 32)), 2 * 1),
+             "columns": (np.repeat(np.arange(16.0), 2)[None] * np.ones((32, 1)), 2 * 3),
              "bands": (bands, 2 * 2)}
     for name, (saliency, expected) in cases.items():
         s = ev.EvaluationSettings(spec, seed=0, device=CPU)
